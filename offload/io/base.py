@@ -1,0 +1,56 @@
+"""The I/O backend protocol: submit reads and writes of host or device buffers, get futures.
+
+A backend moves bytes between a buffer and a byte range of an open file. It knows nothing of
+tensor names, manifests or checksums (that is ``offload.store``). All offsets and extents given
+by the store are 4 KiB aligned; buffers may be anything C-contiguous, the backend bounces what
+O_DIRECT cannot take.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Protocol
+
+import torch
+
+ALIGN_BYTES = 4096
+"""O_DIRECT alignment of file offsets, lengths and buffer addresses (one page)."""
+
+
+def align_up(n_bytes: int, align: int = ALIGN_BYTES) -> int:
+    return (n_bytes + align - 1) // align * align
+
+
+class IOBackend(Protocol):
+    """Moves bytes between buffers and files. Every call returns at once with a future."""
+
+    name: str
+
+    def open(self, path: str, create: bool) -> int:
+        """Open (or create) ``path`` for reading and writing; return a handle for submit_*."""
+        ...
+
+    def close_file(self, handle: int) -> None: ...
+
+    def submit_read(self, handle: int, buf: torch.Tensor, file_offset: int) -> Future[int]:
+        """Fill ``buf`` (all its bytes) from ``file_offset``; the future gives bytes read."""
+        ...
+
+    def submit_write(self, handle: int, buf: torch.Tensor, file_offset: int) -> Future[int]:
+        """Write all bytes of ``buf`` at ``file_offset``; the future gives bytes written."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """What the backend really did so far (mode, direct or buffered, GDS bytes ...)."""
+        ...
+
+    def close(self) -> None:
+        """Wait for in-flight requests, stop the workers, close every file."""
+        ...
+
+
+def as_byte_tensor(buf: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (any dtype, bf16 included)."""
+    if not buf.is_contiguous():
+        raise ValueError("I/O buffers must be contiguous")
+    return buf.reshape(-1).view(torch.uint8)

@@ -1,0 +1,195 @@
+"""CPU AdamW over flat fp32 buffers (master weights, gradient, exp_avg, exp_avg_sq).
+
+Two implementations with one call shape, ``step(params, grads, exp_avg, exp_avg_sq, step, lr)``:
+
+- ``torch``: ``torch.optim.adamw.adamw(..., fused=True)`` on CPU tensors (no compilation);
+- ``deepspeed``: DeepSpeed's ``cpu_adam`` op (AVX2/AVX512, OpenMP), JIT-compiled on first use
+  (about a minute, then cached under ~/.cache/torch_extensions).
+
+Both are decoupled-weight-decay AdamW with bias correction, the math of ``torch.optim.AdamW``.
+Hyper-parameters other than lr are fixed per instance; lr comes with each call so any scheduler
+works. ``step`` is the 1-based optimizer step of these buffers. The update is in place.
+
+``choose_impl("auto")`` measures both on this machine: speed, and how much a concurrent Python
+thread still runs during the step (the thread that launches GPU work must not starve).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch.optim.adam import adam as _torch_adam
+
+log = logging.getLogger(__name__)
+
+IMPL_NAMES = ("auto", "torch", "deepspeed")
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+class FlatAdamW(Protocol):
+    name: str
+
+    def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
+             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _check(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    for name, t in (("params", params), ("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous fp32 CPU tensor, got {t.dtype} on {t.device}")
+        if t.numel() != params.numel():
+            raise ValueError(f"{name} has {t.numel()} elements, params {params.numel()}")
+
+
+class TorchFusedAdamW:
+    """``torch.optim.adamw`` functional kernel with ``fused=True`` on CPU."""
+
+    name = "torch"
+
+    def __init__(self, config: AdamWConfig) -> None:
+        self.config = config
+
+    def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
+             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None:
+        _check(params, grads, exp_avg, exp_avg_sq)
+        # The fused kernel increments the step tensor before using it.
+        step_t = torch.tensor(float(step - 1), dtype=torch.float32)
+        _torch_adam(
+            [params], [grads], [exp_avg], [exp_avg_sq], [], [step_t],
+            fused=True, decoupled_weight_decay=True, amsgrad=False,
+            beta1=self.config.betas[0], beta2=self.config.betas[1], lr=lr,
+            weight_decay=self.config.weight_decay, eps=self.config.eps, maximize=False,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+_ds_ids = itertools.count(1_000_000)  # well clear of DeepSpeedCPUAdam's own counter
+
+
+class DeepSpeedFlatAdamW:
+    """DeepSpeed's ``cpu_adam`` op called directly on flat buffers (no torch.optim wrapper)."""
+
+    name = "deepspeed"
+
+    def __init__(self, config: AdamWConfig) -> None:
+        self.config = config
+        self._op = None
+        self._id = next(_ds_ids)
+
+    def _load(self):  # noqa: ANN202 - the op module has no type
+        if self._op is None:
+            from deepspeed.ops.op_builder import CPUAdamBuilder
+
+            t0 = time.perf_counter()
+            op = CPUAdamBuilder().load(verbose=False)
+            if time.perf_counter() - t0 > 5:
+                log.info("compiled DeepSpeed cpu_adam in %.0f s (cached from now on)", time.perf_counter() - t0)
+            b1, b2 = self.config.betas
+            op.create_adam(self._id, 1e-3, b1, b2, self.config.eps, self.config.weight_decay, True, False)
+            self._op = op
+        return self._op
+
+    def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
+             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None:
+        _check(params, grads, exp_avg, exp_avg_sq)
+        op = self._load()
+        b1, b2 = self.config.betas
+        op.adam_update(self._id, step, lr, b1, b2, self.config.eps, self.config.weight_decay, True,
+                       params, grads, exp_avg, exp_avg_sq)
+
+    def close(self) -> None:
+        if self._op is not None:
+            self._op.destroy_adam(self._id)
+            self._op = None
+
+
+def make_adamw(impl: str, config: AdamWConfig) -> FlatAdamW:
+    if impl == "torch":
+        return TorchFusedAdamW(config)
+    if impl == "deepspeed":
+        return DeepSpeedFlatAdamW(config)
+    raise ValueError(f"unknown optimizer_impl {impl!r}; choose one of {', '.join(IMPL_NAMES)}")
+
+
+@dataclass(frozen=True)
+class AdamWMeasurement:
+    impl: str
+    params_per_s: float
+    thread_share: float  # iterations/s of a pure-Python thread during the step / alone
+
+
+def measure_impl(impl: str, numel: int = 8_000_000, repeats: int = 3) -> AdamWMeasurement:
+    """Speed of one implementation, and the share of progress a concurrent Python thread keeps."""
+    opt = make_adamw(impl, AdamWConfig(weight_decay=0.01))
+    g = torch.Generator().manual_seed(0)
+    p, grad = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+    m, v = torch.zeros(numel), torch.zeros(numel)
+    try:
+        opt.step(p, grad, m, v, 1, 1e-3)  # warm-up (and JIT load)
+        alone = _python_rate(0.2)
+        stop = threading.Event()
+        counts = [0]
+
+        def spin() -> None:
+            while not stop.is_set():
+                counts[0] += 1
+
+        thread = threading.Thread(target=spin, daemon=True)
+        thread.start()
+        t0 = time.perf_counter()
+        for i in range(repeats):
+            opt.step(p, grad, m, v, i + 2, 1e-3)
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        thread.join()
+        during = counts[0] / elapsed
+    finally:
+        opt.close()
+    return AdamWMeasurement(impl, numel * repeats / elapsed, min(during / alone, 1.0))
+
+
+def _python_rate(duration_s: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration_s:
+        n += 1
+    return n / duration_s
+
+
+def choose_impl(requested: str = "auto", min_thread_share: float = 0.25) -> tuple[str, list[AdamWMeasurement]]:
+    """Resolve ``auto``: the fastest implementation that leaves a concurrent Python thread at
+    least ``min_thread_share`` of its speed; if none does, the one that starves it least."""
+    if requested not in IMPL_NAMES:
+        raise ValueError(f"unknown optimizer_impl {requested!r}; choose one of {', '.join(IMPL_NAMES)}")
+    if requested != "auto":
+        return requested, []
+    results = []
+    for impl in ("torch", "deepspeed"):
+        try:
+            results.append(measure_impl(impl))
+        except Exception as err:  # noqa: BLE001 - an unusable impl is skipped, and said so
+            log.warning("optimizer_impl %s is not usable here: %s", impl, err)
+    if not results:
+        raise RuntimeError("no CPU AdamW implementation works on this machine")
+    fair = [r for r in results if r.thread_share >= min_thread_share]
+    best = max(fair, key=lambda r: r.params_per_s) if fair else max(results, key=lambda r: r.thread_share)
+    for r in results:
+        log.info("cpu adam %-9s %7.1f M params/s, concurrent thread keeps %3.0f%%",
+                 r.impl, r.params_per_s / 1e6, 100 * r.thread_share)
+    log.info("optimizer_impl auto -> %s", best.impl)
+    return best.impl, results

@@ -1,0 +1,69 @@
+"""Memory tiers and the byte accounting that enforces their budgets.
+
+DEVICE is GPU memory, or CPU memory when there is no GPU (then budgets are enforced by this
+accounting alone, so every placement path runs and is tested on a CPU-only machine). HOST is CPU
+RAM (pinned where CUDA exists). NVME is files on an SSD (``offload.store``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+
+from offload.errors import BudgetError, format_bytes
+
+
+class Tier(str, Enum):
+    DEVICE = "device"
+    HOST = "host"
+    NVME = "nvme"
+
+
+@dataclass
+class LinkCounters:
+    """Bytes moved per link since the start (monotonic counters)."""
+
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    nvme_read_bytes: int = 0
+    nvme_write_bytes: int = 0
+
+
+@dataclass
+class Accountant:
+    """Tracks bytes held per tier against budgets; thread safe.
+
+    ``alloc`` raises ``BudgetError`` when a tier would go over its budget; ``peak_bytes`` keeps the
+    high-water mark per tier (what the metrics report).
+    """
+
+    budgets: dict[Tier, int]
+    used_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
+    peak_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
+    links: LinkCounters = field(default_factory=LinkCounters)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def fits(self, tier: Tier, nbytes: int) -> bool:
+        with self._lock:
+            return self.used_bytes[tier] + nbytes <= self.budgets.get(tier, 1 << 62)
+
+    def alloc(self, tier: Tier, nbytes: int, what: str) -> None:
+        with self._lock:
+            budget = self.budgets.get(tier, 1 << 62)
+            if self.used_bytes[tier] + nbytes > budget:
+                raise BudgetError(
+                    f"{what} ({format_bytes(nbytes)}) does not fit the {tier.value} budget of "
+                    f"{format_bytes(budget)} ({format_bytes(self.used_bytes[tier])} in use); "
+                    f"raise the {tier.value} memory limit or lower the prefetch depth"
+                )
+            self.used_bytes[tier] += nbytes
+            self.peak_bytes[tier] = max(self.peak_bytes[tier], self.used_bytes[tier])
+
+    def free(self, tier: Tier, nbytes: int) -> None:
+        with self._lock:
+            self.used_bytes[tier] -= nbytes
+
+    def count(self, link: str, nbytes: int) -> None:
+        with self._lock:
+            setattr(self.links, link, getattr(self.links, link) + nbytes)

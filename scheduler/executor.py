@@ -1,0 +1,903 @@
+"""The streaming executor: runs a Plan on a Hugging Face causal LM, layer by layer.
+
+One optimizer step over micro-batches m = 0..M-1 (index legend: i = decoder layer, L layers,
+u = unit: ``pre``, ``layer.i``, ``post``; see ``scheduler.model_map``):
+
+Forward (stock model code, hooks on each layer): before layer i runs, its weights are made
+resident on DEVICE (prefetched ``prefetch_depth`` layers ahead by the loader thread), its input is
+kept as the activation checkpoint (DEVICE, HOST or NVME per plan) together with the RNG state,
+and it runs without autograd. Its weights are released after it, except the last ``turn_keep``
+layers (first needed by backward) and resident layers. The last layer's output becomes a leaf
+that requires grad, so ``loss.backward()`` covers only the final norm and LM head.
+
+Backward, i = L-1..0: weights back on DEVICE (prefetched), layer i recomputed from its checkpoint
+under the saved RNG state, ``autograd.backward(out_i, grad_out_i)``; the gradient w.r.t. its input
+flows to layer i-1. Each unit's gradients are copied (D2H, as fp32) into host staging and handed
+to the optimizer worker thread as soon as they exist. Last, the embedding's own graph is
+back-propagated, completing the ``pre`` unit (which holds a tied LM head weight).
+
+Optimizer worker (one thread, jobs in submission order): read fp32 master, exp_avg, exp_avg_sq
+(HOST or NVME), AdamW, write them back, write the new compute-dtype weights where the next forward
+reads them (the DEVICE copy of resident units, else the weights home). The next step's forward
+waits per unit for that unit's update, so updates overlap backward (immediate mode) or the next
+forward (deferred mode).
+
+Immediate mode: no clipping, no fp16 loss scaling: each unit is updated as soon as its last
+micro-batch gradient exists, overlapping the backward of earlier layers. Same math as a plain
+``optimizer.step()`` after backward, since AdamW is elementwise per parameter.
+Deferred mode (``max_grad_norm > 0`` or fp16): global-norm clipping and overflow checks need every
+gradient first, so gradients go to the grads tier, the global norm is reduced after backward
+(a host sync point), and the updates run in forward order, overlapping the next step's forward.
+
+``plan.overlap = False`` is the synchronous reference mode: loads and optimizer jobs run inline on
+the calling thread, in the same order, with the same arithmetic: results are bitwise identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.buffers import HostArena
+from offload.errors import BudgetError, OffloadError, format_bytes
+from offload.io.posix import aligned_empty
+from offload.optim import FlatAdamW
+from offload.store import SwapStore, TensorSpec
+from offload.tiers import Accountant, Tier
+from scheduler.model_map import ModelMap, Unit, build_model_map
+from scheduler.plan import Plan
+
+log = logging.getLogger(__name__)
+
+Initializer = Callable[[Unit], dict[str, torch.Tensor]]
+"""Returns the initial fp32 (or any dtype) tensors of one unit, by qualified parameter name."""
+
+
+class NonFiniteError(OffloadError):
+    """The loss or the gradients are NaN or inf."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Optimizer and precision settings (Hugging Face TrainingArguments meanings)."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0 disables clipping
+    compute_dtype: torch.dtype = torch.float32
+    gradient_accumulation_steps: int = 1
+    nan_policy: str = "stop"  # "stop": raise NonFiniteError; "skip": skip the step
+    initial_loss_scale: float = 2.0**16  # fp16 only (dynamic loss scaling)
+    loss_scale_window: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+        if self.nan_policy not in ("stop", "skip"):
+            raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError("max_grad_norm must be >= 0 (0 disables clipping)")
+
+    @property
+    def deferred(self) -> bool:
+        return self.max_grad_norm > 0 or self.compute_dtype == torch.float16
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    skipped: bool
+    tokens: int
+    step_time_s: float
+
+
+def _done(value: Any = None) -> Future[Any]:
+    fut: Future[Any] = Future()
+    fut.set_result(value)
+    return fut
+
+
+@dataclass
+class _UnitState:
+    """Runtime record of one unit: where its compute weights are, and what is pending on it."""
+
+    unit: Unit
+    resident: bool  # compute weights never leave DEVICE
+    device_flat: torch.Tensor | None = None
+    load: Future[torch.Tensor] | None = None
+    update: Future[None] = field(default_factory=_done)
+    host_weights: torch.Tensor | None = None  # weights home when plan.weights is HOST
+    host_master: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    host_grad: torch.Tensor | None = None
+    has_stored_grad: bool = False
+
+
+@dataclass
+class _Job:
+    """One optimizer-side job for one unit, run by the worker chunk by chunk."""
+
+    st: _UnitState
+    fresh: list[torch.Tensor | None]  # this micro-batch's gradients per parameter, or all None
+    grad_bytes: int  # DEVICE bytes of ``fresh``, released when the job ends
+    add_stored: bool  # add the gradient kept in the grads tier
+    update: bool  # True: AdamW update; False: store the (accumulated) gradient
+    norms: bool  # deferred mode: unscale and record per-parameter norm parts
+    step: int
+    lr: float
+    coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
+
+    @property
+    def fresh_any(self) -> bool:
+        return any(g is not None for g in self.fresh) or not self.add_stored
+
+
+def _wait_all(futures: list[Future[Any]]) -> None:
+    for f in futures:
+        f.result()
+
+
+def _chunk_ranges(numel: int, chunk_numel: int) -> list[tuple[int, int]]:
+    """[a, b) element ranges of at most ``chunk_numel`` covering ``numel``."""
+    return [(a, min(a + chunk_numel, numel)) for a in range(0, max(numel, 1), chunk_numel)]
+
+
+@dataclass
+class _LayerCall:
+    """What forward gave layer i, to recompute it in backward."""
+
+    args_rest: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    checkpoint: torch.Tensor | None = None  # DEVICE/HOST tier
+    checkpoint_write: Future[None] | None = None  # NVME tier
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+
+class StreamingExecutor:
+    """Trains ``model`` out of core under ``plan``. Use as a context manager.
+
+    Example::
+
+        with StreamingExecutor(model, plan, store, adamw, settings) as ex:
+            for batches in loader:
+                result = ex.train_step(batches, lr=1e-4)
+            weights = ex.master_state_dict()
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, store: SwapStore, adamw: FlatAdamW,
+                 settings: TrainSettings, device: torch.device | None = None,
+                 initializer: Initializer | None = None) -> None:
+        self.model = model
+        self.plan = plan
+        self.store = store
+        self.adamw = adamw
+        self.settings = settings
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.initializer = initializer
+        self.acct = Accountant({Tier.DEVICE: plan.device_budget_bytes, Tier.HOST: plan.host_budget_bytes})
+        self.map: ModelMap | None = None
+        self._states: list[_UnitState] = []
+        self._params: dict[str, nn.Parameter] = {}
+        self._chunks: list[list[tuple[int, int]]] = []
+        self._pending_jobs: deque[Future[None]] = deque()
+        self._arena: HostArena | None = None
+        self._loader: ThreadPoolExecutor | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._hooks: list[Any] = []
+        self._calls: dict[int, _LayerCall] = {}
+        self._streaming = False
+        self._grad_mode_stack: list[bool] = []
+        self._x0: torch.Tensor | None = None
+        self._head_input: torch.Tensor | None = None
+        self._norms: dict[int, list[torch.Tensor]] = {}
+        self._job_error: BaseException | None = None
+        self._lock = threading.Lock()
+        self.optimizer_step = 0
+        self.loss_scale = settings.initial_loss_scale if settings.compute_dtype == torch.float16 else 1.0
+        self._good_steps = 0
+        self._pending_lr = 0.0
+        self.copy_stream: Any = None
+
+    # ------------------------------------------------------------------------------ set-up
+    def __enter__(self) -> StreamingExecutor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.map = build_model_map(self.model)
+        self.model.train()
+        self._check_device_fits()
+        for unit in self.map.units:
+            self._states.append(_UnitState(unit, resident=self._is_resident(unit)))
+            self._chunks.append(_chunk_ranges(unit.numel, self.plan.chunk_numel))
+        arena_bytes = 2 * 5 * 4 * min(self.plan.chunk_numel, max(u.numel for u in self.map.units))
+        self.acct.alloc(Tier.HOST, arena_bytes, "optimizer staging buffers")
+        self.acct.alloc(Tier.HOST, self._host_resident_bytes(), "host-resident tensors of the plan")
+        self._arena = HostArena(arena_bytes).open()
+        if self.plan.overlap:
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
+        if self.device.type == "cuda":
+            self.copy_stream = torch.cuda.Stream(self.device)
+        self._reserve_store()
+        for st in self._states:
+            self._initialize_unit(st)
+        self._replace_parameters()
+        for st in self._states:
+            if st.resident:
+                self._bind(st)
+        self.store.flush()
+        self._install_hooks()
+
+    def close(self) -> None:
+        try:
+            self.synchronize()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
+            for pool in (self._loader, self._worker):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._loader = self._worker = None
+            if self._arena is not None:
+                self._arena.close()
+                self._arena = None
+
+    def _check_device_fits(self) -> None:
+        """DEVICE must hold pre + post, one layer's weights and its gradients."""
+        assert self.map is not None
+        itemsize = _itemsize(self.settings.compute_dtype)
+        biggest = max(u.numel for u in self.map.layer_units) * itemsize
+        fixed = (self.map.pre.numel + self.map.post.numel) * itemsize
+        need = fixed + 2 * biggest
+        if need > self.plan.device_budget_bytes:
+            raise BudgetError(
+                f"the device budget {format_bytes(self.plan.device_budget_bytes)} is too small: "
+                f"embeddings, head, one layer and its gradients need {format_bytes(need)}; raise "
+                f"offload.gpu_memory_limit"
+            )
+
+    def _is_resident(self, unit: Unit) -> bool:
+        if not unit.is_layer:
+            return True
+        return (unit.index - 1) in self.plan.resident_layers
+
+    def _host_resident_bytes(self) -> int:
+        assert self.map is not None
+        total = 0
+        for u in self.map.units:
+            if self.plan.optimizer == Tier.HOST:
+                total += 12 * u.numel
+            if self.plan.grads == Tier.HOST:
+                total += 4 * u.numel
+            if self._weights_home(u) == Tier.HOST:
+                total += _itemsize(self.settings.compute_dtype) * u.numel
+        return total
+
+    def _weights_home(self, u: Unit) -> Tier:
+        """Where a unit's compute weights wait between uses (DEVICE: never leaves it)."""
+        if self._is_resident(u):
+            return Tier.DEVICE
+        return self.plan.weights
+
+    def _replace_parameters(self) -> None:
+        """Give every parameter an empty placeholder; tied parameters stay one object."""
+        assert self.map is not None
+        old_by_name = dict(self.model.named_parameters())
+        new_by_old: dict[int, nn.Parameter] = {}
+        dtype = self.settings.compute_dtype
+        for unit in self.map.units:
+            for slot in unit.params:
+                old = old_by_name[slot.name]
+                new = nn.Parameter(torch.empty(0, dtype=dtype, device=self.device),
+                                   requires_grad=old.requires_grad)
+                new_by_old[id(old)] = new
+                self._params[slot.name] = new
+        for module in self.model.modules():
+            for pname, p in list(module._parameters.items()):
+                if p is not None and id(p) in new_by_old:
+                    module._parameters[pname] = new_by_old[id(p)]
+
+    def _reserve_store(self) -> None:
+        assert self.map is not None
+        specs = []
+        for u in self.map.units:
+            kinds: list[tuple[str, torch.dtype]] = []
+            if self.plan.optimizer == Tier.NVME:
+                kinds += [("master", torch.float32), ("exp_avg", torch.float32), ("exp_avg_sq", torch.float32)]
+            if self.plan.grads == Tier.NVME:
+                kinds.append(("grad", torch.float32))
+            if self._weights_home(u) == Tier.NVME:
+                kinds.append(("weight", self.settings.compute_dtype))
+            for c, (a, b) in enumerate(self._chunks[u.index]):
+                specs += [TensorSpec(f"{u.name}.{kind}.{c}", dtype, (b - a,)) for kind, dtype in kinds]
+        self.store.reserve(specs)
+
+    def _initialize_unit(self, st: _UnitState) -> None:
+        """Write a unit's initial master weights, zero Adam states and compute weights."""
+        u = st.unit
+        if self.initializer is not None:
+            tensors = self.initializer(u)
+        else:
+            named = dict(self.model.named_parameters())
+            tensors = {s.name: named[s.name].detach() for s in u.params}
+        master = torch.empty(u.numel, dtype=torch.float32)
+        for s in u.params:
+            t = tensors[s.name]
+            if tuple(t.shape) != s.shape:
+                raise OffloadError(f"initial tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
+            master[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
+        del tensors
+        weights = master.to(self.settings.compute_dtype)
+        if self.plan.optimizer == Tier.HOST:
+            st.host_master = (master, torch.zeros(u.numel), torch.zeros(u.numel))
+        else:
+            zeros = torch.zeros(min(u.numel, self.plan.chunk_numel))
+            futs = []
+            for c, (a, b) in enumerate(self._chunks[u.index]):
+                futs += [self.store.write(f"{u.name}.master.{c}", master[a:b]),
+                         self.store.write(f"{u.name}.exp_avg.{c}", zeros[: b - a]),
+                         self.store.write(f"{u.name}.exp_avg_sq.{c}", zeros[: b - a])]
+            for f in futs:
+                f.result()
+        if self.plan.grads == Tier.HOST:
+            st.host_grad = torch.zeros(u.numel, dtype=torch.float32)
+        home = self._weights_home(u)
+        if home == Tier.DEVICE:
+            st.device_flat = self._alloc_device(u)
+            st.device_flat.copy_(weights)
+        elif home == Tier.HOST:
+            st.host_weights = weights.clone() if weights is master else weights
+        else:
+            futs = [self.store.write(f"{u.name}.weight.{c}", weights[a:b])
+                    for c, (a, b) in enumerate(self._chunks[u.index])]
+            for f in futs:
+                f.result()
+
+    # ------------------------------------------------------------------------------ weights
+    def _alloc_device(self, u: Unit, accounted: bool = False) -> torch.Tensor:
+        """A DEVICE flat buffer for a unit's weights; ``accounted``: bytes already reserved."""
+        itemsize = _itemsize(self.settings.compute_dtype)
+        if not accounted:
+            self.acct.alloc(Tier.DEVICE, u.numel * itemsize, f"weights of {u.name}")
+        if self.device.type == "cpu":
+            return aligned_empty(u.numel * itemsize).view(self.settings.compute_dtype)
+        return torch.empty(u.numel, dtype=self.settings.compute_dtype, device=self.device)
+
+    def _aliases_home(self) -> bool:
+        """On a CPU device, HOST-home weights are used in place: no copy, no DEVICE bytes."""
+        return self.plan.weights == Tier.HOST and self.device.type == "cpu"
+
+    def _bind(self, st: _UnitState) -> None:
+        flat = st.device_flat
+        assert flat is not None
+        for s in st.unit.params:
+            self._params[s.name].data = flat[s.offset : s.offset + s.numel].view(s.shape)
+
+    def _unbind(self, st: _UnitState) -> None:
+        empty = torch.empty(0, dtype=self.settings.compute_dtype, device=self.device)
+        for s in st.unit.params:
+            self._params[s.name].data = empty
+
+    def _load_weights(self, st: _UnitState) -> torch.Tensor:
+        """Loader job: wait for the unit's pending update, then bring its weights to DEVICE."""
+        st.update.result()
+        u = st.unit
+        if self._aliases_home():
+            assert st.host_weights is not None
+            return st.host_weights  # DEVICE is host memory: use the home copy in place
+        flat = self._alloc_device(u, accounted=True)
+        if self.plan.weights == Tier.HOST:
+            assert st.host_weights is not None
+            self._h2d(flat, st.host_weights)
+        elif self.device.type == "cpu":
+            self._read_chunks(u, "weight", flat)
+        else:
+            staging = torch.empty(u.numel, dtype=flat.dtype, pin_memory=True)
+            self._read_chunks(u, "weight", staging)
+            self._h2d(flat, staging)
+        return flat
+
+    def _read_chunks(self, u: Unit, kind: str, out: torch.Tensor) -> None:
+        futs = [self.store.read(f"{u.name}.{kind}.{c}", out[a:b])
+                for c, (a, b) in enumerate(self._chunks[u.index])]
+        for f in futs:
+            f.result()
+
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        nbytes = src.numel() * src.element_size()
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self.copy_stream):
+                dst.copy_(src, non_blocking=True)
+            self.copy_stream.synchronize()  # sync point: loader thread only, never the compute stream
+            self.acct.count("h2d_bytes", nbytes)
+        else:
+            dst.copy_(src)
+
+    def _request_load(self, st: _UnitState) -> None:
+        if st.resident or st.device_flat is not None or st.load is not None:
+            return
+        if not self._aliases_home():
+            # Reserve the DEVICE bytes now, on the calling thread, so prefetch decisions that
+            # follow see them (the loader allocates the buffer later).
+            itemsize = _itemsize(self.settings.compute_dtype)
+            self.acct.alloc(Tier.DEVICE, st.unit.numel * itemsize, f"weights of {st.unit.name}")
+        if self._loader is None:
+            st.load = _done(self._load_weights(st))
+        else:
+            st.load = self._loader.submit(self._load_weights, st)
+
+    def _ensure_loaded(self, st: _UnitState) -> None:
+        if st.resident:
+            st.update.result()  # sync point: the unit's optimizer update must be finished
+            return
+        if st.device_flat is None:
+            self._request_load(st)
+            assert st.load is not None
+            st.device_flat = st.load.result()
+            st.load = None
+        self._bind(st)
+
+    def _release(self, st: _UnitState) -> None:
+        if st.resident or st.device_flat is None:
+            return
+        self._unbind(st)
+        if not self._aliases_home():
+            self.acct.free(Tier.DEVICE, st.device_flat.numel() * st.device_flat.element_size())
+        st.device_flat = None
+
+    def _prefetch(self, layer_indices: Iterator[int]) -> None:
+        if not self.plan.overlap:
+            return
+        for i in layer_indices:
+            st = self._states[i + 1]
+            itemsize = _itemsize(self.settings.compute_dtype)
+            if not st.resident and st.device_flat is None and st.load is None:
+                if not self.acct.fits(Tier.DEVICE, st.unit.numel * itemsize):
+                    return  # no room now: it will be loaded on demand
+                self._request_load(st)
+
+    # ------------------------------------------------------------------------------ hooks
+    def _install_hooks(self) -> None:
+        assert self.map is not None
+        for i, layer in enumerate(self.map.layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
+            self._hooks.append(layer.register_forward_hook(self._make_post_hook(i), with_kwargs=True))
+
+    def _make_pre_hook(self, i: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self._streaming:
+                return None
+            x = args[0]
+            if i == 0:
+                self._x0 = x
+            call = _LayerCall(args[1:], kwargs, torch.get_rng_state(),
+                              torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                              shape=tuple(x.shape), dtype=x.dtype)
+            self._save_checkpoint(i, call, x.detach())
+            self._calls[i] = call
+            self._ensure_loaded(self._states[i + 1])
+            self._prefetch(iter(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers))))
+            self._grad_mode_stack.append(torch.is_grad_enabled())
+            torch.set_grad_enabled(False)
+            return None
+
+        return hook
+
+    def _make_post_hook(self, i: int) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if not self._streaming:
+                return None
+            torch.set_grad_enabled(self._grad_mode_stack.pop())
+            if i < self._n_layers - self.plan.turn_keep:
+                self._release(self._states[i + 1])
+            if i != self._n_layers - 1:
+                return None
+            self._ensure_loaded(self._states[-1])
+            hidden = output[0] if isinstance(output, tuple) else output
+            leaf = hidden.detach().requires_grad_(True)
+            self._head_input = leaf
+            return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
+
+        return hook
+
+    @property
+    def _n_layers(self) -> int:
+        assert self.map is not None
+        return len(self.map.layers)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, i: int, call: _LayerCall, x: torch.Tensor) -> None:
+        nbytes = x.numel() * x.element_size()
+        tier = self.plan.activations
+        if tier == Tier.NVME:
+            name = f"act.{i}.{nbytes}"
+            if name not in self.store:
+                self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
+            host = x.contiguous() if x.device.type == "cpu" else x.to("cpu")
+            self.acct.count("d2h_bytes", nbytes if x.device.type != "cpu" else 0)
+            # The write holds ``host`` until done; backward waits on it before reading.
+            call.checkpoint_write = self.store.write(name, host.reshape(-1).view(torch.uint8))
+            return
+        if tier == Tier.HOST and x.device.type != "cpu":
+            call.checkpoint = x.to("cpu")
+        else:
+            call.checkpoint = x
+        self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i}")
+
+    def _take_checkpoint(self, i: int, call: _LayerCall) -> torch.Tensor:
+        if call.checkpoint_write is not None:
+            call.checkpoint_write.result()
+            nbytes = math.prod(call.shape) * _itemsize(call.dtype)
+            raw = aligned_empty(nbytes)
+            self.store.read(f"act.{i}.{nbytes}", raw).result()
+            x = raw.view(call.dtype).view(call.shape)
+            return x.to(self.device) if self.device.type != "cpu" else x
+        assert call.checkpoint is not None
+        x = call.checkpoint
+        self.acct.free(self.plan.activations, x.numel() * x.element_size())
+        call.checkpoint = None
+        return x.to(self.device) if x.device != self.device else x
+
+    # ------------------------------------------------------------------------------ the step
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
+        """One optimizer step over ``micro_batches`` (length = gradient_accumulation_steps).
+
+        Each batch holds ``input_ids`` and optionally ``labels`` (default: input_ids) and
+        ``attention_mask``. Returns the mean loss over micro-batches (a host sync point).
+        """
+        if len(micro_batches) != self.settings.gradient_accumulation_steps:
+            raise ValueError(f"expected {self.settings.gradient_accumulation_steps} micro-batches, "
+                             f"got {len(micro_batches)}")
+        self._raise_job_error()
+        self._pending_lr = lr
+        t0 = time.perf_counter()
+        n_micro = len(micro_batches)
+        total_loss = 0.0
+        tokens = 0
+        skipped = False
+        for m, batch in enumerate(micro_batches):
+            loss = self._forward(batch) / n_micro
+            loss_value = float(loss.detach())  # sync point: one per micro-batch
+            tokens += int(batch["input_ids"].numel())
+            if not math.isfinite(loss_value):
+                self._drop_forward_state()
+                skipped = self._non_finite(f"loss is {loss_value}")
+                break
+            total_loss += loss_value
+            self._backward(loss, last=(m == n_micro - 1))
+        grad_norm = None
+        if not skipped:
+            self.optimizer_step += 1
+            if self.settings.deferred:
+                grad_norm, skipped = self._deferred_update(lr)
+        else:
+            self._discard_accumulation()
+        return StepResult(total_loss if not skipped else float("nan"), grad_norm, skipped, tokens,
+                          time.perf_counter() - t0)
+
+    def _non_finite(self, what: str) -> bool:
+        if self.settings.nan_policy == "stop":
+            raise NonFiniteError(f"{what} at optimizer step {self.optimizer_step + 1}; lower the "
+                                 f"learning rate, enable clipping (train.max_grad_norm), or set "
+                                 f"nan_policy: skip")
+        log.warning("%s: skipping optimizer step %d", what, self.optimizer_step + 1)
+        return True
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch.get("labels", batch["input_ids"]).to(self.device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "use_cache": False}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"].to(self.device)
+        self._ensure_loaded(self._states[0])
+        self._prefetch(iter(range(min(self.plan.prefetch_depth, self._n_layers))))
+        self._streaming = True
+        try:
+            with torch.enable_grad():
+                out = self.model(**kwargs)
+        finally:
+            self._streaming = False
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        return loss.float()
+
+    def _drop_forward_state(self) -> None:
+        for i, call in self._calls.items():
+            if call.checkpoint_write is not None:
+                call.checkpoint_write.result()
+            elif call.checkpoint is not None:
+                self.acct.free(self.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
+            self._release(self._states[i + 1])
+        self._calls.clear()
+        self._x0 = self._head_input = None
+        for p in self._params.values():
+            p.grad = None
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        assert self._head_input is not None and self._x0 is not None
+        (loss * self.loss_scale).backward()  # final norm + LM head; fills head_input.grad
+        grad = self._head_input.grad
+        self._head_input = None
+        self._unit_grads_ready(self._states[-1], last)
+        for i in reversed(range(self._n_layers)):
+            st = self._states[i + 1]
+            self._ensure_loaded(st)
+            self._prefetch(iter(range(i - 1, max(i - 1 - self.plan.prefetch_depth, -1), -1)))
+            call = self._calls.pop(i)
+            x = self._take_checkpoint(i, call).detach().requires_grad_(True)
+            with self._rng_restored(call):
+                out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
+            hidden = out[0] if isinstance(out, tuple) else out
+            torch.autograd.backward(hidden, grad)
+            grad = x.grad
+            del x, out, hidden
+            self._unit_grads_ready(st, last)
+            self._release(st)
+        self._x0.backward(grad)  # embeddings (and anything before layer 0)
+        self._x0 = None
+        self._unit_grads_ready(self._states[0], last)
+
+    @contextlib.contextmanager
+    def _rng_restored(self, call: _LayerCall) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(call.rng_cpu)
+            if call.rng_cuda is not None:
+                torch.cuda.set_rng_state(call.rng_cuda, self.device)
+            yield
+
+    # ------------------------------------------------------------------------------ gradients
+    def _unit_grads_ready(self, st: _UnitState, last: bool) -> None:
+        """Hand a unit's fresh gradients to the optimizer worker (accumulate, or update now)."""
+        self._raise_job_error()
+        u = st.unit
+        fresh: list[torch.Tensor | None] = []
+        for s in u.params:
+            p = self._params[s.name]
+            fresh.append(p.grad)
+            p.grad = None
+        grad_bytes = sum(g.numel() * g.element_size() for g in fresh if g is not None)
+        # Bound the gradients waiting for the worker (DEVICE memory): wait for the oldest jobs.
+        while self._pending_jobs and (len(self._pending_jobs) >= self.plan.job_slots
+                                      or not self.acct.fits(Tier.DEVICE, grad_bytes)):
+            self._pending_jobs.popleft().result()
+        self.acct.alloc(Tier.DEVICE, grad_bytes, f"gradients of {u.name}")
+        immediate = last and not self.settings.deferred
+        job = _Job(st, fresh, grad_bytes, add_stored=st.has_stored_grad,
+                   update=immediate, norms=last and self.settings.deferred,
+                   step=self.optimizer_step + 1, lr=self._pending_lr)
+        st.has_stored_grad = not immediate
+        st.update = self._submit(job)
+        self._pending_jobs.append(st.update)
+
+    def _submit(self, job: _Job) -> Future[None]:
+        if self._worker is None:
+            self._run_job(job)
+            return _done()
+        return self._worker.submit(self._guarded, job)
+
+    def _guarded(self, job: _Job) -> None:
+        try:
+            self._run_job(job)
+        except BaseException as err:
+            with self._lock:
+                if self._job_error is None:
+                    self._job_error = err
+            raise
+
+    def _raise_job_error(self) -> None:
+        with self._lock:
+            err = self._job_error
+        if err is not None:
+            raise err
+
+    def _run_job(self, job: _Job) -> None:
+        """Worker: per chunk, gradient = fresh (+ stored); then store it, or run AdamW on it.
+
+        Chunks are double-buffered: the reads of chunk c+1 are in flight while chunk c computes,
+        and the writes of chunk c while chunk c+1 computes.
+        """
+        assert self._arena is not None
+        u = job.st.unit
+        chunks = self._chunks[u.index]
+        width = min(self.plan.chunk_numel, u.numel)
+        slot = self._arena.acquire(2 * 5 * 4 * width)
+        try:
+            sets = slot.view(torch.float32, 10 * width).view(2, 5, width)
+            writes: list[list[Future[None]]] = [[], []]
+            reads = self._issue_reads(job, 0, sets[0])
+            for c, (a, b) in enumerate(chunks):
+                if c + 1 < len(chunks):
+                    _wait_all(writes[(c + 1) % 2])
+                    next_reads = self._issue_reads(job, c + 1, sets[(c + 1) % 2])
+                _wait_all(reads)
+                writes[c % 2] = self._compute_chunk(job, c, a, b, sets[c % 2])
+                if c + 1 < len(chunks):
+                    reads = next_reads
+            _wait_all(writes[0] + writes[1])
+        finally:
+            self._arena.release(slot)
+            self.acct.free(Tier.DEVICE, job.grad_bytes)
+
+    def _issue_reads(self, job: _Job, c: int, bufs: torch.Tensor) -> list[Future[Any]]:
+        u = job.st.unit
+        a, b = self._chunks[u.index][c]
+        n = b - a
+        futs: list[Future[Any]] = []
+        if job.add_stored:
+            target = bufs[1, :n] if job.fresh_any else bufs[0, :n]
+            if self.plan.grads == Tier.HOST:
+                assert job.st.host_grad is not None
+                target.copy_(job.st.host_grad[a:b])
+            else:
+                futs.append(self.store.read(f"{u.name}.grad.{c}", target))
+        if job.update and self.plan.optimizer == Tier.NVME:
+            for k, kind in ((2, "master"), (3, "exp_avg"), (4, "exp_avg_sq")):
+                futs.append(self.store.read(f"{u.name}.{kind}.{c}", bufs[k, :n]))
+        return futs
+
+    def _compute_chunk(self, job: _Job, c: int, a: int, b: int, bufs: torch.Tensor) -> list[Future[None]]:
+        st, u = job.st, job.st.unit
+        n = b - a
+        grad = bufs[0, :n]
+        if job.fresh_any:
+            for s, g in zip(u.params, job.fresh, strict=True):
+                lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
+                if lo >= hi:
+                    continue
+                dst = grad[lo - a : hi - a]
+                if g is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to fp32
+            if job.add_stored:
+                grad.add_(bufs[1, :n])
+        writes: list[Future[None]] = []
+        if not job.update:
+            if job.norms:
+                if self.loss_scale != 1.0:
+                    grad.mul_(1.0 / self.loss_scale)
+                # Sum of squares in float64: the global norm then does not depend on how units
+                # are cut into chunks (every plan gives the same clipped update).
+                parts = self._norms.setdefault(u.index, [])
+                parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+            if self.plan.grads == Tier.HOST:
+                assert st.host_grad is not None
+                st.host_grad[a:b].copy_(grad)
+            else:
+                writes.append(self.store.write(f"{u.name}.grad.{c}", grad))
+            return writes
+        if job.coef is not None:
+            grad.mul_(job.coef)
+        if not self.settings.deferred and not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(
+                f"non-finite gradients in {u.name} at optimizer step {job.step}: the loss was finite, "
+                f"so some weights may already be updated; resume from the last checkpoint with a "
+                f"lower learning rate or with clipping (train.max_grad_norm)"
+            )
+        if self.plan.optimizer == Tier.HOST:
+            assert st.host_master is not None
+            master, exp_avg, exp_avg_sq = (t[a:b] for t in st.host_master)
+        else:
+            master, exp_avg, exp_avg_sq = bufs[2, :n], bufs[3, :n], bufs[4, :n]
+        self.adamw.step(master, grad, exp_avg, exp_avg_sq, job.step, job.lr)
+        if self.plan.optimizer == Tier.NVME:
+            writes += [self.store.write(f"{u.name}.master.{c}", master),
+                       self.store.write(f"{u.name}.exp_avg.{c}", exp_avg),
+                       self.store.write(f"{u.name}.exp_avg_sq.{c}", exp_avg_sq)]
+        if self.settings.compute_dtype == torch.float32:
+            weights = master
+        else:  # the stored-gradient buffer is free now: convert into it
+            weights = bufs[1].view(torch.uint8)[: n * _itemsize(self.settings.compute_dtype)]
+            weights = weights.view(self.settings.compute_dtype)
+            weights.copy_(master)
+        home = self._weights_home(u)
+        if home == Tier.DEVICE:
+            assert st.device_flat is not None
+            self._h2d(st.device_flat[a:b], weights)
+        elif home == Tier.HOST:
+            assert st.host_weights is not None
+            st.host_weights[a:b].copy_(weights)
+        else:
+            writes.append(self.store.write(f"{u.name}.weight.{c}", weights))
+        return writes
+
+    def _deferred_update(self, lr: float) -> tuple[float | None, bool]:
+        """After backward: global norm (sync point), then updates in forward order."""
+        self._drain_jobs()
+        squares = [n for st in self._states for n in self._norms.pop(st.unit.index, [])]
+        total = torch.stack(squares).sum().sqrt().float() if squares else torch.zeros(())
+        total_f = float(total)
+        if not math.isfinite(total_f):
+            if self.settings.compute_dtype == torch.float16:
+                self.loss_scale /= 2
+                self._good_steps = 0
+                log.warning("fp16 gradient overflow: skipping step, loss scale -> %g", self.loss_scale)
+            else:
+                self._non_finite(f"gradient norm is {total_f}")
+            self._discard_accumulation()
+            self.optimizer_step -= 1
+            return total_f, True
+        coef = None
+        if self.settings.max_grad_norm > 0:
+            coef = torch.clamp(self.settings.max_grad_norm / (total + 1e-6), max=1.0)
+        for st in self._states:
+            job = _Job(st, [None] * len(st.unit.params), 0, add_stored=True, update=True,
+                       norms=False, step=self.optimizer_step, lr=lr, coef=coef)
+            st.has_stored_grad = False
+            st.update = self._submit(job)
+        if self.settings.compute_dtype == torch.float16:
+            self._good_steps += 1
+            if self._good_steps % self.settings.loss_scale_window == 0:
+                self.loss_scale *= 2
+        return total_f, False
+
+    def _drain_jobs(self) -> None:
+        while self._pending_jobs:
+            self._pending_jobs.popleft().result()  # sync point
+        self._raise_job_error()
+
+    def _discard_accumulation(self) -> None:
+        self._drain_jobs()
+        for st in self._states:
+            st.has_stored_grad = False
+        self._norms.clear()
+
+    # ------------------------------------------------------------------------------ results
+    def synchronize(self) -> None:
+        """Wait for every pending optimizer job (sync point)."""
+        self._pending_jobs.clear()
+        for st in self._states:
+            with contextlib.suppress(BaseException):
+                st.update.result()
+        self._raise_job_error()
+
+    def master_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights by qualified parameter name (reads them from their tier)."""
+        self.synchronize()
+        out: dict[str, torch.Tensor] = {}
+        for st in self._states:
+            u = st.unit
+            if st.host_master is not None:
+                master = st.host_master[0].clone()
+            else:
+                master = torch.empty(u.numel, dtype=torch.float32)
+                self._read_chunks(u, "master", master)
+            for s in u.params:
+                out[s.name] = master[s.offset : s.offset + s.numel].view(s.shape).clone()
+        return out
+
+    def metrics(self) -> dict[str, int]:
+        links = self.acct.links
+        return {
+            "peak_device_bytes": self.acct.peak_bytes[Tier.DEVICE],
+            "peak_host_bytes": self.acct.peak_bytes[Tier.HOST],
+            "io_read_bytes": self.store.read_bytes,
+            "io_write_bytes": self.store.write_bytes,
+            "h2d_bytes": links.h2d_bytes,
+            "d2h_bytes": links.d2h_bytes,
+        }
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
