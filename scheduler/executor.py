@@ -167,6 +167,20 @@ class _LayerCall:
     checkpoint_write: Future[None] | None = None  # NVME tier
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    x_leaf: torch.Tensor | None = None  # no-recompute mode: the layer's input leaf
+    output: torch.Tensor | None = None  # no-recompute mode: the layer's output (graph root)
+    saved: Any = None  # the saved_tensors_hooks context while the layer runs
+    saved_bytes: int = 0  # DEVICE bytes of saved activations
+
+
+@dataclass(frozen=True)
+class _WeightView:
+    """A saved weight tensor, as a view of its unit's flat buffer (re-fetched in backward)."""
+
+    unit_index: int
+    offset: int  # elements from the start of the flat buffer
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 class StreamingExecutor:
@@ -239,9 +253,12 @@ class StreamingExecutor:
         if self.device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(self.device)
         self._reserve_store()
-        for st in self._states:
-            self._initialize_unit(st)
+        # The default initializer reads the model's own tensors: keep them until written.
+        originals = {n: p.detach() for n, p in self.model.named_parameters()} if self.initializer is None else {}
         self._replace_parameters()
+        for st in self._states:
+            self._initialize_unit(st, originals)
+        originals.clear()
         for st in self._states:
             if st.resident:
                 self._bind(st)
@@ -333,14 +350,13 @@ class StreamingExecutor:
                 specs += [TensorSpec(f"{u.name}.{kind}.{c}", dtype, (b - a,)) for kind, dtype in kinds]
         self.store.reserve(specs)
 
-    def _initialize_unit(self, st: _UnitState) -> None:
+    def _initialize_unit(self, st: _UnitState, originals: dict[str, torch.Tensor]) -> None:
         """Write a unit's initial master weights, zero Adam states and compute weights."""
         u = st.unit
         if self.initializer is not None:
             tensors = self.initializer(u)
         else:
-            named = dict(self.model.named_parameters())
-            tensors = {s.name: named[s.name].detach() for s in u.params}
+            tensors = {s.name: originals.pop(s.name) for s in u.params}
         master = torch.empty(u.numel, dtype=torch.float32)
         for s in u.params:
             t = tensors[s.name]
@@ -485,7 +501,7 @@ class StreamingExecutor:
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(i), with_kwargs=True))
 
     def _make_pre_hook(self, i: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             if not self._streaming:
                 return None
             x = args[0]
@@ -494,13 +510,21 @@ class StreamingExecutor:
             call = _LayerCall(args[1:], kwargs, torch.get_rng_state(),
                               torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                               shape=tuple(x.shape), dtype=x.dtype)
-            self._save_checkpoint(i, call, x.detach())
             self._calls[i] = call
             self._ensure_loaded(self._states[i + 1])
             self._prefetch(iter(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers))))
-            self._grad_mode_stack.append(torch.is_grad_enabled())
-            torch.set_grad_enabled(False)
-            return None
+            if self.plan.recompute:
+                self._save_checkpoint(i, call, x.detach())
+                self._grad_mode_stack.append(torch.is_grad_enabled())
+                torch.set_grad_enabled(False)
+                return None
+            # Keep this layer's autograd graph; its saved weights become tokens (re-fetched in
+            # backward), its saved activations stay on DEVICE.
+            call.x_leaf = x.detach().requires_grad_(True)
+            call.saved = torch.autograd.graph.saved_tensors_hooks(
+                lambda t: self._pack(i, t), lambda packed: self._unpack(packed))
+            call.saved.__enter__()
+            return (call.x_leaf, *args[1:]), kwargs
 
         return hook
 
@@ -508,7 +532,14 @@ class StreamingExecutor:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
             if not self._streaming:
                 return None
-            torch.set_grad_enabled(self._grad_mode_stack.pop())
+            call = self._calls[i]
+            if self.plan.recompute:
+                torch.set_grad_enabled(self._grad_mode_stack.pop())
+            else:
+                assert call.saved is not None
+                call.saved.__exit__(None, None, None)
+                call.saved = None
+                call.output = output[0] if isinstance(output, tuple) else output
             if i < self._n_layers - self.plan.turn_keep:
                 self._release(self._states[i + 1])
             if i != self._n_layers - 1:
@@ -520,6 +551,25 @@ class StreamingExecutor:
             return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
 
         return hook
+
+    def _pack(self, i: int, t: torch.Tensor) -> Any:
+        """Saved-tensor hook (no-recompute mode): weights become (unit, view) tokens."""
+        st = self._states[i + 1]
+        flat = st.device_flat
+        if (flat is not None and t.device == flat.device and t.dtype == flat.dtype
+                and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()):
+            return _WeightView(i + 1, t.storage_offset() - flat.storage_offset(), tuple(t.shape), t.stride())
+        nbytes = t.numel() * t.element_size()
+        self.acct.alloc(Tier.DEVICE, nbytes, f"saved activations of layer {i}")
+        self._calls[i].saved_bytes += nbytes
+        return t
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not isinstance(packed, _WeightView):
+            return packed
+        flat = self._states[packed.unit_index].device_flat
+        assert flat is not None, "weights must be loaded before their layer's backward"
+        return flat.as_strided(packed.size, packed.stride, flat.storage_offset() + packed.offset)
 
     @property
     def _n_layers(self) -> int:
@@ -623,6 +673,7 @@ class StreamingExecutor:
 
     def _drop_forward_state(self) -> None:
         for i, call in self._calls.items():
+            self.acct.free(Tier.DEVICE, call.saved_bytes)
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()
             elif call.checkpoint is not None:
@@ -644,13 +695,19 @@ class StreamingExecutor:
             self._ensure_loaded(st)
             self._prefetch(iter(range(i - 1, max(i - 1 - self.plan.prefetch_depth, -1), -1)))
             call = self._calls.pop(i)
-            x = self._take_checkpoint(i, call).detach().requires_grad_(True)
-            with self._rng_restored(call):
-                out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
-            hidden = out[0] if isinstance(out, tuple) else out
+            if self.plan.recompute:
+                x = self._take_checkpoint(i, call).detach().requires_grad_(True)
+                with self._rng_restored(call):
+                    out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
+                hidden = out[0] if isinstance(out, tuple) else out
+                del out
+            else:
+                assert call.x_leaf is not None and call.output is not None
+                x, hidden = call.x_leaf, call.output
             torch.autograd.backward(hidden, grad)
             grad = x.grad
-            del x, out, hidden
+            self.acct.free(Tier.DEVICE, call.saved_bytes)
+            del x, hidden, call
             self._unit_grads_ready(st, last)
             self._release(st)
         self._x0.backward(grad)  # embeddings (and anything before layer 0)

@@ -32,6 +32,10 @@ class Plan:
     """Last layers of forward kept on DEVICE into backward (they are needed first there)."""
     resident_layers: tuple[int, ...] = ()
     """Layers whose weights never leave DEVICE (the first ones: needed first by the next step)."""
+    recompute: bool = True
+    """True: keep each layer's input and recompute the layer in backward. False: keep the
+    layer's saved activations on DEVICE (weights inside them are re-fetched, not kept): no
+    recompute, more DEVICE memory."""
     overlap: bool = True
     """False: synchronous reference mode, same math, no prefetch and no concurrent optimizer."""
     device_budget_bytes: int = 1 << 62
@@ -49,6 +53,8 @@ class Plan:
                 raise ValueError(f"plan.{name} must be host or nvme")
         if self.prefetch_depth < 0 or self.turn_keep < 0 or self.job_slots < 1:
             raise ValueError("prefetch_depth and turn_keep must be >= 0, job_slots >= 1")
+        if not self.recompute and self.activations != Tier.DEVICE:
+            raise ValueError("recompute: false keeps saved activations on DEVICE: set activations: device")
         if self.chunk_numel < 2048 or self.chunk_numel % 2048:
             raise ValueError("chunk_numel must be a positive multiple of 2048 (4 KiB-aligned chunks)")
 
@@ -79,15 +85,19 @@ class Plan:
             ("layer weights", self.weights.value),
             ("fp32 master + Adam", self.optimizer.value),
             ("gradients", self.grads.value),
-            ("activation checkpoints", self.activations.value),
+            ("activation checkpoints", self.activations.value if self.recompute else "device (no recompute)"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),
             ("prefetch depth", str(self.prefetch_depth)),
             ("overlap", "on" if self.overlap else "off (reference)"),
-            ("device budget", format_bytes(self.device_budget_bytes)),
-            ("host budget", format_bytes(self.host_budget_bytes)),
+            ("device budget", _budget(self.device_budget_bytes)),
+            ("host budget", _budget(self.host_budget_bytes)),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _budget(n_bytes: int) -> str:
+    return "unlimited" if n_bytes >= 1 << 61 else format_bytes(n_bytes)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def test_all_nvme_matches_pytorch(kind, ga, clip, tmp_path):
     batches = make_batches(5, ga)
     ref_losses, ref_w = train_reference(ref_model, batches, clip)
     losses, w, metrics = train_engine(model, batches, ALL_NVME, tmp_path, clip)
-    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     assert max_diff(w, ref_w) <= 1e-5
     # Everything went through the SSD: optimizer states, weights, grads, activations.
     n_params = sum(t.numel() for t in ref_w.values())
@@ -105,6 +105,10 @@ PLANS = {
                        prefetch_depth=2, turn_keep=1),
     "resident-first-layers": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.HOST,
                                   activations=Tier.DEVICE, resident_layers=(0, 1), turn_keep=1),
+    "no-recompute": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
+                         activations=Tier.DEVICE, recompute=False),
+    "no-recompute-reference": Plan(weights=Tier.HOST, optimizer=Tier.NVME, grads=Tier.HOST,
+                                   activations=Tier.DEVICE, recompute=False, overlap=False),
     "small-chunks": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
                          activations=Tier.NVME, chunk_numel=2048, job_slots=1),
     "deep-prefetch": Plan(weights=Tier.NVME, optimizer=Tier.HOST, grads=Tier.NVME,
@@ -130,7 +134,7 @@ def test_deepspeed_adam_matches_pytorch(tmp_path):
     batches = make_batches(5, 1)
     ref_losses, ref_w = train_reference(ref_model, batches, 0.0)
     losses, w, _ = train_engine(model, batches, ALL_NVME, tmp_path, impl="deepspeed")
-    assert max(abs(a - b) for a, b in zip(losses, ref_losses)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     assert max_diff(w, ref_w) <= 1e-5
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench.io_bench --path DIR`` (SwapStore storage I/O against fio)."""

@@ -1,0 +1,1 @@
+"""The ``offload-train`` command line."""

@@ -1,0 +1,106 @@
+"""Build a model without its weights, and produce each unit's initial weights one at a time.
+
+A model larger than RAM is never materialized whole: ``empty_model`` builds it with parameters on
+the meta device (buffers such as RoPE frequencies stay real), and the executor asks an
+initializer for one unit's tensors at a time, writes them to their tier and drops them.
+
+- ``RandomInit``: Hugging Face init semantics (``model._init_weights`` applied to the unit's
+  modules, children before parents, as ``PreTrainedModel.initialize_weights`` does).
+- ``SafetensorsInit``: streams tensors from local safetensors shards (sharded or not).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from offload.errors import OffloadError
+from scheduler.model_map import Unit
+
+
+def empty_model(config: object, trust_remote_code: bool = False) -> nn.Module:
+    """``AutoModelForCausalLM.from_config`` with parameters on meta; buffers stay on CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return model
+
+
+class RandomInit:
+    """Random initial weights of one unit, with the model's own ``_init_weights``.
+
+    Called by the executor after it replaced the parameters with empty placeholders: each
+    parameter of the unit gets an fp32 tensor for the duration of the call.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
+        init_weights = getattr(self.model, "_init_weights", None)
+        if init_weights is None:
+            raise OffloadError(f"{type(self.model).__name__} has no _init_weights: give model.name_or_path")
+        params = {s.name: (self.model.get_parameter(s.name), s.shape) for s in unit.params}
+        saved = {name: p.data for name, (p, _) in params.items()}
+        try:
+            for p, shape in params.values():
+                p.data = torch.empty(shape, dtype=torch.float32)
+            for module in self._modules_of(unit):
+                module.apply(init_weights)  # children first, then the module itself
+            return {name: p.data for name, (p, _) in params.items()}
+        finally:
+            for name, (p, _) in params.items():
+                p.data = saved[name]
+
+    def _modules_of(self, unit: Unit) -> list[nn.Module]:
+        if unit.modules:
+            return list(unit.modules)
+        owners: list[nn.Module] = []
+        for s in unit.params:
+            owner = self.model.get_submodule(s.name.rpartition(".")[0])
+            if all(owner is not o for o in owners):
+                owners.append(owner)
+        return owners
+
+
+class SafetensorsInit:
+    """Initial weights read tensor by tensor from ``model.safetensors`` or its sharded index."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: self.directory / f for name, f in weight_map.items()}
+        elif single.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self.file_of = {name: single for name in f.keys()}  # noqa: SIM118 - not a dict
+        else:
+            raise OffloadError(
+                f"no model.safetensors or model.safetensors.index.json in {self.directory}; give a "
+                f"Hugging Face checkpoint directory saved with safetensors"
+            )
+
+    def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for s in unit.params:
+            path = self.file_of.get(s.name)
+            if path is None:
+                raise OffloadError(f"tensor {s.name} is missing from the checkpoint in {self.directory}")
+            by_file.setdefault(path, []).append(s.name)
+        out: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name).float()
+        return out

@@ -1,0 +1,211 @@
+"""HostArena: aligned slots carved from one host allocation under a hard byte budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+from itertools import pairwise
+
+import pytest
+import torch
+
+from offload.buffers import HostArena, Slot
+from offload.errors import BudgetError
+from offload.io.base import ALIGN_BYTES
+
+KIB = 1024
+BUDGET = 64 * KIB
+
+
+def base_ptr(slots: list[Slot]) -> int:
+    first = min(slots, key=lambda s: s.offset)
+    return first.data.data_ptr() - first.offset
+
+
+def test_slots_are_page_aligned_disjoint_and_within_budget() -> None:
+    requests = [1, 4095, 4096, 4097, 10_000, 12 * KIB]
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        slots = [arena.acquire(n) for n in requests]
+        base = base_ptr(slots)
+        assert base % ALIGN_BYTES == 0
+        for slot, n in zip(slots, requests, strict=True):
+            assert slot.nbytes >= n and slot.nbytes % ALIGN_BYTES == 0
+            assert slot.offset % ALIGN_BYTES == 0
+            assert slot.data.dtype == torch.uint8 and slot.data.numel() == slot.nbytes
+            assert slot.data.data_ptr() == base + slot.offset
+            assert slot.data.data_ptr() % ALIGN_BYTES == 0
+            assert slot.offset >= 0 and slot.offset + slot.nbytes <= arena.budget_bytes <= BUDGET
+        ordered = sorted(slots, key=lambda s: s.offset)
+        for prev, nxt in pairwise(ordered):
+            assert prev.offset + prev.nbytes <= nxt.offset, (prev.offset, nxt.offset)
+        assert arena.used_bytes == sum(s.nbytes for s in slots) <= arena.budget_bytes
+
+        # Writing one slot leaves every other slot alone.
+        for i, slot in enumerate(slots):
+            slot.data.fill_(i + 1)
+        for i, slot in enumerate(slots):
+            assert torch.all(slot.data == i + 1), f"slot {i} was overwritten"
+
+
+def test_typed_view_shares_the_slot_memory() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        slot = arena.acquire(4097)
+        view = slot.view(torch.float32, 1000)
+        assert view.dtype == torch.float32 and view.shape == (1000,)
+        assert view.data_ptr() == slot.data.data_ptr()
+        view.fill_(1.5)
+        again = slot.view(torch.float32, 1000)
+        assert torch.all(again == 1.5)
+        assert slot.view(torch.bfloat16, slot.nbytes // 2).numel() == slot.nbytes // 2
+        with pytest.raises(ValueError, match="cannot hold"):
+            slot.view(torch.float32, slot.nbytes // 4 + 1)
+        with pytest.raises(ValueError, match="cannot hold"):
+            slot.view(torch.int64, -1)
+
+
+def test_budget_is_whole_pages_and_never_exceeded() -> None:
+    # The budget is rounded up to a whole page (callers size it as n x unaligned request).
+    with HostArena(10_000, pin_memory=False) as arena:
+        assert arena.budget_bytes == 12 * KIB
+        slots = [arena.acquire(4 * KIB) for _ in range(3)]
+        assert arena.used_bytes == arena.budget_bytes
+        assert arena.try_acquire(1) is None
+        assert max(s.offset + s.nbytes for s in slots) == arena.budget_bytes
+    with pytest.raises(ValueError, match="at least"):
+        HostArena(ALIGN_BYTES - 1)
+
+
+def test_request_larger_than_the_budget_fails_at_once() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        start = time.monotonic()
+        with pytest.raises(BudgetError, match="budget") as info:
+            arena.acquire(BUDGET + 1, timeout_s=30)
+        assert time.monotonic() - start < 5
+        assert "\n" not in str(info.value)
+        with pytest.raises(BudgetError, match="budget"):
+            arena.try_acquire(BUDGET + 1)
+        assert arena.used_bytes == 0
+        assert arena.acquire(BUDGET).nbytes == BUDGET  # the full budget itself fits
+
+
+def test_full_arena_refuses_then_times_out() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        whole = arena.acquire(BUDGET)
+        assert arena.try_acquire(1) is None
+        start = time.monotonic()
+        with pytest.raises(BudgetError, match="timed out"):
+            arena.acquire(1, timeout_s=0.2)
+        assert time.monotonic() - start >= 0.15
+        arena.release(whole)
+        assert arena.try_acquire(1) is not None
+
+
+def test_blocked_acquire_proceeds_once_a_slot_is_released() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        held = [arena.acquire(BUDGET // 2), arena.acquire(BUDGET // 2)]
+        got: list[Slot] = []
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                got.append(arena.acquire(BUDGET // 2, timeout_s=30))
+            except BaseException as err:  # noqa: BLE001 - reported by the main thread
+                errors.append(err)
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        time.sleep(0.2)
+        assert thread.is_alive() and not got, "acquire returned while the arena was full"
+        arena.release(held[1])
+        thread.join(timeout=10)
+        assert not thread.is_alive() and not errors, errors
+        assert len(got) == 1 and got[0].offset == held[1].offset
+        assert arena.used_bytes == BUDGET
+
+
+def test_close_wakes_a_blocked_acquire() -> None:
+    arena = HostArena(BUDGET, pin_memory=False).open()
+    arena.acquire(BUDGET)
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            arena.acquire(ALIGN_BYTES, timeout_s=30)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    arena.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "acquire kept waiting on a closed arena"
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+
+
+def test_release_coalesces_free_space() -> None:
+    quarter = BUDGET // 4
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        slots = [arena.acquire(quarter) for _ in range(4)]
+        assert arena.try_acquire(1) is None
+        arena.release(slots[0])
+        arena.release(slots[2])
+        # Half the budget is free, but in two pieces: first fit cannot give a half-budget slot.
+        assert arena.try_acquire(2 * quarter) is None
+        arena.release(slots[3])
+        arena.release(slots[1])
+        assert arena.used_bytes == 0
+        whole = arena.try_acquire(BUDGET)
+        assert whole is not None and whole.offset == 0 and whole.nbytes == BUDGET
+
+
+def test_peak_bytes_is_tracked() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        a = arena.acquire(10_000)  # 12 KiB
+        b = arena.acquire(4 * KIB)
+        arena.release(a)
+        c = arena.acquire(8 * KIB)
+        assert arena.peak_bytes == 16 * KIB
+        d = arena.acquire(30 * KIB)
+        assert arena.peak_bytes == 12 * KIB + 32 * KIB
+        for slot in (b, c, d):
+            arena.release(slot)
+        assert arena.used_bytes == 0
+        assert arena.peak_bytes == 44 * KIB
+
+
+def test_double_release_is_refused_and_harmless() -> None:
+    with HostArena(BUDGET, pin_memory=False) as arena:
+        a = arena.acquire(BUDGET // 2)
+        arena.release(a)
+        with pytest.raises(ValueError, match="already released"):
+            arena.release(a)
+        assert arena.used_bytes == 0
+        x = arena.acquire(BUDGET // 2)
+        y = arena.acquire(BUDGET // 2)
+        assert x.offset + x.nbytes <= y.offset or y.offset + y.nbytes <= x.offset
+        assert arena.try_acquire(1) is None
+
+
+def test_slot_of_another_arena_is_refused() -> None:
+    with HostArena(BUDGET, pin_memory=False) as one, HostArena(BUDGET, pin_memory=False) as two:
+        slot = one.acquire(ALIGN_BYTES)
+        with pytest.raises(ValueError, match="does not belong"):
+            two.release(slot)
+        assert two.acquire(BUDGET).nbytes == BUDGET
+
+
+def test_reopen_starts_empty() -> None:
+    arena = HostArena(BUDGET, pin_memory=False)
+    with arena:
+        arena.acquire(BUDGET)
+    assert arena.used_bytes == 0
+    with arena:
+        assert arena.used_bytes == 0
+        assert arena.acquire(BUDGET).nbytes == BUDGET
+
+
+def test_acquire_needs_an_open_arena() -> None:
+    arena = HostArena(BUDGET, pin_memory=False)
+    with pytest.raises(RuntimeError, match="not open"):
+        arena.acquire(1)
