@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from offload.hostmem import tune_malloc
+
+    tune_malloc()  # large freed blocks go back to the OS: resident memory tracks the budgets
     try:
         if args.command == "demo":
             from cli.demo import run_demo

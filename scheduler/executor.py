@@ -281,12 +281,13 @@ class StreamingExecutor:
                 self._arena = None
 
     def _check_device_fits(self) -> None:
-        """DEVICE must hold pre + post, one layer's weights and its gradients."""
+        """DEVICE must hold pre + post, one layer's weights and the gradients of the largest unit."""
         assert self.map is not None
         itemsize = _itemsize(self.settings.compute_dtype)
         biggest = max(u.numel for u in self.map.layer_units) * itemsize
+        biggest_grads = max(u.numel for u in self.map.units) * itemsize
         fixed = (self.map.pre.numel + self.map.post.numel) * itemsize
-        need = fixed + 2 * biggest
+        need = fixed + biggest + biggest_grads
         if need > self.plan.device_budget_bytes:
             raise BudgetError(
                 f"the device budget {format_bytes(self.plan.device_budget_bytes)} is too small: "
@@ -483,13 +484,17 @@ class StreamingExecutor:
         st.device_flat = None
 
     def _prefetch(self, layer_indices: Iterator[int]) -> None:
+        """Start loading these layers while there is DEVICE room, keeping room for the
+        gradients of one layer (they appear before the next layer is needed)."""
         if not self.plan.overlap:
             return
+        itemsize = _itemsize(self.settings.compute_dtype)
+        assert self.map is not None
+        grad_reserve = max(u.numel for u in self.map.layer_units) * itemsize
         for i in layer_indices:
             st = self._states[i + 1]
-            itemsize = _itemsize(self.settings.compute_dtype)
             if not st.resident and st.device_flat is None and st.load is None:
-                if not self.acct.fits(Tier.DEVICE, st.unit.numel * itemsize):
+                if not self.acct.fits(Tier.DEVICE, st.unit.numel * itemsize + grad_reserve):
                     return  # no room now: it will be loaded on demand
                 self._request_load(st)
 

@@ -124,8 +124,9 @@ def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int
     fixed_device = (mb.pre_numel + mb.post_numel) * mb.compute_itemsize + mb.work_bytes
     prefetch = 1 if overlap else 0
     job_slots = 2 if overlap else 1
-    # current layer + prefetched layers + gradients of the layers waiting for the optimizer
-    window = (1 + prefetch) * w_layer + job_slots * w_layer
+    # current layer + prefetched layers + gradients waiting for the optimizer (the largest unit)
+    w_grads = max(mb.layer_numel, mb.pre_numel, mb.post_numel) * mb.compute_itemsize
+    window = (1 + prefetch) * w_layer + job_slots * w_grads
     if fixed_device + window > device_budget_bytes:
         raise BudgetError(
             f"the device budget {format_bytes(device_budget_bytes)} cannot hold even one layer: "

@@ -27,6 +27,8 @@ import torch
 from offload.io.base import ALIGN_BYTES, align_up, as_byte_tensor
 
 _CAP_IPC_LOCK_BIT = 14
+_first_write_lock = threading.Lock()
+_first_write_done = False
 
 
 def aio_op_built() -> tuple[bool, str]:
@@ -62,6 +64,30 @@ def _can_lock(n_bytes: int) -> bool:
         if line.startswith("CapEff:"):
             return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK_BIT & 1)
     return False
+
+
+def _make_first_write(op: Any, directory: str) -> None:
+    """Make the process's first async_io write here, on one thread, to a scratch file.
+
+    DeepSpeed's ``sync_pwrite`` binding logs a one-time SSD-endurance warning through Python
+    inside ``std::call_once`` while holding the GIL: when two threads make their first write at
+    the same time, one waits in call_once holding the GIL while the other waits for the GIL
+    inside call_once, and the process hangs (seen with DeepSpeed 0.19.8).
+    """
+    global _first_write_done
+    with _first_write_lock:
+        if _first_write_done:
+            return
+        from offload.io.posix import aligned_empty
+
+        scratch = os.path.join(directory, f".aio-first-write-{os.getpid()}")
+        handle = op.aio_handle(ALIGN_BYTES, 1, False, False, 1)
+        try:
+            handle.sync_pwrite(aligned_empty(ALIGN_BYTES).zero_(), scratch, 0)
+        finally:
+            if os.path.exists(scratch):
+                os.unlink(scratch)
+        _first_write_done = True
 
 
 @dataclass
@@ -119,6 +145,7 @@ class AioBackend:
 
     def open(self, path: str, create: bool) -> int:
         self._start()
+        _make_first_write(self._op, os.path.dirname(os.path.abspath(path)))
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         buffered_fd = os.open(path, flags, 0o644)
         with self._lock:
