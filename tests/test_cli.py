@@ -1,0 +1,36 @@
+"""The offload-train command, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_demo_trains_and_the_loss_falls(tmp_path):
+    proc = run_cli("demo", "--steps", "20", "--nvme-path", str(tmp_path / "swap"))
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(line.split("loss")[1].split()[0]) for line in proc.stdout.splitlines()
+              if line.startswith("step")]
+    assert len(losses) >= 2
+    assert losses[-1] < losses[0] - 0.5
+    assert (tmp_path / "swap" / "manifest.json").exists()
+
+
+def test_unwritable_nvme_path_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_cli("demo", "--steps", "1", "--nvme-path", str(blocker / "swap"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "not writable" in lines[0]
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert "demo" in proc.stdout
