@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--path", required=True, type=Path, help="directory on the disk to test")
     p.add_argument("--size-gb", type=float, default=4.0, help="GB written and read per case")
     p.add_argument("--backends", default="posix,aio", help="comma list of posix, aio")
-    p.add_argument("--threads", type=_int_list, default=[8, 16], help="comma list of num_threads")
+    p.add_argument("--threads", type=_int_list, default=[4, 16], help="comma list of num_threads")
     p.add_argument("--request-mib", type=_int_list, default=[1, 2, 4, 8, 16],
                    help="comma list of request sizes (tensor size and task_bytes), MiB")
     p.add_argument("--buffer-mib", type=int, default=256, help="host tensors cycled through, MiB")
@@ -236,23 +237,44 @@ def print_fio_table(results: list[FioResult]) -> None:
         print(f"{r.rw:<8}{r.iodepth:>8}{r.numjobs:>9}{r.gbps:>8.2f}")
 
 
-def _best_request(results: list[StoreResult], key: Callable[[StoreResult], float]) -> StoreResult:
-    return max(results, key=key)
-
-
 def print_summary(store: list[StoreResult], fio: list[FioResult], target: float = 0.85) -> None:
-    """Print ours/fio for reads and writes at our best request size (best fio job for each)."""
-    for rw, key in (("write", lambda r: r.write_gbps), ("read", lambda r: r.read_gbps)):
-        best = _best_request(store, key)
-        fio_rw = [f for f in fio if f.rw == rw]
-        line = (f"{rw:<5}: ours {key(best):.2f} GB/s ({best.backend}, {best.num_threads} threads, "
-                f"{best.request_mib} MiB requests)")
-        if fio_rw:
-            top = max(fio_rw, key=lambda f: f.gbps)
-            ratio = key(best) / top.gbps
-            line += (f" vs fio {top.gbps:.2f} GB/s (iodepth {top.iodepth}, numjobs {top.numjobs})"
-                     f" = {ratio:.0%} (target {target:.0%})")
-        print(line)
+    """Per backend and direction: ours at the best request size vs the best fio job."""
+    for backend in dict.fromkeys(r.backend for r in store):
+        ours = [r for r in store if r.backend == backend]
+        for rw, key in (("write", lambda r: r.write_gbps), ("read", lambda r: r.read_gbps)):
+            best = max(ours, key=key)
+            line = (f"{backend:<5} {rw:<5}: ours {key(best):.2f} GB/s ({best.num_threads} threads, "
+                    f"{best.request_mib} MiB requests)")
+            fio_rw = [f for f in fio if f.rw == rw]
+            if fio_rw:
+                top = max(fio_rw, key=lambda f: f.gbps)
+                ratio = key(best) / top.gbps
+                line += (f" vs fio {top.gbps:.2f} GB/s (iodepth {top.iodepth}, numjobs "
+                         f"{top.numjobs}) = {ratio:.0%} of fio (target {target:.0%})")
+            print(line)
+
+
+def round_ratios(store: list[StoreResult], fio: list[FioResult]) -> dict[str, float]:
+    """Within one round: best ours / best fio, per backend and direction."""
+    ratios = {}
+    for backend in dict.fromkeys(r.backend for r in store):
+        ours = [r for r in store if r.backend == backend]
+        for rw, key in (("write", lambda r: r.write_gbps), ("read", lambda r: r.read_gbps)):
+            fio_rw = [f.gbps for f in fio if f.rw == rw]
+            if fio_rw:
+                ratios[f"{backend} {rw}"] = max(key(r) for r in ours) / max(fio_rw)
+    return ratios
+
+
+def print_round_ratios(per_round: list[dict[str, float]]) -> None:
+    """The same ratio taken round by round (ours and fio minutes apart), and its median."""
+    if not per_round or not per_round[0]:
+        return
+    print("\nper round, best ours / best fio of the same round:")
+    for name in per_round[0]:
+        values = sorted(r[name] for r in per_round)
+        shown = ", ".join(f"{r[name]:.0%}" for r in per_round)
+        print(f"  {name:<12}: {shown}; median {statistics.median(values):.0%}")
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -311,12 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=False)
     store_runs: list[StoreResult] = []
     fio_runs: list[FioResult] = []
+    per_round: list[dict[str, float]] = []
     try:
         for round_no in range(1, args.repeats + 1):  # rounds interleave ours and fio in time
             print(f"round {round_no}/{args.repeats}", flush=True)
-            store_runs += _store_round(root, args, backends, total_bytes)
-            if use_fio:
-                fio_runs += run_fio_all(root, total_bytes, args.fio_iodepths, args.fio_numjobs)
+            ours = _store_round(root, args, backends, total_bytes)
+            fio = run_fio_all(root, total_bytes, args.fio_iodepths, args.fio_numjobs) if use_fio else []
+            store_runs += ours
+            fio_runs += fio
+            per_round.append(round_ratios(ours, fio))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     store_results, fio_results = _best_per_case(store_runs), _best_fio(fio_runs)
@@ -330,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if store_results:
         print_summary(store_results, fio_results)
+        print_round_ratios(per_round)
     if args.json is not None:
         args.json.write_text(json.dumps({"store": [asdict(r) for r in store_runs],
                                          "fio": [asdict(r) for r in fio_runs]}, indent=1))

@@ -19,6 +19,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small model through NVMe on shipped text (no download)")
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
     demo.add_argument("--nvme-path", default=None, help="swap directory (default: a new temp dir)")
+    for name, text in (("train", "train a model from a YAML config"),
+                       ("plan", "print where each tensor group will live, and write plan.json")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("config", help="YAML file with sections model, data, train, offload")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config key (repeatable), e.g. --set train.max_steps=10")
+        if name == "train":
+            p.add_argument("--plan", default=None, help="replay a saved plan.json instead of planning")
+    export = sub.add_parser("export", help="write a run's latest checkpoint in Hugging Face format")
+    export.add_argument("run_dir", help="the run folder (train.output_dir)")
+    export.add_argument("out_dir", help="where to write the model")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weights dtype (default: the model's)")
     return parser
 
 
@@ -34,6 +47,25 @@ def main(argv: list[str] | None = None) -> int:
             from cli.demo import run_demo
 
             return run_demo(args.steps, args.nvme_path)
+        if args.command in ("train", "plan"):
+            from cli.config import load_config
+
+            cfg = load_config(args.config, args.overrides)
+            if args.command == "train":
+                from cli.train import run_train
+
+                return run_train(cfg, args.plan)
+            from cli.train import run_plan
+
+            return run_plan(cfg)
+        if args.command == "export":
+            from pathlib import Path
+
+            from cli.export import export_run
+
+            out = export_run(Path(args.run_dir), Path(args.out_dir), args.dtype)
+            print(f"exported to {out}")
+            return 0
     except OffloadError as err:
         print(f"offload-train: error: {err}", file=sys.stderr)
         return 2

@@ -181,7 +181,7 @@ def choose_impl(requested: str = "auto", min_thread_share: float = 0.25) -> tupl
     results = []
     for impl in ("torch", "deepspeed"):
         try:
-            results.append(measure_impl(impl))
+            results.append(measure_impl(impl, numel=16_000_000, repeats=5))
         except Exception as err:  # noqa: BLE001 - an unusable impl is skipped, and said so
             log.warning("optimizer_impl %s is not usable here: %s", impl, err)
     if not results:

@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 Initializer = Callable[[Unit], dict[str, torch.Tensor]]
 """Returns the initial fp32 (or any dtype) tensors of one unit, by qualified parameter name."""
 
+ResumeState = Callable[[Unit], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Returns a unit's saved flat fp32 (master, exp_avg, exp_avg_sq), to continue a run."""
+
 
 class NonFiniteError(OffloadError):
     """The loss or the gradients are NaN or inf."""
@@ -196,7 +199,8 @@ class StreamingExecutor:
 
     def __init__(self, model: nn.Module, plan: Plan, store: SwapStore, adamw: FlatAdamW,
                  settings: TrainSettings, device: torch.device | None = None,
-                 initializer: Initializer | None = None) -> None:
+                 initializer: Initializer | None = None, resume: ResumeState | None = None,
+                 start_step: int = 0) -> None:
         self.model = model
         self.plan = plan
         self.store = store
@@ -204,6 +208,7 @@ class StreamingExecutor:
         self.settings = settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.initializer = initializer
+        self.resume = resume
         self.acct = Accountant({Tier.DEVICE: plan.device_budget_bytes, Tier.HOST: plan.host_budget_bytes})
         self.map: ModelMap | None = None
         self._states: list[_UnitState] = []
@@ -222,7 +227,7 @@ class StreamingExecutor:
         self._norms: dict[int, list[torch.Tensor]] = {}
         self._job_error: BaseException | None = None
         self._lock = threading.Lock()
-        self.optimizer_step = 0
+        self.optimizer_step = start_step
         self.loss_scale = settings.initial_loss_scale if settings.compute_dtype == torch.float16 else 1.0
         self._good_steps = 0
         self._pending_lr = 0.0
@@ -354,27 +359,27 @@ class StreamingExecutor:
     def _initialize_unit(self, st: _UnitState, originals: dict[str, torch.Tensor]) -> None:
         """Write a unit's initial master weights, zero Adam states and compute weights."""
         u = st.unit
-        if self.initializer is not None:
-            tensors = self.initializer(u)
+        if self.resume is not None:
+            master, exp_avg, exp_avg_sq = self.resume(u)
+            for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                if t.dtype != torch.float32 or t.numel() != u.numel:
+                    raise OffloadError(f"saved {name} of {u.name} has {t.numel()} x {t.dtype}, expected "
+                                       f"{u.numel} x torch.float32: the checkpoint is from another model")
         else:
-            tensors = {s.name: originals.pop(s.name) for s in u.params}
-        master = torch.empty(u.numel, dtype=torch.float32)
-        for s in u.params:
-            t = tensors[s.name]
-            if tuple(t.shape) != s.shape:
-                raise OffloadError(f"initial tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
-            master[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
-        del tensors
+            master = self._initial_master(u, originals)
+            exp_avg = exp_avg_sq = None
         weights = master.to(self.settings.compute_dtype)
         if self.plan.optimizer == Tier.HOST:
-            st.host_master = (master, torch.zeros(u.numel), torch.zeros(u.numel))
+            st.host_master = (master, torch.zeros(u.numel) if exp_avg is None else exp_avg.clone(),
+                              torch.zeros(u.numel) if exp_avg_sq is None else exp_avg_sq.clone())
         else:
             zeros = torch.zeros(min(u.numel, self.plan.chunk_numel))
             futs = []
             for c, (a, b) in enumerate(self._chunks[u.index]):
                 futs += [self.store.write(f"{u.name}.master.{c}", master[a:b]),
-                         self.store.write(f"{u.name}.exp_avg.{c}", zeros[: b - a]),
-                         self.store.write(f"{u.name}.exp_avg_sq.{c}", zeros[: b - a])]
+                         self.store.write(f"{u.name}.exp_avg.{c}", zeros[: b - a] if exp_avg is None else exp_avg[a:b]),
+                         self.store.write(f"{u.name}.exp_avg_sq.{c}",
+                                          zeros[: b - a] if exp_avg_sq is None else exp_avg_sq[a:b])]
             for f in futs:
                 f.result()
         if self.plan.grads == Tier.HOST:
@@ -390,6 +395,19 @@ class StreamingExecutor:
                     for c, (a, b) in enumerate(self._chunks[u.index])]
             for f in futs:
                 f.result()
+
+    def _initial_master(self, u: Unit, originals: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.initializer is not None:
+            tensors = self.initializer(u)
+        else:
+            tensors = {s.name: originals.pop(s.name) for s in u.params}
+        master = torch.empty(u.numel, dtype=torch.float32)
+        for s in u.params:
+            t = tensors[s.name]
+            if tuple(t.shape) != s.shape:
+                raise OffloadError(f"initial tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
+            master[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
+        return master
 
     # ------------------------------------------------------------------------------ weights
     def _alloc_device(self, u: Unit, accounted: bool = False) -> torch.Tensor:
@@ -948,6 +966,24 @@ class StreamingExecutor:
             for s in u.params:
                 out[s.name] = master[s.offset : s.offset + s.numel].view(s.shape).clone()
         return out
+
+    def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each unit's flat fp32 (master, exp_avg, exp_avg_sq), one unit in memory at a time."""
+        self.synchronize()
+        for st in self._states:
+            u = st.unit
+            if st.host_master is not None:
+                yield u, *(t.clone() for t in st.host_master)
+                continue
+            flats = tuple(torch.empty(u.numel, dtype=torch.float32) for _ in range(3))
+            for kind, flat in zip(("master", "exp_avg", "exp_avg_sq"), flats, strict=True):
+                self._read_chunks(u, kind, flat)
+            yield u, *flats
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        assert self.map is not None
+        return self.map.units
 
     def metrics(self) -> dict[str, int]:
         links = self.acct.links

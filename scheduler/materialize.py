@@ -12,6 +12,7 @@ initializer for one unit's tensors at a time, writes them to their tier and drop
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,3 +105,27 @@ class SafetensorsInit:
                 for name in names:
                     out[name] = f.get_tensor(name).float()
         return out
+
+
+def materialize_in_memory(model: nn.Module, initializer: Callable[[Unit], dict[str, torch.Tensor]]) -> nn.Module:
+    """Give an empty (meta) model real fp32 weights in RAM, unit by unit, from ``initializer``.
+
+    Uses the same per-unit initialization order as the streaming executor, so with the same seed
+    both engines start from identical weights (the reference engine relies on it).
+    """
+    from scheduler.model_map import build_model_map
+
+    mm = build_model_map(model)
+    placeholders: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in placeholders:
+                placeholders[id(p)] = nn.Parameter(torch.empty(0), requires_grad=p.requires_grad)
+            module._parameters[name] = placeholders[id(p)]
+    for unit in mm.units:
+        tensors = initializer(unit)
+        for s in unit.params:
+            model.get_parameter(s.name).data = tensors[s.name].to(torch.float32).reshape(s.shape).clone()
+    return model

@@ -111,10 +111,11 @@ class ModelBytes:
     compute_itemsize: int
     activation_bytes: int  # one layer input checkpoint, one micro-batch
     work_bytes: int  # transient compute memory of one layer (estimate)
+    saved_bytes: int = 0  # autograd-saved activations of one layer, one micro-batch (estimate)
 
 
 def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int,
-                overlap: bool = True, force_nvme: bool = False) -> Plan:
+                overlap: bool = True, force_nvme: bool = False, recompute: bool | None = None) -> Plan:
     """Keep on HOST/DEVICE what fits, in order of benefit; the rest goes to NVME.
 
     DEVICE must hold pre + post weights, the working window (current layer, prefetched layers,
@@ -133,18 +134,33 @@ def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int
             f"need {format_bytes(fixed_device + window)} (embeddings, head, one layer, its "
             f"gradients, working memory); raise offload.gpu_memory_limit or lower the batch size"
         )
-    chunk_numel = 4 << 20
-    job_bytes = 2 * 5 * 4 * min(chunk_numel, max(mb.layer_numel, mb.pre_numel, mb.post_numel))
-    if job_bytes > host_budget_bytes:
+    # Optimizer staging (2 chunk sets of grad, stored grad, master, exp_avg, exp_avg_sq in fp32)
+    # takes at most half the host budget; chunks of 4 Mi elements are enough to stream at speed.
+    biggest = max(mb.layer_numel, mb.pre_numel, mb.post_numel)
+    chunk_numel = min(4 << 20, host_budget_bytes // 2 // 40) // 2048 * 2048
+    if chunk_numel < 2048:
         raise BudgetError(
             f"the host budget {format_bytes(host_budget_bytes)} cannot stage optimizer updates "
-            f"(needs {format_bytes(job_bytes)}); raise offload.cpu_memory_limit"
+            f"(needs at least {format_bytes(2 * 40 * 2048)}); raise offload.cpu_memory_limit"
         )
+    job_bytes = 40 * min(chunk_numel, biggest)
     free_device = device_budget_bytes - fixed_device - window
-    act_all = mb.activation_bytes * mb.n_layers
-    activations = Tier.DEVICE if (act_all <= free_device and not force_nvme) else Tier.NVME
-    if activations == Tier.DEVICE:
-        free_device -= act_all
+    saved_all = mb.saved_bytes * mb.n_layers
+    if recompute is None:  # auto: skip the recompute when every layer's saved activations fit
+        recompute = force_nvme or mb.saved_bytes == 0 or saved_all > free_device
+    if not recompute:
+        if saved_all > free_device:
+            raise BudgetError(
+                f"recompute: false keeps {format_bytes(saved_all)} of activations on the device, "
+                f"{format_bytes(max(free_device, 0))} is free; use recompute: auto or a smaller batch"
+            )
+        free_device -= saved_all
+        activations = Tier.DEVICE
+    else:
+        act_all = mb.activation_bytes * mb.n_layers
+        activations = Tier.DEVICE if (act_all <= free_device and not force_nvme) else Tier.NVME
+        if activations == Tier.DEVICE:
+            free_device -= act_all
     resident = []
     turn_keep = 0
     if not force_nvme:
@@ -164,6 +180,7 @@ def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int
         optimizer=optimizer,
         grads=Tier.NVME if force_nvme or optimizer == Tier.NVME else Tier.HOST,
         activations=activations,
+        recompute=recompute,
         prefetch_depth=prefetch,
         turn_keep=turn_keep,
         resident_layers=tuple(resident),

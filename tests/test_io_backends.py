@@ -175,6 +175,17 @@ def test_rewrite_in_place(backend: IOBackend, tmp_path: Path) -> None:
     assert path.read_bytes()[ALIGN_BYTES : ALIGN_BYTES + len(second)] == second
 
 
+def test_close_file_waits_for_requests_in_flight(backend: IOBackend, tmp_path: Path) -> None:
+    path = tmp_path / "swap.bin"
+    handle = backend.open(str(path), create=True)
+    payloads = [os.urandom(256 << 10) for _ in range(32)]
+    futures = [backend.submit_write(handle, torch.frombuffer(bytearray(d), dtype=torch.uint8), i * len(d))
+               for i, d in enumerate(payloads)]
+    backend.close_file(handle)  # must not close the file under the writes
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert path.read_bytes() == b"".join(payloads)
+
+
 # -- what the backends report -----------------------------------------------------------------
 def test_posix_describe_counts_direct_bounced_buffered(tmp_path: Path) -> None:
     backend = PosixBackend(num_threads=2, task_bytes=64 << 10)
@@ -197,6 +208,18 @@ def test_posix_buffered_mode_counts_buffered(tmp_path: Path) -> None:
     info = backend.describe()
     backend.close()
     assert (info["o_direct"], info["direct_bytes"], info["buffered_bytes"]) == (False, 0, 8192)
+
+
+def test_aio_describe_counts_bounced(tmp_path: Path) -> None:
+    backend = _make_aio(2, 64 << 10)
+    handle = backend.open(str(tmp_path / "swap.bin"), create=True)
+    backend.submit_write(handle, _host_buffer(256 << 10, aligned=True), 0).result()
+    backend.submit_read(handle, _host_buffer(10_000, aligned=False), 0).result()
+    info = backend.describe()
+    backend.close()
+    # Host tensors are never page-locked without CUDA: every byte goes through the locked bounce.
+    assert info["bounced_bytes"] + info["direct_bytes"] == (256 << 10) + 10_000
+    assert info["buffered_bytes"] == 0
 
 
 # -- error paths ------------------------------------------------------------------------------

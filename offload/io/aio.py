@@ -18,13 +18,13 @@ import os
 import resource
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from offload.io.base import ALIGN_BYTES, align_up, as_byte_tensor
+from offload.io.base import ALIGN_BYTES, InFlight, align_up, as_byte_tensor
 
 _CAP_IPC_LOCK_BIT = 14
 _first_write_lock = threading.Lock()
@@ -94,6 +94,7 @@ def _make_first_write(op: Any, directory: str) -> None:
 class _AioFile:
     path: str
     buffered_fd: int  # for the sub-page tail of files whose length is not page aligned
+    in_flight: InFlight = field(default_factory=InFlight)
 
 
 class AioBackend:
@@ -157,6 +158,7 @@ class AioBackend:
     def close_file(self, handle: int) -> None:
         with self._lock:
             f = self._files.pop(handle)
+        f.in_flight.wait_idle()
         os.close(f.buffered_fd)
 
     def submit_read(self, handle: int, buf: torch.Tensor, file_offset: int) -> Future[int]:
@@ -173,18 +175,35 @@ class AioBackend:
         data = as_byte_tensor(buf)
         f = self._files[handle]
         assert self._pool is not None
-        return self._pool.submit(self._run, f, data, file_offset, write)
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        f.in_flight.begin()
+        try:
+            self._pool.submit(self._run, f, data, file_offset, write, future)
+        except BaseException:
+            f.in_flight.end()
+            raise
+        return future
 
-    def _run(self, f: _AioFile, data: torch.Tensor, offset: int, write: bool) -> int:
-        if not write:
-            self._check_readable(f, offset, data.numel())
-        for start in range(0, data.numel(), self.task_bytes):
-            chunk = data[start : start + self.task_bytes]
-            if write:
-                self._write_chunk(f, chunk, offset + start)
-            else:
-                self._read_chunk(f, chunk, offset + start)
-        return data.numel()
+    def _run(self, f: _AioFile, data: torch.Tensor, offset: int, write: bool,
+             future: Future[int]) -> None:
+        """Move ``data`` in ``task_bytes`` chunks; the future (and its callbacks) completes
+        before the file's in-flight count drops, so close_file waits for both."""
+        try:
+            if not write:
+                self._check_readable(f, offset, data.numel())
+            for start in range(0, data.numel(), self.task_bytes):
+                chunk = data[start : start + self.task_bytes]
+                if write:
+                    self._write_chunk(f, chunk, offset + start)
+                else:
+                    self._read_chunk(f, chunk, offset + start)
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting future
+            future.set_exception(err)
+        else:
+            future.set_result(data.numel())
+        finally:
+            f.in_flight.end()
 
     @staticmethod
     def _check_readable(f: _AioFile, offset: int, n_bytes: int) -> None:

@@ -8,6 +8,7 @@ O_DIRECT cannot take.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -30,7 +31,9 @@ class IOBackend(Protocol):
         """Open (or create) ``path`` for reading and writing; return a handle for submit_*."""
         ...
 
-    def close_file(self, handle: int) -> None: ...
+    def close_file(self, handle: int) -> None:
+        """Wait for the requests in flight on ``handle``, then close its file."""
+        ...
 
     def submit_read(self, handle: int, buf: torch.Tensor, file_offset: int) -> Future[int]:
         """Fill ``buf`` (all its bytes) from ``file_offset``; the future gives bytes read."""
@@ -54,3 +57,25 @@ def as_byte_tensor(buf: torch.Tensor) -> torch.Tensor:
     if not buf.is_contiguous():
         raise ValueError("I/O buffers must be contiguous")
     return buf.reshape(-1).view(torch.uint8)
+
+
+class InFlight:
+    """Counts requests in flight on one file so that closing it can wait for them first."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def begin(self, n: int = 1) -> None:
+        with self._idle:
+            self._count += n
+
+    def end(self) -> None:
+        with self._idle:
+            self._count -= 1
+            if self._count == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0)

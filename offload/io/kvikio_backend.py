@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from offload.io.base import ALIGN_BYTES, as_byte_tensor
+from offload.io.base import ALIGN_BYTES, InFlight, as_byte_tensor
 
 
 class KvikioBackend:
@@ -29,6 +29,7 @@ class KvikioBackend:
         self._kvikio: Any = None
         self._monitor: Any = None
         self._files: dict[int, Any] = {}
+        self._in_flight: dict[int, InFlight] = {}
         self._next_handle = 0
         self._lock = threading.Lock()
         self._waiters: ThreadPoolExecutor | None = None
@@ -54,11 +55,14 @@ class KvikioBackend:
             handle = self._next_handle
             self._next_handle += 1
             self._files[handle] = cufile
+            self._in_flight[handle] = InFlight()
         return handle
 
     def close_file(self, handle: int) -> None:
         with self._lock:
             cufile = self._files.pop(handle)
+            in_flight = self._in_flight.pop(handle)
+        in_flight.wait_idle()
         cufile.close()
 
     @staticmethod
@@ -80,16 +84,33 @@ class KvikioBackend:
         data = self._buffer(buf)
         n_bytes = buf.numel() * buf.element_size()
         op = cufile.pwrite if write else cufile.pread
-        io_future = op(data, n_bytes, file_offset)
-        assert self._waiters is not None
-        return self._waiters.submit(self._wait, io_future, n_bytes, write)
+        in_flight = self._in_flight[handle]
+        future: Future[int] = Future()
+        future.set_running_or_notify_cancel()
+        in_flight.begin()
+        try:
+            io_future = op(data, n_bytes, file_offset)
+            assert self._waiters is not None
+            self._waiters.submit(self._wait, io_future, n_bytes, write, future, in_flight)
+        except BaseException:
+            in_flight.end()
+            raise
+        return future
 
     @staticmethod
-    def _wait(io_future: Any, n_bytes: int, write: bool) -> int:
-        done = io_future.get()  # blocks until kvikio's tasks finish; raises on I/O errors
-        if done != n_bytes:
-            raise EOFError(f"short {'write' if write else 'read'}: {done} of {n_bytes} bytes")
-        return done
+    def _wait(io_future: Any, n_bytes: int, write: bool, future: Future[int],
+              in_flight: InFlight) -> None:
+        """Complete ``future`` from kvikio's; then drop the file's in-flight count."""
+        try:
+            done = io_future.get()  # blocks until kvikio's tasks finish; raises on I/O errors
+            if done != n_bytes:
+                raise EOFError(f"short {'write' if write else 'read'}: {done} of {n_bytes} bytes")
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting future
+            future.set_exception(err)
+        else:
+            future.set_result(done)
+        finally:
+            in_flight.end()
 
     def describe(self) -> dict[str, object]:
         info: dict[str, object] = {"backend": self.name, "num_threads": self.num_threads,
@@ -106,7 +127,8 @@ class KvikioBackend:
         if self._monitor is not None:
             summary = self._monitor.get()
             info["bytes_by_path"] = {
-                path: getattr(stats, "bytes_transferred", stats)
+                path: stats["bytes_transferred"] if isinstance(stats, dict)
+                else getattr(stats, "bytes_transferred", stats)
                 for path, stats in summary.by_backend.items()
             }
         return info

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload.io.base import ALIGN_BYTES, align_up, as_byte_tensor
+from offload.io.base import ALIGN_BYTES, InFlight, align_up, as_byte_tensor
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,13 @@ def aligned_empty(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
 class _OpenFile:
     path: str
     buffered_fd: int
-    direct_fd: int | None  # None: O_DIRECT refused by the filesystem
+    direct_fd: int | None  # None: O_DIRECT refused by the filesystem at open
+    direct_refused: bool = False  # O_DIRECT refused at I/O time; direct_fd stays open until close
+    in_flight: InFlight = field(default_factory=InFlight)  # chunks queued or running
+
+    @property
+    def usable_direct_fd(self) -> int | None:
+        return None if self.direct_refused else self.direct_fd
 
 
 @dataclass
@@ -105,6 +111,7 @@ class PosixBackend:
     def close_file(self, handle: int) -> None:
         with self._lock:
             f = self._files.pop(handle)
+        f.in_flight.wait_idle()
         os.close(f.buffered_fd)
         if f.direct_fd is not None:
             os.close(f.direct_fd)
@@ -132,16 +139,26 @@ class PosixBackend:
             raise ValueError(f"file offset {file_offset} is not {ALIGN_BYTES}-byte aligned")
         data = as_byte_tensor(buf)
         f = self._files[handle]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="posix-io")
+        pool = self._started_pool()
         n_bytes = data.numel()
         starts = list(range(0, n_bytes, self.task_bytes)) or [0]
         request = _Request(Future(), n_bytes, len(starts))
         request.future.set_running_or_notify_cancel()
         for start in starts:
             chunk = data[start : start + self.task_bytes]
-            self._pool.submit(self._run_chunk, request, f, chunk, file_offset + start, write)
+            f.in_flight.begin()
+            try:
+                pool.submit(self._run_chunk, request, f, chunk, file_offset + start, write)
+            except BaseException:
+                f.in_flight.end()
+                raise
         return request.future
+
+    def _started_pool(self) -> ThreadPoolExecutor:
+        with self._lock:  # submits may come from several threads at once
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="posix-io")
+            return self._pool
 
     def _run_chunk(
         self, request: _Request, f: _OpenFile, chunk: torch.Tensor, offset: int, write: bool
@@ -153,26 +170,29 @@ class PosixBackend:
             request.chunk_done(err)
         else:
             request.chunk_done(None)
+        finally:
+            f.in_flight.end()  # after chunk_done: closing the file also waits for callbacks
 
     def _move(self, f: _OpenFile, chunk: torch.Tensor, offset: int, write: bool) -> None:
         n_bytes = chunk.numel()
         aligned = chunk.data_ptr() % ALIGN_BYTES == 0 and n_bytes % ALIGN_BYTES == 0
-        if f.direct_fd is not None:
+        direct_fd = f.usable_direct_fd
+        if direct_fd is not None:
             try:
                 if aligned:
-                    self._transfer(f.direct_fd, chunk, offset, write, f.path)
+                    self._transfer(direct_fd, chunk, offset, write, f.path)
                     self._count("direct_bytes", n_bytes)
                 else:
-                    self._bounced(f.direct_fd, chunk, offset, write, f.path)
+                    self._bounced(direct_fd, chunk, offset, write, f.path)
                     self._count("bounced_bytes", n_bytes)
                 return
             except OSError as err:
                 if err.errno != errno.EINVAL:
                     raise
-                # The filesystem accepted O_DIRECT at open but refuses it for I/O.
+                # The filesystem accepted O_DIRECT at open but refuses it for I/O. The fd is
+                # closed by close_file only: other threads may be using it right now.
                 self._log_fallback(f.path, err)
-                os.close(f.direct_fd)
-                f.direct_fd = None
+                f.direct_refused = True
         self._transfer(f.buffered_fd, chunk, offset, write, f.path)
         self._count("buffered_bytes", n_bytes)
 

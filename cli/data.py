@@ -1,0 +1,546 @@
+"""Training data for causal-LM fine-tuning, with Hugging Face ``Trainer`` semantics.
+
+Every sequence is trained on with ``labels = input_ids`` (the model shifts them) and a mean token
+loss; positions whose label is ``-100`` (padding) are ignored.
+
+Sources (:func:`load_token_dataset`):
+
+* ``*.jsonl``: one JSON object per line (blank lines skipped). A line with an ``input_ids`` field
+  (a list of ints, already tokenized) is taken as it is; otherwise its text field (``text`` by
+  default, see ``text_field``) is tokenized.
+* ``*.txt``: UTF-8 text; documents are separated by blank lines (a line holding only
+  whitespace counts as blank), so a paragraph is a document. A file without blank lines is one
+  document.
+* a directory written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``, whose
+  ``train`` split is used) with an ``input_ids`` or a text column; needs the ``datasets`` package.
+
+Text is encoded with ``tokenizer(text, add_special_tokens=True)`` (so a tokenizer that prepends
+``bos``, like Llama's, does so) and ``eos`` is appended to every document that does not already end
+with it, pre-tokenized ones included. Empty documents are skipped.
+
+* ``packing=True`` (default): documents are concatenated and cut into blocks of ``seq_len`` tokens;
+  the last partial block is dropped. No attention mask: every position is trained on.
+* ``packing=False``: one sequence per document, truncated to ``seq_len`` and right-padded with the
+  pad token (the eos token if the tokenizer has no pad token); ``attention_mask`` is 0 and
+  ``labels`` is -100 on padding. Unlike ``DataCollatorForLanguageModeling``, the mask (not the pad
+  id) decides, so an eos that doubles as the pad token is still trained on.
+
+Batches (:func:`iterate_batches`) come in an order that depends only on ``(seed, epoch)``, and a
+:class:`DataPosition` resumes exactly where a run stopped. The whole data set is tokenized in
+memory when loaded (int32 tokens, 4 bytes each).
+
+Errors a user can fix raise :class:`DataError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from offload.errors import OffloadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# Any one of these in a directory makes AutoTokenizer able to load a tokenizer from it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+SUPPORTED = ".jsonl file, .txt file, or a directory written by datasets' save_to_disk"
+IGNORE_INDEX = -100
+_TOKENIZE_BATCH = 256  # texts per tokenizer call
+_DATASET_BATCH = 1024  # rows per read of a saved dataset
+
+Document = tuple[str, str | list[int]]  # (where it comes from, for messages; text or token ids)
+
+
+class DataError(OffloadError):
+    """The training data or the tokenizer cannot be used as configured."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shipped assets and the tokenizer
+
+
+def default_tokenizer_path() -> Path:
+    """Directory of the shipped byte-level BPE tokenizer (4096 tokens; loads offline)."""
+    return ASSETS_DIR / "tokenizer"
+
+
+def default_corpus_path() -> Path:
+    """The shipped English corpus (Python's own documentation), a ``.txt`` of paragraphs."""
+    return ASSETS_DIR / "corpus.txt"
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether ``path`` is a directory holding at least one tokenizer file."""
+    return path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(name_or_path: str | None, model_path: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer to train with, loaded without any download.
+
+    ``name_or_path`` if given (a local directory, or a model id already in the local Hugging Face
+    cache); else ``model_path`` if that checkpoint directory holds tokenizer files; else the shipped
+    default (:func:`default_tokenizer_path`).
+    """
+    if name_or_path:
+        path = Path(name_or_path).expanduser()
+        if not path.exists() and _looks_like_hub_id(name_or_path):
+            return _load_from_cache(name_or_path)
+        if not path.exists():
+            raise DataError(f"tokenizer directory {path} does not exist; point the tokenizer setting "
+                            f"at a local directory saved with save_pretrained, or leave it unset")
+        if not has_tokenizer_files(path):
+            raise DataError(f"{path} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+                            f"point the tokenizer setting at a directory saved with save_pretrained")
+        return _load_from_dir(path)
+    if model_path and has_tokenizer_files(Path(model_path).expanduser()):
+        return _load_from_dir(Path(model_path).expanduser())
+    if model_path:
+        log.warning("no tokenizer files in %s: using the shipped default tokenizer", model_path)
+    return _load_from_dir(default_tokenizer_path())
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``org/name`` or ``name``: not absolute, not relative-dotted, at most one slash."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def _load_from_dir(path: Path) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` on a local directory, errors turned into DataError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # transformers raises many types for unreadable tokenizer files
+        raise DataError(f"cannot load the tokenizer in {path}: {_first_line(err)}; "
+                        f"re-save it with save_pretrained") from None
+
+
+def _load_from_cache(name: str) -> PreTrainedTokenizerBase:
+    """A tokenizer already in the local Hugging Face cache (never downloads)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # OSError when absent from the cache, ValueError for an invalid id
+        raise DataError(f"tokenizer {name!r} is neither a local directory nor in the local Hugging "
+                        f"Face cache (nothing is downloaded); give the path of a directory saved "
+                        f"with save_pretrained") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+
+
+@dataclass(frozen=True, eq=False)
+class TokenDataset:
+    """Fixed-length token sequences, ready to batch.
+
+    ``tokens`` is ``(len, seq_len)`` int32; ``attention_mask`` is ``None`` for packed data, else
+    ``(len, seq_len)`` int8 with 0 on padding.
+    """
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor | None
+    source: str
+    n_documents: int
+    vocab_size: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence."""
+        return int(self.tokens.shape[1])
+
+    @property
+    def packed(self) -> bool:
+        """Whether documents were packed into full blocks (no padding, no attention mask)."""
+        return self.attention_mask is None
+
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens in the data set."""
+        if self.attention_mask is None:
+            return self.tokens.numel()
+        return int(self.attention_mask.sum())
+
+    def max_token_id(self) -> int:
+        """The largest token id present (must be below the model's ``vocab_size``)."""
+        return int(self.tokens.max()) if self.tokens.numel() else -1
+
+    def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """Sequences ``indices`` as ``input_ids``, ``labels`` (and ``attention_mask``), int64."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        input_ids = self.tokens[index].long()
+        if self.attention_mask is None:
+            return {"input_ids": input_ids, "labels": input_ids.clone()}
+        mask = self.attention_mask[index].long()
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Sequence ``i`` as 1-D tensors."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
+        return {k: v[0] for k, v in self.batch([i % len(self)]).items()}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the sequences (and mask): a checkpoint can tell whether the data changed."""
+        digest = hashlib.sha256(f"{tuple(self.tokens.shape)}:{self.packed}".encode())
+        digest.update(self.tokens.contiguous().numpy().tobytes())
+        if self.attention_mask is not None:
+            digest.update(self.attention_mask.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def load_token_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                       packing: bool = True, text_field: str = "text") -> TokenDataset:
+    """Read, tokenize and cut ``path`` into sequences of ``seq_len`` tokens (see the module doc)."""
+    if seq_len < 2:
+        raise DataError(f"seq_len is {seq_len}: a causal LM needs at least 2 tokens per sequence; "
+                        f"set seq_len to e.g. 512")
+    path = Path(path).expanduser()
+    source = str(path)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no eos token, needed to separate documents; "
+                        "set eos_token in its tokenizer_config.json or use another tokenizer")
+    flat, lengths = _collect(_token_documents(_read_documents(path, text_field), tokenizer, eos))
+    if not lengths:
+        raise DataError(f"{source} holds no documents (empty, or every text is empty); "
+                        f"give a file with training text")
+    if packing:
+        tokens, mask = _pack(flat, seq_len, source), None
+    else:
+        tokens, mask = _pad(flat, lengths, seq_len, _pad_id(tokenizer))
+    dataset = TokenDataset(tokens, mask, source, len(lengths), len(tokenizer))
+    log.info("%s: %d documents, %d sequences of %d tokens (%s)", source, len(lengths), len(dataset),
+             seq_len, "packed" if packing else "padded")
+    return dataset
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The pad token id, or the eos token id where the tokenizer has no pad token."""
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else int(tokenizer.eos_token_id)
+
+
+def _collect(docs: Iterable[list[int]]) -> tuple[torch.Tensor, list[int]]:
+    """All documents' tokens end to end (int32), and each document's length."""
+    buffer = array("i")
+    lengths: list[int] = []
+    for ids in docs:
+        buffer.extend(ids)
+        lengths.append(len(ids))
+    flat = torch.frombuffer(buffer, dtype=torch.int32).clone() if buffer else torch.empty(0, dtype=torch.int32)
+    return flat, lengths
+
+
+def _pack(flat: torch.Tensor, seq_len: int, source: str) -> torch.Tensor:
+    """Cut full blocks of ``seq_len`` tokens from the concatenated documents; drop the rest."""
+    n_blocks = flat.numel() // seq_len
+    if n_blocks == 0:
+        raise DataError(f"{source} gives {flat.numel()} tokens, fewer than one sequence of "
+                        f"seq_len={seq_len}; add data or lower seq_len")
+    dropped = flat.numel() - n_blocks * seq_len
+    if dropped:
+        log.info("%s: the last %d tokens do not fill a block of %d and are dropped", source, dropped,
+                 seq_len)
+    return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).clone()
+
+
+def _pad(flat: torch.Tensor, lengths: list[int], seq_len: int,
+         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per document: truncated to ``seq_len``, right-padded with ``pad_id``."""
+    tokens = torch.full((len(lengths), seq_len), pad_id, dtype=torch.int32)
+    mask = torch.zeros((len(lengths), seq_len), dtype=torch.int8)
+    offset = 0
+    for row, length in enumerate(lengths):
+        n = min(length, seq_len)
+        tokens[row, :n] = flat[offset : offset + n]
+        mask[row, :n] = 1
+        offset += length
+    return tokens, mask
+
+
+def _token_documents(docs: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
+                     eos: int) -> Iterator[list[int]]:
+    """Each non-empty document as token ids ending with ``eos``, in input order."""
+    vocab = len(tokenizer)
+    pending: list[str] = []
+    for where, doc in docs:
+        if not (doc.strip() if isinstance(doc, str) else doc):
+            continue  # an empty document
+        if isinstance(doc, str):
+            pending.append(doc)
+            if len(pending) >= _TOKENIZE_BATCH:
+                yield from _encode(pending, tokenizer, eos)
+                pending = []
+            continue
+        yield from _encode(pending, tokenizer, eos)
+        pending = []
+        yield _with_eos(_checked_ids(doc, vocab, where), eos)
+    yield from _encode(pending, tokenizer, eos)
+
+
+def _encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, eos: int) -> Iterator[list[int]]:
+    """Tokenize a batch of texts (special tokens as the tokenizer adds them) and add eos."""
+    if not texts:
+        return
+    encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    for ids in encoded:
+        yield _with_eos(list(ids), eos)
+
+
+def _with_eos(ids: list[int], eos: int) -> list[int]:
+    """``ids`` ending with ``eos`` (appended unless already there)."""
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    return ids
+
+
+def _checked_ids(ids: list[Any], vocab: int, where: str) -> list[int]:
+    """Pre-tokenized ids (a copy), after checking they are ints in ``[0, vocab)``."""
+    bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, int)), None)
+    if bad is not None:
+        raise DataError(f"{where}: input_ids holds {bad!r}, not an integer; input_ids must be a "
+                        f"list of token ids")
+    out_of_range = next((x for x in ids if not 0 <= x < vocab), None)
+    if out_of_range is not None:
+        raise DataError(f"{where}: input_ids holds {out_of_range}, outside the tokenizer's "
+                        f"vocabulary 0..{vocab - 1}; tokenize with the tokenizer used for training")
+    return list(ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers: each yields (where, text or ids) per document
+
+
+def _read_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """Dispatch on what ``path`` is; checks existence and type eagerly."""
+    if not path.exists():
+        raise DataError(f"training data {path} does not exist; give a {SUPPORTED}")
+    if path.is_dir():
+        return _read_saved_dataset(path, text_field)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text_field)
+    if suffix == ".txt":
+        return _read_txt(path)
+    raise DataError(f"{path}: unsupported data format {suffix or '(no extension)'!r}; give a "
+                    f"{SUPPORTED} (a JSON-lines file must be named *.jsonl)")
+
+
+def _read_txt(path: Path) -> Iterator[Document]:
+    """Paragraphs (split on blank lines) of a UTF-8 text file."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}; check the path and its "
+                        f"permissions") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}); convert it to UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    for i, part in enumerate(re.split(r"\n[ \t]*\n(?:[ \t]*\n)*", text), start=1):
+        yield f"{path} paragraph {i}", part.strip("\n").rstrip()
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    """One document per non-blank line of a JSON-lines file."""
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}; check the path and its "
+                        f"permissions") from None
+    with handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where} is not UTF-8 text; convert the file to UTF-8") from None
+            if line.strip():
+                yield where, _jsonl_document(line, where, text_field)
+
+
+def _jsonl_document(line: str, where: str, text_field: str) -> str | list[int]:
+    """The ``input_ids`` or the text of one JSON line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where} is not JSON ({err.msg} at column {err.colno}); a .jsonl file "
+                        f"holds one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; each line must "
+                        f"be an object such as {{\"{text_field}\": \"...\"}}")
+    return _record_document(record, where, text_field, "fields")
+
+
+def _record_document(record: dict[str, Any], where: str, text_field: str,
+                     kind: str) -> str | list[int]:
+    """``record["input_ids"]`` if present, else ``record[text_field]`` (a string)."""
+    if "input_ids" in record:
+        ids = record["input_ids"]
+        if not isinstance(ids, list):
+            raise DataError(f"{where}: input_ids is a {type(ids).__name__}, not a list of token ids")
+        return ids
+    if text_field not in record:
+        present = ", ".join(map(str, record)) or "none"
+        raise DataError(f"{where}: no {text_field!r} or 'input_ids' {kind[:-1]} ({kind} present: "
+                        f"{present}); set text_field to the one holding the text")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: {text_field!r} is a {type(text).__name__}, not a string")
+    return text
+
+
+def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
+    """Rows of a ``save_to_disk`` directory (the ``train`` split of a DatasetDict)."""
+    if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk (no "
+                        f"state.json or dataset_dict.json); give a {SUPPORTED}")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {path} (a save_to_disk directory) needs the 'datasets' package: "
+                        f"pip install datasets") from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # FileNotFoundError, pyarrow errors on damaged files
+        raise DataError(f"cannot read the dataset in {path}: {_first_line(err)}; re-save it with "
+                        f"save_to_disk") from None
+    dataset = _pick_split(loaded, path)
+    column = "input_ids" if "input_ids" in dataset.column_names else text_field
+    if column not in dataset.column_names:
+        present = ", ".join(dataset.column_names) or "none"
+        raise DataError(f"{path}: no {text_field!r} or 'input_ids' column (columns present: "
+                        f"{present}); set text_field to the one holding the text")
+    return _saved_rows(dataset.select_columns([column]), path, column, text_field)
+
+
+def _pick_split(loaded: Any, path: Path) -> Any:
+    """A Dataset as it is; from a DatasetDict, its ``train`` split or its only split."""
+    if not hasattr(loaded, "keys"):
+        return loaded
+    splits = list(loaded.keys())
+    if "train" in splits:
+        return loaded["train"]
+    if len(splits) == 1:
+        return loaded[splits[0]]
+    raise DataError(f"{path} holds splits {', '.join(splits)} and none is 'train'; save the split "
+                    f"to train on alone with Dataset.save_to_disk")
+
+
+def _saved_rows(dataset: Any, path: Path, column: str, text_field: str) -> Iterator[Document]:
+    """One document per row, read a batch of rows at a time."""
+    row = 0
+    for chunk in dataset.iter(batch_size=_DATASET_BATCH):
+        for value in chunk[column]:
+            where = f"{path} row {row}"
+            row += 1
+            yield where, _record_document({column: value}, where, text_field, "columns")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass(frozen=True, order=True)
+class DataPosition:
+    """Where the data stream stands: the next micro-batch is ``batch_index`` of ``epoch``.
+
+    Positions order as (epoch, batch_index). ``batch_index`` may equal the number of batches in
+    the epoch (that epoch is finished).
+    """
+
+    epoch: int = 0
+    batch_index: int = 0
+
+    def advance(self, n_batches: int, batches_in_epoch: int) -> DataPosition:
+        """The position ``n_batches`` micro-batches later, rolling over into later epochs."""
+        if batches_in_epoch < 1:
+            raise ValueError("batches_in_epoch must be positive")
+        total = self.batch_index + n_batches
+        return DataPosition(self.epoch + total // batches_in_epoch, total % batches_in_epoch)
+
+
+def batches_per_epoch(dataset: TokenDataset, micro_batch_size: int) -> int:
+    """Full micro-batches in one epoch (an incomplete last one is dropped)."""
+    _check_micro_batch_size(micro_batch_size)
+    return len(dataset) // micro_batch_size
+
+
+def steps_per_epoch(dataset: TokenDataset, micro_batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of ``grad_accum`` full micro-batches in one epoch (may be 0)."""
+    if grad_accum < 1:
+        raise DataError(f"gradient accumulation steps is {grad_accum}; it must be at least 1")
+    return batches_per_epoch(dataset, micro_batch_size) // grad_accum
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The order of the ``n`` sequences in ``epoch``: a function of ``(seed, epoch)`` only."""
+    if not shuffle:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=generator)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed mixing ``seed`` and ``epoch`` (no collisions such as (0, 1) vs (1, 0))."""
+    digest = hashlib.sha256(f"offload-train data {seed} {epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def iterate_batches(dataset: TokenDataset, micro_batch_size: int, seed: int, epoch: int,
+                    shuffle: bool = True, start: DataPosition | None = None,
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches of ``epoch`` in a ``(seed, epoch)``-determined order.
+
+    Yields ``{"input_ids", "labels"[, "attention_mask"]}``, int64 tensors of shape
+    ``(micro_batch_size, seq_len)``; the last incomplete micro-batch is dropped. With ``start``,
+    batches at positions before it are skipped without being built: ``start`` in an earlier epoch
+    skips nothing, in a later epoch skips all.
+    """
+    n_batches = batches_per_epoch(dataset, micro_batch_size)
+    first = 0
+    if start is not None and start.epoch == epoch:
+        if not 0 <= start.batch_index <= n_batches:
+            raise DataError(f"cannot resume at batch {start.batch_index} of epoch {epoch}: an epoch "
+                            f"has {n_batches} micro-batches now; the data or micro_batch_size "
+                            f"changed since the checkpoint")
+        first = start.batch_index
+    elif start is not None and start.epoch > epoch:
+        first = n_batches
+    return _batches(dataset, micro_batch_size, epoch_order(len(dataset), seed, epoch, shuffle),
+                    first, n_batches)
+
+
+def _batches(dataset: TokenDataset, micro_batch_size: int, order: torch.Tensor, first: int,
+             n_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    for b in range(first, n_batches):
+        yield dataset.batch(order[b * micro_batch_size : (b + 1) * micro_batch_size])
+
+
+def _check_micro_batch_size(micro_batch_size: int) -> None:
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size is {micro_batch_size}; it must be at least 1")

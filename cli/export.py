@@ -1,0 +1,64 @@
+"""Hugging Face export: write master weights as safetensors shards that
+``AutoModelForCausalLM.from_pretrained`` loads, one unit in memory at a time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cli.checkpoint import CheckpointUnits, list_checkpoints
+from offload.errors import OffloadError
+from scheduler.model_map import ParamSlot
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], torch.Tensor]], n: int,
+                   hf_config: Any, dtype: torch.dtype, tokenizer: Any = None) -> Path:
+    """``n`` shards, one per unit, plus ``model.safetensors.index.json``, config and tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total_bytes = 0
+    for k, (_, slots, master) in enumerate(units):
+        shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {s.name: master[s.offset : s.offset + s.numel].view(s.shape).to(dtype).contiguous()
+                   for s in slots}
+        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+        for name, t in tensors.items():
+            weight_map[name] = shard
+            total_bytes += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> Path:
+    """``offload-train export RUN_DIR OUT_DIR``: the latest checkpoint of a run, in HF format."""
+    from transformers import AutoConfig
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise OffloadError(f"{run_dir} has no checkpoints/step-N to export; train with "
+                           f"train.save_steps > 0, or point at a run folder")
+    ckpt = found[-1].path
+    hf_config = AutoConfig.from_pretrained(ckpt)
+    dtype = DTYPES[dtype_name] if dtype_name else (getattr(hf_config, "dtype", None) or torch.float32)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32)
+    tokenizer = None
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    units = CheckpointUnits(ckpt)
+    return write_hf_model(out_dir, units.named_masters(), len(units.layout), hf_config, dtype, tokenizer)

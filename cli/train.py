@@ -1,0 +1,284 @@
+"""``offload-train train CONFIG``: the training loop around an engine, and the run folder.
+
+Run folder (``train.output_dir``): ``config.yaml`` (resolved), ``plan.json``, ``metrics.jsonl``
+(one JSON object per logged step), ``checkpoints/step-N`` (resumable), ``final/`` (Hugging Face
+format), ``tokenizer/``. Semantics are those of the Hugging Face Trainer for causal LM: labels =
+input_ids, mean token loss, the scheduler steps once per optimizer step, a seed fixes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cli import checkpoint as ckpt_io
+from cli.export import DTYPES, write_hf_model
+from offload.errors import OffloadError, format_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """Everything a run needs, built from the config before any weight is touched."""
+
+    cfg: Any
+    run_dir: Path
+    hf_config: Any
+    tokenizer: Any
+    dataset: Any
+    model: Any
+    initializer: Any
+    dtype: torch.dtype
+    device: torch.device
+
+
+def build_context(cfg: Any) -> RunContext:
+    from transformers import AutoConfig
+
+    from cli.data import load_token_dataset, load_tokenizer
+    from scheduler.materialize import RandomInit, SafetensorsInit, empty_model
+
+    run_dir = Path(cfg.train.output_dir)
+    m = cfg.model
+    if m.name_or_path is not None:
+        path = Path(m.name_or_path)
+        if not (path / "config.json").exists():
+            raise OffloadError(f"model.name_or_path: {path} is not a Hugging Face checkpoint directory "
+                               f"(no config.json); give a local directory saved with save_pretrained")
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    else:
+        fields = dict(m.config)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise OffloadError("model.config needs a model_type (e.g. llama, qwen2, gpt2)")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **fields)
+        except ValueError as err:
+            raise OffloadError(f"model.config: {err}") from None
+    tokenizer = load_tokenizer(cfg.data.tokenizer, m.name_or_path)
+    vocab = getattr(hf_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise OffloadError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+                           f"set model.config.vocab_size >= {len(tokenizer)} or use the model's tokenizer")
+    dataset = load_token_dataset(cfg.data.path, tokenizer, cfg.data.seq_len, packing=cfg.data.packing,
+                                 text_field=cfg.data.text_field)
+    torch.manual_seed(cfg.train.seed)
+    model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
+    initializer = SafetensorsInit(m.name_or_path) if m.name_or_path else RandomInit(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device)
+
+
+def make_plan(ctx: RunContext, plan_path: str | None) -> Any:
+    """The plan: replayed from ``--plan`` or derived from the budgets."""
+    from cli.budgets import plan_for_run
+    from scheduler.plan import Plan
+
+    if plan_path is not None:
+        try:
+            return Plan.from_dict(json.loads(Path(plan_path).read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise OffloadError(f"--plan {plan_path}: cannot use it ({err})") from None
+    return plan_for_run(ctx)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_train(cfg: Any, plan_path: str | None = None) -> int:
+    from transformers import get_scheduler
+
+    from cli.config import dump_yaml
+    from cli.data import DataPosition, steps_per_epoch
+    from offload import AdamWConfig, SwapStore, choose_impl, make_adamw, make_backend
+    from scheduler.executor import StreamingExecutor, TrainSettings
+    from scheduler.reference import ReferenceEngine
+
+    ctx = build_context(cfg)
+    t = cfg.train
+    run_dir = ctx.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    ctx.tokenizer.save_pretrained(run_dir / "tokenizer")
+    ga = t.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(ctx.dataset, t.micro_batch_size, ga)
+    if per_epoch < 1:
+        raise OffloadError(f"the data gives {len(ctx.dataset)} sequences: fewer than one optimizer step of "
+                           f"{t.micro_batch_size} x {ga}; add data or lower train.micro_batch_size")
+    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
+    settings = TrainSettings(adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                             compute_dtype=ctx.dtype, gradient_accumulation_steps=ga, nan_policy=t.nan_policy)
+
+    # Learning-rate schedule: transformers' schedulers drive a one-parameter optimizer.
+    lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+    warmup = t.num_warmup_steps(total_steps)
+    scheduler = get_scheduler(t.lr_scheduler_type, lr_holder, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+
+    resume_ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
+    start_step, position, resume = 0, DataPosition(0, 0), None
+    units_probe = None
+    if resume_ckpt is not None:
+        state = ckpt_io.read_trainer_state(resume_ckpt)
+        start_step = state["step"]
+        position = DataPosition(**state["data_position"])
+        for _ in range(start_step):  # the schedule of *this* config, advanced to the step reached
+            lr_holder.step()
+            scheduler.step()
+        resume = ckpt_io.CheckpointUnits(resume_ckpt.path)
+        units_probe = state.get("fingerprint")
+        print(f"resuming from {resume_ckpt.path} (step {start_step})")
+
+    plan = make_plan(ctx, plan_path)
+    (run_dir / "plan.json").write_text(plan.to_json())
+    engine_name = cfg.offload.engine
+    if engine_name == "reference":
+        from scheduler.materialize import materialize_in_memory
+
+        model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
+        engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=resume, start_step=start_step)
+        store = None
+    else:
+        impl, _ = choose_impl(cfg.offload.optimizer_impl)
+        adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                             weight_decay=t.weight_decay))
+        store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
+        store.open()
+        engine = StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
+                                   initializer=ctx.initializer, resume=resume, start_step=start_step)
+    try:
+        with engine:
+            fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), engine.units)
+            if units_probe is not None and units_probe != fingerprint:
+                raise OffloadError(f"checkpoint {resume_ckpt.path} was made with another model or config; "
+                                   f"resume with the run's own config, or start fresh")
+            return _loop(ctx, engine, scheduler, lr_holder, start_step, total_steps, position, per_epoch,
+                         fingerprint, plan)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_step: int, total_steps: int,
+          position: Any, per_epoch: int, fingerprint: str, plan: Any) -> int:
+    from tqdm import tqdm
+
+    t, run_dir = ctx.cfg.train, ctx.run_dir
+    ga = t.gradient_accumulation_steps
+    metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    batches = _batch_stream(ctx, position)
+    t_start = time.perf_counter()
+    tokens_total, window_losses, window_tokens, window_time = 0, [], 0, 0.0
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None, mininterval=1.0)  # no bar when stdout is not a terminal
+    try:
+        step = start_step
+        while step < total_steps:
+            micro = [next(batches) for _ in range(ga)]
+            seed_everything(t.seed + step)  # per-step RNG (dropout): a resumed run draws the same
+            lr = lr_holder.param_groups[0]["lr"]
+            result = engine.train_step([b for b, _ in micro], lr)
+            lr_holder.step()  # no-op (no gradients); keeps torch's scheduler-order check quiet
+            scheduler.step()
+            step += 1
+            next_position = micro[-1][1]
+            tokens_total += result.tokens
+            window_tokens += result.tokens
+            window_time += result.step_time_s
+            if not result.skipped:
+                window_losses.append(result.loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.step_time_s:.0f}")
+            if step % t.logging_steps == 0 or step == total_steps:
+                record = _metrics_record(engine, step, lr, result, window_losses, window_tokens, window_time)
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                tqdm.write(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  "
+                           f"{record['tokens_per_s']:.0f} tok/s")
+                window_losses, window_tokens, window_time = [], 0, 0.0
+            if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
+                _save(ctx, engine, step, next_position, scheduler, fingerprint)
+    finally:
+        bar.close()
+        metrics_file.close()
+    engine.synchronize()
+    final = write_hf_model(run_dir / "final", _named_masters(engine), len(engine.units), ctx.hf_config,
+                           ctx.dtype, ctx.tokenizer)
+    m = engine.metrics()
+    elapsed = time.perf_counter() - t_start
+    print(f"done: {total_steps - start_step} steps in {elapsed:.1f} s, {tokens_total} tokens "
+          f"({tokens_total / max(elapsed, 1e-9):.0f} tok/s); peak device {format_bytes(m['peak_device_bytes'])}, "
+          f"peak host {format_bytes(m['peak_host_bytes'])}; SSD read {format_bytes(m['io_read_bytes'])}, "
+          f"written {format_bytes(m['io_write_bytes'])}; model in {final}")
+    return 0
+
+
+def _batch_stream(ctx: RunContext, position: Any):  # noqa: ANN202 - generator
+    """Micro-batches forever, epoch after epoch, each with the position just after it."""
+    from cli.data import DataPosition, iterate_batches
+
+    cfg = ctx.cfg
+    epoch, index = position.epoch, position.batch_index
+    while True:
+        it = iterate_batches(ctx.dataset, cfg.train.micro_batch_size, cfg.train.seed, epoch,
+                             shuffle=cfg.data.shuffle, start=DataPosition(epoch, index))
+        for batch in it:
+            index += 1
+            yield batch, DataPosition(epoch, index)
+        epoch, index = epoch + 1, 0
+
+
+def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list[float], tokens: int,
+                    seconds: float) -> dict[str, Any]:
+    m = engine.metrics()
+    return {
+        "step": step,
+        "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "step_time_s": result.step_time_s,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "skipped": result.skipped,
+        "peak_device_bytes": m["peak_device_bytes"],
+        "peak_host_bytes": m["peak_host_bytes"],
+        "io_read_bytes": m["io_read_bytes"],
+        "io_write_bytes": m["io_write_bytes"],
+    }
+
+
+def _save(ctx: RunContext, engine: Any, step: int, position: Any, scheduler: Any, fingerprint: str) -> None:
+    state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
+             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
+             "loss_scale": getattr(engine, "loss_scale", 1.0)}
+    ckpt_io.save_checkpoint(ctx.run_dir, step, engine.unit_states(), state, ctx.hf_config,
+                            ctx.cfg.train.save_total_limit)
+
+
+def _named_masters(engine: Any):  # noqa: ANN202 - generator
+    for unit, master, _, _ in engine.unit_states():
+        yield unit.name, list(unit.params), master
+
+
+def run_plan(cfg: Any) -> int:
+    """``offload-train plan``: the plan ``train`` would use, printed and written to plan.json."""
+    ctx = build_context(cfg)
+    plan = make_plan(ctx, None)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.run_dir / "plan.json").write_text(plan.to_json())
+    print(plan)
+    print(f"plan written to {ctx.run_dir / 'plan.json'}")
+    return 0
