@@ -156,3 +156,15 @@ def test_bad_config_is_one_line_error(tmp_path, vocab_size, override, expected):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert expected in lines[0]
+
+
+def test_shipped_quickstart_runs(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # data.path in the quickstart is relative to the repository root
+    out = tmp_path / "qs"
+    sets = ["--set", f"train.output_dir={out}", "--set", "train.max_steps=3", "--set", "train.save_steps=0"]
+    assert main(["plan", "configs/quickstart.yaml", *sets]) == 0
+    assert json.loads((out / "plan.json").read_text())["weights"] == "nvme"  # it really streams
+    assert main(["train", "configs/quickstart.yaml", *sets]) == 0
+    assert len(read_metrics(out)) == 1  # logging_steps 10: only the last step is logged
+    assert (out / "final" / "config.json").exists()
