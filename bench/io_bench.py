@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -202,24 +203,26 @@ def run_fio(data_file: Path, rw: str, size_bytes: int, iodepth: int, numjobs: in
     return FioResult(rw, iodepth, numjobs, bw_bytes / GB)
 
 
-def run_fio_all(root: Path, size_bytes: int, iodepths: list[int], numjobs: list[int]) -> list[FioResult]:
-    """Writes (each to a fresh file, as the store writes fresh extents), then reads of the last."""
+@dataclass(frozen=True)
+class FioJob:
+    rw: str
+    iodepth: int
+    numjobs: int
+
+
+def run_fio_job(root: Path, job: FioJob, size_bytes: int) -> FioResult:
+    """A write goes to a fresh file (as the store writes fresh extents); a read reads the file
+    the last write left, written first (untimed) when there is none."""
     data_file = root / "fio-seq.bin"
-    results = []
-    try:
-        for jobs in numjobs:
-            for depth in iodepths:
-                data_file.unlink(missing_ok=True)
-                results.append(run_fio(data_file, "write", size_bytes, depth, jobs))
-        drop_page_cache(data_file)
-        for jobs in numjobs:
-            for depth in iodepths:
-                results.append(run_fio(data_file, "read", size_bytes, depth, jobs))
-    finally:
+    if job.rw == "write":
         data_file.unlink(missing_ok=True)
-    for r in results:
-        print(f"  fio {r.rw} iodepth={r.iodepth} numjobs={r.numjobs}: {r.gbps:.2f} GB/s", flush=True)
-    return results
+    elif not data_file.exists():
+        run_fio(data_file, "write", size_bytes, iodepth=32, numjobs=1)
+    if job.rw == "read":
+        drop_page_cache(data_file)
+    r = run_fio(data_file, job.rw, size_bytes, job.iodepth, job.numjobs)
+    print(f"  fio {r.rw} iodepth={r.iodepth} numjobs={r.numjobs}: {r.gbps:.2f} GB/s", flush=True)
+    return r
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -294,25 +297,46 @@ def _usable_backends(requested: str) -> list[str]:
     return names
 
 
-def _store_round(root: Path, args: argparse.Namespace, backends: list[str],
-                 total_bytes: int) -> list[StoreResult]:
-    results = []
-    for backend in backends:
-        for threads in args.threads:
-            for request_mib in args.request_mib:
-                case = Case(backend, threads, request_mib * MIB)
-                r = run_store_case(root, case, total_bytes, args.buffer_mib * MIB, not args.no_verify)
-                print(f"  {r.backend} threads={r.num_threads} req={r.request_mib} MiB: write "
-                      f"{r.write_gbps:.2f} GB/s, read {r.read_gbps:.2f} GB/s", flush=True)
-                results.append(r)
-    return results
+def run_store_job(root: Path, case: Case, args: argparse.Namespace, total_bytes: int) -> StoreResult:
+    r = run_store_case(root, case, total_bytes, args.buffer_mib * MIB, not args.no_verify)
+    print(f"  {r.backend} threads={r.num_threads} req={r.request_mib} MiB: write "
+          f"{r.write_gbps:.2f} GB/s, read {r.read_gbps:.2f} GB/s", flush=True)
+    return r
+
+
+def _round_jobs(args: argparse.Namespace, backends: list[str], use_fio: bool,
+                round_no: int) -> list[Case | FioJob]:
+    """Every store case and fio job once, in a shuffled order: a slow spell of the shared disk
+    then hits ours and fio alike instead of whichever always runs at that point of a round."""
+    jobs: list[Case | FioJob] = [Case(b, t, m * MIB) for b in backends for t in args.threads
+                                 for m in args.request_mib]
+    if use_fio:
+        jobs += [FioJob(rw, d, n) for rw in ("write", "read") for n in args.fio_numjobs
+                 for d in args.fio_iodepths]
+    random.Random(round_no).shuffle(jobs)
+    return jobs
+
+
+def run_round(root: Path, args: argparse.Namespace, backends: list[str], use_fio: bool,
+              round_no: int, total_bytes: int) -> tuple[list[StoreResult], list[FioResult]]:
+    ours: list[StoreResult] = []
+    fio: list[FioResult] = []
+    try:
+        for job in _round_jobs(args, backends, use_fio, round_no):
+            if isinstance(job, Case):
+                ours.append(run_store_job(root, job, args, total_bytes))
+            else:
+                fio.append(run_fio_job(root, job, total_bytes))
+    finally:
+        (root / "fio-seq.bin").unlink(missing_ok=True)
+    return ours, fio
 
 
 def _best_per_case(results: list[StoreResult]) -> list[StoreResult]:
     by_case: dict[tuple[str, int, int], list[StoreResult]] = {}
     for r in results:
         by_case.setdefault((r.backend, r.num_threads, r.request_mib), []).append(r)
-    return [best_of(runs) for runs in by_case.values()]
+    return [best_of(by_case[key]) for key in sorted(by_case)]
 
 
 def _best_fio(results: list[FioResult]) -> list[FioResult]:
@@ -321,7 +345,7 @@ def _best_fio(results: list[FioResult]) -> list[FioResult]:
         key = (r.rw, r.iodepth, r.numjobs)
         if key not in best or r.gbps > best[key].gbps:
             best[key] = r
-    return list(best.values())
+    return [best[key] for key in sorted(best, key=lambda k: (k[0] != "write", k[2], k[1]))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,10 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     fio_runs: list[FioResult] = []
     per_round: list[dict[str, float]] = []
     try:
-        for round_no in range(1, args.repeats + 1):  # rounds interleave ours and fio in time
+        for round_no in range(1, args.repeats + 1):
             print(f"round {round_no}/{args.repeats}", flush=True)
-            ours = _store_round(root, args, backends, total_bytes)
-            fio = run_fio_all(root, total_bytes, args.fio_iodepths, args.fio_numjobs) if use_fio else []
+            ours, fio = run_round(root, args, backends, use_fio, round_no, total_bytes)
             store_runs += ours
             fio_runs += fio
             per_round.append(round_ratios(ours, fio))

@@ -67,10 +67,13 @@ def save_checkpoint(run_dir: Path, step: int,
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     hf_config.save_pretrained(tmp)
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    old = root / f"step-{step}.old"
+    if final.exists():  # never a moment without a complete step-N: move it aside, then drop it
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
+    if old.exists():
+        shutil.rmtree(old)
     if total_limit:
         for old in list_checkpoints(run_dir)[:-total_limit]:
             shutil.rmtree(old.path)
@@ -100,11 +103,25 @@ def resolve_resume(run_dir: Path, value: str | None) -> CheckpointInfo | None:
     if not (path / "trainer_state.json").exists():
         raise OffloadError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no "
                            f"trainer_state.json); give a checkpoints/step-N directory or 'auto'")
-    return CheckpointInfo(path, json.loads((path / "trainer_state.json").read_text())["step"])
+    return CheckpointInfo(path, read_trainer_state(CheckpointInfo(path, 0))["step"])
 
 
 def read_trainer_state(ckpt: CheckpointInfo) -> dict[str, Any]:
-    return json.loads((ckpt.path / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt.path / "trainer_state.json").read_text())
+        int(state["step"])
+        dict(state["data_position"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise OffloadError(f"checkpoint {ckpt.path} is damaged (trainer_state.json: {err}); delete it "
+                           f"to resume from the one before") from None
+    return state
+
+
+def drop_checkpoints_after(run_dir: Path, step: int) -> None:
+    """Remove checkpoints newer than ``step`` (left by a run this one resumes before its end)."""
+    for c in list_checkpoints(run_dir):
+        if c.step > step:
+            shutil.rmtree(c.path)
 
 
 class CheckpointUnits:

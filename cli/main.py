@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -68,6 +69,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except OffloadError as err:
         print(f"offload-train: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("offload-train: error: out of host memory; lower offload.cpu_memory_limit or the batch size",
+              file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOENT):
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"offload-train: error: {err.strerror}{where}; free space or fix the path, then resume "
+              f"with train.resume_from_checkpoint: auto", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if "out of memory" not in str(err).lower():
+            raise
+        print("offload-train: error: out of GPU memory; lower offload.gpu_memory_limit or the batch size",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("offload-train: interrupted", file=sys.stderr)

@@ -132,10 +132,15 @@ def run_train(cfg: Any, plan_path: str | None = None) -> int:
     resume_ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
     start_step, position, resume = 0, DataPosition(0, 0), None
     units_probe = None
+    state: dict[str, Any] = {}
+    if resume_ckpt is None and ckpt_io.list_checkpoints(run_dir):
+        raise OffloadError(f"{run_dir} already holds checkpoints of an earlier run; set "
+                           f"train.resume_from_checkpoint: auto to continue it, or choose another output_dir")
     if resume_ckpt is not None:
         state = ckpt_io.read_trainer_state(resume_ckpt)
         start_step = state["step"]
         position = DataPosition(**state["data_position"])
+        ckpt_io.drop_checkpoints_after(run_dir, start_step)  # a branch abandoned by this resume
         for _ in range(start_step):  # the schedule of *this* config, advanced to the step reached
             lr_holder.step()
             scheduler.step()
@@ -150,16 +155,24 @@ def run_train(cfg: Any, plan_path: str | None = None) -> int:
         from scheduler.materialize import materialize_in_memory
 
         model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
-        engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=resume, start_step=start_step)
+        engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=resume,
+                                      start_step=state.get("optimizer_step", start_step))
         store = None
     else:
-        impl, _ = choose_impl(cfg.offload.optimizer_impl)
+        try:
+            impl, _ = choose_impl(cfg.offload.optimizer_impl)
+        except RuntimeError as err:
+            raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
         adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
                                              weight_decay=t.weight_decay))
         store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
         store.open()
+        store.reset()  # swap space is scratch: the engine writes every tensor at start
         engine = StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
-                                   initializer=ctx.initializer, resume=resume, start_step=start_step)
+                                   initializer=ctx.initializer, resume=resume,
+                                   start_step=state.get("optimizer_step", start_step))
+        engine.loss_scale = state.get("loss_scale", engine.loss_scale)
+        engine.good_steps = state.get("good_steps", 0)
     try:
         with engine:
             fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), engine.units)
@@ -171,6 +184,8 @@ def run_train(cfg: Any, plan_path: str | None = None) -> int:
     finally:
         if store is not None:
             store.close()
+        if engine_name != "reference":
+            adamw.close()
 
 
 def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_step: int, total_steps: int,
@@ -263,9 +278,15 @@ def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list
 def _save(ctx: RunContext, engine: Any, step: int, position: Any, scheduler: Any, fingerprint: str) -> None:
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
              "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
-             "loss_scale": getattr(engine, "loss_scale", 1.0)}
-    ckpt_io.save_checkpoint(ctx.run_dir, step, engine.unit_states(), state, ctx.hf_config,
-                            ctx.cfg.train.save_total_limit)
+             "optimizer_step": engine.optimizer_step,  # lags `step` by the skipped steps
+             "loss_scale": getattr(engine, "loss_scale", 1.0), "good_steps": getattr(engine, "good_steps", 0)}
+    try:
+        ckpt_io.save_checkpoint(ctx.run_dir, step, engine.unit_states(), state, ctx.hf_config,
+                                ctx.cfg.train.save_total_limit)
+    except OSError as err:
+        raise OffloadError(f"cannot write checkpoint step-{step} under {ctx.run_dir / 'checkpoints'} "
+                           f"({err.strerror or err}); the previous checkpoints are intact: free space "
+                           f"and resume with train.resume_from_checkpoint: auto") from None
 
 
 def _named_masters(engine: Any):  # noqa: ANN202 - generator

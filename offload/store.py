@@ -124,10 +124,12 @@ class SwapStore:
     write in flight, and no read while it is being written (the executor guarantees this).
     """
 
-    def __init__(self, root: str | os.PathLike[str], backend: IOBackend, verify_reads: bool = True) -> None:
+    def __init__(self, root: str | os.PathLike[str], backend: IOBackend, verify_reads: bool = True,
+                 owns_backend: bool = True) -> None:
         self.root = Path(root)
         self.backend = backend
         self.verify_reads = verify_reads
+        self.owns_backend = owns_backend  # close() closes the backend too
         self._extents: dict[str, Extent] = {}
         self._crc: dict[str, int | None] = {}
         self._data_handle: int | None = None
@@ -200,6 +202,24 @@ class SwapStore:
         finally:
             self._release()
 
+    def reset(self) -> None:
+        """Forget every extent and shrink the data file to nothing: the store as scratch space.
+
+        Waits for in-flight I/O first. The manifest is rewritten at once, so a crash right after
+        leaves an empty, consistent store.
+        """
+        self.wait_in_flight()
+        with self._lock:
+            self._extents.clear()
+            self._crc.clear()
+        fd = os.open(self.root / DATA_FILE_NAME, os.O_RDWR)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+        self._data_bytes = 0
+        self.flush()
+
     def wait_in_flight(self) -> None:
         """Block until every read and write submitted so far has finished (failed ones too)."""
         while True:
@@ -213,6 +233,8 @@ class SwapStore:
         if self._data_handle is not None:
             self.backend.close_file(self._data_handle)
             self._data_handle = None
+        if self.owns_backend:
+            self.backend.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,9 @@ class TrainSettings:
 
     @property
     def deferred(self) -> bool:
-        return self.max_grad_norm > 0 or self.compute_dtype == torch.float16
+        """Updates wait for every gradient: clipping, fp16 overflow checks, or skipping
+        non-finite steps all need the whole step's gradients before any weight changes."""
+        return self.max_grad_norm > 0 or self.compute_dtype == torch.float16 or self.nan_policy == "skip"
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,7 @@ class _UnitState:
     host_master: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     host_grad: torch.Tensor | None = None
     has_stored_grad: bool = False
+    grad_seen: list[bool] | None = None  # per parameter: a gradient arrived during this step
 
 
 @dataclass
@@ -142,10 +145,27 @@ class _Job:
     step: int
     lr: float
     coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
+    seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
 
     @property
     def fresh_any(self) -> bool:
         return any(g is not None for g in self.fresh) or not self.add_stored
+
+
+def _updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int) -> list[tuple[int, int]]:
+    """Chunk-relative [lo, hi) runs of chunk [a, b) whose parameters had a gradient."""
+    if seen is None or all(seen):
+        return [(0, b - a)]
+    runs: list[tuple[int, int]] = []
+    for s, had in zip(u.params, seen, strict=True):
+        lo, hi = max(a, s.offset) - a, min(b, s.offset + s.numel) - a
+        if not had or lo >= hi:
+            continue
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
 
 
 def _wait_all(futures: list[Future[Any]]) -> None:
@@ -229,21 +249,30 @@ class StreamingExecutor:
         self._lock = threading.Lock()
         self.optimizer_step = start_step
         self.loss_scale = settings.initial_loss_scale if settings.compute_dtype == torch.float16 else 1.0
-        self._good_steps = 0
+        self.good_steps = 0
         self._pending_lr = 0.0
         self.copy_stream: Any = None
 
     # ------------------------------------------------------------------------------ set-up
     def __enter__(self) -> StreamingExecutor:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close(raise_job_errors=False)
+            raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # An exception already on its way out is the one to report, not a worker's echo of it.
+        self.close(raise_job_errors=exc_type is None)
 
     def start(self) -> None:
         self.map = build_model_map(self.model)
         self.model.train()
+        for module in self.model.modules():  # buffers (RoPE tables, masks) live on DEVICE
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.device != self.device and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(self.device)
         self._check_device_fits()
         for unit in self.map.units:
             self._states.append(_UnitState(unit, resident=self._is_resident(unit)))
@@ -270,9 +299,13 @@ class StreamingExecutor:
         self.store.flush()
         self._install_hooks()
 
-    def close(self) -> None:
+    def close(self, raise_job_errors: bool = True) -> None:
         try:
-            self.synchronize()
+            if raise_job_errors:
+                self.synchronize()
+            else:
+                with contextlib.suppress(BaseException):
+                    self.synchronize()
         finally:
             for h in self._hooks:
                 h.remove()
@@ -462,6 +495,9 @@ class StreamingExecutor:
     def _h2d(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         nbytes = src.numel() * src.element_size()
         if self.device.type == "cuda":
+            # The destination may be memory the compute stream just released (caching
+            # allocator): order the copy after all work queued on the compute stream so far.
+            self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
                 dst.copy_(src, non_blocking=True)
             self.copy_stream.synchronize()  # sync point: loader thread only, never the compute stream
@@ -474,9 +510,12 @@ class StreamingExecutor:
             return
         if not self._aliases_home():
             # Reserve the DEVICE bytes now, on the calling thread, so prefetch decisions that
-            # follow see them (the loader allocates the buffer later).
-            itemsize = _itemsize(self.settings.compute_dtype)
-            self.acct.alloc(Tier.DEVICE, st.unit.numel * itemsize, f"weights of {st.unit.name}")
+            # follow see them (the loader allocates the buffer later). Gradients waiting for the
+            # worker hold DEVICE memory: let them drain first when there is no room.
+            nbytes = st.unit.numel * _itemsize(self.settings.compute_dtype)
+            while self._pending_jobs and not self.acct.fits(Tier.DEVICE, nbytes):
+                self._pending_jobs.popleft().result()
+            self.acct.alloc(Tier.DEVICE, nbytes, f"weights of {st.unit.name}")
         if self._loader is None:
             st.load = _done(self._load_weights(st))
         else:
@@ -763,9 +802,13 @@ class StreamingExecutor:
             self._pending_jobs.popleft().result()
         self.acct.alloc(Tier.DEVICE, grad_bytes, f"gradients of {u.name}")
         immediate = last and not self.settings.deferred
+        seen = [g is not None for g in fresh]
+        if st.has_stored_grad and st.grad_seen is not None:
+            seen = [a or b for a, b in zip(seen, st.grad_seen, strict=True)]
+        st.grad_seen = seen
         job = _Job(st, fresh, grad_bytes, add_stored=st.has_stored_grad,
                    update=immediate, norms=last and self.settings.deferred,
-                   step=self.optimizer_step + 1, lr=self._pending_lr)
+                   step=self.optimizer_step + 1, lr=self._pending_lr, seen=list(seen))
         st.has_stored_grad = not immediate
         st.update = self._submit(job)
         self._pending_jobs.append(st.update)
@@ -802,20 +845,25 @@ class StreamingExecutor:
         chunks = self._chunks[u.index]
         width = min(self.plan.chunk_numel, u.numel)
         slot = self._arena.acquire(2 * 5 * 4 * width)
+        issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         try:
             sets = slot.view(torch.float32, 10 * width).view(2, 5, width)
             writes: list[list[Future[None]]] = [[], []]
             reads = self._issue_reads(job, 0, sets[0])
+            issued += reads
             for c, (a, b) in enumerate(chunks):
                 if c + 1 < len(chunks):
                     _wait_all(writes[(c + 1) % 2])
                     next_reads = self._issue_reads(job, c + 1, sets[(c + 1) % 2])
+                    issued += next_reads
                 _wait_all(reads)
                 writes[c % 2] = self._compute_chunk(job, c, a, b, sets[c % 2])
+                issued += writes[c % 2]
                 if c + 1 < len(chunks):
                     reads = next_reads
             _wait_all(writes[0] + writes[1])
         finally:
+            wait(issued)  # also on errors: no read may land in a slot another job owns
             self._arena.release(slot)
             self.acct.free(Tier.DEVICE, job.grad_bytes)
 
@@ -880,7 +928,10 @@ class StreamingExecutor:
             master, exp_avg, exp_avg_sq = (t[a:b] for t in st.host_master)
         else:
             master, exp_avg, exp_avg_sq = bufs[2, :n], bufs[3, :n], bufs[4, :n]
-        self.adamw.step(master, grad, exp_avg, exp_avg_sq, job.step, job.lr)
+        for lo, hi in _updated_runs(u, job.seen, a, b):
+            # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
+            # momentum): update only the runs of parameters that had one.
+            self.adamw.step(master[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], job.step, job.lr)
         if self.plan.optimizer == Tier.NVME:
             writes += [self.store.write(f"{u.name}.master.{c}", master),
                        self.store.write(f"{u.name}.exp_avg.{c}", exp_avg),
@@ -911,7 +962,7 @@ class StreamingExecutor:
         if not math.isfinite(total_f):
             if self.settings.compute_dtype == torch.float16:
                 self.loss_scale /= 2
-                self._good_steps = 0
+                self.good_steps = 0
                 log.warning("fp16 gradient overflow: skipping step, loss scale -> %g", self.loss_scale)
             else:
                 self._non_finite(f"gradient norm is {total_f}")
@@ -923,12 +974,12 @@ class StreamingExecutor:
             coef = torch.clamp(self.settings.max_grad_norm / (total + 1e-6), max=1.0)
         for st in self._states:
             job = _Job(st, [None] * len(st.unit.params), 0, add_stored=True, update=True,
-                       norms=False, step=self.optimizer_step, lr=lr, coef=coef)
+                       norms=False, step=self.optimizer_step, lr=lr, coef=coef, seen=st.grad_seen)
             st.has_stored_grad = False
             st.update = self._submit(job)
         if self.settings.compute_dtype == torch.float16:
-            self._good_steps += 1
-            if self._good_steps % self.settings.loss_scale_window == 0:
+            self.good_steps += 1
+            if self.good_steps % self.settings.loss_scale_window == 0:
                 self.loss_scale *= 2
         return total_f, False
 

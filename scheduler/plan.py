@@ -161,22 +161,32 @@ def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int
         activations = Tier.DEVICE if (act_all <= free_device and not force_nvme) else Tier.NVME
         if activations == Tier.DEVICE:
             free_device -= act_all
-    resident = []
+    resident: list[int] = []
     turn_keep = 0
     if not force_nvme:
-        while turn_keep < mb.n_layers - 1 and free_device >= w_layer and turn_keep < 2:
-            turn_keep += 1
-            free_device -= w_layer
-        for i in range(mb.n_layers - turn_keep):
-            if free_device < w_layer:
-                break
-            resident.append(i)
-            free_device -= w_layer
+        if free_device >= mb.n_layers * w_layer:  # every layer fits: nothing streams
+            resident = list(range(mb.n_layers))
+            free_device -= mb.n_layers * w_layer
+        else:
+            while turn_keep < min(2, mb.n_layers - 1) and free_device >= w_layer:
+                turn_keep += 1
+                free_device -= w_layer
+            for i in range(mb.n_layers - turn_keep):
+                if free_device < w_layer:
+                    break
+                resident.append(i)
+                free_device -= w_layer
+    # HOST, in order of traffic saved: optimizer states (master + Adam + gradients, 16 bytes per
+    # parameter of every unit), then the streamed layers' weights. The rest goes to NVME.
     free_host = host_budget_bytes - job_bytes
-    opt_bytes = 12 * mb.layer_numel * mb.n_layers
-    optimizer = Tier.HOST if (opt_bytes <= free_host and not force_nvme) else Tier.NVME
+    total_numel = mb.layer_numel * mb.n_layers + mb.pre_numel + mb.post_numel
+    optimizer = Tier.HOST if (16 * total_numel <= free_host and not force_nvme) else Tier.NVME
+    if optimizer == Tier.HOST:
+        free_host -= 16 * total_numel
+    streamed = mb.n_layers - len(resident)
+    weights = Tier.HOST if (streamed * w_layer <= free_host and not force_nvme) else Tier.NVME
     return Plan(
-        weights=Tier.NVME if force_nvme else Tier.NVME if len(resident) < mb.n_layers else Tier.HOST,
+        weights=weights,
         optimizer=optimizer,
         grads=Tier.NVME if force_nvme or optimizer == Tier.NVME else Tier.HOST,
         activations=activations,

@@ -164,7 +164,7 @@ def test_shipped_quickstart_runs(tmp_path, monkeypatch):
     out = tmp_path / "qs"
     sets = ["--set", f"train.output_dir={out}", "--set", "train.max_steps=3", "--set", "train.save_steps=0"]
     assert main(["plan", "configs/quickstart.yaml", *sets]) == 0
-    assert json.loads((out / "plan.json").read_text())["weights"] == "nvme"  # it really streams
+    assert json.loads((out / "plan.json").read_text())["optimizer"] == "nvme"  # it really streams
     assert main(["train", "configs/quickstart.yaml", *sets]) == 0
     assert len(read_metrics(out)) == 1  # logging_steps 10: only the last step is logged
     assert (out / "final" / "config.json").exists()

@@ -45,7 +45,7 @@ def make_batches(steps: int, ga: int, seed: int = 1) -> list[list[dict[str, torc
 
 def train_reference(model: torch.nn.Module, batches, clip: float, device: str = "cpu") -> tuple[list[float], dict]:
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, fused=True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WD, fused=True)
     model.train()
     torch.manual_seed(123)
     losses = []
@@ -57,7 +57,7 @@ def train_reference(model: torch.nn.Module, batches, clip: float, device: str = 
             loss.backward()
             total += loss.item()
         if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
         opt.zero_grad()
         losses.append(total)
@@ -200,3 +200,18 @@ def test_cuda_engine_matches_cuda_pytorch(plan_name, tmp_path):
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-4
     assert max_diff(w, ref_w) <= 1e-4  # CUDA kernels differ between fused and per-layer runs
     assert metrics["h2d_bytes"] > 0
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_frozen_parameters_stay_put(clip, tmp_path):
+    model = tiny_model("llama")
+    model.model.norm.weight.requires_grad_(False)  # frozen: no gradient, no AdamW step
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    ref_model = copy.deepcopy(model)
+    batches = make_batches(4, 2)
+    ref_losses, ref_w = train_reference(ref_model, batches, clip)
+    losses, w, _ = train_engine(model, batches, ALL_NVME, tmp_path, clip)
+    assert torch.equal(w["model.norm.weight"], ref_w["model.norm.weight"])
+    assert torch.equal(w["model.layers.1.mlp.up_proj.weight"], ref_w["model.layers.1.mlp.up_proj.weight"])
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
+    assert max_diff(w, ref_w) <= 1e-5
