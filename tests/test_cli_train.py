@@ -44,7 +44,7 @@ def write_config(tmp_path: Path, name: str, model: dict, data_path: Path, **trai
         "train": {"output_dir": str(tmp_path / name), "max_steps": 4, "micro_batch_size": 2,
                   "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2, "seed": 7,
                   "lr_scheduler_type": "cosine", "warmup_steps": 1, "max_grad_norm": 1.0, **train},
-        "offload": {"cpu_memory_limit": "256MB", "gpu_memory_limit": "64MB", "optimizer_impl": "torch",
+        "offload": {"cpu_memory_limit": "24MB", "gpu_memory_limit": "16MB", "optimizer_impl": "torch",
                     "io_backend": "posix"},
     }
     path = tmp_path / f"{name}.yaml"
