@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set train.max_steps=10")
         if name == "train":
             p.add_argument("--plan", default=None, help="replay a saved plan.json instead of planning")
+    prof = sub.add_parser("profile", help="measure SSD, PCIe, CPU Adam and matmul speed here (cached)")
+    prof.add_argument("--nvme-path", default=".", help="directory on the SSD to measure (default: .)")
+    prof.add_argument("--size", default="1GiB", help="bytes written and read for the SSD test (default 1GiB)")
+    prof.add_argument("--io-backend", default="auto", choices=["auto", "posix", "kvikio", "aio"])
+    prof.add_argument("--cached", action="store_true", help="print the cached profile if there is one")
     export = sub.add_parser("export", help="write a run's latest checkpoint in Hugging Face format")
     export.add_argument("run_dir", help="the run folder (train.output_dir)")
     export.add_argument("out_dir", help="where to write the model")
@@ -59,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
             from cli.train import run_plan
 
             return run_plan(cfg)
+        if args.command == "profile":
+            from cli.config import parse_size
+            from scheduler.profile import cache_path, load_or_measure
+
+            profile = load_or_measure(args.nvme_path, refresh=not args.cached, size_bytes=parse_size(args.size),
+                                      io_backend=args.io_backend)
+            print(profile.table())
+            print(f"profile cached at {cache_path(args.nvme_path)}")
+            return 0
         if args.command == "export":
             from pathlib import Path
 

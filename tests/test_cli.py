@@ -33,4 +33,23 @@ def test_unwritable_nvme_path_is_a_one_line_error(tmp_path):
 def test_help_lists_commands():
     proc = run_cli("--help")
     assert proc.returncode == 0
-    assert "demo" in proc.stdout
+    for command in ("train", "plan", "profile", "export", "demo"):
+        assert command in proc.stdout
+
+
+def test_profile_measures_and_caches(tmp_path):
+    import json
+    import os
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "cli", "profile", "--nvme-path", str(tmp_path / "ssd"),
+                           "--size", "64MiB", "--io-backend", "posix"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    cached = list((tmp_path / "cache" / "offload-train").glob("profile-*.json"))
+    assert len(cached) == 1
+    profile = json.loads(cached[0].read_text())
+    assert profile["ssd_read_gbps"] > 0 and profile["ssd_write_gbps"] > 0
+    assert profile["cpu_adam_params_per_s"]["torch"] > 0
+    assert profile["matmul_tflops"]["float32"] > 0
+    assert not any(p.name.startswith(".profile-") for p in (tmp_path / "ssd").iterdir())  # cleaned up

@@ -215,3 +215,22 @@ def test_frozen_parameters_stay_put(clip, tmp_path):
     assert torch.equal(w["model.layers.1.mlp.up_proj.weight"], ref_w["model.layers.1.mlp.up_proj.weight"])
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     assert max_diff(w, ref_w) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gpt_neox"])
+def test_other_families_match_pytorch(family, tmp_path):
+    from transformers import GPTNeoXConfig, MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64)
+    cfg = {"mistral": lambda: MistralConfig(num_key_value_heads=2, **small),
+           "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **small),
+           "gpt_neox": lambda: GPTNeoXConfig(**small)}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ref_model = copy.deepcopy(model)
+    batches = make_batches(3, 2)
+    ref_losses, ref_w = train_reference(ref_model, batches, 1.0)
+    losses, w, _ = train_engine(model, batches, ALL_NVME, tmp_path, 1.0)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
+    assert max_diff(w, ref_w) <= 1e-5

@@ -1,0 +1,175 @@
+"""Measure this machine: SSD and PCIe bandwidth, CPU AdamW speed, matmul throughput, free memory.
+
+The result is a frozen ``HardwareProfile``, cached as JSON per machine and swap path
+(``~/.cache/offload-train/``), refreshed by ``offload-train profile``. The cost model reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from offload.io import make_backend
+from offload.io.posix import aligned_empty
+from offload.optim import measure_impl
+from offload.store import SwapStore, TensorSpec
+
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload-train"
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    machine: str
+    nvme_path: str
+    io_backend: str
+    ssd_read_gbps: float
+    ssd_write_gbps: float
+    h2d_gbps: float | None  # None: no GPU
+    d2h_gbps: float | None
+    cpu_adam_params_per_s: dict[str, float]
+    matmul_tflops: dict[str, float]  # by dtype, on the compute device
+    ram_available_bytes: int
+    vram_free_bytes: int | None
+    disk_free_bytes: int
+    measured_at: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> HardwareProfile:
+        return cls(**json.loads(text))
+
+    def table(self) -> str:
+        gib = 2**30
+        rows = [
+            ("SSD read / write", f"{self.ssd_read_gbps:.2f} / {self.ssd_write_gbps:.2f} GB/s ({self.io_backend})"),
+            ("H2D / D2H", "no GPU" if self.h2d_gbps is None else f"{self.h2d_gbps:.1f} / {self.d2h_gbps:.1f} GB/s"),
+            ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
+            ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
+            ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
+            ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
+            ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def cache_path(nvme_path: str | Path) -> Path:
+    key = f"{platform.node()}:{Path(nvme_path).resolve()}"
+    return CACHE_DIR / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+
+
+def load_or_measure(nvme_path: str | Path, refresh: bool = False, size_bytes: int = 1 << 30,
+                    io_backend: str = "auto") -> HardwareProfile:
+    path = cache_path(nvme_path)
+    if path.exists() and not refresh:
+        return HardwareProfile.from_json(path.read_text())
+    profile = measure(nvme_path, size_bytes, io_backend)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile.to_json())
+    return profile
+
+
+def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = "auto") -> HardwareProfile:
+    nvme_path = Path(nvme_path)
+    nvme_path.mkdir(parents=True, exist_ok=True)
+    read_gbps, write_gbps, backend_name = _ssd(nvme_path, size_bytes, io_backend)
+    h2d = d2h = None
+    vram = None
+    if torch.cuda.is_available():
+        h2d, d2h = _pcie()
+        vram = torch.cuda.mem_get_info()[0]
+    adam = {}
+    for impl in ("torch", "deepspeed"):
+        try:
+            adam[impl] = measure_impl(impl, numel=16_000_000, repeats=3).params_per_s
+        except Exception:  # noqa: BLE001 - an implementation missing here is simply not listed
+            continue
+    return HardwareProfile(
+        machine=f"{platform.machine()}, {psutil.cpu_count()} cpus, "
+                f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        nvme_path=str(nvme_path), io_backend=backend_name, ssd_read_gbps=read_gbps, ssd_write_gbps=write_gbps,
+        h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, matmul_tflops=_matmul(),
+        ram_available_bytes=psutil.virtual_memory().available, vram_free_bytes=vram,
+        disk_free_bytes=shutil.disk_usage(nvme_path).free, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+
+
+def _ssd(root: Path, size_bytes: int, io_backend: str) -> tuple[float, float, str]:
+    """Write then read ``size_bytes`` as 64 MiB tensors through the store (O_DIRECT)."""
+    piece = 64 << 20
+    n = max(1, size_bytes // piece)
+    work = Path(tempfile.mkdtemp(prefix=".profile-", dir=root))
+    try:
+        backend = make_backend(io_backend)
+        with SwapStore(work, backend) as store:
+            store.reserve([TensorSpec(f"p{i}", torch.uint8, (piece,)) for i in range(n)])
+            buf = aligned_empty(piece)
+            buf.random_(0, 255)
+            t0 = time.perf_counter()
+            for f in [store.write(f"p{i}", buf) for i in range(n)]:
+                f.result()
+            os.sync()
+            write_s = time.perf_counter() - t0
+            outs = [aligned_empty(piece) for _ in range(min(n, 4))]
+            t0 = time.perf_counter()
+            futs = [store.read(f"p{i}", outs[i % len(outs)]) for i in range(n)]
+            for f in futs:
+                f.result()
+            read_s = time.perf_counter() - t0
+            name = backend.name
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    total = n * piece
+    return total / read_s / 1e9, total / write_s / 1e9, name
+
+
+def _pcie() -> tuple[float, float]:
+    n = 256 << 20
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dev.copy_(host)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    h2d = 5 * n / (time.perf_counter() - t0) / 1e9
+    t0 = time.perf_counter()
+    for _ in range(5):
+        host.copy_(dev, non_blocking=True)
+    torch.cuda.synchronize()
+    d2h = 5 * n / (time.perf_counter() - t0) / 1e9
+    return h2d, d2h
+
+
+def _matmul() -> dict[str, float]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = 4096 if device == "cuda" else 1024
+    dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+    out = {}
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b
+        reps = 20 if device == "cuda" else 5
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[str(dtype).removeprefix("torch.")] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+    return out
