@@ -4,11 +4,12 @@
 
 For each backend, thread count and request size (tensor size = ``task_bytes``), writes
 ``--size-gb`` of tensors through a fresh ``SwapStore`` under DIR, drops the page cache, reads
-them back (CRC-verified, as in training), and checks with ``describe()`` that the bytes went
-through O_DIRECT. Then runs fio (sequential O_DIRECT, bs=1M, libaio, a few iodepths and job
-counts) on a file of the same size there, and prints ours/fio at our best request size. Host
-memory: ``--buffer-mib`` of tensors cycled through, plus the backend's bounce buffers.
-Everything written is deleted at the end.
+them back (CRC-verified, as in training), and reports from ``describe()`` the share of bytes
+that went through O_DIRECT. fio (sequential O_DIRECT, bs=1M, libaio, a few iodepths and job
+counts) runs on a file of the same size there. Each of ``--repeats`` rounds runs every case and
+fio job once in a shuffled order; the tables keep the best of the rounds, and the summary gives
+ours/fio at our best request size, overall and round by round. Host memory: ``--buffer-mib`` of
+tensors cycled through, plus the backend's bounce buffers. Everything written is deleted.
 """
 
 from __future__ import annotations
