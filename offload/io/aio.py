@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from offload.io.base import ALIGN_BYTES, InFlight, align_up, as_byte_tensor
+from offload.io.base import ALIGN_BYTES, InFlight, align_up, host_request_bytes
 
 _CAP_IPC_LOCK_BIT = 14
 _first_write_lock = threading.Lock()
@@ -168,11 +168,7 @@ class AioBackend:
         return self._submit(handle, buf, file_offset, write=True)
 
     def _submit(self, handle: int, buf: torch.Tensor, file_offset: int, write: bool) -> Future[int]:
-        if buf.device.type != "cpu":
-            raise ValueError("the aio backend moves host buffers only; copy device tensors first")
-        if file_offset % ALIGN_BYTES:
-            raise ValueError(f"file offset {file_offset} is not {ALIGN_BYTES}-byte aligned")
-        data = as_byte_tensor(buf)
+        data = host_request_bytes(buf, file_offset, self.name)
         f = self._files[handle]
         assert self._pool is not None
         future: Future[int] = Future()

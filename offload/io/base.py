@@ -59,6 +59,15 @@ def as_byte_tensor(buf: torch.Tensor) -> torch.Tensor:
     return buf.reshape(-1).view(torch.uint8)
 
 
+def host_request_bytes(buf: torch.Tensor, file_offset: int, backend: str) -> torch.Tensor:
+    """Check a request for a host-only backend; return the buffer as a flat uint8 view."""
+    if buf.device.type != "cpu":
+        raise ValueError(f"the {backend} backend moves host buffers only; copy device tensors first")
+    if file_offset % ALIGN_BYTES:
+        raise ValueError(f"file offset {file_offset} is not {ALIGN_BYTES}-byte aligned")
+    return as_byte_tensor(buf)
+
+
 class InFlight:
     """Counts requests in flight on one file so that closing it can wait for them first."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload.io.base import ALIGN_BYTES, InFlight, align_up, as_byte_tensor
+from offload.io.base import ALIGN_BYTES, InFlight, align_up, host_request_bytes
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,7 @@ class PosixBackend:
         return self._submit(handle, buf, file_offset, write=True)
 
     def _submit(self, handle: int, buf: torch.Tensor, file_offset: int, write: bool) -> Future[int]:
-        if buf.device.type != "cpu":
-            raise ValueError("the posix backend moves host buffers only; copy device tensors first")
-        if file_offset % ALIGN_BYTES:
-            raise ValueError(f"file offset {file_offset} is not {ALIGN_BYTES}-byte aligned")
-        data = as_byte_tensor(buf)
+        data = host_request_bytes(buf, file_offset, self.name)
         f = self._files[handle]
         pool = self._started_pool()
         n_bytes = data.numel()
