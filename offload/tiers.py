@@ -22,12 +22,10 @@ class Tier(str, Enum):
 
 @dataclass
 class LinkCounters:
-    """Bytes moved per link since the start (monotonic counters)."""
+    """Bytes moved between DEVICE and HOST since the start (NVMe bytes: ``SwapStore`` counters)."""
 
     h2d_bytes: int = 0
     d2h_bytes: int = 0
-    nvme_read_bytes: int = 0
-    nvme_write_bytes: int = 0
 
 
 @dataclass

@@ -898,6 +898,8 @@ class StreamingExecutor:
                     dst.zero_()
                 else:
                     dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to fp32
+                    if g.device.type == "cuda":
+                        self.acct.count("d2h_bytes", (hi - lo) * g.element_size())
             if job.add_stored:
                 grad.add_(bufs[1, :n])
         writes: list[Future[None]] = []

@@ -14,7 +14,7 @@ Tensor groups:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from offload.errors import BudgetError, format_bytes
 from offload.tiers import Tier
@@ -45,7 +45,6 @@ class Plan:
     chunk_numel: int = 4 << 20
     """Elements per optimizer chunk: master, Adam states and gradients move in chunks this size
     (16 MiB of fp32), so host staging stays small whatever the size of a unit."""
-    notes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         for name in ("weights", "optimizer", "grads"):
@@ -64,7 +63,6 @@ class Plan:
             if isinstance(v, Tier):
                 d[k] = v.value
         d["resident_layers"] = list(self.resident_layers)
-        d["notes"] = list(self.notes)
         return d
 
     @classmethod
@@ -74,7 +72,7 @@ class Plan:
             if k in kw:
                 kw[k] = Tier(kw[k])
         kw["resident_layers"] = tuple(kw.get("resident_layers", ()))  # type: ignore[arg-type]
-        kw["notes"] = tuple(kw.get("notes", ()))  # type: ignore[arg-type]
+        kw.pop("notes", None)  # written by early versions, never used
         return cls(**kw)  # type: ignore[arg-type]
 
     def to_json(self) -> str:
