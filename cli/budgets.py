@@ -1,68 +1,151 @@
-"""From a run's config to memory budgets and a plan (until the cost-model planner replaces it).
+"""From a run's config to memory budgets, a workload, a hardware profile and the planner's plan.
 
 Budgets: on a GPU machine DEVICE is GPU memory (``offload.gpu_memory_limit``, "auto" = 80% of
 free GPU memory) and HOST is CPU RAM (``offload.cpu_memory_limit``). Without a GPU both tiers are
-RAM: ``cpu_memory_limit`` is the total, and DEVICE gets ``gpu_memory_limit`` of it ("auto" = 60%).
+RAM: ``cpu_memory_limit`` is the total, and DEVICE gets ``gpu_memory_limit`` of it ("auto": the
+planner chooses the split). NVME is the free space at ``offload.nvme_path``.
+
+A profile file (``--profile``) plans for the machine it describes: its RAM, VRAM and disk figures
+replace this machine's, so a 70B job can be planned on a laptop for a workstation.
 """
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from scheduler.model_map import build_model_map
-from scheduler.plan import ModelBytes, Plan, simple_plan
+from offload.errors import OffloadError
+from scheduler.cost_model import LayerTiming, Workload
+from scheduler.model_shape import ModelShape
+from scheduler.planner import Budgets, PlanChoice, choose_plan
+from scheduler.profile import HardwareProfile, cache_path, load_or_measure
 
 CPU_DEVICE_SHARE = 0.6
+PLANNING_PROFILE_BYTES = 256 << 20  # SSD bytes measured when train/plan profile a new disk
 
 
-def budgets_for_run(cfg: Any, device: torch.device) -> tuple[int, int]:
-    """(device budget, host budget) in bytes."""
+@dataclass(frozen=True)
+class MachineMemory:
+    ram_available_bytes: int
+    vram_free_bytes: int | None  # None: no GPU
+    disk_free_bytes: int
+
+
+def existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def live_memory(nvme_path: Path, device: torch.device) -> MachineMemory:
+    vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return MachineMemory(psutil.virtual_memory().available, vram,
+                         shutil.disk_usage(existing_parent(nvme_path)).free + _swap_bytes(nvme_path))
+
+
+def _swap_bytes(nvme_path: Path) -> int:
+    """Bytes of an earlier store at nvme_path: the run reuses that space, so it counts as free."""
+    if not nvme_path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in nvme_path.glob("data-*.bin") if p.is_file())
+
+
+def budgets_for(cfg: Any, mem: MachineMemory) -> Budgets:
     from cli.config import resolve_memory_limit
 
-    ram_total = psutil.virtual_memory().available
-    cpu_limit = resolve_memory_limit(cfg.offload.cpu_memory_limit, ram_total)
-    if device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-        gpu_value = cfg.offload.gpu_memory_limit
-        gpu_limit = resolve_memory_limit(gpu_value, free_bytes)
-        return gpu_limit, cpu_limit
+    cpu_limit = resolve_memory_limit(cfg.offload.cpu_memory_limit, mem.ram_available_bytes)
     gpu_value = cfg.offload.gpu_memory_limit
-    device_limit = int(CPU_DEVICE_SHARE * cpu_limit) if gpu_value == "auto" else resolve_memory_limit(gpu_value, cpu_limit)
-    return device_limit, max(cpu_limit - device_limit, 0)
+    if mem.vram_free_bytes is not None:
+        return Budgets(resolve_memory_limit(gpu_value, mem.vram_free_bytes), cpu_limit, mem.disk_free_bytes)
+    if gpu_value == "auto":
+        device = int(CPU_DEVICE_SHARE * cpu_limit)
+        return Budgets(device, cpu_limit - device, mem.disk_free_bytes, shared=True)
+    device = resolve_memory_limit(gpu_value, cpu_limit)
+    if device >= cpu_limit:
+        raise OffloadError(f"offload.gpu_memory_limit ({gpu_value}) takes all of offload.cpu_memory_limit "
+                           f"({cfg.offload.cpu_memory_limit}) on a machine without a GPU, where both are RAM; "
+                           f"lower it or use auto")
+    return Budgets(device, cpu_limit - device, mem.disk_free_bytes)
 
 
-def model_bytes(model: torch.nn.Module, hf_config: Any, micro_batch: int, seq_len: int, itemsize: int) -> ModelBytes:
-    """Sizes the planner needs; transient memory is an estimate from the config."""
-    mm = build_model_map(model)
-    hidden = int(getattr(hf_config, "hidden_size", None) or getattr(hf_config, "n_embd", 0))
-    inter = int(getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "n_inner", None) or 4 * hidden)
-    heads = int(getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", 1))
-    vocab = int(getattr(hf_config, "vocab_size", 0))
-    tokens = micro_batch * seq_len
-    # Layer working set (inputs, projections, MLP) twice over for backward, plus attention scores.
-    layer_work = tokens * (4 * hidden + 3 * inter) * itemsize * 2 + micro_batch * heads * seq_len**2 * itemsize * 2
-    head_work = tokens * vocab * 4 * 3  # fp32 logits, their softmax and gradient
-    saved = tokens * (12 * hidden + 6 * inter) * itemsize + micro_batch * heads * seq_len**2 * itemsize * 2
-    return ModelBytes(
-        layer_numel=max(u.numel for u in mm.layer_units), n_layers=len(mm.layer_units),
-        pre_numel=mm.pre.numel, post_numel=mm.post.numel, compute_itemsize=itemsize,
-        activation_bytes=tokens * hidden * itemsize, work_bytes=max(layer_work, head_work),
-        saved_bytes=saved,
-    )
+def workload_for(cfg: Any, total_steps: int | None = None) -> Workload:
+    """``total_steps``: when known (data loaded), counts the checkpoints a run keeps exactly;
+    else ``train.max_steps`` does, or one checkpoint is assumed."""
+    from cli.swap import checkpoint_versions
+
+    t = cfg.train
+    deferred = t.max_grad_norm > 0 or cfg.model.dtype == "float16" or t.nan_policy == "skip"
+    impl = cfg.offload.optimizer_impl if cfg.offload.optimizer_impl != "auto" else "torch"
+    steps = total_steps if total_steps is not None else (t.max_steps if t.max_steps > 0 else None)
+    versions = checkpoint_versions(0, steps, t.save_steps, t.save_total_limit) if steps else 1
+    return Workload(micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
+                    grad_accum=t.gradient_accumulation_steps, compute_dtype=cfg.model.dtype,
+                    deferred=deferred, optimizer_impl=impl, checkpoint_versions=versions)
 
 
-def plan_for_run(ctx: Any) -> Plan:
-    cfg = ctx.cfg
-    device_budget, host_budget = budgets_for_run(cfg, ctx.device)
-    itemsize = torch.empty((), dtype=ctx.dtype).element_size()
-    mb = model_bytes(ctx.model, ctx.hf_config, cfg.train.micro_batch_size, cfg.data.seq_len, itemsize)
+def load_profile_file(path: str | Path) -> HardwareProfile:
+    try:
+        return HardwareProfile.from_json(Path(path).read_text())
+    except OSError as err:
+        raise OffloadError(f"--profile {path}: cannot read it ({err.strerror})") from None
+    except (ValueError, TypeError) as err:
+        raise OffloadError(f"--profile {path}: not a hardware profile ({err}); write one with "
+                           f"offload-train profile and edit it") from None
+
+
+def profile_for(cfg: Any, profile_path: str | None) -> HardwareProfile:
+    if profile_path is not None:
+        return load_profile_file(profile_path)
+    nvme_path = cfg.offload_nvme_path
+    try:
+        nvme_path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OffloadError(f"offload.nvme_path {nvme_path} cannot be created ({err.strerror}); "
+                           f"choose a writable directory on the SSD") from None
+    if not cache_path(nvme_path).exists():
+        print(f"measuring this machine for the planner (SSD at {nvme_path}, CPU AdamW, matmul); cached for "
+              f"next time, refresh with offload-train profile")
+    return load_or_measure(nvme_path, size_bytes=PLANNING_PROFILE_BYTES, io_backend=cfg.offload.io_backend)
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """The planner's choice and everything it was chosen from (the report prints all of it)."""
+
+    choice: PlanChoice
+    shape: ModelShape
+    workload: Workload
+    budgets: Budgets
+    profile: HardwareProfile
+    timing: LayerTiming | None
+
+
+def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
+             profile_path: str | None = None, total_steps: int | None = None) -> PlannedJob:
+    """Plan on this machine, or on the one a profile file describes (its RAM, VRAM and disk).
+
+    On this machine, one layer of the real shape is timed when it fits easily (layer_probe);
+    for another machine the cost model counts FLOPs against the profile's matmul rate.
+    """
+    from scheduler.layer_probe import cached_probe, probe_fits
+
+    profile = profile_for(cfg, profile_path)
+    if profile_path is not None:
+        mem = MachineMemory(profile.ram_available_bytes, profile.vram_free_bytes, profile.disk_free_bytes)
+    else:
+        mem = live_memory(cfg.offload_nvme_path, device)
     recompute = None if cfg.offload.recompute == "auto" else bool(cfg.offload.recompute)
-    plan = simple_plan(mb, device_budget, host_budget, recompute=recompute)
-    if cfg.offload.prefetch_depth != "auto":
-        from dataclasses import replace
-
-        plan = replace(plan, prefetch_depth=int(cfg.offload.prefetch_depth))
-    return plan
+    depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
+    wl, budgets = workload_for(cfg, total_steps), budgets_for(cfg, mem)
+    free = mem.vram_free_bytes if mem.vram_free_bytes is not None else mem.ram_available_bytes
+    timing = None
+    if profile_path is None and probe_fits(shape, wl, free):
+        timing = cached_probe(hf_config, wl, device)
+    choice = choose_plan(shape, wl, budgets, profile, recompute=recompute, prefetch_depth=depth, timing=timing)
+    return PlannedJob(choice, shape, wl, budgets, profile, timing)

@@ -1,15 +1,20 @@
 """Run-folder checkpoints: ``checkpoints/step-N/`` holds everything needed to continue exactly.
 
-Layout of one checkpoint (written to ``step-N.tmp`` and renamed when complete, so a directory
-named ``step-N`` is always whole)::
+The fp32 master weights and Adam states already live in the swap store (``offload.nvme_path``),
+so a checkpoint does not copy them: it is a *snapshot* of the store's extents (copy on write: the
+next update of a tensor goes to a fresh extent, the snapshot keeps the old bytes) plus small JSON
+files. Layout of one checkpoint (written to ``step-N.tmp`` and renamed when complete, so a
+directory named ``step-N`` is always whole)::
 
-    units/<unit>.safetensors   flat fp32 master, exp_avg, exp_avg_sq of each unit
-    units.json                 each unit's parameters: name, shape, offset in the flat buffer
-    trainer_state.json         step, data position, lr-scheduler state, RNG states, loss scale,
-                               fingerprint of the model config
-    config.json                the Hugging Face model config (``export`` needs nothing else)
+    swap.json            the swap directory, and each state tensor's extent (offset, size, CRC32)
+    units.json           each unit's parameters (name, shape, offset in the flat buffer) and which
+                         extents hold its master, exp_avg and exp_avg_sq (element ranges)
+    trainer_state.json   step, data position, lr-scheduler state, loss scale, model fingerprint
+    config.json          the Hugging Face model config (``export`` needs nothing else)
 
-Writing copies the optimizer state once per checkpoint; ``bench/RESULTS.md`` has what it costs.
+The store holds the snapshot of every checkpoint on disk: deleting a checkpoint (rotation) lets
+its extents be reused. After a crash, ``cli.swap.prepare_store`` reopens the store at a
+checkpoint's snapshot. ``bench/RESULTS.md`` has what a checkpoint costs.
 """
 
 from __future__ import annotations
@@ -24,12 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from offload.errors import OffloadError
+from offload.errors import CorruptionError, OffloadError
+from offload.faults import fault_point
+from offload.snapshot_reader import SnapshotReader
+from offload.store import Snapshot, SwapStore
 from scheduler.model_map import ParamSlot, Unit
 
 CHECKPOINTS_DIR = "checkpoints"
+SWAP_FILE = "swap.json"
+UNITS_FILE = "units.json"
+STATE_FILE = "trainer_state.json"
+STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+UnitExtents = tuple[Unit, dict[str, list[tuple[str, int, int]]]]
+"""A unit and, per state kind, the store extents holding it: (extent name, first element, end)."""
 
 
 @dataclass(frozen=True)
@@ -47,37 +61,64 @@ def model_fingerprint(hf_config_dict: dict[str, Any], units: Iterable[Unit]) -> 
     return hashlib.sha256(json.dumps([shape, layout], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_checkpoint(run_dir: Path, step: int,
-                    unit_states: Iterable[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]],
+def save_checkpoint(run_dir: Path, step: int, store: SwapStore, units: list[UnitExtents],
                     trainer_state: dict[str, Any], hf_config: Any, total_limit: int | None = None) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically; keep at most ``total_limit`` checkpoints."""
+    """Write ``checkpoints/step-{step}`` atomically; keep at most ``total_limit`` checkpoints.
+
+    ``units`` says which store extents hold each unit's optimizer state (all writes to them must
+    be finished); they are snapshotted, not copied.
+    """
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step}"
     tmp = root / f"step-{step}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "units").mkdir(parents=True)
-    layout = []
-    for unit, master, exp_avg, exp_avg_sq in unit_states:
-        save_file({"master": master.contiguous(), "exp_avg": exp_avg.contiguous(),
-                   "exp_avg_sq": exp_avg_sq.contiguous()}, str(tmp / "units" / f"{unit.name}.safetensors"))
-        layout.append({"name": unit.name, "params": [
-            {"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in unit.params]})
-    (tmp / "units.json").write_text(json.dumps(layout))
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-    hf_config.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    snap = store.snapshot([name for _, kinds in units for ranges in kinds.values() for name, _, _ in ranges])
+    fault_point("checkpoint.snapshot")
+    try:
+        tmp.mkdir(parents=True)
+        layout = [{"name": unit.name, "params": _params_doc(unit), "extents": kinds} for unit, kinds in units]
+        (tmp / UNITS_FILE).write_text(json.dumps(layout))
+        (tmp / SWAP_FILE).write_text(json.dumps({"nvme_path": str(store.root.resolve()),
+                                                 "snapshot": snap.to_dict()}))
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
+        hf_config.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        fault_point("checkpoint.written")
+    except BaseException:
+        store.release(snap.snapshot_id)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = root / f"step-{step}.old"
+    replaced = _snapshot_id(final) if final.exists() else None
     if final.exists():  # never a moment without a complete step-N: move it aside, then drop it
         os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(root)
+    fault_point("checkpoint.renamed")
     if old.exists():
         shutil.rmtree(old)
+    if replaced is not None and replaced != snap.snapshot_id:
+        store.release(replaced)
     if total_limit:
-        for old in list_checkpoints(run_dir)[:-total_limit]:
-            shutil.rmtree(old.path)
+        for gone in list_checkpoints(run_dir)[:-total_limit]:
+            snapshot_id = _snapshot_id(gone.path)
+            shutil.rmtree(gone.path)
+            if snapshot_id is not None:
+                store.release(snapshot_id)
     return final
+
+
+def _params_doc(unit: Unit) -> list[dict[str, Any]]:
+    return [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in unit.params]
+
+
+def _snapshot_id(ckpt_dir: Path) -> str | None:
+    """The snapshot a checkpoint holds, or ``None`` when its swap.json is unreadable."""
+    try:
+        return str(json.loads((ckpt_dir / SWAP_FILE).read_text())["snapshot"]["snapshot_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
@@ -125,28 +166,85 @@ def drop_checkpoints_after(run_dir: Path, step: int) -> None:
 
 
 class CheckpointUnits:
-    """Reads units back from a checkpoint: the executor's ``resume`` callable."""
+    """A checkpoint's unit layout and snapshot; reads units back (the executor's ``resume``
+    callable, and ``export``) straight from the swap file, checksums verified."""
 
     def __init__(self, ckpt_dir: Path) -> None:
         self.dir = ckpt_dir
-        self.layout = {u["name"]: u["params"] for u in json.loads((ckpt_dir / "units.json").read_text())}
+        units = _read_json(ckpt_dir / UNITS_FILE)
+        swap = _read_json(ckpt_dir / SWAP_FILE)
+        try:
+            self.layout: dict[str, list[dict[str, Any]]] = {u["name"]: u["params"] for u in units}
+            self.extents: dict[str, dict[str, list[list[Any]]]] = {u["name"]: u["extents"] for u in units}
+            self.nvme_path = Path(swap["nvme_path"])
+            snapshot_doc = swap["snapshot"]
+        except (KeyError, TypeError) as err:
+            raise OffloadError(f"checkpoint {ckpt_dir} is damaged (missing {err} in {UNITS_FILE} or "
+                               f"{SWAP_FILE}); resume from another checkpoint") from None
+        self.snapshot = Snapshot.from_dict(snapshot_doc, str(ckpt_dir / SWAP_FILE))
+
+    def check_units(self, units: Iterable[Unit]) -> None:
+        """Raise unless the checkpoint was made for exactly these units."""
+        units = list(units)
+        if [u.name for u in units] != list(self.layout) or any(self.layout[u.name] != _params_doc(u) for u in units):
+            raise OffloadError(f"checkpoint {self.dir} does not match this model; resume with the config "
+                               f"the run was started with, or start fresh")
+
+    def in_store(self, units: Iterable[UnitExtents], nvme_path: Path) -> bool:
+        """True when ``nvme_path`` holds this snapshot under exactly the extents ``units`` name:
+        the store can be reopened at it as is, nothing copied."""
+        if nvme_path.resolve() != self.nvme_path:
+            return False
+        return all({k: [list(r) for r in kinds[k]] for k in STATE_KINDS} == self.extents.get(u.name)
+                   for u, kinds in units)
 
     def __call__(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        path = self.dir / "units" / f"{unit.name}.safetensors"
-        saved = self.layout.get(unit.name)
-        expected = [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "numel": s.numel} for s in unit.params]
-        if saved != expected or not path.exists():
+        """A unit's flat fp32 (master, exp_avg, exp_avg_sq)."""
+        if self.layout.get(unit.name) != _params_doc(unit):
             raise OffloadError(f"checkpoint {self.dir} does not match this model (unit {unit.name}); "
                                f"resume with the config the run was started with, or start fresh")
-        t = load_file(str(path))
-        return t["master"], t["exp_avg"], t["exp_avg_sq"]
+        with SnapshotReader(self.nvme_path, self.snapshot) as reader:
+            master, exp_avg, exp_avg_sq = (self._read(reader, unit.name, kind) for kind in STATE_KINDS)
+        return master, exp_avg, exp_avg_sq
+
+    def _read(self, reader: SnapshotReader, unit_name: str, kind: str) -> torch.Tensor:
+        ranges = self.extents[unit_name][kind]
+        flat = torch.empty(max((b for _, _, b in ranges), default=0), dtype=torch.float32)
+        for name, a, b in ranges:
+            reader.read(name, flat[a:b])
+        return flat
 
     def named_masters(self) -> Iterable[tuple[str, list[ParamSlot], torch.Tensor]]:
         """(unit name, parameter slots, flat master) per unit, one unit in memory at a time."""
-        for name, params in self.layout.items():
-            slots = [ParamSlot(p["name"], tuple(p["shape"]), p["offset"], p["numel"]) for p in params]
-            master = load_file(str(self.dir / "units" / f"{name}.safetensors"))["master"]
-            yield name, slots, master
+        with SnapshotReader(self.nvme_path, self.snapshot) as reader:
+            for name, params in self.layout.items():
+                slots = [ParamSlot(p["name"], tuple(p["shape"]), p["offset"], p["numel"]) for p in params]
+                yield name, slots, self._read(reader, name, "master")
+
+
+def held_snapshots(run_dir: Path, nvme_path: Path) -> list[Snapshot]:
+    """The snapshots of this run's checkpoints that live in ``nvme_path``: the store must keep
+    their extents. A checkpoint whose swap.json is unreadable holds nothing (it cannot be resumed)."""
+    held = []
+    for ckpt in list_checkpoints(run_dir):
+        try:
+            units = CheckpointUnits(ckpt.path)
+        except OffloadError:
+            continue
+        if units.nvme_path == nvme_path.resolve():
+            held.append(units.snapshot)
+    return held
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise OffloadError(f"checkpoint {path.parent} has no {path.name}; it was not written by this version "
+                           f"of offload-train, or is damaged: resume from another checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise CorruptionError(f"checkpoint file {path} is damaged ({err}); resume from another "
+                              f"checkpoint") from None
 
 
 def _fsync_tree(root: Path) -> None:

@@ -496,7 +496,8 @@ class OffloadConfig:
     prefetch_depth: int | str = "auto"
     """Layers fetched ahead of the one computing (an integer >= 0), or auto (planner)."""
     trace: bool = False
-    """Record a timeline of transfers and compute (Chrome trace JSON in output_dir)."""
+    """Record a timeline of the last step's compute, transfers, SSD I/O and CPU Adam
+    (``trace.json`` in output_dir, Chrome trace / Perfetto format; native engine only)."""
     io_threads: int = 8
     """Threads submitting SSD reads and writes."""
 

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML file with sections model, data, train, offload")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config key (repeatable), e.g. --set train.max_steps=10")
+        p.add_argument("--profile", default=None, metavar="PROFILE.json",
+                       help="plan with this hardware profile (a file from offload-train profile, or written "
+                            "by hand for another machine; its RAM, VRAM and disk figures are used too)")
         if name == "train":
             p.add_argument("--plan", default=None, help="replay a saved plan.json instead of planning")
     prof = sub.add_parser("profile", help="measure SSD, PCIe, CPU Adam and matmul speed here (cached)")
@@ -60,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 from cli.train import run_train
 
-                return run_train(cfg, args.plan)
+                return run_train(cfg, args.plan, args.profile)
             from cli.train import run_plan
 
-            return run_plan(cfg)
+            return run_plan(cfg, args.profile)
         if args.command == "profile":
             from cli.config import parse_size
+            from scheduler.layer_probe import clear_probe_cache
             from scheduler.profile import cache_path, load_or_measure
 
             profile = load_or_measure(args.nvme_path, refresh=not args.cached, size_bytes=parse_size(args.size),
                                       io_backend=args.io_backend)
+            if not args.cached:
+                clear_probe_cache()  # layer timings taken on the machine as it was
             print(profile.table())
             print(f"profile cached at {cache_path(args.nvme_path)}")
             return 0

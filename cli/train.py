@@ -22,7 +22,7 @@ import torch
 
 from cli import checkpoint as ckpt_io
 from cli.export import DTYPES, write_hf_model
-from offload.errors import OffloadError, format_bytes
+from offload.errors import OffloadError, OutOfSpaceError, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +42,34 @@ class RunContext:
     device: torch.device
 
 
-def build_context(cfg: Any) -> RunContext:
+def load_model_config(cfg: Any) -> Any:
+    """The Hugging Face config of ``model``: from a checkpoint directory or from ``model.config``."""
     from transformers import AutoConfig
 
-    from cli.data import load_token_dataset, load_tokenizer
-    from scheduler.materialize import RandomInit, SafetensorsInit, empty_model
-
-    run_dir = Path(cfg.train.output_dir)
     m = cfg.model
     if m.name_or_path is not None:
         path = Path(m.name_or_path)
         if not (path / "config.json").exists():
             raise OffloadError(f"model.name_or_path: {path} is not a Hugging Face checkpoint directory "
                                f"(no config.json); give a local directory saved with save_pretrained")
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
-    else:
-        fields = dict(m.config)
-        model_type = fields.pop("model_type", None)
-        if not model_type:
-            raise OffloadError("model.config needs a model_type (e.g. llama, qwen2, gpt2)")
-        try:
-            hf_config = AutoConfig.for_model(model_type, **fields)
-        except ValueError as err:
-            raise OffloadError(f"model.config: {err}") from None
+        return AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    fields = dict(m.config)
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise OffloadError("model.config needs a model_type (e.g. llama, qwen2, gpt2)")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as err:
+        raise OffloadError(f"model.config: {err}") from None
+
+
+def build_context(cfg: Any) -> RunContext:
+    from cli.data import load_token_dataset, load_tokenizer
+    from scheduler.materialize import RandomInit, SafetensorsInit, empty_model
+
+    run_dir = Path(cfg.train.output_dir)
+    m = cfg.model
+    hf_config = load_model_config(cfg)
     tokenizer = load_tokenizer(cfg.data.tokenizer, m.name_or_path)
     vocab = getattr(hf_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
@@ -79,17 +84,26 @@ def build_context(cfg: Any) -> RunContext:
     return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device)
 
 
-def make_plan(ctx: RunContext, plan_path: str | None) -> Any:
-    """The plan: replayed from ``--plan`` or derived from the budgets."""
-    from cli.budgets import plan_for_run
+def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None = None,
+              total_steps: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(plan, what plan.json holds): replayed from ``--plan``, or chosen by the planner."""
+    from cli.budgets import plan_job
+    from scheduler.model_shape import shape_from_model
     from scheduler.plan import Plan
+    from scheduler.plan_report import prediction_dict
 
     if plan_path is not None:
         try:
-            return Plan.from_dict(json.loads(Path(plan_path).read_text()))
-        except (OSError, ValueError, TypeError) as err:
+            saved = json.loads(Path(plan_path).read_text())
+            return Plan.from_dict(saved), saved
+        except (OSError, ValueError, TypeError, AttributeError) as err:
             raise OffloadError(f"--plan {plan_path}: cannot use it ({err})") from None
-    return plan_for_run(ctx)
+    choice = plan_job(ctx.cfg, ctx.hf_config, shape_from_model(ctx.model, ctx.hf_config), ctx.device,
+                      profile_path, total_steps).choice
+    est = choice.estimate
+    print(f"plan: predicted {est.step_s:.2f} s/step, bottleneck {est.bottleneck} (offload-train plan shows "
+          f"the placement)")
+    return choice.plan, {**choice.plan.to_dict(), "predicted": prediction_dict(est)}
 
 
 def seed_everything(seed: int) -> None:
@@ -98,14 +112,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_train(cfg: Any, plan_path: str | None = None) -> int:
+def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None = None) -> int:
     from transformers import get_scheduler
 
+    from cli import swap
     from cli.config import dump_yaml
     from cli.data import DataPosition, steps_per_epoch
     from offload import AdamWConfig, SwapStore, choose_impl, make_adamw, make_backend
+    from offload.tiers import Tier
     from scheduler.executor import StreamingExecutor, TrainSettings
+    from scheduler.model_map import build_model_map
     from scheduler.reference import ReferenceEngine
+    from scheduler.trace import Tracer
 
     ctx = build_context(cfg)
     t = cfg.train
@@ -130,7 +148,7 @@ def run_train(cfg: Any, plan_path: str | None = None) -> int:
                               num_training_steps=total_steps)
 
     resume_ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
-    start_step, position, resume = 0, DataPosition(0, 0), None
+    start_step, position = 0, DataPosition(0, 0)
     units_probe = None
     state: dict[str, Any] = {}
     if resume_ckpt is None and ckpt_io.list_checkpoints(run_dir):
@@ -140,56 +158,71 @@ def run_train(cfg: Any, plan_path: str | None = None) -> int:
         state = ckpt_io.read_trainer_state(resume_ckpt)
         start_step = state["step"]
         position = DataPosition(**state["data_position"])
-        ckpt_io.drop_checkpoints_after(run_dir, start_step)  # a branch abandoned by this resume
         for _ in range(start_step):  # the schedule of *this* config, advanced to the step reached
             lr_holder.step()
             scheduler.step()
-        resume = ckpt_io.CheckpointUnits(resume_ckpt.path)
         units_probe = state.get("fingerprint")
+        _check_resume_keys(cfg, state, resume_ckpt.path)
         print(f"resuming from {resume_ckpt.path} (step {start_step})")
 
-    plan = make_plan(ctx, plan_path)
-    (run_dir / "plan.json").write_text(plan.to_json())
+    plan, plan_record = make_plan(ctx, plan_path, profile_path, total_steps)
+    (run_dir / "plan.json").write_text(json.dumps(plan_record, indent=2))
     engine_name = cfg.offload.engine
-    if engine_name == "reference":
-        from scheduler.materialize import materialize_in_memory
+    units = build_model_map(ctx.model).units
+    fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), units)
+    if units_probe is not None and units_probe != fingerprint:
+        raise OffloadError(f"checkpoint {resume_ckpt.path} was made with another model or config; "
+                           f"resume with the run's own config, or start fresh")
+    states_on_nvme = engine_name != "reference" and plan.optimizer == Tier.NVME
+    # The swap store holds the optimizer states (or, for engines that keep them in RAM, the
+    # copies checkpoints are made of); a checkpoint is a snapshot of it.
+    store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
+    store.open()
+    adamw = None
+    try:  # the store's lock is held: no other run uses this swap (nor, by default, this run folder)
+        if resume_ckpt is not None:
+            ckpt_io.drop_checkpoints_after(run_dir, start_step)  # a branch abandoned by this resume
+        _truncate_metrics(run_dir, start_step)  # the steps after the checkpoint (all, if none) run again
+        start = swap.prepare_store(store, run_dir, resume_ckpt, units, plan.chunk_numel if states_on_nvme else None)
+        if engine_name == "reference":
+            from scheduler.materialize import materialize_in_memory
 
-        model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
-        engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=resume,
-                                      start_step=state.get("optimizer_step", start_step))
-        store = None
-    else:
-        try:
-            impl, _ = choose_impl(cfg.offload.optimizer_impl)
-        except RuntimeError as err:
-            raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
-        adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                             weight_decay=t.weight_decay))
-        store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
-        store.open()
-        store.reset()  # swap space is scratch: the engine writes every tensor at start
-        engine = StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
-                                   initializer=ctx.initializer, resume=resume,
-                                   start_step=state.get("optimizer_step", start_step))
-        engine.loss_scale = state.get("loss_scale", engine.loss_scale)
-        engine.good_steps = state.get("good_steps", 0)
-    try:
+            model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
+            engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=start.resume,
+                                          start_step=state.get("optimizer_step", start_step))
+        else:
+            try:
+                impl, _ = choose_impl(cfg.offload.optimizer_impl)
+            except RuntimeError as err:
+                raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
+            adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                                 weight_decay=t.weight_decay))
+            engine = StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
+                                       initializer=ctx.initializer, resume=start.resume,
+                                       start_step=state.get("optimizer_step", start_step),
+                                       tracer=Tracer() if cfg.offload.trace else None,
+                                       state_in_store=start.state_in_store)
+            engine.loss_scale = state.get("loss_scale", engine.loss_scale)
+            engine.good_steps = state.get("good_steps", 0)
         with engine:
-            fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), engine.units)
-            if units_probe is not None and units_probe != fingerprint:
-                raise OffloadError(f"checkpoint {resume_ckpt.path} was made with another model or config; "
-                                   f"resume with the run's own config, or start fresh")
-            return _loop(ctx, engine, scheduler, lr_holder, start_step, total_steps, position, per_epoch,
-                         fingerprint, plan)
+            versions = swap.checkpoint_versions(start_step, total_steps, t.save_steps, t.save_total_limit)
+            swap.check_checkpoint_room(store, units, versions, states_on_nvme)
+            try:
+                return _loop(ctx, engine, scheduler, lr_holder, start_step, total_steps, position, per_epoch,
+                             fingerprint, plan, store)
+            except OutOfSpaceError as err:
+                last = ckpt_io.list_checkpoints(run_dir)
+                kept = f"checkpoint {last[-1].path.name} is intact" if last else "no checkpoint was written yet"
+                raise OffloadError(f"{err}; training stopped and {kept}: free space, then rerun with "
+                                   f"train.resume_from_checkpoint: auto") from None
     finally:
-        if store is not None:
-            store.close()
-        if engine_name != "reference":
+        store.close()
+        if adamw is not None:
             adamw.close()
 
 
 def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_step: int, total_steps: int,
-          position: Any, per_epoch: int, fingerprint: str, plan: Any) -> int:
+          position: Any, per_epoch: int, fingerprint: str, plan: Any, store: Any) -> int:
     from tqdm import tqdm
 
     t, run_dir = ctx.cfg.train, ctx.run_dir
@@ -197,7 +230,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
     metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
     batches = _batch_stream(ctx, position)
     t_start = time.perf_counter()
-    tokens_total, window_losses, window_tokens, window_time = 0, [], 0, 0.0
+    tokens_total, window_losses, window_tokens, window_time, window_skipped = 0, [], 0, 0.0, 0
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=None, mininterval=1.0)  # no bar when stdout is not a terminal
     try:
@@ -206,7 +239,14 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
             micro = [next(batches) for _ in range(ga)]
             seed_everything(t.seed + step)  # per-step RNG (dropout): a resumed run draws the same
             lr = lr_holder.param_groups[0]["lr"]
+            tracer = getattr(engine, "tracer", None) if step + 1 == total_steps else None
+            if tracer is not None and tracer.enabled:  # offload.trace: the timeline of the last step
+                tracer.start()
             result = engine.train_step([b for b, _ in micro], lr)
+            if tracer is not None and tracer.enabled:
+                engine.synchronize()  # the step's optimizer updates finish inside the timeline
+                tracer.stop()
+                print(f"timeline of step {step + 1} written to {tracer.write(run_dir / 'trace.json')}")
             lr_holder.step()  # no-op (no gradients); keeps torch's scheduler-order check quiet
             scheduler.step()
             step += 1
@@ -214,19 +254,22 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
             tokens_total += result.tokens
             window_tokens += result.tokens
             window_time += result.step_time_s
-            if not result.skipped:
+            if result.skipped:
+                window_skipped += 1
+            else:
                 window_losses.append(result.loss)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.step_time_s:.0f}")
             if step % t.logging_steps == 0 or step == total_steps:
-                record = _metrics_record(engine, step, lr, result, window_losses, window_tokens, window_time)
+                record = _metrics_record(engine, step, lr, result, window_losses, window_tokens, window_time,
+                                         window_skipped)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 tqdm.write(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  "
                            f"{record['tokens_per_s']:.0f} tok/s")
-                window_losses, window_tokens, window_time = [], 0, 0.0
+                window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
-                _save(ctx, engine, step, next_position, scheduler, fingerprint)
+                _save(ctx, engine, store, step, next_position, scheduler, fingerprint)
     finally:
         bar.close()
         metrics_file.close()
@@ -258,7 +301,7 @@ def _batch_stream(ctx: RunContext, position: Any):  # noqa: ANN202 - generator
 
 
 def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list[float], tokens: int,
-                    seconds: float) -> dict[str, Any]:
+                    seconds: float, skipped_steps: int) -> dict[str, Any]:
     m = engine.metrics()
     return {
         "step": step,
@@ -267,7 +310,8 @@ def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list
         "grad_norm": result.grad_norm,
         "step_time_s": result.step_time_s,
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "skipped": result.skipped,
+        "skipped": result.skipped,  # this step's update was skipped (train.nan_policy: skip)
+        "skipped_steps": skipped_steps,  # steps skipped since the previous record
         "peak_device_bytes": m["peak_device_bytes"],
         "peak_host_bytes": m["peak_host_bytes"],
         "io_read_bytes": m["io_read_bytes"],
@@ -275,18 +319,63 @@ def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list
     }
 
 
-def _save(ctx: RunContext, engine: Any, step: int, position: Any, scheduler: Any, fingerprint: str) -> None:
+def _save(ctx: RunContext, engine: Any, store: Any, step: int, position: Any, scheduler: Any,
+          fingerprint: str) -> None:
+    from cli.swap import write_states
+
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
              "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
              "optimizer_step": engine.optimizer_step,  # lags `step` by the skipped steps
-             "loss_scale": getattr(engine, "loss_scale", 1.0), "good_steps": getattr(engine, "good_steps", 0)}
+             "loss_scale": getattr(engine, "loss_scale", 1.0), "good_steps": getattr(engine, "good_steps", 0),
+             "resume_keys": _resume_keys(ctx.cfg)}
+    t_start_s = time.perf_counter()
     try:
-        ckpt_io.save_checkpoint(ctx.run_dir, step, engine.unit_states(), state, ctx.hf_config,
-                                ctx.cfg.train.save_total_limit)
+        units = engine.optimizer_state_extents() if hasattr(engine, "optimizer_state_extents") else None
+        if units is None:  # the engine keeps them in RAM: write them into the store first
+            units = write_states(store, engine.unit_states())
+        path = ckpt_io.save_checkpoint(ctx.run_dir, step, store, units, state, ctx.hf_config,
+                                       ctx.cfg.train.save_total_limit)
     except OSError as err:
         raise OffloadError(f"cannot write checkpoint step-{step} under {ctx.run_dir / 'checkpoints'} "
                            f"({err.strerror or err}); the previous checkpoints are intact: free space "
                            f"and resume with train.resume_from_checkpoint: auto") from None
+    log.info("checkpoint %s written in %.3f s", path, time.perf_counter() - t_start_s)
+
+
+RESUME_KEYS = ("data.path", "data.seq_len", "data.packing", "data.shuffle", "data.text_field", "model.dtype",
+               "train.micro_batch_size", "train.gradient_accumulation_steps", "train.seed")
+"""Config keys a run cannot change when it resumes: the data position and the batches depend on them."""
+
+
+def _resume_keys(cfg: Any) -> dict[str, Any]:
+    d = cfg.to_dict()
+    return {key: d[key.split(".")[0]].get(key.split(".")[1]) for key in RESUME_KEYS}
+
+
+def _check_resume_keys(cfg: Any, state: dict[str, Any], ckpt_path: Path) -> None:
+    saved = state.get("resume_keys") or {}
+    now = _resume_keys(cfg)
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise OffloadError(f"checkpoint {ckpt_path} was made with {key} = {saved[key]!r}, this config has "
+                               f"{value!r}: resume with the run's own config, or start a new output_dir")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the metrics of steps after ``step`` (a resumed run logs them again), atomically."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _named_masters(engine: Any):  # noqa: ANN202 - generator
@@ -294,12 +383,25 @@ def _named_masters(engine: Any):  # noqa: ANN202 - generator
         yield unit.name, list(unit.params), master
 
 
-def run_plan(cfg: Any) -> int:
-    """``offload-train plan``: the plan ``train`` would use, printed and written to plan.json."""
-    ctx = build_context(cfg)
-    plan = make_plan(ctx, None)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    (ctx.run_dir / "plan.json").write_text(plan.to_json())
-    print(plan)
-    print(f"plan written to {ctx.run_dir / 'plan.json'}")
+def run_plan(cfg: Any, profile_path: str | None = None) -> int:
+    """``offload-train plan``: the plan ``train`` would use, as a table, written to plan.json.
+
+    Needs the model config and the batch shape only: no data, no weights.
+    """
+    from cli.budgets import plan_job
+    from scheduler.materialize import empty_model
+    from scheduler.model_shape import shape_from_model
+    from scheduler.plan_report import format_report, prediction_dict
+
+    hf_config = load_model_config(cfg)
+    shape = shape_from_model(empty_model(hf_config, trust_remote_code=cfg.model.trust_remote_code), hf_config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    job = plan_job(cfg, hf_config, shape, device, profile_path)
+    choice = job.choice
+    print(format_report(choice, shape, job.workload, job.budgets, job.profile, job.timing))
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {**choice.plan.to_dict(), "predicted": prediction_dict(choice.estimate)}
+    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
+    print(f"plan written to {run_dir / 'plan.json'}")
     return 0

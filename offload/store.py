@@ -10,6 +10,13 @@ Every write records a CRC32 of the bytes written; every read checks it (``verify
 flipped or truncated byte becomes a ``CorruptionError`` naming the tensor and the file, never
 silent garbage. The manifest is rewritten atomically (temp file, fsync, rename) by ``flush()``
 and ``close()``.
+
+Snapshots (copy-on-write versions): ``snapshot(names)`` freezes the current extents of ``names``
+(with their checksums) into a ``Snapshot`` that the caller persists, e.g. in a checkpoint. While
+the store holds a snapshot, its extents are never written or handed out again: the next write of
+one of those tensors goes to a fresh extent (a hole left by a released snapshot, else the end of
+the data file). ``release()`` lets go of one; ``restore()`` reopens the store at one, holding the
+others again. A checkpoint then costs an fsync and a small JSON file, not a copy of the tensors.
 """
 
 from __future__ import annotations
@@ -21,15 +28,20 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 import zlib
+from collections.abc import Iterable
 from concurrent.futures import Future, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from offload.errors import CorruptionError, NotWritableError, OffloadError, OutOfSpaceError
+from offload.faults import fault_point
+from offload.freelist import FreeList
 from offload.io.base import ALIGN_BYTES, IOBackend, align_up, as_byte_tensor
 
 log = logging.getLogger(__name__)
@@ -37,6 +49,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 DATA_FILE_NAME = "data-000.bin"
 MANIFEST_VERSION = 1
+SNAPSHOT_VERSION = 1
 SPACE_RESERVE_BYTES = 64 << 20
 """Free space left untouched on the filesystem so that manifests and logs can still be written."""
 
@@ -102,6 +115,36 @@ def _check_disjoint(extents: list[Extent]) -> None:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A frozen set of extents, each with the CRC32 of its bytes: what one checkpoint holds."""
+
+    snapshot_id: str
+    extents: dict[str, Extent]
+    crc32: dict[str, int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": SNAPSHOT_VERSION, "snapshot_id": self.snapshot_id,
+                "extents": {n: {**asdict(e), "crc32": self.crc32.get(n)} for n, e in self.extents.items()}}
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str) -> Snapshot:
+        """Parse ``to_dict()`` output; anything malformed is a ``CorruptionError`` naming ``source``."""
+        try:
+            if doc.get("version") != SNAPSHOT_VERSION:
+                raise ValueError(f"version {doc.get('version')!r}")
+            extents: dict[str, Extent] = {}
+            crcs: dict[str, int | None] = {}
+            for name, rec in doc["extents"].items():
+                ext = Extent(name, rec["file"], rec["offset"], rec["nbytes"], rec["dtype"], tuple(rec["shape"]))
+                _check_extent(ext, rec["crc32"])
+                extents[name], crcs[name] = ext, rec["crc32"]
+            _check_disjoint(list(extents.values()))
+            return cls(str(doc["snapshot_id"]), extents, crcs)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptionError(f"{source} is damaged ({err}); resume from another checkpoint") from None
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """A tensor to reserve room for: name, dtype and shape."""
 
@@ -136,6 +179,10 @@ class SwapStore:
         self._data_bytes = 0  # allocated length of the data file
         self._lock_fd: int | None = None
         self._lock = threading.Lock()
+        self._alloc_lock = threading.Lock()  # one allocation at a time; taken before ``_lock``
+        self._snapshots: dict[str, Snapshot] = {}  # held: their extents are never reused
+        self._refs: dict[int, int] = {}  # extent offset -> live names + held snapshots using it
+        self._free = FreeList()  # holes of the data file no extent uses
         self._flush_lock = threading.Lock()  # one manifest writer at a time (shared temp file)
         self._in_flight: set[Future] = set()  # futures handed out by write() and read()
         self.read_bytes = 0
@@ -180,12 +227,19 @@ class SwapStore:
         data_path = self.root / DATA_FILE_NAME
         self._data_handle = self.backend.open(str(data_path), create=True)
         self._data_bytes = data_path.stat().st_size
-        needed = max((e.offset + e.padded_bytes for e in self._extents.values()), default=0)
-        if self._data_bytes < needed:
+        beyond = [e for e in self._extents.values() if e.offset + e.padded_bytes > self._data_bytes]
+        if beyond:
+            needed = max(e.offset + e.padded_bytes for e in beyond)
             raise CorruptionError(
                 f"swap file {data_path} is truncated: {self._data_bytes} bytes, the manifest needs "
-                f"{needed}; delete {self.root} to start fresh, or restore the file"
+                f"{needed} (tensor {beyond[0].name!r} and {len(beyond) - 1} more are cut off); delete "
+                f"{self.root} to start fresh, or restore the file"
             )
+        self._snapshots.clear()
+        self._refs.clear()
+        for ext in self._extents.values():
+            self._ref(ext)
+        self._rebuild_free()
 
     def __enter__(self) -> SwapStore:
         return self.open()
@@ -209,16 +263,19 @@ class SwapStore:
         leaves an empty, consistent store.
         """
         self.wait_in_flight()
-        with self._lock:
+        with self._alloc_lock, self._lock:
             self._extents.clear()
             self._crc.clear()
+            self._snapshots.clear()
+            self._refs.clear()
+            self._free.clear()
+        self.flush()  # first the empty manifest: a crash before the truncation leaves it valid
         fd = os.open(self.root / DATA_FILE_NAME, os.O_RDWR)
         try:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
         self._data_bytes = 0
-        self.flush()
 
     def wait_in_flight(self) -> None:
         """Block until every read and write submitted so far has finished (failed ones too)."""
@@ -312,7 +369,8 @@ class SwapStore:
         return self._data_bytes
 
     def reserve(self, specs: list[TensorSpec]) -> None:
-        """Give each new spec an extent, growing the data file once, after a free-space check.
+        """Give each new spec an extent: a hole of the data file, else room at its end (the file
+        grows once, after a free-space check).
 
         Specs already present must keep their dtype and shape. Raises ``OutOfSpaceError``
         before touching the disk when the filesystem cannot hold the new extents.
@@ -320,22 +378,169 @@ class SwapStore:
         new = self._new_specs(specs)
         if not new:
             return
-        grow_bytes = sum(align_up(s.nbytes) for s in new)
+        with self._alloc_lock:
+            placed: list[tuple[TensorSpec, int]] = []
+            at_end: list[TensorSpec] = []
+            for spec in new:
+                offset = self._free.take(align_up(spec.nbytes)) if spec.nbytes else None
+                if offset is None:
+                    at_end.append(spec)
+                else:
+                    placed.append((spec, offset))
+            try:
+                offset = self._data_bytes
+                grow_bytes = sum(align_up(s.nbytes) for s in at_end)
+                if grow_bytes:
+                    self._check_room(grow_bytes)
+                    self._grow_to(offset + grow_bytes)  # raises before any extent is recorded
+            except BaseException:
+                for spec, hole in placed:
+                    self._free.give(hole, align_up(spec.nbytes))
+                raise
+            for spec in at_end:
+                placed.append((spec, offset))
+                offset += align_up(spec.nbytes)
+            with self._lock:
+                for spec, at in placed:
+                    ext = Extent(spec.name, DATA_FILE_NAME, at, spec.nbytes, str(spec.dtype), tuple(spec.shape))
+                    self._extents[ext.name] = ext
+                    self._crc[ext.name] = None
+                    self._ref(ext)
+
+    def _check_room(self, nbytes: int) -> None:
         free_bytes = shutil.disk_usage(self.root).free - SPACE_RESERVE_BYTES
-        if grow_bytes > free_bytes:
-            raise OutOfSpaceError(str(self.root), grow_bytes, max(free_bytes, 0))
+        if nbytes > free_bytes:
+            raise OutOfSpaceError(str(self.root), nbytes, max(free_bytes, 0))
+
+    def require_room(self, nbytes: int) -> None:
+        """Raise ``OutOfSpaceError`` unless ``nbytes`` more could be allocated (holes of the
+        data file plus free space on the filesystem), e.g. for the versions checkpoints keep."""
+        free_bytes = max(shutil.disk_usage(self.root).free - SPACE_RESERVE_BYTES, 0)
+        room = self._free.free_bytes + free_bytes
+        if nbytes > room:
+            raise OutOfSpaceError(str(self.root), nbytes, room)
+
+    def _allocate(self, nbytes: int) -> int:
+        """Offset of ``nbytes`` (a multiple of 4 KiB) no extent uses; caller holds ``_alloc_lock``."""
+        offset = self._free.take(nbytes)
+        if offset is not None:
+            return offset
         offset = self._data_bytes
-        extents: list[Extent] = []
-        for spec in new:
-            extents.append(
-                Extent(spec.name, DATA_FILE_NAME, offset, spec.nbytes, str(spec.dtype), tuple(spec.shape))
-            )
-            offset += align_up(spec.nbytes)
-        self._grow_to(offset)  # raises before any extent is recorded
+        self._check_room(nbytes)
+        self._grow_to(offset + nbytes)
+        return offset
+
+    def _ref(self, ext: Extent) -> None:
+        if ext.padded_bytes:
+            self._refs[ext.offset] = self._refs.get(ext.offset, 0) + 1
+
+    def _unref(self, ext: Extent) -> None:
+        if not ext.padded_bytes:
+            return
+        left = self._refs[ext.offset] - 1
+        if left:
+            self._refs[ext.offset] = left
+        else:
+            del self._refs[ext.offset]
+            self._free.give(ext.offset, ext.padded_bytes)
+
+    def _rebuild_free(self) -> None:
+        """Holes = the data file minus every extent in use (live or held by a snapshot)."""
+        used = {e.offset: e.padded_bytes for e in self._extents.values() if e.padded_bytes}
+        for snap in self._snapshots.values():
+            used.update((e.offset, e.padded_bytes) for e in snap.extents.values() if e.padded_bytes)
+        self._free.clear()
+        at = 0
+        for offset, nbytes in sorted(used.items()):
+            if offset > at:
+                self._free.give(at, offset - at)
+            at = max(at, offset + nbytes)
+        if self._data_bytes > at:
+            self._free.give(at, self._data_bytes - at)
+
+    # -- snapshots --------------------------------------------------------------------------
+    def snapshot(self, names: Iterable[str], snapshot_id: str | None = None) -> Snapshot:
+        """Freeze the extents of ``names`` as they are now, once every write has landed and the
+        data file is on disk (fsync). Hold it until ``release()``."""
+        self.wait_in_flight()
+        self._sync_data()
+        with self._alloc_lock, self._lock:
+            extents = {n: self._extents[n] for n in names if self._known(n)}
+            snap = Snapshot(snapshot_id or uuid.uuid4().hex, extents, {n: self._crc.get(n) for n in extents})
+            self._hold(snap)
+        return snap
+
+    def _known(self, name: str) -> bool:
+        if name not in self._extents:
+            raise KeyError(f"no tensor named {name!r} in the swap store {self.root}")
+        return True
+
+    def _hold(self, snap: Snapshot) -> None:
+        if snap.snapshot_id in self._snapshots:
+            raise ValueError(f"snapshot {snap.snapshot_id} is already held")
+        self._snapshots[snap.snapshot_id] = snap
+        for ext in snap.extents.values():
+            self._ref(ext)
+
+    def release(self, snapshot_id: str) -> None:
+        """Let go of a snapshot: extents no one else uses become free for new versions."""
+        with self._alloc_lock, self._lock:
+            snap = self._snapshots.pop(snapshot_id, None)
+            if snap is not None:
+                for ext in snap.extents.values():
+                    self._unref(ext)
+
+    @property
+    def reusable_bytes(self) -> int:
+        """Bytes of the data file no live tensor uses: holes, and extents only snapshots hold
+        (free again once those are released)."""
         with self._lock:
-            for ext in extents:
-                self._extents[ext.name] = ext
-                self._crc[ext.name] = None
+            live = {e.offset for e in self._extents.values()}
+            held_only = {e.offset: e.padded_bytes for snap in self._snapshots.values()
+                         for e in snap.extents.values() if e.offset not in live}
+        return self._free.free_bytes + sum(held_only.values())
+
+    def restore(self, snapshot: Snapshot | None, held: Iterable[Snapshot] = ()) -> None:
+        """Reopen the store at ``snapshot``: its tensors become the live ones (no other tensor
+        stays; none with ``None``), and it and every snapshot in ``held`` are held. Raises
+        ``CorruptionError`` naming the tensor and the file when the data file cannot hold an
+        extent."""
+        self.wait_in_flight()
+        keep = {s.snapshot_id: s for s in (*held, *([snapshot] if snapshot else []))}
+        used: dict[int, Extent] = {}
+        path = self.root / DATA_FILE_NAME
+        for snap in keep.values():
+            for ext in snap.extents.values():
+                if ext.offset + ext.padded_bytes > self._data_bytes:
+                    raise CorruptionError(
+                        f"swap data for tensor {ext.name!r} in {path} is truncated: the file has "
+                        f"{self._data_bytes} bytes, the checkpoint needs {ext.offset + ext.padded_bytes}; "
+                        f"restore the file or resume from another checkpoint")
+                if ext.padded_bytes and used.setdefault(ext.offset, ext).padded_bytes != ext.padded_bytes:
+                    raise CorruptionError(f"checkpoints disagree about the extents of {path} (tensor "
+                                          f"{ext.name!r}); resume from one checkpoint only")
+        try:
+            _check_disjoint(list(used.values()))
+        except ValueError as err:
+            raise CorruptionError(f"checkpoints disagree about the extents of {path} ({err})") from None
+        with self._alloc_lock, self._lock:
+            self._snapshots.clear()
+            self._refs.clear()
+            self._extents = dict(snapshot.extents) if snapshot else {}
+            self._crc = dict(snapshot.crc32) if snapshot else {}
+            for ext in self._extents.values():
+                self._ref(ext)
+            for snap in keep.values():
+                self._hold(snap)
+            self._rebuild_free()
+        self.flush()
+
+    def _sync_data(self) -> None:
+        fd = os.open(self.root / DATA_FILE_NAME, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _new_specs(self, specs: list[TensorSpec]) -> list[TensorSpec]:
         """The specs not in the store yet (each name once); a name seen with another dtype or
@@ -390,14 +595,32 @@ class SwapStore:
     def write(self, name: str, tensor: torch.Tensor) -> Future[None]:
         """Start writing ``tensor`` (same numel and byte size as the extent); keep it alive and
         unchanged until the future is done."""
-        ext = self._checked(name, tensor)
+        fault_point("store.write")
+        ext = self._writable(self._checked(name, tensor))
         inner = self.backend.submit_write(self._handle(), tensor, ext.offset)
         fut: Future[None] = self._track(Future())
         inner.add_done_callback(lambda f: self._after_write(f, fut, ext, tensor))
         return fut
 
+    def _writable(self, ext: Extent) -> Extent:
+        """Where a write of ``ext.name`` goes: its extent, or a fresh one when a held snapshot
+        uses it (copy on write; the snapshot keeps the old bytes)."""
+        if not ext.padded_bytes:
+            return ext
+        with self._alloc_lock:
+            if self._refs.get(ext.offset, 0) <= 1:
+                return ext
+            new = replace(ext, offset=self._allocate(ext.padded_bytes))
+            with self._lock:
+                self._extents[ext.name] = new
+                self._crc[ext.name] = None
+                self._unref(ext)
+                self._ref(new)
+        return new
+
     def read(self, name: str, out: torch.Tensor) -> Future[torch.Tensor]:
         """Start reading extent ``name`` into ``out``; the future returns ``out`` once verified."""
+        fault_point("store.read")
         ext = self._checked(name, out)
         inner = self.backend.submit_read(self._handle(), out, ext.offset)
         fut: Future[torch.Tensor] = self._track(Future())

@@ -57,6 +57,7 @@ from offload.store import SwapStore, TensorSpec
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import ModelMap, Unit, build_model_map
 from scheduler.plan import Plan
+from scheduler.trace import TracedStore, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class _LayerCall:
     output: torch.Tensor | None = None  # no-recompute mode: the layer's output (graph root)
     saved: Any = None  # the saved_tensors_hooks context while the layer runs
     saved_bytes: int = 0  # DEVICE bytes of saved activations
+    trace_start_s: float = 0.0  # when the layer's forward began (0.0: not tracing)
 
 
 @dataclass(frozen=True)
@@ -220,15 +222,19 @@ class StreamingExecutor:
     def __init__(self, model: nn.Module, plan: Plan, store: SwapStore, adamw: FlatAdamW,
                  settings: TrainSettings, device: torch.device | None = None,
                  initializer: Initializer | None = None, resume: ResumeState | None = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, tracer: Tracer | None = None, state_in_store: bool = False) -> None:
         self.model = model
         self.plan = plan
-        self.store = store
+        self.tracer = tracer or Tracer(enabled=False)
+        self.store = TracedStore(store, self.tracer) if self.tracer.enabled else store
         self.adamw = adamw
         self.settings = settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.initializer = initializer
         self.resume = resume
+        # The store already holds every unit's master/exp_avg/exp_avg_sq under this plan's
+        # names (a restored checkpoint snapshot): read them instead of initializing.
+        self.state_in_store = state_in_store
         self.acct = Accountant({Tier.DEVICE: plan.device_budget_bytes, Tier.HOST: plan.host_budget_bytes})
         self.map: ModelMap | None = None
         self._states: list[_UnitState] = []
@@ -344,11 +350,16 @@ class StreamingExecutor:
         for u in self.map.units:
             if self.plan.optimizer == Tier.HOST:
                 total += 12 * u.numel
-            if self.plan.grads == Tier.HOST:
+            if self.plan.grads == Tier.HOST and self._grads_kept():
                 total += 4 * u.numel
             if self._weights_home(u) == Tier.HOST:
                 total += _itemsize(self.settings.compute_dtype) * u.numel
         return total
+
+    def _grads_kept(self) -> bool:
+        """Gradients outlive a backward only when accumulated or when updates are deferred;
+        otherwise the grads tier holds nothing and gets no space."""
+        return self.settings.gradient_accumulation_steps > 1 or self.settings.deferred
 
     def _weights_home(self, u: Unit) -> Tier:
         """Where a unit's compute weights wait between uses (DEVICE: never leaves it)."""
@@ -381,7 +392,7 @@ class StreamingExecutor:
             kinds: list[tuple[str, torch.dtype]] = []
             if self.plan.optimizer == Tier.NVME:
                 kinds += [("master", torch.float32), ("exp_avg", torch.float32), ("exp_avg_sq", torch.float32)]
-            if self.plan.grads == Tier.NVME:
+            if self.plan.grads == Tier.NVME and self._grads_kept():
                 kinds.append(("grad", torch.float32))
             if self._weights_home(u) == Tier.NVME:
                 kinds.append(("weight", self.settings.compute_dtype))
@@ -392,6 +403,13 @@ class StreamingExecutor:
     def _initialize_unit(self, st: _UnitState, originals: dict[str, torch.Tensor]) -> None:
         """Write a unit's initial master weights, zero Adam states and compute weights."""
         u = st.unit
+        if self.state_in_store:
+            if self.plan.optimizer != Tier.NVME:
+                raise ValueError("state_in_store needs a plan with the optimizer states on NVME")
+            master = torch.empty(u.numel, dtype=torch.float32)
+            self._read_chunks(u, "master", master)
+            self._write_weights(st, master.to(self.settings.compute_dtype), master)
+            return
         if self.resume is not None:
             master, exp_avg, exp_avg_sq = self.resume(u)
             for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
@@ -415,7 +433,12 @@ class StreamingExecutor:
                                           zeros[: b - a] if exp_avg_sq is None else exp_avg_sq[a:b])]
             for f in futs:
                 f.result()
-        if self.plan.grads == Tier.HOST:
+        self._write_weights(st, weights, master)
+
+    def _write_weights(self, st: _UnitState, weights: torch.Tensor, master: torch.Tensor) -> None:
+        """Put a unit's initial compute weights in their home (and zero its HOST gradients)."""
+        u = st.unit
+        if self.plan.grads == Tier.HOST and self._grads_kept():
             st.host_grad = torch.zeros(u.numel, dtype=torch.float32)
         home = self._weights_home(u)
         if home == Tier.DEVICE:
@@ -494,6 +517,7 @@ class StreamingExecutor:
 
     def _h2d(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         nbytes = src.numel() * src.element_size()
+        t_start_s = self.tracer.clock()
         if self.device.type == "cuda":
             # The destination may be memory the compute stream just released (caching
             # allocator): order the copy after all work queued on the compute stream so far.
@@ -504,6 +528,7 @@ class StreamingExecutor:
             self.acct.count("h2d_bytes", nbytes)
         else:
             dst.copy_(src)
+        self.tracer.add("h2d", f"{nbytes} bytes", t_start_s)
 
     def _request_load(self, st: _UnitState) -> None:
         if st.resident or st.device_flat is not None or st.load is not None:
@@ -523,12 +548,14 @@ class StreamingExecutor:
 
     def _ensure_loaded(self, st: _UnitState) -> None:
         if st.resident:
-            st.update.result()  # sync point: the unit's optimizer update must be finished
+            with self.tracer.span("wait", f"update of {st.unit.name}"):
+                st.update.result()  # sync point: the unit's optimizer update must be finished
             return
         if st.device_flat is None:
             self._request_load(st)
             assert st.load is not None
-            st.device_flat = st.load.result()
+            with self.tracer.span("wait", f"weights of {st.unit.name}"):
+                st.device_flat = st.load.result()
             st.load = None
         self._bind(st)
 
@@ -575,6 +602,7 @@ class StreamingExecutor:
             self._calls[i] = call
             self._ensure_loaded(self._states[i + 1])
             self._prefetch(iter(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers))))
+            call.trace_start_s = self.tracer.clock()
             if self.plan.recompute:
                 self._save_checkpoint(i, call, x.detach())
                 self._grad_mode_stack.append(torch.is_grad_enabled())
@@ -595,6 +623,7 @@ class StreamingExecutor:
             if not self._streaming:
                 return None
             call = self._calls[i]
+            self.tracer.add("compute", f"forward layer.{i}", call.trace_start_s)
             if self.plan.recompute:
                 torch.set_grad_enabled(self._grad_mode_stack.pop())
             else:
@@ -705,6 +734,7 @@ class StreamingExecutor:
                 grad_norm, skipped = self._deferred_update(lr)
         else:
             self._discard_accumulation()
+        self.tracer.add("step", f"step {self.optimizer_step}", t0)
         return StepResult(total_loss if not skipped else float("nan"), grad_norm, skipped, tokens,
                           time.perf_counter() - t0)
 
@@ -726,7 +756,7 @@ class StreamingExecutor:
         self._prefetch(iter(range(min(self.plan.prefetch_depth, self._n_layers))))
         self._streaming = True
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), self.tracer.span("compute", "forward"):
                 out = self.model(**kwargs)
         finally:
             self._streaming = False
@@ -748,7 +778,8 @@ class StreamingExecutor:
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         assert self._head_input is not None and self._x0 is not None
-        (loss * self.loss_scale).backward()  # final norm + LM head; fills head_input.grad
+        with self.tracer.span("compute", "backward post"):
+            (loss * self.loss_scale).backward()  # final norm + LM head; fills head_input.grad
         grad = self._head_input.grad
         self._head_input = None
         self._unit_grads_ready(self._states[-1], last)
@@ -759,20 +790,22 @@ class StreamingExecutor:
             call = self._calls.pop(i)
             if self.plan.recompute:
                 x = self._take_checkpoint(i, call).detach().requires_grad_(True)
-                with self._rng_restored(call):
+                with self._rng_restored(call), self.tracer.span("compute", f"recompute layer.{i}"):
                     out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
                 hidden = out[0] if isinstance(out, tuple) else out
                 del out
             else:
                 assert call.x_leaf is not None and call.output is not None
                 x, hidden = call.x_leaf, call.output
-            torch.autograd.backward(hidden, grad)
+            with self.tracer.span("compute", f"backward layer.{i}"):
+                torch.autograd.backward(hidden, grad)
             grad = x.grad
             self.acct.free(Tier.DEVICE, call.saved_bytes)
             del x, hidden, call
             self._unit_grads_ready(st, last)
             self._release(st)
-        self._x0.backward(grad)  # embeddings (and anything before layer 0)
+        with self.tracer.span("compute", "backward pre"):
+            self._x0.backward(grad)  # embeddings (and anything before layer 0)
         self._x0 = None
         self._unit_grads_ready(self._states[0], last)
 
@@ -889,6 +922,7 @@ class StreamingExecutor:
         n = b - a
         grad = bufs[0, :n]
         if job.fresh_any:
+            t_start_s = self.tracer.clock()
             for s, g in zip(u.params, job.fresh, strict=True):
                 lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
                 if lo >= hi:
@@ -900,6 +934,7 @@ class StreamingExecutor:
                     dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to fp32
                     if g.device.type == "cuda":
                         self.acct.count("d2h_bytes", (hi - lo) * g.element_size())
+            self.tracer.add("d2h", f"gradients of {u.name}.{c}", t_start_s)
             if job.add_stored:
                 grad.add_(bufs[1, :n])
         writes: list[Future[None]] = []
@@ -930,10 +965,12 @@ class StreamingExecutor:
             master, exp_avg, exp_avg_sq = (t[a:b] for t in st.host_master)
         else:
             master, exp_avg, exp_avg_sq = bufs[2, :n], bufs[3, :n], bufs[4, :n]
+        t_start_s = self.tracer.clock()
         for lo, hi in _updated_runs(u, job.seen, a, b):
             # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
             # momentum): update only the runs of parameters that had one.
             self.adamw.step(master[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], job.step, job.lr)
+        self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
         if self.plan.optimizer == Tier.NVME:
             writes += [self.store.write(f"{u.name}.master.{c}", master),
                        self.store.write(f"{u.name}.exp_avg.{c}", exp_avg),
@@ -1033,6 +1070,15 @@ class StreamingExecutor:
                 self._read_chunks(u, kind, flat)
             yield u, *flats
 
+    def optimizer_state_extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
+        """Where each unit's fp32 master, exp_avg and exp_avg_sq live in the store, once every
+        pending update has landed: kind -> [(extent name, first element, end element)]. ``None``
+        when the plan keeps them in host memory (``unit_states()`` has them then)."""
+        self.synchronize()
+        if self.plan.optimizer != Tier.NVME:
+            return None
+        return state_extents(self.units, self.plan.chunk_numel)
+
     @property
     def units(self) -> tuple[Unit, ...]:
         assert self.map is not None
@@ -1048,6 +1094,14 @@ class StreamingExecutor:
             "h2d_bytes": links.h2d_bytes,
             "d2h_bytes": links.d2h_bytes,
         }
+
+
+def state_extents(units: tuple[Unit, ...], chunk_numel: int) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]]:
+    """The store extents an executor with optimizer states on NVME keeps them in, per unit and
+    kind: (extent name, first element, end element), one per chunk of ``chunk_numel``."""
+    return [(u, {kind: [(f"{u.name}.{kind}.{c}", a, b) for c, (a, b) in enumerate(_chunk_ranges(u.numel, chunk_numel))]
+                 for kind in ("master", "exp_avg", "exp_avg_sq")})
+            for u in units]
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -7,8 +7,7 @@ Tensor groups:
 - ``grads``: fp32 gradients kept between micro-batches or until a deferred update (HOST or NVME).
 - ``activations``: each layer's input, the checkpoint it is recomputed from (DEVICE, HOST, NVME).
 
-``simple_plan`` derives a plan from budgets with a byte count; the cost-model planner
-(``scheduler.planner``) replaces it where available.
+``scheduler.planner`` chooses a plan from budgets and a cost model; ``plan.json`` replays one.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from offload.errors import BudgetError, format_bytes
+from offload.errors import format_bytes
 from offload.tiers import Tier
 
 
@@ -73,6 +72,7 @@ class Plan:
                 kw[k] = Tier(kw[k])
         kw["resident_layers"] = tuple(kw.get("resident_layers", ()))  # type: ignore[arg-type]
         kw.pop("notes", None)  # written by early versions, never used
+        kw.pop("predicted", None)  # the planner's prediction, written beside the plan
         return cls(**kw)  # type: ignore[arg-type]
 
     def to_json(self) -> str:
@@ -96,105 +96,3 @@ class Plan:
 
 def _budget(n_bytes: int) -> str:
     return "unlimited" if n_bytes >= 1 << 61 else format_bytes(n_bytes)
-
-
-@dataclass(frozen=True)
-class ModelBytes:
-    """Byte sizes the simple planner needs, from the model map and batch shape."""
-
-    layer_numel: int  # largest decoder layer
-    n_layers: int
-    pre_numel: int
-    post_numel: int
-    compute_itemsize: int
-    activation_bytes: int  # one layer input checkpoint, one micro-batch
-    work_bytes: int  # transient compute memory of one layer (estimate)
-    saved_bytes: int = 0  # autograd-saved activations of one layer, one micro-batch (estimate)
-
-
-def simple_plan(mb: ModelBytes, device_budget_bytes: int, host_budget_bytes: int,
-                overlap: bool = True, force_nvme: bool = False, recompute: bool | None = None) -> Plan:
-    """Keep on HOST/DEVICE what fits, in order of benefit; the rest goes to NVME.
-
-    DEVICE must hold pre + post weights, the working window (current layer, prefetched layers,
-    turn layers) and transient compute memory. HOST holds I/O staging for the optimizer jobs.
-    """
-    w_layer = mb.layer_numel * mb.compute_itemsize
-    fixed_device = (mb.pre_numel + mb.post_numel) * mb.compute_itemsize + mb.work_bytes
-    prefetch = 1 if overlap else 0
-    job_slots = 2 if overlap else 1
-    # current layer + prefetched layers + gradients waiting for the optimizer (the largest unit)
-    w_grads = max(mb.layer_numel, mb.pre_numel, mb.post_numel) * mb.compute_itemsize
-    window = (1 + prefetch) * w_layer + job_slots * w_grads
-    if fixed_device + window > device_budget_bytes:
-        raise BudgetError(
-            f"the device budget {format_bytes(device_budget_bytes)} cannot hold even one layer: "
-            f"need {format_bytes(fixed_device + window)} (embeddings, head, one layer, its "
-            f"gradients, working memory); raise offload.gpu_memory_limit or lower the batch size"
-        )
-    # Optimizer staging (2 chunk sets of grad, stored grad, master, exp_avg, exp_avg_sq in fp32)
-    # takes at most half the host budget; chunks of 4 Mi elements are enough to stream at speed.
-    biggest = max(mb.layer_numel, mb.pre_numel, mb.post_numel)
-    chunk_numel = min(4 << 20, host_budget_bytes // 2 // 40) // 2048 * 2048
-    if chunk_numel < 2048:
-        raise BudgetError(
-            f"the host budget {format_bytes(host_budget_bytes)} cannot stage optimizer updates "
-            f"(needs at least {format_bytes(2 * 40 * 2048)}); raise offload.cpu_memory_limit"
-        )
-    job_bytes = 40 * min(chunk_numel, biggest)
-    free_device = device_budget_bytes - fixed_device - window
-    saved_all = mb.saved_bytes * mb.n_layers
-    if recompute is None:  # auto: skip the recompute when every layer's saved activations fit
-        recompute = force_nvme or mb.saved_bytes == 0 or saved_all > free_device
-    if not recompute:
-        if saved_all > free_device:
-            raise BudgetError(
-                f"recompute: false keeps {format_bytes(saved_all)} of activations on the device, "
-                f"{format_bytes(max(free_device, 0))} is free; use recompute: auto or a smaller batch"
-            )
-        free_device -= saved_all
-        activations = Tier.DEVICE
-    else:
-        act_all = mb.activation_bytes * mb.n_layers
-        activations = Tier.DEVICE if (act_all <= free_device and not force_nvme) else Tier.NVME
-        if activations == Tier.DEVICE:
-            free_device -= act_all
-    resident: list[int] = []
-    turn_keep = 0
-    if not force_nvme:
-        if free_device >= mb.n_layers * w_layer:  # every layer fits: nothing streams
-            resident = list(range(mb.n_layers))
-            free_device -= mb.n_layers * w_layer
-        else:
-            while turn_keep < min(2, mb.n_layers - 1) and free_device >= w_layer:
-                turn_keep += 1
-                free_device -= w_layer
-            for i in range(mb.n_layers - turn_keep):
-                if free_device < w_layer:
-                    break
-                resident.append(i)
-                free_device -= w_layer
-    # HOST, in order of traffic saved: optimizer states (master + Adam + gradients, 16 bytes per
-    # parameter of every unit), then the streamed layers' weights. The rest goes to NVME.
-    free_host = host_budget_bytes - job_bytes
-    total_numel = mb.layer_numel * mb.n_layers + mb.pre_numel + mb.post_numel
-    optimizer = Tier.HOST if (16 * total_numel <= free_host and not force_nvme) else Tier.NVME
-    if optimizer == Tier.HOST:
-        free_host -= 16 * total_numel
-    streamed = mb.n_layers - len(resident)
-    weights = Tier.HOST if (streamed * w_layer <= free_host and not force_nvme) else Tier.NVME
-    return Plan(
-        weights=weights,
-        optimizer=optimizer,
-        grads=Tier.NVME if force_nvme or optimizer == Tier.NVME else Tier.HOST,
-        activations=activations,
-        recompute=recompute,
-        prefetch_depth=prefetch,
-        turn_keep=turn_keep,
-        resident_layers=tuple(resident),
-        overlap=overlap,
-        device_budget_bytes=device_budget_bytes,
-        host_budget_bytes=host_budget_bytes,
-        job_slots=job_slots,
-        chunk_numel=chunk_numel,
-    )

@@ -1,7 +1,7 @@
 """Measure this machine: SSD and PCIe bandwidth, CPU AdamW speed, matmul throughput, free memory.
 
-The result is a frozen ``HardwareProfile``, cached as JSON per machine and swap path
-(``~/.cache/offload-train/``), refreshed by ``offload-train profile``. The cost model reads it.
+The result is a frozen ``HardwareProfile``, cached as JSON per machine and filesystem of the swap
+path (``~/.cache/offload-train/``), refreshed by ``offload-train profile``. The cost model reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from offload.io.posix import aligned_empty
 from offload.optim import measure_impl
 from offload.store import SwapStore, TensorSpec
 
-CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload-train"
+CACHE_DIR = Path(os.environ.get("OFFLOAD_TRAIN_CACHE")
+                 or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload-train")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class HardwareProfile:
     d2h_gbps: float | None
     cpu_adam_params_per_s: dict[str, float]
     matmul_tflops: dict[str, float]  # by dtype, on the compute device
+    checksum_gbps: float  # CRC32 of host bytes, one core (the store checks every byte it moves)
     ram_available_bytes: int
     vram_free_bytes: int | None
     disk_free_bytes: int
@@ -48,7 +50,18 @@ class HardwareProfile:
 
     @classmethod
     def from_json(cls, text: str) -> HardwareProfile:
-        return cls(**json.loads(text))
+        """Raises ValueError naming what is missing or unknown (a hand-written file, an old cache)."""
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not JSON ({err})") from None
+        if not isinstance(fields, dict):
+            raise ValueError("a profile is a JSON object")
+        names = set(cls.__dataclass_fields__)
+        missing, unknown = sorted(names - set(fields)), sorted(set(fields) - names)
+        if missing or unknown:
+            raise ValueError(f"missing keys {missing}, unknown keys {unknown}" if unknown else f"missing keys {missing}")
+        return cls(**fields)
 
     def table(self) -> str:
         gib = 2**30
@@ -57,6 +70,7 @@ class HardwareProfile:
             ("H2D / D2H", "no GPU" if self.h2d_gbps is None else f"{self.h2d_gbps:.1f} / {self.d2h_gbps:.1f} GB/s"),
             ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
             ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
+            ("CRC32", f"{self.checksum_gbps:.1f} GB/s"),
             ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
             ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
             ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
@@ -66,7 +80,11 @@ class HardwareProfile:
 
 
 def cache_path(nvme_path: str | Path) -> Path:
-    key = f"{platform.node()}:{Path(nvme_path).resolve()}"
+    """One cached profile per machine and filesystem: directories on one disk share it."""
+    path = Path(nvme_path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    key = f"{platform.node()}:{os.stat(path).st_dev}"
     return CACHE_DIR / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
@@ -74,7 +92,10 @@ def load_or_measure(nvme_path: str | Path, refresh: bool = False, size_bytes: in
                     io_backend: str = "auto") -> HardwareProfile:
     path = cache_path(nvme_path)
     if path.exists() and not refresh:
-        return HardwareProfile.from_json(path.read_text())
+        try:
+            return HardwareProfile.from_json(path.read_text())
+        except ValueError:
+            pass  # written by an older version: measure again
     profile = measure(nvme_path, size_bytes, io_backend)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile.to_json())
@@ -101,6 +122,7 @@ def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = 
                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         nvme_path=str(nvme_path), io_backend=backend_name, ssd_read_gbps=read_gbps, ssd_write_gbps=write_gbps,
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, matmul_tflops=_matmul(),
+        checksum_gbps=_checksum(),
         ram_available_bytes=psutil.virtual_memory().available, vram_free_bytes=vram,
         disk_free_bytes=shutil.disk_usage(nvme_path).free, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
@@ -173,3 +195,14 @@ def _matmul() -> dict[str, float]:
             torch.cuda.synchronize()
         out[str(dtype).removeprefix("torch.")] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
     return out
+
+
+def _checksum() -> float:
+    import zlib
+
+    data = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8).numpy()
+    zlib.crc32(data[: 1 << 20])
+    t0 = time.perf_counter()
+    for _ in range(3):
+        zlib.crc32(data)
+    return 3 * data.nbytes / (time.perf_counter() - t0) / 1e9

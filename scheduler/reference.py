@@ -81,7 +81,7 @@ class ReferenceEngine:
             kwargs = {k: v.to(self.device) for k, v in batch.items()}
             kwargs.setdefault("labels", kwargs["input_ids"])
             loss = self.model(**kwargs, use_cache=False).loss.float() / len(micro_batches)
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 self.opt.zero_grad(set_to_none=True)
                 if self.settings.nan_policy == "stop":

@@ -1,0 +1,41 @@
+"""The physical lower bound on step time: the busiest resource at its measured peak rate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PeakRates:
+    """Measured on the machine of the run."""
+
+    matmul_flops_per_s: float
+    ssd_read_gbps: float  # fio, sequential O_DIRECT, 10^9 bytes/s
+    ssd_write_gbps: float
+
+
+@dataclass(frozen=True)
+class StepBound:
+    compute_s: float
+    ssd_read_s: float
+    ssd_write_s: float
+
+    @property
+    def bound_s(self) -> float:
+        return max(self.compute_s, self.ssd_read_s, self.ssd_write_s)
+
+    @property
+    def limiter(self) -> str:
+        times = {"compute": self.compute_s, "ssd read": self.ssd_read_s, "ssd write": self.ssd_write_s}
+        return max(times, key=lambda k: times[k])
+
+    def efficiency(self, achieved_s: float) -> float:
+        """bound / achieved: 1.0 means the step runs at the speed of its busiest resource."""
+        return self.bound_s / achieved_s if achieved_s > 0 else 0.0
+
+
+def step_bound(flops: float, read_bytes: float, write_bytes: float, rates: PeakRates) -> StepBound:
+    """Each resource's time for one step's work at its peak rate; the bound is the largest."""
+    return StepBound(compute_s=flops / rates.matmul_flops_per_s,
+                     ssd_read_s=read_bytes / (rates.ssd_read_gbps * 1e9) if read_bytes else 0.0,
+                     ssd_write_s=write_bytes / (rates.ssd_write_gbps * 1e9) if write_bytes else 0.0)

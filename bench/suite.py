@@ -1,0 +1,73 @@
+"""The benchmark suites: one model, batch and step count each, the same for every engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A Llama-shaped model (random init, fp32) trained for ``steps`` steps on fixed batches."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    batch: int
+    seq_len: int
+    steps: int  # step 0 is warm-up: medians use steps 1..steps-1
+    learning_rate: float = 1e-3
+    ram_budget_share: float = 0.25  # offload-train's DEVICE + HOST budget / fp32 training state
+    device_share: float = 0.7  # DEVICE part of that budget (on a CPU box both are RAM)
+    fio_size_bytes: int = 1 << 30
+    zero_prefetch_bucket_numel: int = 5_000_000  # ZeRO-3 stage3_prefetch_bucket_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+SUITES = {
+    # 187M parameters, fp32 training state 2.99 GB: 4-7 minutes on a 2-core CPU box (measured).
+    "quick": Suite("quick", hidden=1024, intermediate=2816, layers=12, heads=16, vocab=16000,
+                   batch=2, seq_len=512, steps=4),
+    # 374M parameters (Llama-2 vocabulary), fp32 training state 6.0 GB.
+    "full": Suite("full", hidden=1024, intermediate=2816, layers=24, heads=16, vocab=32000,
+                  batch=4, seq_len=512, steps=4),
+    # A few seconds per engine: for trying the harness itself.
+    "tiny": Suite("tiny", hidden=256, intermediate=688, layers=4, heads=4, vocab=2048,
+                  batch=2, seq_len=128, steps=3, fio_size_bytes=64 << 20,
+                  # with prefetch, DeepSpeed 0.19.8 fails in step 1 on this model ("param 38
+                  # already assigned swap buffer id 6", the LM head); without, it runs
+                  zero_prefetch_bucket_numel=0),
+}
+
+
+def llama_config(suite: Suite):  # noqa: ANN201 - a transformers LlamaConfig
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=suite.vocab, hidden_size=suite.hidden, intermediate_size=suite.intermediate,
+                       num_hidden_layers=suite.layers, num_attention_heads=suite.heads,
+                       num_key_value_heads=suite.heads, max_position_embeddings=suite.seq_len,
+                       tie_word_embeddings=False)
+
+
+def make_batches(suite: Suite) -> list[dict[str, torch.Tensor]]:
+    """The same token batches for every engine (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, suite.vocab, (suite.batch, suite.seq_len), generator=g)}
+            for _ in range(suite.steps)]
+
+
+def llama_param_count(suite: Suite) -> int:
+    """Parameters of the Llama model of ``suite`` (untied head, no biases)."""
+    h, i = suite.hidden, suite.intermediate
+    per_layer = 4 * h * h + 3 * h * i + 2 * h  # q, k, v, o; gate, up, down; two RMSNorms
+    return suite.layers * per_layer + 2 * suite.vocab * h + h  # embeddings, head, final norm

@@ -1,0 +1,295 @@
+"""Predict one optimizer step of a plan: bytes per link, time per resource, step time, peak memory.
+
+``estimate(plan, shape, workload, profile)`` is a pure function: no weights, no I/O, no clock. It
+mirrors what ``scheduler.executor`` does with a plan; the equations are written next to each
+term. Symbols (per optimizer step):
+
+    L  decoder layers          R  resident layers        K  turn layers (kept into backward)
+    S  streamed layers = L - R N  all parameters         P  parameters of the largest layer
+    M  micro-batches (gradient accumulation)             T  tokens per micro-batch = b * s
+    w  bytes per element of the compute dtype            h, V, H, d  hidden, vocab, heads, head dim
+
+Units: bytes, seconds, FLOPs. Rates come from the ``HardwareProfile`` (GB/s are 1e9 bytes/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from offload.tiers import Tier
+from scheduler.model_shape import ModelShape
+from scheduler.plan import Plan
+from scheduler.profile import HardwareProfile
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
+GRAD_BYTES_PER_PARAM = 4  # fp32 gradients kept between micro-batches / until a deferred update
+STAGING_SETS = 2 * 5  # optimizer worker: double-buffered chunk sets of 5 fp32 arrays
+EXTENT_ALIGN_BYTES = 4096
+RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum")
+
+
+@dataclass(frozen=True)
+class Workload:
+    micro_batch: int
+    seq_len: int
+    grad_accum: int = 1
+    compute_dtype: str = "float32"
+    deferred: bool = False
+    """Updates wait for the whole step's gradients (clipping, fp16 loss scaling, nan skip)."""
+    optimizer_impl: str = "torch"
+    checkpoint_versions: int = 0
+    """Versions of the optimizer state that checkpoints keep on the SSD (copy-on-write snapshots:
+    a kept checkpoint pins one full version while training writes the next)."""
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_versions < 0:
+            raise ValueError(f"checkpoint_versions must be >= 0: {self}")
+        if min(self.micro_batch, self.seq_len, self.grad_accum) < 1:
+            raise ValueError(f"workload needs positive batch, sequence length and accumulation: {self}")
+        if self.compute_dtype not in ITEMSIZE:
+            raise ValueError(f"compute_dtype must be one of {sorted(ITEMSIZE)}, not {self.compute_dtype!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.compute_dtype]
+
+    @property
+    def grads_kept(self) -> bool:
+        return self.grad_accum > 1 or self.deferred
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """Measured on the compute device for this shape and batch (``scheduler.layer_probe``)."""
+
+    layer_forward_s: float  # one decoder layer, one micro-batch, forward
+    layer_backward_s: float  # its backward
+    head_s: float  # embeddings + final norm + LM head + loss, forward and backward
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Per layer and micro-batch (estimates from the shape; the executor measures the real ones)."""
+
+    checkpoint: int  # the layer's input, kept for recompute: T * h * w
+    saved: int  # everything autograd keeps without recompute
+    work: int  # transient memory while one layer (or the LM head) computes
+
+
+def activation_bytes(shape: ModelShape, wl: Workload) -> ActivationBytes:
+    t, h, i, w = wl.tokens, shape.hidden, shape.intermediate, wl.itemsize
+    scores = wl.micro_batch * shape.n_heads * wl.seq_len**2 * w  # one attention score matrix
+    # saved = T * (12 h + 6 i) * w + 2 scores: projections, norms, MLP intermediates, softmax
+    saved = t * (12 * h + 6 * i) * w + 2 * scores
+    # work = max(layer: 2 * T * (4 h + 3 i) * w + 2 scores, head: 3 * T * V * 4 (fp32 logits,
+    # softmax, gradient))
+    work = max(2 * t * (4 * h + 3 * i) * w + 2 * scores, 3 * t * shape.vocab * 4)
+    return ActivationBytes(checkpoint=t * h * w, saved=saved, work=work)
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    device_bytes: int
+    host_bytes: int
+    nvme_bytes: int
+
+
+def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Tier, int]]:
+    """(tensor group, tier, bytes at peak) of everything the executor holds under ``plan``."""
+    w, L = wl.itemsize, shape.n_layers
+    act = activation_bytes(shape, wl)
+    w_layer = shape.layer_numel * w
+    R = len(plan.resident_layers)
+    K = min(plan.turn_keep, L - R)
+    n = shape.total_numel
+    rows: list[tuple[str, Tier, int]] = [
+        # DEVICE: embeddings and head stay; (1 + prefetch) layers in flight; resident + turn layers
+        ("embeddings + head weights", Tier.DEVICE, (shape.pre_numel + shape.post_numel) * w),
+        ("layer weights in flight", Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
+        ("resident + turn layer weights", Tier.DEVICE, (R + K) * w_layer),
+        ("layer weights streamed", plan.weights, (L - R) * w_layer),
+        # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
+        ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_unit_numel * w),
+        ("fp32 master + Adam states", plan.optimizer, OPTIMIZER_BYTES_PER_PARAM * n),
+        ("fp32 gradients kept", plan.grads, GRAD_BYTES_PER_PARAM * n if wl.grads_kept else 0),
+        ("activation checkpoints" if plan.recompute else "saved activations (no recompute)",
+         plan.activations if plan.recompute else Tier.DEVICE, L * (act.checkpoint if plan.recompute else act.saved)),
+        # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
+        # are written there too when saved (one more copy)
+        ("checkpoint versions", Tier.NVME,
+         (wl.checkpoint_versions + (plan.optimizer != Tier.NVME)) * OPTIMIZER_BYTES_PER_PARAM * n
+         if wl.checkpoint_versions else 0),
+        # transient compute memory of one layer or the LM head (largest)
+        ("working memory", Tier.DEVICE, act.work),
+        # optimizer worker: 10 fp32 arrays of one chunk (double-buffered grad, stored grad, master, m, v)
+        ("optimizer staging", Tier.HOST, STAGING_SETS * 4 * min(plan.chunk_numel, shape.largest_unit_numel)),
+    ]
+    if plan.weights == Tier.NVME or plan.optimizer == Tier.NVME or plan.grads == Tier.NVME:
+        # every unit's chunks become 4 KiB-aligned extents: at most one block lost per extent
+        chunks = sum(-(-numel // plan.chunk_numel) for numel in
+                     [shape.layer_numel] * L + [shape.pre_numel, shape.post_numel] if numel)
+        rows.append(("extent alignment", Tier.NVME, chunks * 5 * EXTENT_ALIGN_BYTES))
+    return [r for r in rows if r[2] > 0]
+
+
+def peak_memory(plan: Plan, shape: ModelShape, wl: Workload) -> MemoryPeak:
+    """Bytes per tier at peak: the sums of ``placement``."""
+    total = {t: 0 for t in Tier}
+    for _, tier, nbytes in placement(plan, shape, wl):
+        total[tier] += nbytes
+    return MemoryPeak(device_bytes=total[Tier.DEVICE], host_bytes=total[Tier.HOST], nvme_bytes=total[Tier.NVME])
+
+
+@dataclass(frozen=True)
+class Estimate:
+    link_bytes: dict[str, int]
+    """Per step: ssd_read, ssd_write, h2d, d2h."""
+    time_s: dict[str, float]
+    """Per step, busy time of each resource (RESOURCES)."""
+    step_s: float
+    """Predicted step time with the plan's overlap."""
+    bottleneck: str
+    """The lane that sets the step time (a resource, or a sum of resources sharing the CPU)."""
+    memory: MemoryPeak
+    model_flops: float
+    """Model FLOPs per step, 3 x forward, recompute not counted (see ``layer_flops``)."""
+
+
+def layer_flops(shape: ModelShape, wl: Workload) -> tuple[float, float]:
+    """Forward FLOPs of one micro-batch: (one decoder layer, LM head).
+
+    layer = 2 * P * T  (every weight: one multiply-add per token)
+          + 4 * b * s^2 * H * d  (attention: Q K^T and scores x V, full square, no causal saving)
+    head  = 2 * V * h * T
+    """
+    layer = 2.0 * shape.layer_numel * wl.tokens + 4.0 * wl.micro_batch * wl.seq_len**2 * shape.n_heads * shape.head_dim
+    head = 2.0 * shape.vocab * shape.hidden * wl.tokens
+    return layer, head
+
+
+def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile,
+             timing: LayerTiming | None = None) -> Estimate:
+    """Predict one step. ``timing``: measured layer times replace FLOPs / matmul rate."""
+    gpu = profile.h2d_gbps is not None
+    w, L, M, N = wl.itemsize, shape.n_layers, wl.grad_accum, shape.total_numel
+    R = len(plan.resident_layers)
+    S = L - R
+    K = min(plan.turn_keep, S)
+    w_layer = shape.layer_numel * w
+    act = activation_bytes(shape, wl)
+
+    # ---- compute: forward F = L * layer + head; backward = 2 F; recompute = L * layer
+    f_layer, f_head = layer_flops(shape, wl)
+    model_flops = 3.0 * M * (L * f_layer + f_head)
+    recompute_flops = M * L * f_layer if plan.recompute else 0.0
+    rate_flops = 1e12 * profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.1))
+
+    ssd_read = ssd_write = h2d = d2h = 0
+    # ---- layer weights: per micro-batch, S loads in forward and S - K in backward (the turn layers
+    # stay; without recompute backward re-fetches the weights its saved tensors refer to)
+    loads = M * (2 * S - K) * w_layer
+    if plan.weights == Tier.NVME:
+        ssd_read += loads
+        ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
+    if gpu:
+        h2d += loads + (N - S * shape.layer_numel) * w  # + updated weights of resident units
+    # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per step
+    if plan.optimizer == Tier.NVME:
+        ssd_read += OPTIMIZER_BYTES_PER_PARAM * N
+        ssd_write += OPTIMIZER_BYTES_PER_PARAM * N
+    # ---- gradients: D2H once per micro-batch (compute dtype); kept ones are written
+    # (M - 1 + deferred) times and read as often, 4 bytes per parameter each
+    if gpu:
+        d2h += M * N * w
+    if wl.grads_kept and plan.grads == Tier.NVME:
+        passes = M - 1 + int(wl.deferred)
+        ssd_write += passes * GRAD_BYTES_PER_PARAM * N
+        ssd_read += passes * GRAD_BYTES_PER_PARAM * N
+    # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
+    act_traffic = M * L * act.checkpoint if plan.recompute else 0
+    if plan.activations == Tier.NVME and plan.recompute:
+        ssd_write += act_traffic
+        ssd_read += act_traffic
+    if gpu and plan.activations != Tier.DEVICE and plan.recompute:
+        d2h += act_traffic
+        h2d += act_traffic
+
+    adam_rate = profile.cpu_adam_params_per_s.get(wl.optimizer_impl) or max(profile.cpu_adam_params_per_s.values())
+    if timing is not None:
+        # compute = M * (L * (forward + backward) + head); recompute = M * L * forward
+        compute_s = M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s)
+        recompute_s = M * L * timing.layer_forward_s if plan.recompute else 0.0
+    else:
+        compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
+    time_s = {
+        "compute": compute_s,
+        "recompute": recompute_s,
+        "h2d": h2d / (profile.h2d_gbps * 1e9) if gpu and profile.h2d_gbps else 0.0,
+        "d2h": d2h / (profile.d2h_gbps * 1e9) if gpu and profile.d2h_gbps else 0.0,
+        "ssd_read": ssd_read / (profile.ssd_read_gbps * 1e9),
+        "ssd_write": ssd_write / (profile.ssd_write_gbps * 1e9),
+        "cpu_adam": N / adam_rate,
+        # CRC32 of every byte the store reads or writes, on the CPU
+        "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9),
+    }
+    step_s, bottleneck = _step_time(plan, shape, wl, profile, time_s, gpu)
+    return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
+                    time_s=time_s, step_s=step_s, bottleneck=bottleneck,
+                    memory=peak_memory(plan, shape, wl), model_flops=model_flops)
+
+
+def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile,
+               t: dict[str, float], gpu: bool) -> tuple[float, str]:
+    """Step time from busy times.
+
+    overlap off:  step = sum of every resource's time (one thing at a time).
+    overlap on:   resources run concurrently in lanes; step = max(lane) + exposed, where
+      GPU machine: lanes gpu = compute + recompute, h2d, d2h, ssd = read + write,
+                   cpu = adam + checksum;
+      CPU only:    the device is the CPU, so compute, Adam and checksums share its cores:
+                   cpu = compute + recompute + adam + checksum, ssd = read + write;
+      exposed = the first streamed layer's load at the start of each micro-batch (nothing to
+                hide it behind) + the update I/O of ``pre`` after backward (updated last,
+                needed first).
+      Deferred updates on a GPU (clipping, fp16, nan skip): the optimizer pass cannot overlap
+      backward, only the next forward: step >= max(forward, optimizer) + backward + recompute,
+      with forward = compute / 3 and optimizer = max(cpu lane, ssd lane).
+      One job slot on a GPU (immediate updates): backward hands over one unit at a time and
+      waits, so the optimizer's share during backward (2/3 of it) adds to compute.
+    """
+    if not plan.overlap:
+        return sum(t.values()), "serial (overlap off)"
+    ssd = t["ssd_read"] + t["ssd_write"]
+    if gpu:
+        lanes = {"compute": t["compute"] + t["recompute"], "h2d": t["h2d"], "d2h": t["d2h"],
+                 "ssd (read + write)": ssd, "cpu_adam": t["cpu_adam"] + t["checksum"]}
+    else:
+        lanes = {"cpu (compute + adam)": t["compute"] + t["recompute"] + t["cpu_adam"] + t["checksum"],
+                 "ssd (read + write)": ssd}
+    bottleneck = max(lanes, key=lambda k: lanes[k])
+    step = lanes[bottleneck]
+    if gpu and wl.deferred:
+        forward_s = t["compute"] / 3
+        optimizer_s = max(lanes["cpu_adam"], ssd)
+        serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
+        if serial > step:
+            step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"
+    elif gpu and plan.job_slots == 1:
+        # one gradient hand-off at a time: backward waits for each unit's update to finish
+        serial = t["compute"] + t["recompute"] + max(lanes["cpu_adam"], ssd) * 2 / 3
+        if serial > step:
+            step, bottleneck = serial, "backward waiting for the optimizer (job_slots 1)"
+    w_layer = shape.layer_numel * wl.itemsize
+    if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
+        rate = profile.ssd_read_gbps if plan.weights == Tier.NVME else (profile.h2d_gbps or 0.0)
+        if rate > 0:
+            step += wl.grad_accum * w_layer / (rate * 1e9)
+    if plan.optimizer == Tier.NVME:
+        step += OPTIMIZER_BYTES_PER_PARAM * shape.pre_numel * (
+            1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))
+    return step, bottleneck

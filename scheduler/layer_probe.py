@@ -1,0 +1,102 @@
+"""Time one decoder layer and the LM head of the real model shape on the compute device.
+
+FLOP counts divided by a peak matmul rate miss what small matrices, attention kernels, norms and
+activation functions really cost; the probe measures them for the shape being planned. It builds
+the model with one and with two decoder layers (random weights, the run's batch shape), times
+forward and forward + backward of each, and takes the difference as one layer. It runs only when
+two layers and the head fit easily in memory; otherwise the cost model falls back to FLOPs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from typing import Any
+
+import torch
+
+from scheduler.cost_model import ITEMSIZE, LayerTiming, Workload
+from scheduler.model_shape import ModelShape
+from scheduler.profile import CACHE_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPEATS = 3
+
+
+def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
+    """Two layers + embeddings + head, with weights, gradients and fp32 logits, in 1/4 of free."""
+    params = 2 * shape.layer_numel + shape.pre_numel + shape.post_numel
+    logits = 3 * wl.tokens * shape.vocab * 4
+    return 3 * params * ITEMSIZE[wl.compute_dtype] + logits < free_bytes // 4
+
+
+def cached_probe(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
+    """``probe_layer``, cached per machine, model config, batch shape and dtype (a resumed or
+    repeated run starts without probing again; ``offload-train profile`` clears the cache)."""
+    key = json.dumps([platform.node(), torch.__version__, str(device), hf_config.to_dict(),
+                      wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
+    path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        return LayerTiming(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    timing = probe_layer(hf_config, wl, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(timing)))
+    return timing
+
+
+def clear_probe_cache() -> None:
+    for path in CACHE_DIR.glob("probe-*.json"):
+        path.unlink(missing_ok=True)
+
+
+def probe_layer(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
+    one = _time_model(hf_config, 1, wl, device)
+    two = _time_model(hf_config, 2, wl, device)
+    fwd_layer = max(two[0] - one[0], 1e-6)
+    step_layer = max(two[1] - one[1], fwd_layer)
+    return LayerTiming(layer_forward_s=fwd_layer, layer_backward_s=step_layer - fwd_layer,
+                       head_s=max(one[1] - step_layer, 0.0))
+
+
+def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.device) -> tuple[float, float]:
+    """(forward s, forward + backward s) of a model with ``n_layers`` layers: the fastest of REPEATS
+    (other work on the machine only ever slows a run down)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(hf_config)
+    cfg.num_hidden_layers = n_layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[wl.compute_dtype]).to(device)
+        ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
+    model.train()
+    fwd, both = [], []
+    try:
+        for i in range(REPEATS + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=ids, labels=ids)
+            _sync(device)
+            t1 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            if i:  # the first round warms up kernels and allocators
+                fwd.append(t1 - t0)
+                both.append(t2 - t1)
+    finally:
+        del model
+    return min(fwd), min(both)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

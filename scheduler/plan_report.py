@@ -1,0 +1,86 @@
+"""The plan as a table a user reads: tensor groups x tiers, predicted time per resource, the
+bottleneck; and the same facts as JSON for ``plan.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from offload.errors import format_bytes
+from offload.tiers import Tier
+from scheduler.cost_model import RESOURCES, Estimate, LayerTiming, Workload, placement
+from scheduler.model_shape import ModelShape
+from scheduler.planner import Budgets, PlanChoice
+from scheduler.profile import HardwareProfile
+
+LINK_OF = {"ssd_read": "ssd_read", "ssd_write": "ssd_write", "h2d": "h2d", "d2h": "d2h"}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _size(n_bytes: int) -> str:
+    return format_bytes(n_bytes) if n_bytes else "-"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = [f"{{:<{widths[0]}}}"] + [f"{{:>{w}}}" for w in widths[1:]]
+    line = lambda r: "  ".join(f.format(c) for f, c in zip(fmt, r, strict=True)).rstrip()  # noqa: E731
+    return [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows]]
+
+
+def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: Budgets,
+                  profile: HardwareProfile, timing: LayerTiming | None = None) -> str:
+    plan, est = choice.plan, choice.estimate
+    if timing is not None:
+        compute_basis = (f"compute from a probe of this shape: layer {timing.layer_forward_s * 1e3:.1f} ms forward, "
+                         f"{timing.layer_backward_s * 1e3:.1f} ms backward; head {timing.head_s * 1e3:.1f} ms")
+    else:
+        rate = profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.0))
+        compute_basis = f"compute from FLOPs at {rate:.2f} TFLOPS ({wl.compute_dtype} matmul)"
+    out = [
+        f"model: {_count(shape.total_numel)} parameters, {shape.n_layers} layers "
+        f"(hidden {shape.hidden}, vocab {shape.vocab}); batch {wl.micro_batch} x {wl.seq_len} tokens, "
+        f"gradient accumulation {wl.grad_accum}, {wl.compute_dtype}",
+        f"machine: {profile.machine}; SSD {profile.ssd_read_gbps:.2f} / {profile.ssd_write_gbps:.2f} GB/s read / "
+        f"write; {compute_basis}",
+        "",
+    ]
+    rows = []
+    totals = {t: 0 for t in Tier}
+    for group, tier, nbytes in placement(plan, shape, wl):
+        totals[tier] += nbytes
+        rows.append([group] + [_size(nbytes) if tier == t else "" for t in Tier])
+    budget = {Tier.DEVICE: plan.device_budget_bytes, Tier.HOST: plan.host_budget_bytes, Tier.NVME: budgets.nvme_bytes}
+    rows.append(["total"] + [format_bytes(totals[t]) for t in Tier])
+    rows.append(["budget"] + [format_bytes(budget[t]) for t in Tier])
+    device_name = "device (GPU)" if profile.h2d_gbps is not None else "device (RAM)"
+    out += _table(["tensor group", device_name, "host (RAM)", "nvme (SSD)"], rows)
+    out.append("")
+    layers = (f"resident layers 0-{len(plan.resident_layers) - 1}" if plan.resident_layers else "no resident layers")
+    out.append(f"placement: {layers}, {plan.turn_keep} turn layer{'' if plan.turn_keep == 1 else 's'} kept into backward, prefetch depth "
+               f"{plan.prefetch_depth}, {'recompute from layer inputs' if plan.recompute else 'no recompute'}; "
+               f"optimizer chunks of {plan.chunk_numel} elements")
+    out.append("")
+    link_rows = []
+    for r in RESOURCES:
+        t = est.time_s[r]
+        if t <= 0 and r not in ("compute", "cpu_adam"):
+            continue
+        moved = est.link_bytes.get(LINK_OF.get(r, ""), 0)
+        link_rows.append([r, _size(moved) if r in LINK_OF else "", f"{t:.3f} s"])
+    out += _table(["resource", "bytes / step", "busy / step"], link_rows)
+    out.append("")
+    tokens = wl.tokens * wl.grad_accum
+    out.append(f"predicted step: {est.step_s:.3f} s, {tokens / est.step_s:,.0f} tokens/s, "
+               f"{est.model_flops / est.step_s / 1e12:.2f} model TFLOPS; bottleneck: {est.bottleneck}")
+    out.append(f"({choice.candidates} feasible placements compared)")
+    return "\n".join(out)
+
+
+def prediction_dict(est: Estimate) -> dict[str, Any]:
+    return {"step_s": est.step_s, "bottleneck": est.bottleneck, "time_s": est.time_s,
+            "link_bytes": est.link_bytes, "model_flops": est.model_flops,
+            "peak_bytes": {"device": est.memory.device_bytes, "host": est.memory.host_bytes,
+                           "nvme": est.memory.nvme_bytes}}

@@ -1,0 +1,166 @@
+"""Choose the plan with the least predicted step time that fits the budgets.
+
+The search is exhaustive over the discrete choices (where weights, optimizer states, gradients
+and activation checkpoints live; recompute or not; prefetch depth) and greedy over the counts
+that only ever help when memory allows (turn layers, then resident layers from layer 0 up). Each
+candidate is scored by ``cost_model.estimate``; one whose predicted peak exceeds a budget in any
+tier is never chosen. Without a GPU, DEVICE and HOST are the same RAM: the planner also chooses
+how to split it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from offload.errors import BudgetError, format_bytes
+from offload.tiers import Tier
+from scheduler.cost_model import (
+    GRAD_BYTES_PER_PARAM,
+    OPTIMIZER_BYTES_PER_PARAM,
+    STAGING_SETS,
+    Estimate,
+    LayerTiming,
+    Workload,
+    activation_bytes,
+    estimate,
+    peak_memory,
+)
+from scheduler.model_shape import ModelShape
+from scheduler.plan import Plan
+from scheduler.profile import HardwareProfile
+
+MAX_CHUNK_NUMEL = 4 << 20  # 16 MiB of fp32 per optimizer chunk streams at full speed
+MAX_TURN_KEEP = 2
+DEVICE_SHARES = (0.3, 0.45, 0.6, 0.75, 0.9)  # tried when DEVICE and HOST share one RAM budget
+
+
+@dataclass(frozen=True)
+class Budgets:
+    device_bytes: int
+    host_bytes: int
+    nvme_bytes: int
+    """Free space at nvme_path."""
+    shared: bool = False
+    """DEVICE and HOST are one memory (no GPU): the planner may move bytes between them."""
+
+
+@dataclass(frozen=True)
+class PlanChoice:
+    plan: Plan
+    estimate: Estimate
+    candidates: int
+    """Feasible plans compared."""
+
+
+def choose_plan(shape: ModelShape, wl: Workload, budgets: Budgets, profile: HardwareProfile, *,
+                overlap: bool = True, recompute: bool | None = None,
+                prefetch_depth: int | None = None, timing: LayerTiming | None = None) -> PlanChoice:
+    """The fastest feasible plan; ``BudgetError`` says what does not fit, by how much, and what
+    would make it fit. ``recompute``/``prefetch_depth`` fix those choices when not None."""
+    splits = [(budgets.device_bytes, budgets.host_bytes)]
+    if budgets.shared:
+        total = budgets.device_bytes + budgets.host_bytes
+        splits += [(int(total * s), total - int(total * s)) for s in DEVICE_SHARES]
+    best: tuple[tuple[float, int, int, int], Plan, Estimate] | None = None
+    feasible = 0
+    for device_bytes, host_bytes in splits:
+        for plan in _candidates(shape, wl, device_bytes, host_bytes, overlap, recompute, prefetch_depth):
+            est = estimate(plan, shape, wl, profile, timing)
+            mem = est.memory
+            if mem.device_bytes > device_bytes or mem.host_bytes > host_bytes or mem.nvme_bytes > budgets.nvme_bytes:
+                continue
+            feasible += 1
+            key = (round(est.step_s, 9), mem.nvme_bytes, mem.host_bytes, mem.device_bytes)
+            if best is None or key < best[0]:
+                best = (key, plan, est)
+    if best is None:
+        raise BudgetError(_why_infeasible(shape, wl, budgets, overlap, recompute))
+    return PlanChoice(plan=best[1], estimate=best[2], candidates=feasible)
+
+
+def _chunk_numel(host_bytes: int) -> int:
+    """Optimizer staging takes at most half the host budget."""
+    return min(MAX_CHUNK_NUMEL, host_bytes // 2 // (STAGING_SETS * 4)) // 2048 * 2048
+
+
+def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: int, overlap: bool,
+                recompute: bool | None, prefetch_depth: int | None):  # noqa: ANN202 - generator
+    chunk = _chunk_numel(host_bytes)
+    if chunk < 2048:
+        return
+    acts = [(True, Tier.DEVICE), (True, Tier.HOST), (True, Tier.NVME), (False, Tier.DEVICE)]
+    if recompute is not None:
+        acts = [a for a in acts if a[0] == recompute]
+    depths = [prefetch_depth] if prefetch_depth is not None else ([1, 2, 3] if overlap else [0])
+    grads_tiers = (Tier.HOST, Tier.NVME) if wl.grads_kept else (None,)
+    # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
+    # DEVICE memory but makes backward wait for each update
+    slots = (2, 1) if overlap else (1,)
+    for weights, optimizer, grads, (rec, act_tier), depth, job_slots in itertools.product(
+            (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), grads_tiers, acts, depths, slots):
+        base = Plan(weights=weights, optimizer=optimizer, grads=grads or optimizer, activations=act_tier,
+                    recompute=rec, prefetch_depth=depth, turn_keep=0, resident_layers=(), overlap=overlap,
+                    device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
+                    job_slots=job_slots, chunk_numel=chunk)
+        plan = _fill_device(base, shape, wl)
+        if plan is not None:
+            yield plan
+
+
+def _fill_device(plan: Plan, shape: ModelShape, wl: Workload) -> Plan | None:
+    """Spend the DEVICE memory left on turn layers, then resident layers; None if none fits."""
+    free = plan.device_budget_bytes - peak_memory(plan, shape, wl).device_bytes
+    if free < 0:
+        return None
+    w_layer = shape.layer_numel * wl.itemsize
+    L = shape.n_layers
+    if free >= L * w_layer:  # every layer fits: nothing streams
+        return replace(plan, resident_layers=tuple(range(L)))
+    turn = min(MAX_TURN_KEEP, L - 1, free // w_layer)
+    free -= turn * w_layer
+    resident = min(L - turn, free // w_layer)
+    return replace(plan, turn_keep=int(turn), resident_layers=tuple(range(int(resident))))
+
+
+def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: bool,
+                    recompute: bool | None) -> str:
+    """One line: the tier that cannot be satisfied, the shortfall, and the fix."""
+    device_total = budgets.device_bytes + (budgets.host_bytes if budgets.shared else 0)
+    host_total = budgets.host_bytes + (budgets.device_bytes if budgets.shared else 0)
+    if _chunk_numel(host_total) < 2048:
+        need = 2 * STAGING_SETS * 4 * 2048
+        return (f"the host budget {format_bytes(host_total)} cannot stage optimizer updates (needs at least "
+                f"{format_bytes(need)}); raise offload.cpu_memory_limit")
+    # The least DEVICE any plan needs: everything streamed, checkpoints off the device.
+    rec = True if recompute is None else recompute
+    lean = Plan(activations=Tier.NVME if rec else Tier.DEVICE, recompute=rec, prefetch_depth=1 if overlap else 0,
+                turn_keep=0, job_slots=1, overlap=overlap, chunk_numel=2048)
+    device_need = peak_memory(lean, shape, wl).device_bytes
+    if device_need > device_total:
+        work = activation_bytes(shape, wl).work
+        return (f"the device budget {format_bytes(device_total)} cannot hold even one streamed layer: "
+                f"needs {format_bytes(device_need)} (embeddings and head "
+                f"{format_bytes((shape.pre_numel + shape.post_numel) * wl.itemsize)}, a layer, its gradients, "
+                f"{format_bytes(work)} working memory for batch {wl.micro_batch} x {wl.seq_len}), "
+                f"{format_bytes(device_need - device_total)} short; raise offload.gpu_memory_limit or "
+                f"lower train.micro_batch_size / data.seq_len")
+    # The state that must live somewhere off the device: optimizer, kept gradients, weights.
+    n = shape.total_numel
+    state = OPTIMIZER_BYTES_PER_PARAM * n + (GRAD_BYTES_PER_PARAM * n if wl.grads_kept else 0)
+    state += shape.n_layers * shape.layer_numel * wl.itemsize
+    versions = wl.checkpoint_versions * OPTIMIZER_BYTES_PER_PARAM * n
+    room = budgets.nvme_bytes + max(host_total - STAGING_SETS * 4 * MAX_CHUNK_NUMEL, 0)
+    if state > room:
+        grads = " and fp32 gradients (4 B/param, kept for accumulation or clipping)" if wl.grads_kept else ""
+        return (f"the training state needs {format_bytes(state)} (fp32 master + Adam states, 12 B/param for "
+                f"{n / 1e9:.2f}B parameters{grads}, plus the layer weights): the SSD has "
+                f"{format_bytes(budgets.nvme_bytes)} free and RAM takes at most {format_bytes(max(room - budgets.nvme_bytes, 0))}, "
+                f"{format_bytes(state - room)} short; free space or point offload.nvme_path at a larger disk")
+    if state + versions > room:
+        return (f"checkpoints keep {wl.checkpoint_versions} versions of the optimizer state "
+                f"({format_bytes(OPTIMIZER_BYTES_PER_PARAM * n)} each) beside the training state "
+                f"({format_bytes(state)}): the SSD has {format_bytes(budgets.nvme_bytes)} free, "
+                f"{format_bytes(state + versions - room)} short; lower train.save_total_limit or free space")
+    return (f"no placement fits device {format_bytes(device_total)}, host {format_bytes(host_total)} and SSD "
+            f"{format_bytes(budgets.nvme_bytes)} together; raise offload.cpu_memory_limit or free SSD space")

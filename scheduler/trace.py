@@ -1,0 +1,150 @@
+"""A timeline of one training step: Chrome trace / Perfetto JSON ("X" complete events).
+
+One track (``tid``) per resource: ``compute`` (forward, recompute and backward per layer),
+``h2d`` and ``d2h`` (copies to and from DEVICE), ``ssd_read`` and ``ssd_write`` (each store
+request, from submission to completion, so queueing in the I/O pool is included), ``cpu_adam``
+(AdamW per chunk), ``wait`` (the compute thread blocked on weights still loading, or on a
+resident unit's optimizer update) and ``step``.
+Open ``trace.json`` in https://ui.perfetto.dev or chrome://tracing.
+
+Cost when not recording: one attribute test per hook; a tracer built with ``enabled=False`` never
+records. Events are appended from several threads (a list append is atomic in CPython).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+RESOURCES = ("step", "compute", "wait", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam")
+"""Track names, in display order; the track id is the index + 1."""
+
+_PID = 1
+_NULL_SPAN = contextlib.nullcontext()
+
+
+class _Span:
+    __slots__ = ("_tracer", "_resource", "_name", "_start_s")
+
+    def __init__(self, tracer: Tracer, resource: str, name: str) -> None:
+        self._tracer, self._resource, self._name = tracer, resource, name
+        self._start_s = 0.0
+
+    def __enter__(self) -> None:
+        self._start_s = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._tracer.add(self._resource, self._name, self._start_s)
+
+
+class Tracer:
+    """Collects events while ``recording`` (between ``start()`` and ``stop()``)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.recording = False
+        self.events: list[dict[str, Any]] = []
+        self._origin_s = time.perf_counter()
+
+    def start(self) -> None:
+        """Start recording (no-op when disabled); earlier events are dropped."""
+        if self.enabled:
+            self.events = []
+            self._origin_s = time.perf_counter()
+            self.recording = True
+
+    def stop(self) -> None:
+        self.recording = False
+
+    def clock(self) -> float:
+        """``time.perf_counter()`` while recording, else 0.0 (start of a span closed by ``add``)."""
+        return time.perf_counter() if self.recording else 0.0
+
+    def add(self, resource: str, name: str, start_s: float, end_s: float | None = None,
+            args: dict[str, Any] | None = None) -> None:
+        """One event from ``start_s`` to ``end_s`` (default: now), both ``perf_counter`` seconds."""
+        if not self.recording or start_s <= 0.0:
+            return
+        end = time.perf_counter() if end_s is None else end_s
+        event = {"name": name, "cat": resource, "ph": "X", "pid": _PID, "tid": _tid(resource),
+                 "ts": (start_s - self._origin_s) * 1e6, "dur": max(end - start_s, 0.0) * 1e6}
+        if args:
+            event["args"] = args
+        self.events.append(event)
+
+    def span(self, resource: str, name: str) -> contextlib.AbstractContextManager[None]:
+        """Context manager recording its body as one event (a shared no-op when not recording)."""
+        if not self.recording:
+            return _NULL_SPAN
+        return _Span(self, resource, name)
+
+    def watch(self, fut: Future[Any], resource: str, name: str, n_bytes: int) -> Future[Any]:
+        """Record ``fut`` from now until it completes; returns it."""
+        if self.recording:
+            start_s = time.perf_counter()
+            fut.add_done_callback(lambda _f: self.add(resource, name, start_s, args={"bytes": n_bytes}))
+        return fut
+
+    def to_json(self) -> dict[str, Any]:
+        meta = [{"name": "process_name", "ph": "M", "pid": _PID, "args": {"name": "offload-train"}}]
+        meta += [{"name": "thread_name", "ph": "M", "pid": _PID, "tid": _tid(r), "args": {"name": r}}
+                 for r in RESOURCES]
+        meta += [{"name": "thread_sort_index", "ph": "M", "pid": _PID, "tid": _tid(r),
+                  "args": {"sort_index": _tid(r)}} for r in RESOURCES]
+        return {"traceEvents": meta + sorted(self.events, key=lambda e: e["ts"]),
+                "displayTimeUnit": "ms"}
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json()))
+        return path
+
+
+def _tid(resource: str) -> int:
+    return RESOURCES.index(resource) + 1 if resource in RESOURCES else len(RESOURCES) + 1
+
+
+def busy_seconds(events: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Per resource (event ``cat``), the time at least one of its "X" events was running:
+    the length of the union of their intervals, in seconds."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("ph") == "X":
+            spans.setdefault(e["cat"], []).append((e["ts"], e["ts"] + e["dur"]))
+    busy: dict[str, float] = {}
+    for resource, intervals in spans.items():
+        total_us, end_us = 0.0, float("-inf")
+        for lo, hi in sorted(intervals):
+            if hi <= end_us:
+                continue
+            total_us += hi - max(lo, end_us)
+            end_us = hi
+        busy[resource] = total_us / 1e6
+    return busy
+
+
+class TracedStore:
+    """A SwapStore whose reads and writes are recorded on ``tracer`` (attributes delegated)."""
+
+    def __init__(self, store: Any, tracer: Tracer) -> None:
+        self._store = store
+        self._tracer = tracer
+
+    def read(self, name: str, out: Any) -> Future[Any]:
+        fut = self._store.read(name, out)
+        return self._tracer.watch(fut, "ssd_read", name, out.numel() * out.element_size())
+
+    def write(self, name: str, tensor: Any) -> Future[None]:
+        fut = self._store.write(name, tensor)
+        return self._tracer.watch(fut, "ssd_write", name, tensor.numel() * tensor.element_size())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._store
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._store, attr)

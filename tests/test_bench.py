@@ -1,0 +1,107 @@
+"""The benchmark harness's pure parts: FLOP formula, lower bound, summaries and the report."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.bound import PeakRates, step_bound
+from bench.flops import step_flops, tflops
+from bench.report import EngineSummary, format_report, max_loss_diff, summarize
+from bench.suite import SUITES, Suite, llama_param_count
+from bench.workers import EngineRun, native_plan
+
+SUITE = Suite("t", hidden=64, intermediate=128, layers=2, heads=4, vocab=100, batch=2, seq_len=16, steps=3)
+RATES = PeakRates(matmul_flops_per_s=1e9, ssd_read_gbps=2.0, ssd_write_gbps=1.0)
+
+
+def test_flops_match_a_count_by_hand() -> None:
+    h, i, n_layers, vocab, s, tokens = 64, 128, 2, 100, 16, 32
+    # forward per token: q, k, v, o (4h²) and gate, up, down (3hi) per layer, LM head (hV), all
+    # x2 for multiply-add; attention QKᵀ and AV: 2 · 2·s·h per layer
+    forward = 2 * (n_layers * (4 * h * h + 3 * h * i) + h * vocab) + n_layers * 4 * s * h
+    f = step_flops(h, i, n_layers, vocab, s, tokens, recompute=False)
+    assert f.model_flops == f.hardware_flops == 3 * tokens * forward
+    r = step_flops(h, i, n_layers, vocab, s, tokens, recompute=True)
+    assert r.model_flops == f.model_flops  # recompute is not model work
+    assert r.hardware_flops - r.model_flops == tokens * (2 * n_layers * (4 * h * h + 3 * h * i) + n_layers * 4 * s * h)
+    assert tflops(2e12, 2.0) == 1.0 and tflops(1.0, 0.0) == 0.0
+
+
+def test_flops_follow_6_n_t_when_attention_is_small() -> None:
+    f = step_flops(4096, 11008, 32, 32000, seq_len=1, tokens=1000, recompute=False)
+    matmul_params = 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
+    assert f.model_flops == pytest.approx(6 * matmul_params * 1000, rel=1e-3)
+
+
+def test_the_bound_is_the_busiest_resource() -> None:
+    b = step_bound(flops=3e9, read_bytes=4e9, write_bytes=1e9, rates=RATES)
+    assert (b.compute_s, b.ssd_read_s, b.ssd_write_s) == (3.0, 2.0, 1.0)
+    assert b.bound_s == 3.0 and b.limiter == "compute"
+    assert b.efficiency(6.0) == 0.5
+    io = step_bound(flops=1e9, read_bytes=0, write_bytes=5e9, rates=RATES)
+    assert io.limiter == "ssd write" and io.bound_s == 5.0 and io.ssd_read_s == 0.0
+
+
+def test_param_count_formula_matches_the_model() -> None:
+    from bench.suite import llama_config
+    from scheduler.materialize import empty_model
+
+    model = empty_model(llama_config(SUITE))
+    assert llama_param_count(SUITE) == sum(p.numel() for p in model.parameters())
+
+
+def test_quick_suite_state_is_four_times_the_budget() -> None:
+    q = SUITES["quick"]
+    n = llama_param_count(q)
+    plan = native_plan(q, n, overlap=False)
+    assert 16 * n >= 4 * (plan.device_budget_bytes + plan.host_budget_bytes)
+    assert 2 * 5 * 4 * plan.chunk_numel <= plan.host_budget_bytes  # optimizer staging fits
+
+
+def _run(engine: str, times: list[float], losses: list[float], engine_io: bool) -> EngineRun:
+    run = EngineRun(engine, 1000, losses=losses, step_times_s=times, step_cpu_s=[2 * t for t in times],
+                    proc_read_bytes=[5, 7, 9],
+                    proc_write_bytes=[1, 1, 1], recompute=engine_io)
+    if engine_io:
+        run.engine_read_bytes, run.engine_write_bytes = [10**9, 2 * 10**9, 4 * 10**9], [0, 10**9, 10**9]
+    return run
+
+
+def test_summary_uses_steps_after_the_first_and_engine_counters() -> None:
+    s = summarize(_run("offload-train", [9.0, 2.0, 4.0], [3.0, 2.0, 1.0], True), SUITE, RATES,
+                  peak_rss_bytes=123, wall_s=20.0)
+    assert s.median_step_s == 3.0 and s.median_cpu_s == 6.0
+    assert s.tokens_per_s == SUITE.tokens_per_step / 3.0
+    assert s.ssd_read_bytes == 3 * 10**9 and s.ssd_write_bytes == 10**9 and s.io_source == "engine counters"
+    assert s.read_gbps == pytest.approx(1.0)
+    assert s.bound.ssd_read_s == 1.5 and s.efficiency == pytest.approx(0.5)
+    p = summarize(_run("pytorch", [9.0, 2.0, 4.0], [3.0, 2.0, 1.0], False), SUITE, RATES, 1, 1.0)
+    assert p.ssd_read_bytes == 8 and p.io_source == "/proc/<pid>/io"
+    assert p.model_tflops == s.model_tflops and p.hardware_tflops < s.hardware_tflops
+
+
+def test_max_loss_diff() -> None:
+    assert max_loss_diff([1.0, 2.0], [1.0, 2.5]) == 0.5
+    with pytest.raises(ValueError):
+        max_loss_diff([1.0], [1.0, 2.0])
+
+
+def test_report_has_every_engine_ratios_losses_and_targets() -> None:
+    ours = summarize(_run("offload-train", [9.0, 2.0, 2.0], [3.0, 2.0, 1.0], True), SUITE, RATES,
+                     peak_rss_bytes=100 * 2**20, wall_s=20.0)
+    base = summarize(_run("pytorch", [9.0, 2.0, 2.0], [3.0, 2.0, 1.0], False), SUITE, RATES,
+                     peak_rss_bytes=400 * 2**20, wall_s=20.0)
+    zi = summarize(_run("zero-infinity", [9.0, 4.0, 4.0], [3.0, 2.0, 1.0 + 1e-6], False), SUITE, RATES,
+                   peak_rss_bytes=200 * 2**20, wall_s=20.0)
+    summaries: list[EngineSummary] = [ours, base, zi]
+    text = format_report(SUITE, 1000, RATES, summaries, {"Command": "python -m bench run --suite t"},
+                         ["a workaround"], {"offload-train": ({"compute": 1.5, "ssd_read": 0.5}, 2.0)})
+    assert "| offload-train | 2.00 | 4.0 |" in text and "| zero-infinity | 4.00 | 8.0 |" in text
+    assert "| pytorch | 1.00 | 1.00 | 0.25 | 1.00 |" in text  # ours vs pytorch: time, tokens/s, RSS, CPU
+    assert "| zero-infinity | 0.50 | 2.00 | 0.50 | 0.50 |" in text
+    assert "zero-infinity 1.0e-06" in text and "offload-train 0.0e+00" in text
+    assert "step time <= 1.25x in-memory PyTorch: 1.00x (met)" in text
+    assert "faster than ZeRO-Infinity per step: 0.50x its step time (met)" in text
+    assert "| compute | 1.50 | 75% |" in text
+    assert "- a workaround" in text and "**Command:** python -m bench run --suite t" in text
+    assert "| 2 | 1.000000 | 1.000000 | 1.000001 |" in text

@@ -1,0 +1,69 @@
+"""``offload-train plan``: the table, plan.json with predictions, replay with ``--plan``, large
+models planned from their config and a profile file alone, infeasible jobs as one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli_train import read_metrics, run_cli, tiny_config, write_config, write_texts
+
+from cli.data import load_tokenizer
+from cli.main import main
+from scheduler.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "configs" / "examples"
+
+
+def plan_cli(config: Path, out: Path, profile: Path) -> tuple[int, str, str]:
+    proc = run_cli("plan", str(config), "--profile", str(profile), "--set", f"train.output_dir={out}")
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize(("config", "profile", "params"), [
+    ("llama3-70b.yaml", "workstation-24gb.json", "70.55B"),
+    ("gpt3-175b.yaml", "workstation-24gb-8tb.json", "175.22B"),
+])
+def test_large_models_are_planned_from_config_and_profile(tmp_path, config, profile, params):
+    code, out, err = plan_cli(EXAMPLES / config, tmp_path / "run", EXAMPLES / profile)
+    assert code == 0, err
+    assert f"{params} parameters" in out
+    for text in ("fp32 master + Adam states", "ssd_read", "cpu_adam", "predicted step:", "bottleneck:"):
+        assert text in out
+    saved = json.loads((tmp_path / "run" / "plan.json").read_text())
+    plan = Plan.from_dict(saved)
+    predicted = saved["predicted"]
+    assert predicted["step_s"] > 0 and predicted["bottleneck"]
+    assert predicted["peak_bytes"]["device"] <= plan.device_budget_bytes
+    assert predicted["peak_bytes"]["nvme"] <= json.loads((EXAMPLES / profile).read_text())["disk_free_bytes"]
+
+
+def test_a_model_too_large_for_the_ssd_is_one_line_with_the_shortfall(tmp_path):
+    code, out, err = plan_cli(EXAMPLES / "gpt3-175b.yaml", tmp_path / "run", EXAMPLES / "workstation-24gb.json")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "short" in lines[0] and "offload.nvme_path" in lines[0]
+
+
+def test_bad_profile_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"machine": "x"}))
+    code, _, err = plan_cli(EXAMPLES / "llama3-70b.yaml", tmp_path / "run", bad)
+    assert code == 2 and "missing keys" in err and len(err.strip().splitlines()) == 1
+
+
+def test_saved_plan_replays_exactly(tmp_path):
+    vocab = len(load_tokenizer(None, None))
+    data = write_texts(tmp_path / "train.jsonl")
+    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=2)
+    assert main(["plan", str(cfg)]) == 0
+    planned = json.loads((tmp_path / "run" / "plan.json").read_text())
+    replay = dict(planned, prefetch_depth=2, turn_keep=1)  # a hand-edited plan is taken as it is
+    (tmp_path / "edited.json").write_text(json.dumps(replay))
+    assert main(["train", str(cfg), "--plan", str(tmp_path / "edited.json")]) == 0
+    used = Plan.from_dict(json.loads((tmp_path / "run" / "plan.json").read_text()))
+    assert used == Plan.from_dict(replay)
+    assert len(read_metrics(tmp_path / "run")) == 2
