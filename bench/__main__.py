@@ -34,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--swap", type=Path, required=True)
     worker.add_argument("--out", type=Path, required=True)
     worker.add_argument("--trace", type=Path, default=None)
+    worker.add_argument("--plan", type=Path, default=None, help="plan.json for offload-train engines")
     args = parser.parse_args(argv)
     if args.command == "worker":
         from bench.workers import run_engine
 
-        run_engine(args.engine, SUITES[args.suite], args.swap, args.out, args.trace)
+        run_engine(args.engine, SUITES[args.suite], args.swap, args.out, args.trace, args.plan)
         return 0
     from bench.harness import default_engines, run_suite
 

@@ -48,7 +48,12 @@ def run_worker(engine: str, suite: Suite, root: Path, out_dir: Path
     cmd = [sys.executable, "-m", "bench", "worker", "--engine", engine, "--suite", suite.name,
            "--swap", str(swap), "--out", str(result)]
     if engine.startswith("offload-train"):
-        cmd += ["--trace", str(out_dir / trace_name(engine))]
+        from bench.workers import native_plan
+
+        # planned here, not in the measured worker (the layer probe builds a small model)
+        plan_path = out_dir / f"plan-{engine}.json"
+        plan_path.write_text(native_plan(suite, engine == "offload-train", swap).to_json())
+        cmd += ["--trace", str(out_dir / trace_name(engine)), "--plan", str(plan_path)]
     print(f"== {engine}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     proc = psutil.Popen(cmd)

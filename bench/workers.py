@@ -106,26 +106,37 @@ def run_pytorch(suite: Suite, swap_dir: Path, trace_path: Path | None) -> Engine
     return run
 
 
-def native_plan(suite: Suite, n_params: int, overlap: bool) -> Any:  # noqa: ANN401 - a Plan
-    """Everything on NVMe (weights, master + Adam, gradients, activation checkpoints), layers
-    recomputed in backward, DEVICE + HOST budgets summing to ``ram_budget_share`` of the fp32
-    training state (16 bytes per parameter). ``overlap``: loader and optimizer threads run
-    beside the compute (False: the engine's synchronous mode, same math)."""
-    from offload.tiers import Tier
-    from scheduler.plan import Plan
+def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: ANN401 - a Plan
+    """The plan ``offload-train train`` would choose: the planner, with DEVICE + HOST budgets
+    summing to ``ram_budget_share`` of the fp32 training state (16 bytes per parameter; one RAM
+    pool on a CPU-only machine), this machine's profile and a probe of the layer shape.
+    ``overlap=False`` is the engine's synchronous mode (same math). Run it outside the measured
+    worker: the probe builds a two-layer model."""
+    import shutil
 
-    budget = int(16 * n_params * suite.ram_budget_share)
-    device = int(budget * suite.device_share)
-    host = budget - device
-    # Optimizer staging (2 sets of 5 fp32 chunks) takes at most half the host budget.
-    chunk_numel = min(4 << 20, host // 2 // 40) // 2048 * 2048
-    return Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
-                recompute=True, prefetch_depth=1, turn_keep=1, job_slots=2, chunk_numel=chunk_numel,
-                device_budget_bytes=device, host_budget_bytes=host, overlap=overlap)
+    from scheduler.cost_model import Workload
+    from scheduler.layer_probe import cached_probe, probe_fits
+    from scheduler.materialize import empty_model
+    from scheduler.model_shape import shape_from_model
+    from scheduler.planner import Budgets, choose_plan
+    from scheduler.profile import load_or_measure
+
+    config = llama_config(suite)
+    shape = shape_from_model(empty_model(config), config)
+    budget = int(16 * shape.total_numel * suite.ram_budget_share)
+    device_bytes = int(budget * suite.device_share)
+    gpu = torch.cuda.is_available()
+    budgets = Budgets(device_bytes, budget - device_bytes, shutil.disk_usage(swap_dir).free, shared=not gpu)
+    wl = Workload(micro_batch=suite.batch, seq_len=suite.seq_len)
+    profile = load_or_measure(swap_dir, size_bytes=256 << 20)
+    device = torch.device("cuda" if gpu else "cpu")
+    free = torch.cuda.mem_get_info()[0] if gpu else budget * 4
+    timing = cached_probe(config, wl, device) if probe_fits(shape, wl, free) else None
+    return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing).plan
 
 
 def run_native(suite: Suite, swap_dir: Path, trace_path: Path | None, overlap: bool = True,
-               name: str = "offload-train") -> EngineRun:
+               name: str = "offload-train", plan_path: Path | None = None) -> EngineRun:
     """offload-train's streaming executor, out of core; traces the last step when asked.
 
     ``overlap=False`` is the engine's synchronous mode (same math): on a CPU-only box the loader,
@@ -134,13 +145,17 @@ def run_native(suite: Suite, swap_dir: Path, trace_path: Path | None, overlap: b
     from offload import AdamWConfig, SwapStore, make_adamw, make_backend
     from scheduler.executor import StreamingExecutor, TrainSettings
     from scheduler.materialize import RandomInit, empty_model
+    from scheduler.plan import Plan
     from scheduler.trace import Tracer
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = empty_model(llama_config(suite))
     n_params = sum(p.numel() for p in model.parameters())
-    plan = native_plan(suite, n_params, overlap)
+    if plan_path is not None:
+        plan = Plan.from_dict(json.loads(plan_path.read_text()))
+    else:
+        plan = native_plan(suite, overlap, swap_dir)
     run = EngineRun(name, n_params, recompute=plan.recompute)
     run.notes.append(f"plan of {name}: {json.dumps(plan.to_dict())}")
     tracer = Tracer(enabled=trace_path is not None)
@@ -173,15 +188,16 @@ def run_native(suite: Suite, swap_dir: Path, trace_path: Path | None, overlap: b
     return run
 
 
-ENGINES: dict[str, Callable[[Suite, Path, Path | None], EngineRun]] = {
-    "pytorch": run_pytorch,
-    "offload-train": run_native,
-    "offload-train-sync": lambda suite, swap, trace: run_native(suite, swap, trace, False,
-                                                               "offload-train-sync"),
+ENGINES: dict[str, Callable[[Suite, Path, Path | None, Path | None], EngineRun]] = {
+    "pytorch": lambda suite, swap, trace, plan: run_pytorch(suite, swap, trace),
+    "offload-train": lambda suite, swap, trace, plan: run_native(suite, swap, trace, True, "offload-train", plan),
+    "offload-train-sync": lambda suite, swap, trace, plan: run_native(suite, swap, trace, False,
+                                                                     "offload-train-sync", plan),
 }
 
 
-def run_engine(name: str, suite: Suite, swap_dir: Path, out: Path, trace_path: Path | None) -> None:
+def run_engine(name: str, suite: Suite, swap_dir: Path, out: Path, trace_path: Path | None,
+               plan_path: Path | None = None) -> None:
     from offload.hostmem import tune_malloc
 
     tune_malloc()  # every engine gets the same allocator settings
@@ -190,5 +206,5 @@ def run_engine(name: str, suite: Suite, swap_dir: Path, out: Path, trace_path: P
 
         run = run_zero_infinity(suite, swap_dir, trace_path)
     else:
-        run = ENGINES[name](suite, swap_dir, trace_path)
+        run = ENGINES[name](suite, swap_dir, trace_path, plan_path)
     out.write_text(run.to_json())
