@@ -82,6 +82,13 @@ class TorchFusedAdamW:
 _ds_ids = itertools.count(1_000_000)  # well clear of DeepSpeedCPUAdam's own counter
 
 
+def _fp32_beta_shortfall(beta: float) -> float:
+    """(1 - beta) in float64 minus what DeepSpeed's kernel uses: 1 - beta, both in fp32."""
+    import numpy as np
+
+    return float(1.0 - beta) - float(np.float32(1.0) - np.float32(beta))
+
+
 class DeepSpeedFlatAdamW:
     """DeepSpeed's ``cpu_adam`` op called directly on flat buffers (no torch.optim wrapper)."""
 
@@ -112,6 +119,16 @@ class DeepSpeedFlatAdamW:
         b1, b2 = self.config.betas
         op.adam_update(self._id, step, lr, b1, b2, self.config.eps, self.config.weight_decay, True,
                        params, grads, exp_avg, exp_avg_sq)
+        # The kernel takes (1 - beta) in fp32 from an fp32 beta: 0.00099998713 for beta2 = 0.999,
+        # 1.3e-5 short of torch's 0.001 (2.4e-7 for beta1 = 0.9, which still adds up past 1e-6
+        # over steps). Add the missing share of g and g^2 to the moments so they equal
+        # torch.optim.AdamW's: two more passes over the buffers, the price of the same math. The
+        # weights' update already used the kernel's moments: a difference below their fp32 resolution.
+        d1, d2 = _fp32_beta_shortfall(b1), _fp32_beta_shortfall(b2)
+        if d1:
+            exp_avg.add_(grads, alpha=d1)
+        if d2:
+            exp_avg_sq.addcmul_(grads, grads, value=d2)
 
     def close(self) -> None:
         if self._op is not None:
