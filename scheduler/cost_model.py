@@ -235,7 +235,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         "ssd_write": ssd_write / (profile.ssd_write_gbps * 1e9),
         "cpu_adam": N / adam_rate,
         # CRC32 of every byte the store reads or writes, on the CPU
-        "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9),
+        "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
     }
     step_s, bottleneck = _step_time(plan, shape, wl, profile, time_s, gpu)
     return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},

@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import psutil
@@ -39,11 +39,13 @@ class HardwareProfile:
     d2h_gbps: float | None
     cpu_adam_params_per_s: dict[str, float]
     matmul_tflops: dict[str, float]  # by dtype, on the compute device
-    checksum_gbps: float  # CRC32 of host bytes, one core (the store checks every byte it moves)
     ram_available_bytes: int
     vram_free_bytes: int | None
     disk_free_bytes: int
     measured_at: str
+    checksum_gbps: float | None = None
+    """CRC32 of host bytes on one core (the store checks every byte it moves); None: not
+    measured (a hand-written profile may leave it out), checksums then cost nothing."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -58,9 +60,11 @@ class HardwareProfile:
         if not isinstance(fields, dict):
             raise ValueError("a profile is a JSON object")
         names = set(cls.__dataclass_fields__)
-        missing, unknown = sorted(names - set(fields)), sorted(set(fields) - names)
+        optional = {n for n, f in cls.__dataclass_fields__.items() if f.default is not MISSING}
+        missing, unknown = sorted(names - optional - set(fields)), sorted(set(fields) - names)
         if missing or unknown:
             raise ValueError(f"missing keys {missing}, unknown keys {unknown}" if unknown else f"missing keys {missing}")
+        _check_values(fields)
         return cls(**fields)
 
     def table(self) -> str:
@@ -70,13 +74,37 @@ class HardwareProfile:
             ("H2D / D2H", "no GPU" if self.h2d_gbps is None else f"{self.h2d_gbps:.1f} / {self.d2h_gbps:.1f} GB/s"),
             ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
             ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
-            ("CRC32", f"{self.checksum_gbps:.1f} GB/s"),
+            ("CRC32", "not measured" if self.checksum_gbps is None else f"{self.checksum_gbps:.1f} GB/s"),
             ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
             ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
             ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _check_values(fields: dict[str, object]) -> None:
+    """Rates must be positive numbers, sizes non-negative integers: name the first that is not."""
+    for key in ("ssd_read_gbps", "ssd_write_gbps"):
+        if not _positive(fields[key]):
+            raise ValueError(f"{key} must be a positive number, not {fields[key]!r}")
+    for key in ("h2d_gbps", "d2h_gbps", "checksum_gbps"):
+        if fields.get(key) is not None and not _positive(fields[key]):
+            raise ValueError(f"{key} must be a positive number or null, not {fields[key]!r}")
+    for key in ("cpu_adam_params_per_s", "matmul_tflops"):
+        table = fields[key]
+        if not isinstance(table, dict) or not table or not all(_positive(v) for v in table.values()):
+            raise ValueError(f"{key} must map names to positive numbers, not {table!r}")
+    for key in ("ram_available_bytes", "vram_free_bytes", "disk_free_bytes"):
+        value = fields[key]
+        if value is None and key == "vram_free_bytes":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{key} must be a whole number of bytes, not {value!r}")
 
 
 def cache_path(nvme_path: str | Path) -> Path:

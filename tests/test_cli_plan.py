@@ -48,11 +48,34 @@ def test_a_model_too_large_for_the_ssd_is_one_line_with_the_shortfall(tmp_path):
     assert "short" in lines[0] and "offload.nvme_path" in lines[0]
 
 
-def test_bad_profile_file_is_one_line_error(tmp_path):
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"ssd_read_gbps": None, "ram_available_bytes": None}, "missing keys"),
+    ({"ssd_write_gbps": "fast"}, "ssd_write_gbps must be a positive number"),
+    ({"matmul_tflops": {}}, "matmul_tflops must map names"),
+    ({"disk_free_bytes": 1.5e12}, "disk_free_bytes must be a whole number"),
+    ({"speed": 1}, "unknown keys ['speed']"),
+])
+def test_bad_profile_file_is_one_line_error(tmp_path, change, expected):
+    fields = json.loads((EXAMPLES / "workstation-24gb.json").read_text())
+    for key, value in change.items():
+        if value is None:
+            fields.pop(key)
+        else:
+            fields[key] = value
     bad = tmp_path / "profile.json"
-    bad.write_text(json.dumps({"machine": "x"}))
+    bad.write_text(json.dumps(fields))
     code, _, err = plan_cli(EXAMPLES / "llama3-70b.yaml", tmp_path / "run", bad)
-    assert code == 2 and "missing keys" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_hand_written_profile_may_leave_out_the_checksum_rate(tmp_path):
+    fields = json.loads((EXAMPLES / "workstation-24gb.json").read_text())
+    del fields["checksum_gbps"]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(fields))
+    code, out, err = plan_cli(EXAMPLES / "llama3-70b.yaml", tmp_path / "run", path)
+    assert code == 0, err
+    assert "checksum" not in out.split("resource")[1]  # no CRC time counted
 
 
 def test_saved_plan_replays_exactly(tmp_path):
