@@ -124,11 +124,8 @@ def _traced_busy(trace: Path) -> tuple[dict[str, float], float]:
 
 
 def _plots(out_dir: Path, summaries: list[EngineSummary]) -> None:
-    try:
-        from bench.plots import plot_losses, plot_timeline
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install -e .[bench])")
-        return
+    from bench.plots import plot_losses, plot_timeline  # imports matplotlib only when plotting
+
     try:
         plot_losses({s.engine: s.losses for s in summaries}, out_dir / "losses.png")
         for s in summaries:

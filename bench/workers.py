@@ -116,13 +116,12 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
 
     from scheduler.cost_model import Workload
     from scheduler.layer_probe import cached_probe, probe_fits
-    from scheduler.materialize import empty_model
-    from scheduler.model_shape import shape_from_model
+    from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
     from scheduler.profile import load_or_measure
 
     config = llama_config(suite)
-    shape = shape_from_model(empty_model(config), config)
+    shape = shape_from_config(config)
     budget = int(16 * shape.total_numel * suite.ram_budget_share)
     device_bytes = int(budget * suite.device_share)
     gpu = torch.cuda.is_available()

@@ -20,10 +20,11 @@ import psutil
 import torch
 
 from offload.errors import OffloadError
+from offload.store import DATA_FILE_NAME
 from scheduler.cost_model import LayerTiming, Workload
 from scheduler.model_shape import ModelShape
 from scheduler.planner import Budgets, PlanChoice, choose_plan
-from scheduler.profile import HardwareProfile, cache_path, load_or_measure
+from scheduler.profile import HardwareProfile, cache_path, existing_parent, load_or_measure
 
 CPU_DEVICE_SHARE = 0.6
 PLANNING_PROFILE_BYTES = 256 << 20  # SSD bytes measured when train/plan profile a new disk
@@ -36,13 +37,6 @@ class MachineMemory:
     disk_free_bytes: int
 
 
-def existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def live_memory(nvme_path: Path, device: torch.device) -> MachineMemory:
     vram = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     return MachineMemory(psutil.virtual_memory().available, vram,
@@ -53,7 +47,8 @@ def _swap_bytes(nvme_path: Path) -> int:
     """Bytes of an earlier store at nvme_path: the run reuses that space, so it counts as free."""
     if not nvme_path.is_dir():
         return 0
-    return sum(p.stat().st_size for p in nvme_path.glob("data-*.bin") if p.is_file())
+    data = nvme_path / DATA_FILE_NAME
+    return data.stat().st_size if data.is_file() else 0
 
 
 def budgets_for(cfg: Any, mem: MachineMemory) -> Budgets:

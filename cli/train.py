@@ -90,7 +90,7 @@ def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None =
     from cli.budgets import plan_job
     from scheduler.model_shape import shape_from_model
     from scheduler.plan import Plan
-    from scheduler.plan_report import prediction_dict
+    from scheduler.plan_report import plan_record
 
     if plan_path is not None:
         try:
@@ -103,7 +103,7 @@ def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None =
     est = choice.estimate
     print(f"plan: predicted {est.step_s:.2f} s/step, bottleneck {est.bottleneck} (offload-train plan shows "
           f"the placement)")
-    return choice.plan, {**choice.plan.to_dict(), "predicted": prediction_dict(est)}
+    return choice.plan, plan_record(choice)
 
 
 def seed_everything(seed: int) -> None:
@@ -165,8 +165,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
         _check_resume_keys(cfg, state, resume_ckpt.path)
         print(f"resuming from {resume_ckpt.path} (step {start_step})")
 
-    plan, plan_record = make_plan(ctx, plan_path, profile_path, total_steps)
-    (run_dir / "plan.json").write_text(json.dumps(plan_record, indent=2))
+    plan, record = make_plan(ctx, plan_path, profile_path, total_steps)
+    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
     engine_name = cfg.offload.engine
     units = build_model_map(ctx.model).units
     fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), units)
@@ -379,7 +379,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def _named_masters(engine: Any):  # noqa: ANN202 - generator
-    for unit, master, _, _ in engine.unit_states():
+    for unit, master in engine.unit_masters():  # the Adam states are not needed: not read
         yield unit.name, list(unit.params), master
 
 
@@ -391,7 +391,7 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     from cli.budgets import plan_job
     from scheduler.materialize import empty_model
     from scheduler.model_shape import shape_from_model
-    from scheduler.plan_report import format_report, prediction_dict
+    from scheduler.plan_report import format_report, plan_record
 
     hf_config = load_model_config(cfg)
     shape = shape_from_model(empty_model(hf_config, trust_remote_code=cfg.model.trust_remote_code), hf_config)
@@ -401,7 +401,6 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     print(format_report(choice, shape, job.workload, job.budgets, job.profile, job.timing))
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = {**choice.plan.to_dict(), "predicted": prediction_dict(choice.estimate)}
-    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
+    (run_dir / "plan.json").write_text(json.dumps(plan_record(choice), indent=2))
     print(f"plan written to {run_dir / 'plan.json'}")
     return 0

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch.optim.adam import adam as _torch_adam
 
@@ -84,8 +85,6 @@ _ds_ids = itertools.count(1_000_000)  # well clear of DeepSpeedCPUAdam's own cou
 
 def _fp32_beta_shortfall(beta: float) -> float:
     """(1 - beta) in float64 minus what DeepSpeed's kernel uses: 1 - beta, both in fp32."""
-    import numpy as np
-
     return float(1.0 - beta) - float(np.float32(1.0) - np.float32(beta))
 
 
@@ -98,6 +97,8 @@ class DeepSpeedFlatAdamW:
         self.config = config
         self._op = None
         self._id = next(_ds_ids)
+        # what the kernel's fp32 (1 - beta) leaves out of each moment (see ``step``)
+        self._shortfall = tuple(_fp32_beta_shortfall(b) for b in config.betas)
 
     def _load(self):  # noqa: ANN202 - the op module has no type
         if self._op is None:
@@ -124,7 +125,7 @@ class DeepSpeedFlatAdamW:
         # over steps). Add the missing share of g and g^2 to the moments so they equal
         # torch.optim.AdamW's: two more passes over the buffers, the price of the same math. The
         # weights' update already used the kernel's moments: a difference below their fp32 resolution.
-        d1, d2 = _fp32_beta_shortfall(b1), _fp32_beta_shortfall(b2)
+        d1, d2 = self._shortfall
         if d1:
             exp_avg.add_(grads, alpha=d1)
         if d2:

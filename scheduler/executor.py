@@ -528,7 +528,8 @@ class StreamingExecutor:
             self.acct.count("h2d_bytes", nbytes)
         else:
             dst.copy_(src)
-        self.tracer.add("h2d", f"{nbytes} bytes", t_start_s)
+        if t_start_s:  # recording: name the event
+            self.tracer.add("h2d", f"{nbytes} bytes", t_start_s)
 
     def _request_load(self, st: _UnitState) -> None:
         if st.resident or st.device_flat is not None or st.load is not None:
@@ -623,7 +624,8 @@ class StreamingExecutor:
             if not self._streaming:
                 return None
             call = self._calls[i]
-            self.tracer.add("compute", f"forward layer.{i}", call.trace_start_s)
+            if call.trace_start_s:
+                self.tracer.add("compute", f"forward layer.{i}", call.trace_start_s)
             if self.plan.recompute:
                 torch.set_grad_enabled(self._grad_mode_stack.pop())
             else:
@@ -923,6 +925,7 @@ class StreamingExecutor:
         grad = bufs[0, :n]
         if job.fresh_any:
             t_start_s = self.tracer.clock()
+            d2h_bytes = 0
             for s, g in zip(u.params, job.fresh, strict=True):
                 lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
                 if lo >= hi:
@@ -933,8 +936,11 @@ class StreamingExecutor:
                 else:
                     dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to fp32
                     if g.device.type == "cuda":
-                        self.acct.count("d2h_bytes", (hi - lo) * g.element_size())
-            self.tracer.add("d2h", f"gradients of {u.name}.{c}", t_start_s)
+                        d2h_bytes += (hi - lo) * g.element_size()
+            if d2h_bytes:
+                self.acct.count("d2h_bytes", d2h_bytes)
+            if t_start_s:
+                self.tracer.add("d2h", f"gradients of {u.name}.{c}", t_start_s)
             if job.add_stored:
                 grad.add_(bufs[1, :n])
         writes: list[Future[None]] = []
@@ -970,7 +976,8 @@ class StreamingExecutor:
             # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
             # momentum): update only the runs of parameters that had one.
             self.adamw.step(master[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], job.step, job.lr)
-        self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
+        if t_start_s:
+            self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
         if self.plan.optimizer == Tier.NVME:
             writes += [self.store.write(f"{u.name}.master.{c}", master),
                        self.store.write(f"{u.name}.exp_avg.{c}", exp_avg),
@@ -1044,18 +1051,23 @@ class StreamingExecutor:
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 master weights by qualified parameter name (reads them from their tier)."""
-        self.synchronize()
         out: dict[str, torch.Tensor] = {}
-        for st in self._states:
-            u = st.unit
-            if st.host_master is not None:
-                master = st.host_master[0].clone()
-            else:
-                master = torch.empty(u.numel, dtype=torch.float32)
-                self._read_chunks(u, "master", master)
+        for u, master in self.unit_masters():
             for s in u.params:
                 out[s.name] = master[s.offset : s.offset + s.numel].view(s.shape).clone()
         return out
+
+    def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
+        """Each unit's flat fp32 master weights, one unit in memory at a time (Adam states not read)."""
+        self.synchronize()
+        for st in self._states:
+            u = st.unit
+            if st.host_master is not None:
+                yield u, st.host_master[0].clone()
+                continue
+            master = torch.empty(u.numel, dtype=torch.float32)
+            self._read_chunks(u, "master", master)
+            yield u, master
 
     def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each unit's flat fp32 (master, exp_avg, exp_avg_sq), one unit in memory at a time."""

@@ -23,7 +23,6 @@ from scheduler.cost_model import ITEMSIZE, LayerTiming, Workload
 from scheduler.model_shape import ModelShape
 from scheduler.profile import CACHE_DIR
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPEATS = 3
 
 
@@ -73,7 +72,7 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
     cfg.num_hidden_layers = n_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[wl.compute_dtype]).to(device)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, wl.compute_dtype)).to(device)
         ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
     model.train()
     fwd, both = [], []

@@ -12,8 +12,6 @@ from scheduler.model_shape import ModelShape
 from scheduler.planner import Budgets, PlanChoice
 from scheduler.profile import HardwareProfile
 
-LINK_OF = {"ssd_read": "ssd_read", "ssd_write": "ssd_write", "h2d": "h2d", "d2h": "d2h"}
-
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
@@ -68,8 +66,8 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
         t = est.time_s[r]
         if t <= 0 and r not in ("compute", "cpu_adam"):
             continue
-        moved = est.link_bytes.get(LINK_OF.get(r, ""), 0)
-        link_rows.append([r, _size(moved) if r in LINK_OF else "", f"{t:.3f} s"])
+        moved = _size(est.link_bytes[r]) if r in est.link_bytes else ""  # links are resources too
+        link_rows.append([r, moved, f"{t:.3f} s"])
     out += _table(["resource", "bytes / step", "busy / step"], link_rows)
     out.append("")
     tokens = wl.tokens * wl.grad_accum
@@ -77,6 +75,12 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
                f"{est.model_flops / est.step_s / 1e12:.2f} model TFLOPS; bottleneck: {est.bottleneck}")
     out.append(f"({choice.candidates} feasible placements compared)")
     return "\n".join(out)
+
+
+def plan_record(choice: PlanChoice) -> dict[str, Any]:
+    """What ``plan.json`` holds: the plan's fields (``Plan.from_dict`` replays them) and the
+    prediction it was chosen by."""
+    return {**choice.plan.to_dict(), "predicted": prediction_dict(choice.estimate)}
 
 
 def prediction_dict(est: Estimate) -> dict[str, Any]:

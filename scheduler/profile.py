@@ -107,12 +107,17 @@ def _check_values(fields: dict[str, object]) -> None:
             raise ValueError(f"{key} must be a whole number of bytes, not {value!r}")
 
 
-def cache_path(nvme_path: str | Path) -> Path:
-    """One cached profile per machine and filesystem: directories on one disk share it."""
-    path = Path(nvme_path).absolute()
+def existing_parent(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (a swap directory not created yet)."""
+    path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    key = f"{platform.node()}:{os.stat(path).st_dev}"
+    return path
+
+
+def cache_path(nvme_path: str | Path) -> Path:
+    """One cached profile per machine and filesystem: directories on one disk share it."""
+    key = f"{platform.node()}:{os.stat(existing_parent(Path(nvme_path))).st_dev}"
     return CACHE_DIR / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 

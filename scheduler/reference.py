@@ -118,6 +118,10 @@ class ReferenceEngine:
                         flats[k][sl] = state[key].reshape(-1).float().cpu()
             yield u, flats[0], flats[1], flats[2]
 
+    def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
+        for u, master, _, _ in self.unit_states():
+            yield u, master
+
     def master_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().cpu().clone() for k, v in self.model.named_parameters()}
 

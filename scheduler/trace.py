@@ -105,8 +105,11 @@ class Tracer:
         return path
 
 
+_TIDS = {r: i + 1 for i, r in enumerate(RESOURCES)}
+
+
 def _tid(resource: str) -> int:
-    return RESOURCES.index(resource) + 1 if resource in RESOURCES else len(RESOURCES) + 1
+    return _TIDS.get(resource, len(RESOURCES) + 1)
 
 
 def busy_seconds(events: Iterable[dict[str, Any]]) -> dict[str, float]:
