@@ -4,7 +4,7 @@
 
 For each backend, thread count and request size (tensor size = ``task_bytes``), writes
 ``--size-gb`` of tensors through a fresh ``SwapStore`` under DIR, drops the page cache, reads
-them back (CRC-verified, as in training), and reports from ``describe()`` the share of bytes
+them back (checksum-verified, as in training), and reports from ``describe()`` the share of bytes
 that went through O_DIRECT. fio (sequential O_DIRECT, bs=1M, libaio, a few iodepths and job
 counts) runs on a file of the same size there. Each of ``--repeats`` rounds runs every case and
 fio job once in a shuffled order; the tables keep the best of the rounds, and the summary gives

@@ -76,11 +76,12 @@ def workload_for(cfg: Any, total_steps: int | None = None) -> Workload:
 
     t = cfg.train
     deferred = t.max_grad_norm > 0 or cfg.model.dtype == "float16" or t.nan_policy == "skip"
-    impl = cfg.offload.optimizer_impl if cfg.offload.optimizer_impl != "auto" else "torch"
+    impl = cfg.optimizer_impl if cfg.optimizer_impl != "auto" else "torch"
     steps = total_steps if total_steps is not None else (t.max_steps if t.max_steps > 0 else None)
     versions = checkpoint_versions(0, steps, t.save_steps, t.save_total_limit) if steps else 1
     return Workload(micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                     grad_accum=t.gradient_accumulation_steps, compute_dtype=cfg.model.dtype,
+                    state_dtype=cfg.model.state_dtype,
                     deferred=deferred, optimizer_impl=impl, checkpoint_versions=versions)
 
 

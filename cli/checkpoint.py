@@ -6,7 +6,7 @@ next update of a tensor goes to a fresh extent, the snapshot keeps the old bytes
 files. Layout of one checkpoint (written to ``step-N.tmp`` and renamed when complete, so a
 directory named ``step-N`` is always whole)::
 
-    swap.json            the swap directory, and each state tensor's extent (offset, size, CRC32)
+    swap.json            the swap directory, and each state tensor's extent (offset, size, checksum)
     units.json           each unit's parameters (name, shape, offset in the flat buffer) and which
                          extents hold its master, exp_avg and exp_avg_sq (element ranges)
     trainer_state.json   step, data position, lr-scheduler state, loss scale, model fingerprint
@@ -209,7 +209,8 @@ class CheckpointUnits:
 
     def _read(self, reader: SnapshotReader, unit_name: str, kind: str) -> torch.Tensor:
         ranges = self.extents[unit_name][kind]
-        flat = torch.empty(max((b for _, _, b in ranges), default=0), dtype=torch.float32)
+        dtype = self.snapshot.extents[ranges[0][0]].torch_dtype if ranges else torch.float32
+        flat = torch.empty(max((b for _, _, b in ranges), default=0), dtype=dtype)
         for name, a, b in ranges:
             reader.read(name, flat[a:b])
         return flat

@@ -53,6 +53,7 @@ AUTO_MEMORY_FRACTION = 0.8
 """``"auto"`` memory limits are this fraction of the bytes the caller reports as available."""
 
 DTYPES = ("float32", "bfloat16", "float16")
+STATE_DTYPES = ("float32", "bfloat16")
 IO_BACKENDS = ("auto", "kvikio", "posix", "aio")
 OPTIMIZER_IMPLS = ("auto", "deepspeed", "torch")
 ENGINES = ("native", "reference")
@@ -305,8 +306,11 @@ class ModelConfig:
     config: dict[str, Any] | None = None
     """Hugging Face config fields, ``model_type`` included, for a randomly initialized model."""
     dtype: str = "float32"
-    """Compute dtype of the weights on the GPU: float32, bfloat16 or float16. Master weights and
-    Adam states are always float32."""
+    """Compute dtype of the weights on the GPU: float32, bfloat16 or float16."""
+    state_dtype: str = "float32"
+    """Master weights, Adam states and kept gradients: float32 (mixed precision: 12 bytes of
+    optimizer state per parameter), or bfloat16 together with ``dtype: bfloat16`` (pure bf16
+    training, 6 bytes per parameter: the math of a bf16 model with torch.optim.AdamW in memory)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint directory to run."""
 
@@ -314,6 +318,12 @@ class ModelConfig:
         _check_str(self, "name_or_path", optional=True)
         self._check_config()
         _check_choice(self, "dtype", DTYPES)
+        _check_choice(self, "state_dtype", STATE_DTYPES)
+        if self.state_dtype != "float32" and self.dtype != self.state_dtype:
+            key = _key(self, "state_dtype")
+            raise ConfigError(f"{key}{_where(key)} {self.state_dtype} needs model.dtype: {self.state_dtype} "
+                              f"(pure {self.state_dtype} training), got model.dtype {self.dtype}; set both, "
+                              f"or state_dtype: float32 for mixed precision")
         _check_bool(self, "trust_remote_code")
         if (self.name_or_path is None) == (self.config is None):
             self._fail_source()
@@ -524,6 +534,20 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.state_dtype != "float32" and self.offload.optimizer_impl == "deepspeed":
+            key = "offload.optimizer_impl"
+            raise ConfigError(f"{key}{_where(key)} deepspeed takes float32 optimizer states only; with "
+                              f"model.state_dtype {self.model.state_dtype} use torch (or auto)")
+
+    @property
+    def optimizer_impl(self) -> str:
+        """offload.optimizer_impl, with ``auto`` narrowed to torch for bf16 states (DeepSpeed's
+        cpu_adam takes fp32 only)."""
+        if self.model.state_dtype != "float32" and self.offload.optimizer_impl == "auto":
+            return "torch"
+        return self.offload.optimizer_impl
 
     @property
     def offload_nvme_path(self) -> Path:

@@ -47,10 +47,11 @@ def prepare_store(store: SwapStore, run_dir: Path, ckpt: ckpt_io.CheckpointInfo 
     return StoreStart(saved, False)
 
 
-def check_checkpoint_room(store: SwapStore, units: Iterable[Unit], versions: int, states_in_store: bool) -> None:
+def check_checkpoint_room(store: SwapStore, units: Iterable[Unit], versions: int, states_in_store: bool,
+                          itemsize: int = 4) -> None:
     """Fail before training unless the SSD holds ``versions`` more copies of the optimizer
-    states (checkpoints keep one each) besides what is allocated now."""
-    state_bytes = sum(3 * align_up(4 * u.numel) for u in units)
+    states (checkpoints keep one each; ``itemsize`` bytes per element) besides what is allocated now."""
+    state_bytes = sum(3 * align_up(itemsize * u.numel) for u in units)
     copies = versions if states_in_store else versions + 1  # RAM states: the live copy is written too
     need = max(copies * state_bytes - store.reusable_bytes, 0)
     try:
@@ -74,7 +75,8 @@ def write_states(store: SwapStore, unit_states: Iterable[tuple[Unit, torch.Tenso
     out: list[ckpt_io.UnitExtents] = []
     for unit, *flats in unit_states:
         names = {kind: f"ckpt.{unit.name}.{kind}" for kind in ckpt_io.STATE_KINDS}
-        store.reserve([TensorSpec(names[k], torch.float32, (unit.numel,)) for k in ckpt_io.STATE_KINDS])
+        store.reserve([TensorSpec(names[k], flat.dtype, (unit.numel,))
+                       for k, flat in zip(ckpt_io.STATE_KINDS, flats, strict=True)])
         futures = [store.write(names[k], flat.contiguous()) for k, flat in zip(ckpt_io.STATE_KINDS, flats, strict=True)]
         for f in futures:
             f.result()

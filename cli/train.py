@@ -139,7 +139,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     settings = TrainSettings(adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
                              weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                             compute_dtype=ctx.dtype, gradient_accumulation_steps=ga, nan_policy=t.nan_policy)
+                             compute_dtype=ctx.dtype, state_dtype=DTYPES[cfg.model.state_dtype],
+                             gradient_accumulation_steps=ga, nan_policy=t.nan_policy)
 
     # Learning-rate schedule: transformers' schedulers drive a one-parameter optimizer.
     lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
@@ -192,7 +193,7 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
                                           start_step=state.get("optimizer_step", start_step))
         else:
             try:
-                impl, _ = choose_impl(cfg.offload.optimizer_impl)
+                impl, _ = choose_impl(cfg.optimizer_impl)
             except RuntimeError as err:
                 raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
             adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
@@ -206,7 +207,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
             engine.good_steps = state.get("good_steps", 0)
         with engine:
             versions = swap.checkpoint_versions(start_step, total_steps, t.save_steps, t.save_total_limit)
-            swap.check_checkpoint_room(store, units, versions, states_on_nvme)
+            swap.check_checkpoint_room(store, units, versions, states_on_nvme,
+                                       itemsize=settings.state_dtype.itemsize)
             try:
                 return _loop(ctx, engine, scheduler, lr_holder, start_step, total_steps, position, per_epoch,
                              fingerprint, plan, store)
@@ -343,6 +345,7 @@ def _save(ctx: RunContext, engine: Any, store: Any, step: int, position: Any, sc
 
 
 RESUME_KEYS = ("data.path", "data.seq_len", "data.packing", "data.shuffle", "data.text_field", "model.dtype",
+               "model.state_dtype",
                "train.micro_batch_size", "train.gradient_accumulation_steps", "train.seed")
 """Config keys a run cannot change when it resumes: the data position and the batches depend on them."""
 

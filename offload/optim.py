@@ -1,4 +1,5 @@
-"""CPU AdamW over flat fp32 buffers (master weights, gradient, exp_avg, exp_avg_sq).
+"""CPU AdamW over flat buffers (master weights, gradient, exp_avg, exp_avg_sq): fp32, or bf16
+for pure bf16 training (torch implementation only).
 
 Two implementations with one call shape, ``step(params, grads, exp_avg, exp_avg_sq, step, lr)``:
 
@@ -48,10 +49,14 @@ class FlatAdamW(Protocol):
     def close(self) -> None: ...
 
 
-def _check(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+def _check(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+           dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> None:
+    """All four: contiguous CPU tensors of one dtype from ``dtypes``, of one length."""
+    if params.dtype not in dtypes:
+        raise ValueError(f"params are {params.dtype}; this AdamW takes {', '.join(map(str, dtypes))}")
     for name, t in (("params", params), ("grads", grads), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous fp32 CPU tensor, got {t.dtype} on {t.device}")
+        if t.dtype != params.dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {params.dtype} CPU tensor, got {t.dtype} on {t.device}")
         if t.numel() != params.numel():
             raise ValueError(f"{name} has {t.numel()} elements, params {params.numel()}")
 
@@ -66,7 +71,9 @@ class TorchFusedAdamW:
 
     def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
              exp_avg_sq: torch.Tensor, step: int, lr: float) -> None:
-        _check(params, grads, exp_avg, exp_avg_sq)
+        # bf16 buffers: pure bf16 training, the kernel's math in fp32 and each result rounded
+        # to bf16, as torch.optim.AdamW(fused=True) does for a bf16 model in memory
+        _check(params, grads, exp_avg, exp_avg_sq, (torch.float32, torch.bfloat16))
         # The fused kernel increments the step tensor before using it.
         step_t = torch.tensor(float(step - 1), dtype=torch.float32)
         _torch_adam(

@@ -8,7 +8,6 @@ so reading them needs no lock.
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 import torch
@@ -62,8 +61,8 @@ class SnapshotReader:
                 raise CorruptionError(f"swap data for tensor {name!r} in {self.path} is truncated: "
                                       f"{done} of {ext.nbytes} bytes at offset {ext.offset}")
             done += n
-        expected = self.snapshot.crc32.get(name)
-        if expected is not None and zlib.crc32(view) != expected:
+        expected = self.snapshot.checksums.get(name)
+        if expected is not None and not expected.matches(view):
             raise CorruptionError(f"swap data for tensor {name!r} in {self.path} (offset {ext.offset}, "
                                   f"{ext.nbytes} bytes) fails its checksum: the file is corrupt; resume "
                                   f"from another checkpoint")

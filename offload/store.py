@@ -2,14 +2,16 @@
 
 Layout of a store directory::
 
-    manifest.json   {"version": 1, "extents": {name: {file, offset, nbytes, dtype, shape, crc32}}}
+    manifest.json   {"version": 1, "checksum_algorithm": "xxh3_64",
+                     "extents": {name: {file, offset, nbytes, dtype, shape, checksum}}}
     data-000.bin    extents, each starting on a 4 KiB boundary and padded to 4 KiB
     .lock           flock'ed while a process has the store open
 
-Every write records a CRC32 of the bytes written; every read checks it (``verify_reads``), so a
-flipped or truncated byte becomes a ``CorruptionError`` naming the tensor and the file, never
-silent garbage. The manifest is rewritten atomically (temp file, fsync, rename) by ``flush()``
-and ``close()``.
+Every write records a checksum (xxh3_64, ``offload.checksum``) of the bytes written; every read
+checks it (``verify_reads``), so a flipped or truncated byte becomes a ``CorruptionError`` naming
+the tensor and the file, never silent garbage. Extents written by earlier versions carry a
+``crc32`` field instead, verified with zlib's CRC32 until they are next written. The manifest is
+rewritten atomically (temp file, fsync, rename) by ``flush()`` and ``close()``.
 
 Snapshots (copy-on-write versions): ``snapshot(names)`` freezes the current extents of ``names``
 (with their checksums) into a ``Snapshot`` that the caller persists, e.g. in a checkpoint. While
@@ -29,7 +31,6 @@ import os
 import shutil
 import threading
 import uuid
-import zlib
 from collections.abc import Iterable
 from concurrent.futures import Future, wait
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +40,7 @@ from typing import Any
 
 import torch
 
+from offload.checksum import ALGORITHM, FUNCTIONS, LEGACY_ALGORITHM, Checksum
 from offload.errors import CorruptionError, NotWritableError, OffloadError, OutOfSpaceError
 from offload.faults import fault_point
 from offload.freelist import FreeList
@@ -88,7 +90,7 @@ class Extent:
         return n
 
 
-def _check_extent(ext: Extent, crc: object) -> None:
+def _check_extent(ext: Extent) -> None:
     """Raise ``ValueError`` when a manifest record cannot describe an extent of this store."""
     if ext.file != DATA_FILE_NAME:
         raise ValueError(f"{ext.name!r} lives in unknown file {ext.file!r}")
@@ -102,8 +104,37 @@ def _check_extent(ext: Extent, crc: object) -> None:
         raise ValueError(f"{ext.name!r} has unknown dtype {ext.dtype!r}") from None
     if ext.nbytes != ext.numel * itemsize:
         raise ValueError(f"{ext.name!r} has {ext.nbytes!r} bytes, not {ext.numel} x {ext.dtype}")
-    if crc is not None and not isinstance(crc, int):
-        raise ValueError(f"{ext.name!r} has checksum {crc!r}")
+
+
+def _checksum_field(value: Checksum | None) -> dict[str, int | None]:
+    """An extent's checksum as manifests and snapshots hold it: ``checksum`` (the document's
+    ``checksum_algorithm``), or ``crc32`` for a value an earlier version wrote."""
+    if value is not None and value.algorithm == LEGACY_ALGORITHM:
+        return {"crc32": value.value}
+    return {"checksum": None if value is None else value.value}
+
+
+def _doc_algorithm(doc: dict[str, Any]) -> str | None:
+    """The ``checksum_algorithm`` of a manifest or snapshot (None in those of earlier versions)."""
+    algorithm = doc.get("checksum_algorithm")
+    if algorithm is not None and algorithm not in FUNCTIONS:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+    return algorithm
+
+
+def _parse_checksum(name: str, rec: dict[str, Any], algorithm: str | None) -> Checksum | None:
+    """Inverse of ``_checksum_field``; raises ``ValueError``/``KeyError`` when malformed."""
+    if "crc32" in rec and "checksum" not in rec:
+        algorithm, value = LEGACY_ALGORITHM, rec["crc32"]
+    else:
+        value = rec["checksum"]
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name!r} has checksum {value!r}")
+    if algorithm is None:
+        raise ValueError("no checksum_algorithm")
+    return Checksum(algorithm, value)
 
 
 def _check_disjoint(extents: list[Extent]) -> None:
@@ -116,15 +147,17 @@ def _check_disjoint(extents: list[Extent]) -> None:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A frozen set of extents, each with the CRC32 of its bytes: what one checkpoint holds."""
+    """A frozen set of extents, each with the checksum of its bytes (None: never written): what
+    one checkpoint holds."""
 
     snapshot_id: str
     extents: dict[str, Extent]
-    crc32: dict[str, int | None]
+    checksums: dict[str, Checksum | None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SNAPSHOT_VERSION, "snapshot_id": self.snapshot_id,
-                "extents": {n: {**asdict(e), "crc32": self.crc32.get(n)} for n, e in self.extents.items()}}
+        return {"version": SNAPSHOT_VERSION, "snapshot_id": self.snapshot_id, "checksum_algorithm": ALGORITHM,
+                "extents": {n: {**asdict(e), **_checksum_field(self.checksums.get(n))}
+                            for n, e in self.extents.items()}}
 
     @classmethod
     def from_dict(cls, doc: Any, source: str) -> Snapshot:
@@ -132,14 +165,15 @@ class Snapshot:
         try:
             if doc.get("version") != SNAPSHOT_VERSION:
                 raise ValueError(f"version {doc.get('version')!r}")
+            algorithm = _doc_algorithm(doc)
             extents: dict[str, Extent] = {}
-            crcs: dict[str, int | None] = {}
+            sums: dict[str, Checksum | None] = {}
             for name, rec in doc["extents"].items():
                 ext = Extent(name, rec["file"], rec["offset"], rec["nbytes"], rec["dtype"], tuple(rec["shape"]))
-                _check_extent(ext, rec["crc32"])
-                extents[name], crcs[name] = ext, rec["crc32"]
+                _check_extent(ext)
+                extents[name], sums[name] = ext, _parse_checksum(name, rec, algorithm)
             _check_disjoint(list(extents.values()))
-            return cls(str(doc["snapshot_id"]), extents, crcs)
+            return cls(str(doc["snapshot_id"]), extents, sums)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptionError(f"{source} is damaged ({err}); resume from another checkpoint") from None
 
@@ -174,7 +208,7 @@ class SwapStore:
         self.verify_reads = verify_reads
         self.owns_backend = owns_backend  # close() closes the backend too
         self._extents: dict[str, Extent] = {}
-        self._crc: dict[str, int | None] = {}
+        self._sums: dict[str, Checksum | None] = {}  # None: not written yet, or from the GPU
         self._data_handle: int | None = None
         self._data_bytes = 0  # allocated length of the data file
         self._lock_fd: int | None = None
@@ -220,7 +254,7 @@ class SwapStore:
 
     def _open_locked(self) -> None:
         self._extents.clear()
-        self._crc.clear()
+        self._sums.clear()
         manifest = self.root / MANIFEST_NAME
         if manifest.exists():
             self._load_manifest(manifest)
@@ -265,7 +299,7 @@ class SwapStore:
         self.wait_in_flight()
         with self._alloc_lock, self._lock:
             self._extents.clear()
-            self._crc.clear()
+            self._sums.clear()
             self._snapshots.clear()
             self._refs.clear()
             self._free.clear()
@@ -314,13 +348,14 @@ class SwapStore:
             doc = json.loads(path.read_text())
             if doc.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {doc.get('version')}")
+            algorithm = _doc_algorithm(doc)
             for name, rec in doc["extents"].items():
                 ext = Extent(
                     name, rec["file"], rec["offset"], rec["nbytes"], rec["dtype"], tuple(rec["shape"])
                 )
-                _check_extent(ext, rec["crc32"])
+                _check_extent(ext)
+                self._sums[name] = _parse_checksum(name, rec, algorithm)
                 self._extents[name] = ext
-                self._crc[name] = rec["crc32"]
             _check_disjoint(list(self._extents.values()))
         except (ValueError, KeyError, TypeError, AttributeError, CorruptionError) as err:
             raise CorruptionError(
@@ -335,10 +370,10 @@ class SwapStore:
         with self._flush_lock:
             with self._lock:
                 extents = {
-                    name: {**asdict(e), "crc32": self._crc.get(name)}
+                    name: {**asdict(e), **_checksum_field(self._sums.get(name))}
                     for name, e in self._extents.items()
                 }
-            doc = {"version": MANIFEST_VERSION, "extents": extents}
+            doc = {"version": MANIFEST_VERSION, "checksum_algorithm": ALGORITHM, "extents": extents}
             tmp = self.root / (MANIFEST_NAME + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(doc, f)
@@ -404,7 +439,7 @@ class SwapStore:
                 for spec, at in placed:
                     ext = Extent(spec.name, DATA_FILE_NAME, at, spec.nbytes, str(spec.dtype), tuple(spec.shape))
                     self._extents[ext.name] = ext
-                    self._crc[ext.name] = None
+                    self._sums[ext.name] = None
                     self._ref(ext)
 
     def _check_room(self, nbytes: int) -> None:
@@ -466,7 +501,7 @@ class SwapStore:
         self._sync_data()
         with self._alloc_lock, self._lock:
             extents = {n: self._extents[n] for n in names if self._known(n)}
-            snap = Snapshot(snapshot_id or uuid.uuid4().hex, extents, {n: self._crc.get(n) for n in extents})
+            snap = Snapshot(snapshot_id or uuid.uuid4().hex, extents, {n: self._sums.get(n) for n in extents})
             self._hold(snap)
         return snap
 
@@ -527,7 +562,7 @@ class SwapStore:
             self._snapshots.clear()
             self._refs.clear()
             self._extents = dict(snapshot.extents) if snapshot else {}
-            self._crc = dict(snapshot.crc32) if snapshot else {}
+            self._sums = dict(snapshot.checksums) if snapshot else {}
             for ext in self._extents.values():
                 self._ref(ext)
             for snap in keep.values():
@@ -613,7 +648,7 @@ class SwapStore:
             new = replace(ext, offset=self._allocate(ext.padded_bytes))
             with self._lock:
                 self._extents[ext.name] = new
-                self._crc[ext.name] = None
+                self._sums[ext.name] = None
                 self._unref(ext)
                 self._ref(new)
         return new
@@ -671,9 +706,9 @@ class SwapStore:
         err = inner.exception()
         if err is not None:
             return self._translate(err, ext, "write")
-        crc = zlib.crc32(as_byte_tensor(t).numpy()) if t.device.type == "cpu" else None
+        value = Checksum.of(as_byte_tensor(t)) if t.device.type == "cpu" else None
         with self._lock:
-            self._crc[ext.name] = crc
+            self._sums[ext.name] = value
             self.write_bytes += ext.nbytes
         return None
 
@@ -692,16 +727,15 @@ class SwapStore:
         if err is not None:
             return self._translate(err, ext, "read")
         with self._lock:
-            expected = self._crc.get(ext.name)
+            expected = self._sums.get(ext.name)
             self.read_bytes += ext.nbytes
-        if self.verify_reads and expected is not None and out.device.type == "cpu":
-            actual = zlib.crc32(as_byte_tensor(out).numpy())
-            if actual != expected:
-                return CorruptionError(
-                    f"swap data for tensor {ext.name!r} in {self.root / ext.file} (offset "
-                    f"{ext.offset}, {ext.nbytes} bytes) fails its checksum: the file is corrupt; "
-                    f"resume from the last checkpoint"
-                )
+        if (self.verify_reads and expected is not None and out.device.type == "cpu"
+                and not expected.matches(as_byte_tensor(out))):
+            return CorruptionError(
+                f"swap data for tensor {ext.name!r} in {self.root / ext.file} (offset "
+                f"{ext.offset}, {ext.nbytes} bytes) fails its checksum: the file is corrupt; "
+                f"resume from the last checkpoint"
+            )
         return None
 
     def _translate(self, err: BaseException, ext: Extent, op: str) -> BaseException:

@@ -8,6 +8,8 @@ term. Symbols (per optimizer step):
     S  streamed layers = L - R N  all parameters         P  parameters of the largest layer
     M  micro-batches (gradient accumulation)             T  tokens per micro-batch = b * s
     w  bytes per element of the compute dtype            h, V, H, d  hidden, vocab, heads, head dim
+    o  bytes per element of the state dtype (master weights, Adam states, kept gradients):
+       4 for mixed precision (fp32 master), 2 for pure bf16 training
 
 Units: bytes, seconds, FLOPs. Rates come from the ``HardwareProfile`` (GB/s are 1e9 bytes/s).
 """
@@ -22,9 +24,7 @@ from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZER_BYTES_PER_PARAM = 12  # fp32 master + exp_avg + exp_avg_sq
-GRAD_BYTES_PER_PARAM = 4  # fp32 gradients kept between micro-batches / until a deferred update
-STAGING_SETS = 2 * 5  # optimizer worker: double-buffered chunk sets of 5 fp32 arrays
+STAGING_SETS = 2 * 5  # optimizer worker: double-buffered chunk sets of 5 state-dtype arrays
 EXTENT_ALIGN_BYTES = 4096
 RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum")
 
@@ -35,6 +35,9 @@ class Workload:
     seq_len: int
     grad_accum: int = 1
     compute_dtype: str = "float32"
+    state_dtype: str = "float32"
+    """Master weights, Adam states and kept gradients: float32, or bfloat16 with a bfloat16
+    compute dtype (pure bf16 training)."""
     deferred: bool = False
     """Updates wait for the whole step's gradients (clipping, fp16 loss scaling, nan skip)."""
     optimizer_impl: str = "torch"
@@ -49,6 +52,8 @@ class Workload:
             raise ValueError(f"workload needs positive batch, sequence length and accumulation: {self}")
         if self.compute_dtype not in ITEMSIZE:
             raise ValueError(f"compute_dtype must be one of {sorted(ITEMSIZE)}, not {self.compute_dtype!r}")
+        if self.state_dtype not in ("float32", self.compute_dtype) or self.state_dtype == "float16":
+            raise ValueError(f"state_dtype must be float32 or the bfloat16 compute dtype: {self}")
 
     @property
     def tokens(self) -> int:
@@ -57,6 +62,25 @@ class Workload:
     @property
     def itemsize(self) -> int:
         return ITEMSIZE[self.compute_dtype]
+
+    @property
+    def state_itemsize(self) -> int:
+        return ITEMSIZE[self.state_dtype]
+
+    @property
+    def optimizer_bytes_per_param(self) -> int:
+        """Master + exp_avg + exp_avg_sq: 3 o (12 B mixed precision, 6 B pure bf16)."""
+        return 3 * self.state_itemsize
+
+    @property
+    def grad_bytes_per_param(self) -> int:
+        """Gradients kept between micro-batches or until a deferred update: o."""
+        return self.state_itemsize
+
+    def weights_are_master(self, plan: Plan) -> bool:
+        """Streamed weights are read from the master (no second copy, none written): same dtype,
+        same tier (as the executor does)."""
+        return self.state_dtype == self.compute_dtype and plan.weights == plan.optimizer
 
     @property
     def grads_kept(self) -> bool:
@@ -112,22 +136,24 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Ti
         ("embeddings + head weights", Tier.DEVICE, (shape.pre_numel + shape.post_numel) * w),
         ("layer weights in flight", Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
         ("resident + turn layer weights", Tier.DEVICE, (R + K) * w_layer),
-        ("layer weights streamed", plan.weights, (L - R) * w_layer),
+        # (none when they are the master weights themselves)
+        ("layer weights streamed", plan.weights, 0 if wl.weights_are_master(plan) else (L - R) * w_layer),
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_unit_numel * w),
-        ("fp32 master + Adam states", plan.optimizer, OPTIMIZER_BYTES_PER_PARAM * n),
-        ("fp32 gradients kept", plan.grads, GRAD_BYTES_PER_PARAM * n if wl.grads_kept else 0),
+        (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
+        (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if wl.grads_kept else 0),
         ("activation checkpoints" if plan.recompute else "saved activations (no recompute)",
          plan.activations if plan.recompute else Tier.DEVICE, L * (act.checkpoint if plan.recompute else act.saved)),
         # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
         # are written there too when saved (one more copy)
         ("checkpoint versions", Tier.NVME,
-         (wl.checkpoint_versions + (plan.optimizer != Tier.NVME)) * OPTIMIZER_BYTES_PER_PARAM * n
+         (wl.checkpoint_versions + (plan.optimizer != Tier.NVME)) * wl.optimizer_bytes_per_param * n
          if wl.checkpoint_versions else 0),
         # transient compute memory of one layer or the LM head (largest)
         ("working memory", Tier.DEVICE, act.work),
-        # optimizer worker: 10 fp32 arrays of one chunk (double-buffered grad, stored grad, master, m, v)
-        ("optimizer staging", Tier.HOST, STAGING_SETS * 4 * min(plan.chunk_numel, shape.largest_unit_numel)),
+        # optimizer worker: 10 arrays of one chunk (double-buffered grad, stored grad, master, m, v)
+        ("optimizer staging", Tier.HOST,
+         STAGING_SETS * wl.state_itemsize * min(plan.chunk_numel, shape.largest_unit_numel)),
     ]
     if plan.weights == Tier.NVME or plan.optimizer == Tier.NVME or plan.grads == Tier.NVME:
         # every unit's chunks become 4 KiB-aligned extents: at most one block lost per extent
@@ -195,21 +221,23 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     loads = M * (2 * S - K) * w_layer
     if plan.weights == Tier.NVME:
         ssd_read += loads
-        ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
+        if not wl.weights_are_master(plan):
+            ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
     if gpu:
         h2d += loads + (N - S * shape.layer_numel) * w  # + updated weights of resident units
-    # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per step
+    # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
+    # step, 3 o bytes each way
     if plan.optimizer == Tier.NVME:
-        ssd_read += OPTIMIZER_BYTES_PER_PARAM * N
-        ssd_write += OPTIMIZER_BYTES_PER_PARAM * N
+        ssd_read += wl.optimizer_bytes_per_param * N
+        ssd_write += wl.optimizer_bytes_per_param * N
     # ---- gradients: D2H once per micro-batch (compute dtype); kept ones are written
-    # (M - 1 + deferred) times and read as often, 4 bytes per parameter each
+    # (M - 1 + deferred) times and read as often, o bytes per parameter each
     if gpu:
         d2h += M * N * w
     if wl.grads_kept and plan.grads == Tier.NVME:
         passes = M - 1 + int(wl.deferred)
-        ssd_write += passes * GRAD_BYTES_PER_PARAM * N
-        ssd_read += passes * GRAD_BYTES_PER_PARAM * N
+        ssd_write += passes * wl.grad_bytes_per_param * N
+        ssd_read += passes * wl.grad_bytes_per_param * N
     # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
     act_traffic = M * L * act.checkpoint if plan.recompute else 0
     if plan.activations == Tier.NVME and plan.recompute:
@@ -234,7 +262,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         "ssd_read": ssd_read / (profile.ssd_read_gbps * 1e9),
         "ssd_write": ssd_write / (profile.ssd_write_gbps * 1e9),
         "cpu_adam": N / adam_rate,
-        # CRC32 of every byte the store reads or writes, on the CPU
+        # checksum (xxh3_64) of every byte the store reads or writes, on the CPU
         "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
     }
     step_s, bottleneck = _step_time(plan, shape, wl, profile, time_s, gpu)
@@ -290,6 +318,10 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
         if rate > 0:
             step += wl.grad_accum * w_layer / (rate * 1e9)
     if plan.optimizer == Tier.NVME:
-        step += OPTIMIZER_BYTES_PER_PARAM * shape.pre_numel * (
+        step += wl.optimizer_bytes_per_param * shape.pre_numel * (
             1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))
     return step, bottleneck
+
+
+def _state_name(wl: Workload) -> str:
+    return "fp32" if wl.state_dtype == "float32" else wl.state_dtype

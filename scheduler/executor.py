@@ -12,13 +12,16 @@ that requires grad, so ``loss.backward()`` covers only the final norm and LM hea
 
 Backward, i = L-1..0: weights back on DEVICE (prefetched), layer i recomputed from its checkpoint
 under the saved RNG state, ``autograd.backward(out_i, grad_out_i)``; the gradient w.r.t. its input
-flows to layer i-1. Each unit's gradients are copied (D2H, as fp32) into host staging and handed
+flows to layer i-1. Each unit's gradients are copied (D2H, in the state dtype) into host staging and handed
 to the optimizer worker thread as soon as they exist. Last, the embedding's own graph is
 back-propagated, completing the ``pre`` unit (which holds a tied LM head weight).
 
-Optimizer worker (one thread, jobs in submission order): read fp32 master, exp_avg, exp_avg_sq
+Optimizer worker (one thread, jobs in submission order): read master, exp_avg, exp_avg_sq
 (HOST or NVME), AdamW, write them back, write the new compute-dtype weights where the next forward
-reads them (the DEVICE copy of resident units, else the weights home). The next step's forward
+reads them (the DEVICE copy of resident units, else the weights home). State dtype
+(``TrainSettings.state_dtype``): fp32 (mixed precision), or bf16 for pure bf16 training. When the
+compute dtype is the state dtype and the plan puts weights and optimizer in one tier, the master
+*is* the weights' home: loads read the master and no second copy is written. The next step's forward
 waits per unit for that unit's update, so updates overlap backward (immediate mode) or the next
 forward (deferred mode).
 
@@ -65,7 +68,7 @@ Initializer = Callable[[Unit], dict[str, torch.Tensor]]
 """Returns the initial fp32 (or any dtype) tensors of one unit, by qualified parameter name."""
 
 ResumeState = Callable[[Unit], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""Returns a unit's saved flat fp32 (master, exp_avg, exp_avg_sq), to continue a run."""
+"""Returns a unit's saved flat (master, exp_avg, exp_avg_sq) in the state dtype, to continue a run."""
 
 
 class NonFiniteError(OffloadError):
@@ -82,6 +85,10 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0 disables clipping
     compute_dtype: torch.dtype = torch.float32
+    state_dtype: torch.dtype = torch.float32
+    """Master weights, Adam states and kept gradients. float32: mixed precision (the default).
+    The compute dtype (bfloat16): pure low-precision training, the same math as a bf16 model with
+    ``torch.optim.AdamW`` in memory (parameters, gradients and Adam states all bf16)."""
     gradient_accumulation_steps: int = 1
     nan_policy: str = "stop"  # "stop": raise NonFiniteError; "skip": skip the step
     initial_loss_scale: float = 2.0**16  # fp16 only (dynamic loss scaling)
@@ -94,6 +101,11 @@ class TrainSettings:
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.max_grad_norm < 0:
             raise ValueError("max_grad_norm must be >= 0 (0 disables clipping)")
+        if self.state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"state_dtype must be float32 or bfloat16, not {self.state_dtype}")
+        if self.state_dtype != torch.float32 and self.state_dtype != self.compute_dtype:
+            raise ValueError(f"state_dtype {self.state_dtype} needs the same compute dtype (pure "
+                             f"{self.state_dtype} training), not {self.compute_dtype}")
 
     @property
     def deferred(self) -> bool:
@@ -283,7 +295,7 @@ class StreamingExecutor:
         for unit in self.map.units:
             self._states.append(_UnitState(unit, resident=self._is_resident(unit)))
             self._chunks.append(_chunk_ranges(unit.numel, self.plan.chunk_numel))
-        arena_bytes = 2 * 5 * 4 * min(self.plan.chunk_numel, max(u.numel for u in self.map.units))
+        arena_bytes = 2 * 5 * self._state_itemsize * min(self.plan.chunk_numel, max(u.numel for u in self.map.units))
         self.acct.alloc(Tier.HOST, arena_bytes, "optimizer staging buffers")
         self.acct.alloc(Tier.HOST, self._host_resident_bytes(), "host-resident tensors of the plan")
         self._arena = HostArena(arena_bytes).open()
@@ -349,12 +361,24 @@ class StreamingExecutor:
         total = 0
         for u in self.map.units:
             if self.plan.optimizer == Tier.HOST:
-                total += 12 * u.numel
+                total += 3 * self._state_itemsize * u.numel
             if self.plan.grads == Tier.HOST and self._grads_kept():
-                total += 4 * u.numel
-            if self._weights_home(u) == Tier.HOST:
+                total += self._state_itemsize * u.numel
+            if self._weights_home(u) == Tier.HOST and not self._weights_are_master:
                 total += _itemsize(self.settings.compute_dtype) * u.numel
         return total
+
+    @property
+    def _state_itemsize(self) -> int:
+        return _itemsize(self.settings.state_dtype)
+
+    @property
+    def _weights_are_master(self) -> bool:
+        """The compute weights of streamed units are their master weights (no second copy) when
+        both have one dtype and the plan keeps both in one tier: loads read the master, and the
+        optimizer writes no separate weights."""
+        return (self.settings.compute_dtype == self.settings.state_dtype
+                and self.plan.weights == self.plan.optimizer)
 
     def _grads_kept(self) -> bool:
         """Gradients outlive a backward only when accumulated or when updates are deferred;
@@ -390,11 +414,12 @@ class StreamingExecutor:
         specs = []
         for u in self.map.units:
             kinds: list[tuple[str, torch.dtype]] = []
+            sd = self.settings.state_dtype
             if self.plan.optimizer == Tier.NVME:
-                kinds += [("master", torch.float32), ("exp_avg", torch.float32), ("exp_avg_sq", torch.float32)]
+                kinds += [("master", sd), ("exp_avg", sd), ("exp_avg_sq", sd)]
             if self.plan.grads == Tier.NVME and self._grads_kept():
-                kinds.append(("grad", torch.float32))
-            if self._weights_home(u) == Tier.NVME:
+                kinds.append(("grad", sd))
+            if self._weights_home(u) == Tier.NVME and not self._weights_are_master:
                 kinds.append(("weight", self.settings.compute_dtype))
             for c, (a, b) in enumerate(self._chunks[u.index]):
                 specs += [TensorSpec(f"{u.name}.{kind}.{c}", dtype, (b - a,)) for kind, dtype in kinds]
@@ -406,25 +431,28 @@ class StreamingExecutor:
         if self.state_in_store:
             if self.plan.optimizer != Tier.NVME:
                 raise ValueError("state_in_store needs a plan with the optimizer states on NVME")
-            master = torch.empty(u.numel, dtype=torch.float32)
+            master = torch.empty(u.numel, dtype=self.settings.state_dtype)
             self._read_chunks(u, "master", master)
             self._write_weights(st, master.to(self.settings.compute_dtype), master)
             return
         if self.resume is not None:
             master, exp_avg, exp_avg_sq = self.resume(u)
+            sd = self.settings.state_dtype
             for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-                if t.dtype != torch.float32 or t.numel() != u.numel:
+                if t.dtype != sd or t.numel() != u.numel:
                     raise OffloadError(f"saved {name} of {u.name} has {t.numel()} x {t.dtype}, expected "
-                                       f"{u.numel} x torch.float32: the checkpoint is from another model")
+                                       f"{u.numel} x {sd}: the checkpoint is from another model or "
+                                       f"model.state_dtype")
         else:
             master = self._initial_master(u, originals)
             exp_avg = exp_avg_sq = None
         weights = master.to(self.settings.compute_dtype)
+        sd = self.settings.state_dtype
         if self.plan.optimizer == Tier.HOST:
-            st.host_master = (master, torch.zeros(u.numel) if exp_avg is None else exp_avg.clone(),
-                              torch.zeros(u.numel) if exp_avg_sq is None else exp_avg_sq.clone())
+            st.host_master = (master, torch.zeros(u.numel, dtype=sd) if exp_avg is None else exp_avg.clone(),
+                              torch.zeros(u.numel, dtype=sd) if exp_avg_sq is None else exp_avg_sq.clone())
         else:
-            zeros = torch.zeros(min(u.numel, self.plan.chunk_numel))
+            zeros = torch.zeros(min(u.numel, self.plan.chunk_numel), dtype=sd)
             futs = []
             for c, (a, b) in enumerate(self._chunks[u.index]):
                 futs += [self.store.write(f"{u.name}.master.{c}", master[a:b]),
@@ -439,11 +467,14 @@ class StreamingExecutor:
         """Put a unit's initial compute weights in their home (and zero its HOST gradients)."""
         u = st.unit
         if self.plan.grads == Tier.HOST and self._grads_kept():
-            st.host_grad = torch.zeros(u.numel, dtype=torch.float32)
+            st.host_grad = torch.zeros(u.numel, dtype=self.settings.state_dtype)
         home = self._weights_home(u)
         if home == Tier.DEVICE:
             st.device_flat = self._alloc_device(u)
             st.device_flat.copy_(weights)
+        elif self._weights_are_master:
+            # the master is the weights' home: nothing more to write
+            st.host_weights = st.host_master[0] if st.host_master is not None else None
         elif home == Tier.HOST:
             st.host_weights = weights.clone() if weights is master else weights
         else:
@@ -457,7 +488,7 @@ class StreamingExecutor:
             tensors = self.initializer(u)
         else:
             tensors = {s.name: originals.pop(s.name) for s in u.params}
-        master = torch.empty(u.numel, dtype=torch.float32)
+        master = torch.empty(u.numel, dtype=self.settings.state_dtype)
         for s in u.params:
             t = tensors[s.name]
             if tuple(t.shape) != s.shape:
@@ -502,12 +533,17 @@ class StreamingExecutor:
             assert st.host_weights is not None
             self._h2d(flat, st.host_weights)
         elif self.device.type == "cpu":
-            self._read_chunks(u, "weight", flat)
+            self._read_chunks(u, self._weights_kind, flat)
         else:
             staging = torch.empty(u.numel, dtype=flat.dtype, pin_memory=True)
-            self._read_chunks(u, "weight", staging)
+            self._read_chunks(u, self._weights_kind, staging)
             self._h2d(flat, staging)
         return flat
+
+    @property
+    def _weights_kind(self) -> str:
+        """The store extents that hold the compute weights of streamed units."""
+        return "master" if self._weights_are_master else "weight"
 
     def _read_chunks(self, u: Unit, kind: str, out: torch.Tensor) -> None:
         futs = [self.store.read(f"{u.name}.{kind}.{c}", out[a:b])
@@ -879,10 +915,10 @@ class StreamingExecutor:
         u = job.st.unit
         chunks = self._chunks[u.index]
         width = min(self.plan.chunk_numel, u.numel)
-        slot = self._arena.acquire(2 * 5 * 4 * width)
+        slot = self._arena.acquire(2 * 5 * self._state_itemsize * width)
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         try:
-            sets = slot.view(torch.float32, 10 * width).view(2, 5, width)
+            sets = slot.view(self.settings.state_dtype, 10 * width).view(2, 5, width)
             writes: list[list[Future[None]]] = [[], []]
             reads = self._issue_reads(job, 0, sets[0])
             issued += reads
@@ -934,7 +970,7 @@ class StreamingExecutor:
                 if g is None:
                     dst.zero_()
                 else:
-                    dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to fp32
+                    dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to state dtype
                     if g.device.type == "cuda":
                         d2h_bytes += (hi - lo) * g.element_size()
             if d2h_bytes:
@@ -982,7 +1018,7 @@ class StreamingExecutor:
             writes += [self.store.write(f"{u.name}.master.{c}", master),
                        self.store.write(f"{u.name}.exp_avg.{c}", exp_avg),
                        self.store.write(f"{u.name}.exp_avg_sq.{c}", exp_avg_sq)]
-        if self.settings.compute_dtype == torch.float32:
+        if self.settings.compute_dtype == self.settings.state_dtype:
             weights = master
         else:  # the stored-gradient buffer is free now: convert into it
             weights = bufs[1].view(torch.uint8)[: n * _itemsize(self.settings.compute_dtype)]
@@ -992,6 +1028,8 @@ class StreamingExecutor:
         if home == Tier.DEVICE:
             assert st.device_flat is not None
             self._h2d(st.device_flat[a:b], weights)
+        elif self._weights_are_master:
+            pass  # the master just updated (or written) is the weights' home
         elif home == Tier.HOST:
             assert st.host_weights is not None
             st.host_weights[a:b].copy_(weights)
@@ -1050,7 +1088,7 @@ class StreamingExecutor:
         self._raise_job_error()
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
-        """The fp32 master weights by qualified parameter name (reads them from their tier)."""
+        """The master weights (state dtype) by qualified parameter name (reads them from their tier)."""
         out: dict[str, torch.Tensor] = {}
         for u, master in self.unit_masters():
             for s in u.params:
@@ -1058,32 +1096,32 @@ class StreamingExecutor:
         return out
 
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
-        """Each unit's flat fp32 master weights, one unit in memory at a time (Adam states not read)."""
+        """Each unit's flat master weights, one unit in memory at a time (Adam states not read)."""
         self.synchronize()
         for st in self._states:
             u = st.unit
             if st.host_master is not None:
                 yield u, st.host_master[0].clone()
                 continue
-            master = torch.empty(u.numel, dtype=torch.float32)
+            master = torch.empty(u.numel, dtype=self.settings.state_dtype)
             self._read_chunks(u, "master", master)
             yield u, master
 
     def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each unit's flat fp32 (master, exp_avg, exp_avg_sq), one unit in memory at a time."""
+        """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time."""
         self.synchronize()
         for st in self._states:
             u = st.unit
             if st.host_master is not None:
                 yield u, *(t.clone() for t in st.host_master)
                 continue
-            flats = tuple(torch.empty(u.numel, dtype=torch.float32) for _ in range(3))
+            flats = tuple(torch.empty(u.numel, dtype=self.settings.state_dtype) for _ in range(3))
             for kind, flat in zip(("master", "exp_avg", "exp_avg_sq"), flats, strict=True):
                 self._read_chunks(u, kind, flat)
             yield u, *flats
 
     def optimizer_state_extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
-        """Where each unit's fp32 master, exp_avg and exp_avg_sq live in the store, once every
+        """Where each unit's master, exp_avg and exp_avg_sq live in the store, once every
         pending update has landed: kind -> [(extent name, first element, end element)]. ``None``
         when the plan keeps them in host memory (``unit_states()`` has them then)."""
         self.synchronize()

@@ -1,10 +1,11 @@
 """The Plan: where each tensor group lives and how far ahead to fetch. A frozen value.
 
 Tensor groups:
-- ``weights``: compute-dtype weights of the decoder layers between uses (HOST or NVME);
+- ``weights``: compute-dtype weights of the decoder layers between uses (HOST or NVME; when their
+  dtype is the state dtype and the tier the optimizer's, they are the master weights themselves);
   ``pre``/``post`` units and the layers in ``resident_layers`` stay on DEVICE for the whole run.
-- ``optimizer``: fp32 master weights + Adam exp_avg + exp_avg_sq (HOST or NVME).
-- ``grads``: fp32 gradients kept between micro-batches or until a deferred update (HOST or NVME).
+- ``optimizer``: master weights + Adam exp_avg + exp_avg_sq, fp32 or bf16 (HOST or NVME).
+- ``grads``: gradients (state dtype) kept between micro-batches or until a deferred update (HOST or NVME).
 - ``activations``: each layer's input, the checkpoint it is recomputed from (DEVICE, HOST, NVME).
 
 ``scheduler.planner`` chooses a plan from budgets and a cost model; ``plan.json`` replays one.
@@ -81,7 +82,7 @@ class Plan:
     def __str__(self) -> str:
         rows = [
             ("layer weights", self.weights.value),
-            ("fp32 master + Adam", self.optimizer.value),
+            ("master + Adam states", self.optimizer.value),
             ("gradients", self.grads.value),
             ("activation checkpoints", self.activations.value if self.recompute else "device (no recompute)"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),

@@ -16,8 +16,6 @@ from dataclasses import dataclass, replace
 from offload.errors import BudgetError, format_bytes
 from offload.tiers import Tier
 from scheduler.cost_model import (
-    GRAD_BYTES_PER_PARAM,
-    OPTIMIZER_BYTES_PER_PARAM,
     STAGING_SETS,
     Estimate,
     LayerTiming,
@@ -147,19 +145,25 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
                 f"lower train.micro_batch_size / data.seq_len")
     # The state that must live somewhere off the device: optimizer, kept gradients, weights.
     n = shape.total_numel
-    state = OPTIMIZER_BYTES_PER_PARAM * n + (GRAD_BYTES_PER_PARAM * n if wl.grads_kept else 0)
-    state += shape.n_layers * shape.layer_numel * wl.itemsize
-    versions = wl.checkpoint_versions * OPTIMIZER_BYTES_PER_PARAM * n
+    state = wl.optimizer_bytes_per_param * n + (wl.grad_bytes_per_param * n if wl.grads_kept else 0)
+    if wl.state_dtype != wl.compute_dtype:  # else the weights are the master weights
+        state += shape.n_layers * shape.layer_numel * wl.itemsize
+    versions = wl.checkpoint_versions * wl.optimizer_bytes_per_param * n
     room = budgets.nvme_bytes + max(host_total - STAGING_SETS * 4 * MAX_CHUNK_NUMEL, 0)
     if state > room:
-        grads = " and fp32 gradients (4 B/param, kept for accumulation or clipping)" if wl.grads_kept else ""
-        return (f"the training state needs {format_bytes(state)} (fp32 master + Adam states, 12 B/param for "
-                f"{n / 1e9:.2f}B parameters{grads}, plus the layer weights): the SSD has "
+        kind = "fp32" if wl.state_dtype == "float32" else wl.state_dtype
+        grads = (f" and {kind} gradients ({wl.grad_bytes_per_param} B/param, kept for accumulation or clipping)"
+                 if wl.grads_kept else "")
+        weights = ", plus the layer weights" if wl.state_dtype != wl.compute_dtype else ""
+        pure = ("; or train in pure bfloat16 (model.dtype and model.state_dtype: bfloat16, 6 B/param)"
+                if wl.state_dtype == "float32" and wl.compute_dtype == "bfloat16" else "")
+        return (f"the training state needs {format_bytes(state)} ({kind} master + Adam states, "
+                f"{wl.optimizer_bytes_per_param} B/param for {n / 1e9:.2f}B parameters{grads}{weights}): the SSD has "
                 f"{format_bytes(budgets.nvme_bytes)} free and RAM takes at most {format_bytes(max(room - budgets.nvme_bytes, 0))}, "
-                f"{format_bytes(state - room)} short; free space or point offload.nvme_path at a larger disk")
+                f"{format_bytes(state - room)} short; free space or point offload.nvme_path at a larger disk{pure}")
     if state + versions > room:
         return (f"checkpoints keep {wl.checkpoint_versions} versions of the optimizer state "
-                f"({format_bytes(OPTIMIZER_BYTES_PER_PARAM * n)} each) beside the training state "
+                f"({format_bytes(wl.optimizer_bytes_per_param * n)} each) beside the training state "
                 f"({format_bytes(state)}): the SSD has {format_bytes(budgets.nvme_bytes)} free, "
                 f"{format_bytes(state + versions - room)} short; lower train.save_total_limit or free space")
     return (f"no placement fits device {format_bytes(device_total)}, host {format_bytes(host_total)} and SSD "

@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from offload.checksum import checksum
 from offload.io import make_backend
 from offload.io.posix import aligned_empty
 from offload.optim import measure_impl
@@ -44,8 +45,9 @@ class HardwareProfile:
     disk_free_bytes: int
     measured_at: str
     checksum_gbps: float | None = None
-    """CRC32 of host bytes on one core (the store checks every byte it moves); None: not
-    measured (a hand-written profile may leave it out), checksums then cost nothing."""
+    """The store's checksum (``offload.checksum``, xxh3_64) of host bytes on one core (the store
+    checks every byte it moves); None: not measured (a hand-written profile may leave it out),
+    checksums then cost nothing."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -74,7 +76,7 @@ class HardwareProfile:
             ("H2D / D2H", "no GPU" if self.h2d_gbps is None else f"{self.h2d_gbps:.1f} / {self.d2h_gbps:.1f} GB/s"),
             ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
             ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
-            ("CRC32", "not measured" if self.checksum_gbps is None else f"{self.checksum_gbps:.1f} GB/s"),
+            ("checksum", "not measured" if self.checksum_gbps is None else f"{self.checksum_gbps:.1f} GB/s"),
             ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
             ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
             ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
@@ -115,9 +117,14 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
+PROFILE_FORMAT = 2  # 2: checksum_gbps measures xxh3_64 (1: CRC32)
+
+
 def cache_path(nvme_path: str | Path) -> Path:
     """One cached profile per machine and filesystem: directories on one disk share it."""
-    key = f"{platform.node()}:{os.stat(existing_parent(Path(nvme_path))).st_dev}"
+    # PROFILE_FORMAT in the key: profiles cached by a version that measured something else (the
+    # CRC32 checksum rate, before xxh3) are measured anew, not reused
+    key = f"{PROFILE_FORMAT}:{platform.node()}:{os.stat(existing_parent(Path(nvme_path))).st_dev}"
     return CACHE_DIR / f"profile-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
 
 
@@ -231,11 +238,10 @@ def _matmul() -> dict[str, float]:
 
 
 def _checksum() -> float:
-    import zlib
-
+    """GB/s of the store's checksum (xxh3_64) on one core."""
     data = torch.randint(0, 255, (64 << 20,), dtype=torch.uint8).numpy()
-    zlib.crc32(data[: 1 << 20])
+    checksum(data[: 1 << 20])
     t0 = time.perf_counter()
     for _ in range(3):
-        zlib.crc32(data)
+        checksum(data)
     return 3 * data.nbytes / (time.perf_counter() - t0) / 1e9

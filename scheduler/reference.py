@@ -38,13 +38,15 @@ class ReferenceEngine:
         self.close()
 
     def start(self) -> None:
-        self.model.to(device=self.device, dtype=self.settings.compute_dtype)
+        self.model.to(device=self.device)
+        for p in self.model.parameters():  # buffers (RoPE tables) keep their dtype, as with
+            p.data = p.data.to(self.settings.compute_dtype)  # from_pretrained(dtype=...)
         self.model.train()
         self.map = build_model_map(self.model)
         s = self.settings
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(s.adam_beta1, s.adam_beta2),
                                      eps=s.adam_epsilon, weight_decay=s.weight_decay,
-                                     fused=s.compute_dtype == torch.float32)
+                                     fused=s.compute_dtype in (torch.float32, torch.bfloat16))
         if self.resume is not None:
             self._load(self.resume)
 
@@ -107,15 +109,15 @@ class ReferenceEngine:
         assert self.opt is not None
         params = self._params()
         for u in self.units:
-            flats = [torch.zeros(u.numel) for _ in range(3)]
+            flats = [torch.zeros(u.numel, dtype=self.settings.state_dtype) for _ in range(3)]
             for s in u.params:
                 p = params[s.name]
                 sl = slice(s.offset, s.offset + s.numel)
-                flats[0][sl] = p.detach().reshape(-1).float().cpu()
+                flats[0][sl] = p.detach().reshape(-1).cpu()
                 state = self.opt.state.get(p, {})
                 for k, key in ((1, "exp_avg"), (2, "exp_avg_sq")):
                     if key in state:
-                        flats[k][sl] = state[key].reshape(-1).float().cpu()
+                        flats[k][sl] = state[key].reshape(-1).cpu()
             yield u, flats[0], flats[1], flats[2]
 
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:

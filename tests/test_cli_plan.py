@@ -17,20 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "configs" / "examples"
 
 
-def plan_cli(config: Path, out: Path, profile: Path) -> tuple[int, str, str]:
-    proc = run_cli("plan", str(config), "--profile", str(profile), "--set", f"train.output_dir={out}")
+def plan_cli(config: Path, out: Path, profile: Path, *sets: str) -> tuple[int, str, str]:
+    args = [a for s in sets for a in ("--set", s)]
+    proc = run_cli("plan", str(config), "--profile", str(profile), "--set", f"train.output_dir={out}", *args)
     return proc.returncode, proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize(("config", "profile", "params"), [
-    ("llama3-70b.yaml", "workstation-24gb.json", "70.55B"),
-    ("gpt3-175b.yaml", "workstation-24gb-8tb.json", "175.22B"),
+@pytest.mark.parametrize(("config", "profile", "params", "state", "sets"), [
+    ("llama3-70b.yaml", "workstation-24gb.json", "70.55B", "fp32", ()),
+    # pure bf16 (6 B/param of optimizer state) fits the 2 TB SSD; fp32 states need the 8 TB one
+    ("gpt3-175b.yaml", "workstation-24gb.json", "175.22B", "bfloat16", ()),
+    ("gpt3-175b.yaml", "workstation-24gb-8tb.json", "175.22B", "fp32",
+     ("model.state_dtype=float32", "train.save_steps=100", "train.save_total_limit=1")),
 ])
-def test_large_models_are_planned_from_config_and_profile(tmp_path, config, profile, params):
-    code, out, err = plan_cli(EXAMPLES / config, tmp_path / "run", EXAMPLES / profile)
+def test_large_models_are_planned_from_config_and_profile(tmp_path, config, profile, params, state, sets):
+    code, out, err = plan_cli(EXAMPLES / config, tmp_path / "run", EXAMPLES / profile, *sets)
     assert code == 0, err
     assert f"{params} parameters" in out
-    for text in ("fp32 master + Adam states", "ssd_read", "cpu_adam", "predicted step:", "bottleneck:"):
+    for text in (f"{state} master + Adam states", "ssd_read", "cpu_adam", "predicted step:", "bottleneck:"):
         assert text in out
     saved = json.loads((tmp_path / "run" / "plan.json").read_text())
     plan = Plan.from_dict(saved)
@@ -41,11 +45,20 @@ def test_large_models_are_planned_from_config_and_profile(tmp_path, config, prof
 
 
 def test_a_model_too_large_for_the_ssd_is_one_line_with_the_shortfall(tmp_path):
-    code, out, err = plan_cli(EXAMPLES / "gpt3-175b.yaml", tmp_path / "run", EXAMPLES / "workstation-24gb.json")
+    code, out, err = plan_cli(EXAMPLES / "gpt3-175b.yaml", tmp_path / "run", EXAMPLES / "workstation-24gb.json",
+                              "model.state_dtype=float32")
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err
     assert "short" in lines[0] and "offload.nvme_path" in lines[0]
+    assert "pure bfloat16" in lines[0]  # the other way to fit: half the optimizer bytes
+
+
+def test_a_kept_checkpoint_that_does_not_fit_names_save_total_limit(tmp_path):
+    code, _, err = plan_cli(EXAMPLES / "gpt3-175b.yaml", tmp_path / "run", EXAMPLES / "workstation-24gb.json",
+                            "train.save_steps=100", "train.save_total_limit=1")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "checkpoints keep 1 versions" in err and "save_total_limit" in err
 
 
 @pytest.mark.parametrize(("change", "expected"), [

@@ -638,3 +638,14 @@ def test_resolve_memory_limit():
     assert resolve_memory_limit("4096", 1) == 4096
     with pytest.raises(ConfigError, match="cannot parse size 'lots'"):
         resolve_memory_limit("lots", 1)
+
+
+def test_pure_bf16_states_narrow_the_optimizer_and_refuse_deepspeed():
+    base = {"model": {"config": {"model_type": "llama"}, "dtype": "bfloat16", "state_dtype": "bfloat16"},
+            "data": {"path": "corpus.jsonl"}, "train": {"output_dir": "runs/x"}}
+    cfg = config_from_dict(base)
+    assert cfg.model.state_dtype == "bfloat16" and cfg.optimizer_impl == "torch"  # auto -> torch
+    assert config_from_dict({**base, "model": {**base["model"], "state_dtype": "float32"}}).optimizer_impl == "auto"
+    with pytest.raises(ConfigError, match="deepspeed takes float32 optimizer states only") as err:
+        config_from_dict({**base, "offload": {"optimizer_impl": "deepspeed"}})
+    assert "\n" not in str(err.value)

@@ -43,6 +43,14 @@ def make_batches(steps: int, ga: int, seed: int = 1) -> list[list[dict[str, torc
             for _ in range(steps)]
 
 
+def params_to(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters in ``dtype``, buffers (RoPE tables) as they are: a model loaded with
+    ``from_pretrained(..., dtype=dtype)``."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def train_reference(model: torch.nn.Module, batches, clip: float, device: str = "cpu") -> tuple[list[float], dict]:
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=WD, fused=True)
@@ -65,8 +73,9 @@ def train_reference(model: torch.nn.Module, batches, clip: float, device: str = 
 
 
 def train_engine(model, batches, plan: Plan, tmp_path, clip: float = 0.0, impl: str = "torch",
-                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[list[float], dict, dict]:
-    settings = TrainSettings(weight_decay=WD, max_grad_norm=clip, compute_dtype=dtype,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 state_dtype: torch.dtype = torch.float32) -> tuple[list[float], dict, dict]:
+    settings = TrainSettings(weight_decay=WD, max_grad_norm=clip, compute_dtype=dtype, state_dtype=state_dtype,
                              gradient_accumulation_steps=len(batches[0]))
     torch.manual_seed(123)
     losses = []
@@ -149,6 +158,39 @@ def test_low_precision_compute_trains(dtype, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.05
     assert all(t.dtype == torch.float32 for t in w.values())  # masters stay fp32
+
+
+@pytest.mark.parametrize("plan_name", ["all-nvme", "host-tiers", "no-recompute", "reference-mode"])
+@pytest.mark.parametrize("ga", [1, 2])
+def test_pure_bf16_matches_pytorch_bitwise(plan_name, ga, tmp_path):
+    """model.state_dtype bfloat16: the math of a bf16 model with torch.optim.AdamW in memory
+    (bf16 parameters, gradients and Adam states), bit for bit, at half the optimizer bytes."""
+    plan = ALL_NVME if plan_name == "all-nvme" else PLANS[plan_name]
+    model = tiny_model("llama")
+    ref_model = params_to(copy.deepcopy(model), torch.bfloat16)
+    batches = make_batches(4, ga)
+    ref_losses, ref_w = train_reference(ref_model, batches, 0.0)
+    losses, w, metrics = train_engine(model, batches, plan, tmp_path, dtype=torch.bfloat16,
+                                      state_dtype=torch.bfloat16)
+    assert losses == ref_losses
+    for k in ref_w:
+        assert w[k].dtype == torch.bfloat16
+        assert torch.equal(w[k], ref_w[k]), k
+    if plan_name == "all-nvme":  # master + 2 Adam states of 2 bytes, read and written per step
+        n_params = sum(t.numel() for t in ref_w.values())
+        assert 4 * 6 * n_params <= metrics["io_write_bytes"] < 4 * 8 * n_params + 4 * 3 * 4096 * 64
+
+
+def test_pure_bf16_with_clipping_follows_pytorch(tmp_path):
+    """Clipping: our global norm is reduced in float64, torch's in bf16: close, not bitwise."""
+    model = tiny_model("gpt2")
+    ref_model = params_to(copy.deepcopy(model), torch.bfloat16)
+    batches = make_batches(4, 2)
+    ref_losses, ref_w = train_reference(ref_model, batches, 0.5)
+    losses, w, _ = train_engine(model, batches, ALL_NVME, tmp_path, clip=0.5, dtype=torch.bfloat16,
+                                state_dtype=torch.bfloat16)
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 2e-2
+    assert max_diff({k: v.float() for k, v in w.items()}, {k: v.float() for k, v in ref_w.items()}) <= 2e-2
 
 
 def test_device_budget_is_never_exceeded(tmp_path):

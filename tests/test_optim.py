@@ -60,13 +60,33 @@ def test_matches_torch_adamw_for_20_steps(impl, numel, betas, weight_decay):
 def test_rejects_wrong_buffers(impl):
     opt = make_adamw(impl, AdamWConfig())
     n = 16
-    with pytest.raises(ValueError, match="fp32"):
-        opt.step(torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n), torch.zeros(n), torch.zeros(n), 1, 1e-3)
+    with pytest.raises(ValueError, match="float16; this AdamW takes torch.float32"):
+        opt.step(torch.zeros(n, dtype=torch.float16), torch.zeros(n), torch.zeros(n), torch.zeros(n), 1, 1e-3)
+    with pytest.raises(ValueError, match="grads must be a contiguous torch.float32"):  # dtypes must agree
+        opt.step(torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n), torch.zeros(n), 1, 1e-3)
     with pytest.raises(ValueError, match="elements"):
         opt.step(torch.zeros(n), torch.zeros(n + 1), torch.zeros(n), torch.zeros(n), 1, 1e-3)
     with pytest.raises(ValueError, match="contiguous"):
         opt.step(torch.zeros(2 * n)[::2], torch.zeros(n), torch.zeros(n), torch.zeros(n), 1, 1e-3)
     opt.close()
+
+
+def test_torch_impl_takes_bf16_buffers_like_torch_adamw():
+    """Pure bf16 training: flat bf16 buffers give torch.optim.AdamW(fused=True)'s bf16 results."""
+    g = torch.Generator().manual_seed(3)
+    n = 1001
+    p0 = torch.randn(n, generator=g).to(torch.bfloat16)
+    param = torch.nn.Parameter(p0.clone())
+    ref = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.1, fused=True)
+    opt = make_adamw("torch", AdamWConfig(weight_decay=0.1))
+    flat, m, v = p0.clone(), torch.zeros(n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)
+    for step in range(1, 6):
+        grad = torch.randn(n, generator=g).to(torch.bfloat16)
+        param.grad = grad.clone()
+        ref.step()
+        opt.step(flat, grad, m, v, step, 1e-2)
+    assert torch.equal(flat, param.detach())
+    assert torch.equal(m, ref.state[param]["exp_avg"]) and torch.equal(v, ref.state[param]["exp_avg_sq"])
 
 
 def test_measurement_and_auto_choice():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from offload.errors import (
     CorruptionError,
@@ -206,12 +207,13 @@ def test_reopen_reads_back_bit_identical(
         write_all(store, tensors)
 
     doc = json.loads((root / MANIFEST_NAME).read_text())
-    assert set(doc["extents"]) == set(tensors)
+    assert set(doc["extents"]) == set(tensors) and doc["checksum_algorithm"] == "xxh3_64"
     for name, t in tensors.items():
         rec = doc["extents"][name]
         assert rec["dtype"] == str(t.dtype)
         assert rec["shape"] == list(t.shape)
-        assert rec["crc32"] == zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()), name
+        assert rec["checksum"] == xxhash.xxh3_64_intdigest(t.reshape(-1).view(torch.uint8).numpy()), name
+        assert "crc32" not in rec
 
     with SwapStore(root, posix_backend_factory(task_bytes=SMALL_TASK)) as store:
         assert sorted(store.names()) == sorted(tensors)
@@ -235,7 +237,7 @@ def test_close_waits_for_writes_still_in_flight(
 
     doc = json.loads((root / MANIFEST_NAME).read_text())
     for name, t in tensors.items():
-        assert doc["extents"][name]["crc32"] == zlib.crc32(t.view(torch.uint8).numpy()), name
+        assert doc["extents"][name]["checksum"] == xxhash.xxh3_64_intdigest(t.view(torch.uint8).numpy()), name
     with SwapStore(root, posix_backend_factory()) as store:
         for name, t in tensors.items():
             assert_same_bits(store.read_new(name), t, name)
@@ -300,6 +302,74 @@ def test_flipped_byte_raises_corruption_naming_tensor_and_file(
         assert "'victim'" in message and str(data_file) in message
         assert "\n" not in message
         assert_same_bits(store.read_new("bystander"), tensors["bystander"], "bystander")
+
+
+def as_crc32_manifest(root: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Rewrite the manifest of ``root`` as the CRC32 versions wrote it: no checksum_algorithm,
+    each extent's zlib.crc32 under ``crc32`` (null where the tensor was never written)."""
+    doc = json.loads((root / MANIFEST_NAME).read_text())
+    del doc["checksum_algorithm"]
+    for name, rec in doc["extents"].items():
+        del rec["checksum"]
+        rec["crc32"] = zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy()) if name in tensors else None
+    (root / MANIFEST_NAME).write_text(json.dumps(doc))
+
+
+def flip_byte(path: Path, pos: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        byte = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def test_crc32_manifest_of_earlier_versions_opens_and_verifies(
+    tmp_path: Path, posix_backend_factory: BackendFactory, torch_gen: torch.Generator
+) -> None:
+    root = tmp_path / "swap"
+    tensors = {"old": random_tensor((4097,), torch.float32, torch_gen),
+               "rewritten": random_tensor((1_000_003,), torch.bfloat16, torch_gen)}
+    with SwapStore(root, posix_backend_factory()) as store:
+        store.reserve([spec_of(name, t) for name, t in tensors.items()] + [TensorSpec("unwritten", torch.uint8, (5,))])
+        write_all(store, tensors)
+    as_crc32_manifest(root, tensors)
+
+    with SwapStore(root, posix_backend_factory()) as store:
+        for name, t in read_all(store, tensors).items():
+            assert_same_bits(t, tensors[name], name)
+        tensors["rewritten"] = random_tensor((1_000_003,), torch.bfloat16, torch_gen)
+        write_all(store, {"rewritten": tensors["rewritten"]})
+    # A mixed manifest: the extent written since carries the new checksum, the others their CRC32.
+    doc = json.loads((root / MANIFEST_NAME).read_text())
+    assert doc["checksum_algorithm"] == "xxh3_64"
+    assert doc["extents"]["old"]["crc32"] == zlib.crc32(tensors["old"].view(torch.uint8).numpy())
+    assert doc["extents"]["unwritten"]["checksum"] is None  # nothing to verify, in either format
+    assert doc["extents"]["rewritten"]["checksum"] == xxhash.xxh3_64_intdigest(
+        tensors["rewritten"].view(torch.uint8).numpy())
+    with SwapStore(root, posix_backend_factory()) as store:
+        for name, t in read_all(store, tensors).items():
+            assert_same_bits(t, tensors[name], name)
+        old_ext, new_ext = store.extent("old"), store.extent("rewritten")
+
+    data_file = root / DATA_FILE_NAME
+    for ext in (old_ext, new_ext):
+        flip_byte(data_file, ext.offset + ext.nbytes // 3)
+        with SwapStore(root, posix_backend_factory()) as store:
+            with pytest.raises(CorruptionError, match="checksum") as info:
+                store.read_new(ext.name)
+            assert f"{ext.name!r}" in str(info.value) and str(data_file) in str(info.value)
+        flip_byte(data_file, ext.offset + ext.nbytes // 3)  # repaired: the next one alone is bad
+
+
+def test_unknown_checksum_algorithm_is_corruption(tmp_path: Path, posix_backend_factory: BackendFactory) -> None:
+    root = tmp_path / "swap"
+    with SwapStore(root, posix_backend_factory()) as store:
+        store.reserve([TensorSpec("a", torch.float32, (10,))])
+    doc = json.loads((root / MANIFEST_NAME).read_text())
+    doc["checksum_algorithm"] = "md5"
+    (root / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(CorruptionError, match=r"manifest\.json.*'md5'"):
+        SwapStore(root, posix_backend_factory()).open()
 
 
 def test_flipped_byte_passes_without_verification(

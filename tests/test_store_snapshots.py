@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from offload.errors import CorruptionError, OutOfSpaceError
 from offload.freelist import FreeList
 from offload.io.posix import PosixBackend
+from offload.snapshot_reader import SnapshotReader
 from offload.store import DATA_FILE_NAME, Snapshot, SwapStore, TensorSpec
 
 NUMEL = 3000  # 12000 bytes: padded to 12 KiB
@@ -101,6 +103,53 @@ def test_corrupted_snapshot_extent_names_tensor_and_file(tmp_path):
         store.restore(snap)
         with pytest.raises(CorruptionError, match=r"'layer\.0\.master\.0'.*data-000\.bin.*checksum"):
             store.read_new("layer.0.master.0")
+
+
+def test_crc32_snapshot_of_earlier_versions_restores_and_verifies(tmp_path):
+    """A checkpoint's swap.json written by the CRC32 versions: no checksum_algorithm, ``crc32``."""
+    with open_store(tmp_path) as store:
+        store.reserve([TensorSpec("layer.0.master.0", torch.float32, (NUMEL,)),
+                       TensorSpec("never.written", torch.float32, (NUMEL,))])
+        store.write("layer.0.master.0", filled(1.0)).result()
+        doc = store.snapshot(["layer.0.master.0", "never.written"]).to_dict()
+    assert doc["checksum_algorithm"] == "xxh3_64"
+    del doc["checksum_algorithm"]
+    for rec in doc["extents"].values():
+        del rec["checksum"]
+    doc["extents"]["layer.0.master.0"]["crc32"] = zlib.crc32(filled(1.0).view(torch.uint8).numpy())
+    doc["extents"]["never.written"]["crc32"] = None
+    snap = Snapshot.from_dict(doc, "swap.json")
+    with open_store(tmp_path) as store:
+        store.restore(snap)
+        assert torch.equal(store.read_new("layer.0.master.0"), filled(1.0))
+    with SnapshotReader(tmp_path, snap) as reader:
+        assert torch.equal(reader.read("layer.0.master.0", torch.empty(NUMEL)), filled(1.0))
+
+    with open(tmp_path / DATA_FILE_NAME, "r+b") as f:
+        f.seek(snap.extents["layer.0.master.0"].offset + 100)
+        f.write(b"\xff")
+    pattern = r"'layer\.0\.master\.0'.*data-000\.bin.*checksum"
+    with open_store(tmp_path) as store:
+        store.restore(snap)
+        with pytest.raises(CorruptionError, match=pattern):
+            store.read_new("layer.0.master.0")
+    with SnapshotReader(tmp_path, snap) as reader, pytest.raises(CorruptionError, match=pattern):
+        reader.read("layer.0.master.0", torch.empty(NUMEL))
+
+
+def test_snapshot_reader_detects_a_flipped_byte(tmp_path):
+    with open_store(tmp_path) as store:
+        store.reserve([TensorSpec("x", torch.float32, (NUMEL,))])
+        store.write("x", filled(2.0)).result()
+        snap = Snapshot.from_dict(store.snapshot(["x"]).to_dict(), "swap.json")
+    with SnapshotReader(tmp_path, snap) as reader:
+        assert torch.equal(reader.read("x", torch.empty(NUMEL)), filled(2.0))
+    with open(tmp_path / DATA_FILE_NAME, "r+b") as f:
+        f.seek(snap.extents["x"].offset + NUMEL * 4 - 1)
+        f.write(b"\x00")
+    with SnapshotReader(tmp_path, snap) as reader, \
+            pytest.raises(CorruptionError, match=r"'x'.*data-000\.bin.*checksum"):
+        reader.read("x", torch.empty(NUMEL))
 
 
 def test_truncated_data_file_fails_restore_naming_tensor_and_file(tmp_path):
