@@ -114,6 +114,8 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     worker: the probe builds a two-layer model."""
     import shutil
 
+    import psutil
+
     from scheduler.cost_model import Workload
     from scheduler.layer_probe import cached_probe, probe_fits
     from scheduler.model_shape import shape_from_config
@@ -129,7 +131,9 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     wl = Workload(micro_batch=suite.batch, seq_len=suite.seq_len)
     profile = load_or_measure(swap_dir, size_bytes=256 << 20)
     device = torch.device("cuda" if gpu else "cpu")
-    free = torch.cuda.mem_get_info()[0] if gpu else budget * 4
+    # what `offload-train train` probes with: the memory free on this machine (the probe runs
+    # here, in the harness, before any engine starts)
+    free = torch.cuda.mem_get_info()[0] if gpu else psutil.virtual_memory().available
     timing = cached_probe(config, wl, device) if probe_fits(shape, wl, free) else None
     return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing).plan
 

@@ -24,6 +24,8 @@ from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+IN_FLIGHT = "layer weights in flight"
+WORKING_MEMORY = "working memory"
 STAGING_SETS = 2 * 5  # optimizer worker: double-buffered chunk sets of 5 state-dtype arrays
 EXTENT_ALIGN_BYTES = 4096
 RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum")
@@ -94,6 +96,8 @@ class LayerTiming:
     layer_forward_s: float  # one decoder layer, one micro-batch, forward
     layer_backward_s: float  # its backward
     head_s: float  # embeddings + final norm + LM head + loss, forward and backward
+    layer_saved_bytes: int = 0  # what autograd saves for one layer's backward besides the layer's
+    # input and the weights (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -101,19 +105,27 @@ class ActivationBytes:
     """Per layer and micro-batch (estimates from the shape; the executor measures the real ones)."""
 
     checkpoint: int  # the layer's input, kept for recompute: T * h * w
-    saved: int  # everything autograd keeps without recompute
-    work: int  # transient memory while one layer (or the LM head) computes
+    saved: int  # what autograd keeps without recompute, besides the layer's input and weights
+    layer_work: int  # transient memory while one layer computes
+    head_work: int  # transient memory while the LM head and the loss compute
+
+    @property
+    def work(self) -> int:
+        return max(self.layer_work, self.head_work)
 
 
-def activation_bytes(shape: ModelShape, wl: Workload) -> ActivationBytes:
+def activation_bytes(shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> ActivationBytes:
     t, h, i, w = wl.tokens, shape.hidden, shape.intermediate, wl.itemsize
-    scores = wl.micro_batch * shape.n_heads * wl.seq_len**2 * w  # one attention score matrix
-    # saved = T * (12 h + 6 i) * w + 2 scores: projections, norms, MLP intermediates, softmax
-    saved = t * (12 * h + 6 * i) * w + 2 * scores
-    # work = max(layer: 2 * T * (4 h + 3 i) * w + 2 scores, head: 3 * T * V * 4 (fp32 logits,
-    # softmax, gradient))
-    work = max(2 * t * (4 * h + 3 * i) * w + 2 * scores, 3 * t * shape.vocab * 4)
-    return ActivationBytes(checkpoint=t * h * w, saved=saved, work=work)
+    # one attention score matrix (none materialized by fused attention)
+    scores = 0 if shape.fused_attention else wl.micro_batch * shape.n_heads * wl.seq_len**2 * w
+    # saved = the probe's measurement, else T * (11 h + 6 i) * w + 2 scores: projections, norms,
+    # MLP intermediates, softmax (an upper bound: fused attention saves no scores)
+    saved = (timing.layer_saved_bytes if timing is not None and timing.layer_saved_bytes
+             else t * (11 * h + 6 * i) * w + 2 * scores)
+    # work: layer 2 * T * (4 h + 3 i) * w + 2 scores; head 3 * T * V * 4 (fp32 logits, softmax,
+    # gradient)
+    return ActivationBytes(checkpoint=t * h * w, saved=saved, layer_work=2 * t * (4 * h + 3 * i) * w + 2 * scores,
+                           head_work=3 * t * shape.vocab * 4)
 
 
 @dataclass(frozen=True)
@@ -123,10 +135,11 @@ class MemoryPeak:
     nvme_bytes: int
 
 
-def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Tier, int]]:
+def placement(plan: Plan, shape: ModelShape, wl: Workload,
+              timing: LayerTiming | None = None) -> list[tuple[str, Tier, int]]:
     """(tensor group, tier, bytes at peak) of everything the executor holds under ``plan``."""
     w, L = wl.itemsize, shape.n_layers
-    act = activation_bytes(shape, wl)
+    act = activation_bytes(shape, wl, timing)
     w_layer = shape.layer_numel * w
     R = len(plan.resident_layers)
     K = min(plan.turn_keep, L - R)
@@ -134,7 +147,7 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Ti
     rows: list[tuple[str, Tier, int]] = [
         # DEVICE: embeddings and head stay; (1 + prefetch) layers in flight; resident + turn layers
         ("embeddings + head weights", Tier.DEVICE, (shape.pre_numel + shape.post_numel) * w),
-        ("layer weights in flight", Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
+        (IN_FLIGHT, Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
         ("resident + turn layer weights", Tier.DEVICE, (R + K) * w_layer),
         # (none when they are the master weights themselves)
         ("layer weights streamed", plan.weights, 0 if wl.weights_are_master(plan) else (L - R) * w_layer),
@@ -142,15 +155,14 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Ti
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_unit_numel * w),
         (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
         (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if wl.grads_kept else 0),
-        ("activation checkpoints" if plan.recompute else "saved activations (no recompute)",
-         plan.activations if plan.recompute else Tier.DEVICE, L * (act.checkpoint if plan.recompute else act.saved)),
+        *_activation_rows(plan, L, act),
         # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
         # are written there too when saved (one more copy)
         ("checkpoint versions", Tier.NVME,
          (wl.checkpoint_versions + (plan.optimizer != Tier.NVME)) * wl.optimizer_bytes_per_param * n
          if wl.checkpoint_versions else 0),
         # transient compute memory of one layer or the LM head (largest)
-        ("working memory", Tier.DEVICE, act.work),
+        (WORKING_MEMORY, Tier.DEVICE, act.work),
         # optimizer worker: 10 arrays of one chunk (double-buffered grad, stored grad, master, m, v)
         ("optimizer staging", Tier.HOST,
          STAGING_SETS * wl.state_itemsize * min(plan.chunk_numel, shape.largest_unit_numel)),
@@ -163,11 +175,40 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload) -> list[tuple[str, Ti
     return [r for r in rows if r[2] > 0]
 
 
-def peak_memory(plan: Plan, shape: ModelShape, wl: Workload) -> MemoryPeak:
-    """Bytes per tier at peak: the sums of ``placement``."""
+def _activation_rows(plan: Plan, L: int, act: ActivationBytes) -> list[tuple[str, Tier, int]]:
+    if plan.recompute:
+        return [("activation checkpoints", plan.activations, L * act.checkpoint)]
+    if plan.activations == Tier.DEVICE:
+        return [("saved activations (no recompute)", Tier.DEVICE, L * (act.saved + act.checkpoint))]
+    # swapped through the SSD: every layer but the last two (kept over the turn); at most two
+    # layers' worth in memory (one written while the next computes; one read ahead in backward)
+    # besides every layer's input (the previous layer's output: kept, never swapped)
+    return [("saved activations in memory", Tier.DEVICE, min(L, 2) * act.saved + L * act.checkpoint),
+            ("saved activations swapped", Tier.NVME, max(L - 2, 0) * act.saved)]
+
+
+def swapped_activation_bytes(plan: Plan, shape: ModelShape, wl: Workload,
+                             timing: LayerTiming | None = None) -> int:
+    """SSD bytes written (and read as many) per step for swapped activations:
+    M * (L - 2) * saved without recompute and ``activations: nvme``, else 0."""
+    if plan.recompute or plan.activations != Tier.NVME:
+        return 0
+    return wl.grad_accum * max(shape.n_layers - 2, 0) * activation_bytes(shape, wl, timing).saved
+
+
+def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> MemoryPeak:
+    """Bytes per tier at peak: the sums of ``placement``, except that on DEVICE the layer phase
+    and the head phase do not overlap:
+        device = everything else + max(layer weights in flight + layer work, head work)
+    (while the LM head computes no streamed layer is on DEVICE: the last one was released after
+    forward, backward's loads start after the head's backward)."""
     total = {t: 0 for t in Tier}
-    for _, tier, nbytes in placement(plan, shape, wl):
+    in_flight = 0
+    for group, tier, nbytes in placement(plan, shape, wl, timing):
         total[tier] += nbytes
+        in_flight += nbytes if group == IN_FLIGHT else 0
+    act = activation_bytes(shape, wl, timing)
+    total[Tier.DEVICE] += max(in_flight + act.layer_work, act.head_work) - in_flight - act.work
     return MemoryPeak(device_bytes=total[Tier.DEVICE], host_bytes=total[Tier.HOST], nvme_bytes=total[Tier.NVME])
 
 
@@ -207,7 +248,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     S = L - R
     K = min(plan.turn_keep, S)
     w_layer = shape.layer_numel * w
-    act = activation_bytes(shape, wl)
+    act = activation_bytes(shape, wl, timing)
 
     # ---- compute: forward F = L * layer + head; backward = 2 F; recompute = L * layer
     f_layer, f_head = layer_flops(shape, wl)
@@ -246,6 +287,15 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     if gpu and plan.activations != Tier.DEVICE and plan.recompute:
         d2h += act_traffic
         h2d += act_traffic
+    # ---- swapped activations (no recompute, activations: nvme): M * (L - 2) * saved written in
+    # forward and read in backward (on a GPU also copied D2H and H2D); the copy into aligned
+    # buffers when saved is compute-lane work, not modeled (~1/100 of a layer's forward)
+    swapped = swapped_activation_bytes(plan, shape, wl, timing)
+    ssd_write += swapped
+    ssd_read += swapped
+    if gpu:
+        d2h += swapped
+        h2d += swapped
 
     adam_rate = profile.cpu_adam_params_per_s.get(wl.optimizer_impl) or max(profile.cpu_adam_params_per_s.values())
     if timing is not None:
@@ -268,7 +318,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     step_s, bottleneck = _step_time(plan, shape, wl, profile, time_s, gpu)
     return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
                     time_s=time_s, step_s=step_s, bottleneck=bottleneck,
-                    memory=peak_memory(plan, shape, wl), model_flops=model_flops)
+                    memory=peak_memory(plan, shape, wl, timing), model_flops=model_flops)
 
 
 def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile,

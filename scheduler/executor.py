@@ -64,6 +64,10 @@ from scheduler.trace import TracedStore, Tracer
 
 log = logging.getLogger(__name__)
 
+SWAP_MIN_BYTES = 1 << 20
+"""Saved activations smaller than this stay in memory when activations are swapped (norm
+statistics, masks: not worth a request)."""
+
 Initializer = Callable[[Unit], dict[str, torch.Tensor]]
 """Returns the initial fp32 (or any dtype) tensors of one unit, by qualified parameter name."""
 
@@ -206,8 +210,24 @@ class _LayerCall:
     x_leaf: torch.Tensor | None = None  # no-recompute mode: the layer's input leaf
     output: torch.Tensor | None = None  # no-recompute mode: the layer's output (graph root)
     saved: Any = None  # the saved_tensors_hooks context while the layer runs
-    saved_bytes: int = 0  # DEVICE bytes of saved activations
+    saved_bytes: int = 0  # DEVICE bytes of saved activations kept in memory
+    swapped: list[_SwappedTensor] = field(default_factory=list)  # saved activations on NVME
     trace_start_s: float = 0.0  # when the layer's forward began (0.0: not tracing)
+
+
+@dataclass
+class _SwappedTensor:
+    """A saved activation swapped through the SSD (no-recompute mode, ``activations: nvme``):
+    copied into a page-aligned buffer when saved, written after its layer's forward, read back
+    before its layer's backward."""
+
+    name: str  # store extent
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    buf: torch.Tensor | None = None  # host copy: from saving until written, and from reading on
+    write: Future[None] | None = None
+    read: Future[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -669,6 +689,12 @@ class StreamingExecutor:
                 call.saved.__exit__(None, None, None)
                 call.saved = None
                 call.output = output[0] if isinstance(output, tuple) else output
+                if call.swapped:
+                    self._swap_out(i, call)
+                if i >= 1 and self._swaps_activations(i - 1):
+                    # at most two layers' saved activations in memory: the previous layer's
+                    # writes end here
+                    self._drop_swap_buffers(self._calls[i - 1])
             if i < self._n_layers - self.plan.turn_keep:
                 self._release(self._states[i + 1])
             if i != self._n_layers - 1:
@@ -682,23 +708,93 @@ class StreamingExecutor:
         return hook
 
     def _pack(self, i: int, t: torch.Tensor) -> Any:
-        """Saved-tensor hook (no-recompute mode): weights become (unit, view) tokens."""
+        """Saved-tensor hook (no-recompute mode): weights become (unit, view) tokens; with
+        ``activations: nvme`` large activations become ``_SwappedTensor`` tokens."""
         st = self._states[i + 1]
         flat = st.device_flat
         if (flat is not None and t.device == flat.device and t.dtype == flat.dtype
                 and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()):
             return _WeightView(i + 1, t.storage_offset() - flat.storage_offset(), tuple(t.shape), t.stride())
         nbytes = t.numel() * t.element_size()
+        call = self._calls[i]
+        if (self._swaps_activations(i) and nbytes >= SWAP_MIN_BYTES and call.x_leaf is not None
+                and t.untyped_storage().data_ptr() != call.x_leaf.untyped_storage().data_ptr()):
+            # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
+            # Sync point on a GPU: the D2H copy blocks this thread.
+            self.acct.alloc(self._swap_tier, nbytes, f"saved activations of layer {i} (swapped)")
+            buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+            buf.view(t.dtype).view(t.shape).copy_(t)
+            token = _SwappedTensor(f"act.{i}.{len(call.swapped)}.{nbytes}", tuple(t.shape), t.dtype, nbytes, buf)
+            call.swapped.append(token)
+            return token
         self.acct.alloc(Tier.DEVICE, nbytes, f"saved activations of layer {i}")
-        self._calls[i].saved_bytes += nbytes
+        call.saved_bytes += nbytes
         return t
 
     def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, _SwappedTensor):
+            assert packed.read is not None or packed.buf is not None, "activations must be swapped in first"
+            if packed.read is not None:
+                packed.read.result()  # sync point: the read of this activation has landed
+            assert packed.buf is not None
+            x = packed.buf.view(packed.dtype).view(packed.shape)
+            return x if self.device.type == "cpu" else x.to(self.device)
         if not isinstance(packed, _WeightView):
             return packed
         flat = self._states[packed.unit_index].device_flat
         assert flat is not None, "weights must be loaded before their layer's backward"
         return flat.as_strided(packed.size, packed.stride, flat.storage_offset() + packed.offset)
+
+    def _swaps_activations(self, i: int) -> bool:
+        """Layer i's saved activations go through the SSD: all layers but the last two, which
+        backward needs first (they stay in memory over the turn)."""
+        return (not self.plan.recompute and self.plan.activations == Tier.NVME
+                and i < self._n_layers - 2)
+
+    @property
+    def _swap_tier(self) -> Tier:
+        """Where swapped activations wait in memory: host buffers (the DEVICE on a CPU)."""
+        return Tier.DEVICE if self.device.type == "cpu" else Tier.HOST
+
+    def _swap_out(self, i: int, call: _LayerCall) -> None:
+        """After layer i's forward: write its swapped activations (extents reserved once)."""
+        self.store.reserve([TensorSpec(t.name, torch.uint8, (t.nbytes,)) for t in call.swapped
+                            if t.name not in self.store])
+        for t in call.swapped:
+            assert t.buf is not None
+            t.write = self.store.write(t.name, t.buf)  # holds ``buf`` until done
+
+    def _drop_swap_buffers(self, call: _LayerCall) -> None:
+        """Wait for the writes of a layer's swapped activations, then free their buffers."""
+        for t in call.swapped:
+            if t.write is not None:
+                t.write.result()  # sync point: the write of this activation has ended
+            if t.buf is not None:
+                t.buf = None
+                self.acct.free(self._swap_tier, t.nbytes)
+
+    def _swap_in(self, i: int, call: _LayerCall | None) -> None:
+        """Before layer i's backward (and one layer ahead): read its swapped activations back
+        into fresh buffers, unless they are still in memory."""
+        if call is None:
+            return
+        for t in call.swapped:
+            if t.buf is not None or t.read is not None:
+                continue
+            assert t.write is not None
+            t.write.result()  # sync point: written before read back (long done by now)
+            self.acct.alloc(self._swap_tier, t.nbytes, f"saved activations of layer {i} (read back)")
+            t.buf = aligned_empty(t.nbytes, pin_memory=self.device.type == "cuda")
+            t.read = self.store.read(t.name, t.buf)
+
+    def _release_swapped(self, call: _LayerCall) -> None:
+        """After a layer's backward (or a dropped forward): nothing of its swap stays in memory."""
+        for t in call.swapped:
+            if t.read is not None:
+                t.read.result()
+            t.read = None
+        self._drop_swap_buffers(call)
+        call.swapped.clear()
 
     @property
     def _n_layers(self) -> int:
@@ -804,6 +900,7 @@ class StreamingExecutor:
     def _drop_forward_state(self) -> None:
         for i, call in self._calls.items():
             self.acct.free(Tier.DEVICE, call.saved_bytes)
+            self._release_swapped(call)
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()
             elif call.checkpoint is not None:
@@ -835,9 +932,12 @@ class StreamingExecutor:
             else:
                 assert call.x_leaf is not None and call.output is not None
                 x, hidden = call.x_leaf, call.output
+                self._swap_in(i, call)
+                self._swap_in(i - 1, self._calls.get(i - 1))  # overlaps this layer's backward
             with self.tracer.span("compute", f"backward layer.{i}"):
                 torch.autograd.backward(hidden, grad)
             grad = x.grad
+            self._release_swapped(call)
             self.acct.free(Tier.DEVICE, call.saved_bytes)
             del x, hidden, call
             self._unit_grads_ready(st, last)

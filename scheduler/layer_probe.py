@@ -24,6 +24,7 @@ from scheduler.model_shape import ModelShape
 from scheduler.profile import CACHE_DIR
 
 REPEATS = 3
+PROBE_FORMAT = 2  # 2: also measures a layer's saved activations (cached probes of 1 are re-taken)
 
 
 def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
@@ -36,7 +37,7 @@ def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
 def cached_probe(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
     """``probe_layer``, cached per machine, model config, batch shape and dtype (a resumed or
     repeated run starts without probing again; ``offload-train profile`` clears the cache)."""
-    key = json.dumps([platform.node(), torch.__version__, str(device), hf_config.to_dict(),
+    key = json.dumps([PROBE_FORMAT, platform.node(), torch.__version__, str(device), hf_config.to_dict(),
                       wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
     path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
@@ -60,12 +61,12 @@ def probe_layer(hf_config: Any, wl: Workload, device: torch.device) -> LayerTimi
     fwd_layer = max(two[0] - one[0], 1e-6)
     step_layer = max(two[1] - one[1], fwd_layer)
     return LayerTiming(layer_forward_s=fwd_layer, layer_backward_s=step_layer - fwd_layer,
-                       head_s=max(one[1] - step_layer, 0.0))
+                       head_s=max(one[1] - step_layer, 0.0), layer_saved_bytes=max(two[2] - one[2], 0))
 
 
-def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.device) -> tuple[float, float]:
-    """(forward s, forward + backward s) of a model with ``n_layers`` layers: the fastest of REPEATS
-    (other work on the machine only ever slows a run down)."""
+def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.device) -> tuple[float, float, int]:
+    """(forward s, forward + backward s, bytes autograd saves) of a model with ``n_layers``
+    layers: the fastest of REPEATS (other work on the machine only ever slows a run down)."""
     from transformers import AutoModelForCausalLM
 
     cfg = copy.deepcopy(hf_config)
@@ -91,9 +92,37 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
             if i:  # the first round warms up kernels and allocators
                 fwd.append(t1 - t0)
                 both.append(t2 - t1)
+        saved = _saved_bytes(model, ids)
     finally:
         del model
-    return min(fwd), min(both)
+    return min(fwd), min(both), saved
+
+
+def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward, parameters and decoder-layer inputs left
+    out (the executor re-fetches weights and keeps each layer's input anyway): what the layers
+    add without recompute, and what the executor swaps when activations go through the SSD."""
+    from scheduler.model_map import build_model_map
+
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    hooks = [layer.register_forward_pre_hook(lambda _m, args: skip.add(args[0].untyped_storage().data_ptr()))
+             for layer in build_model_map(model).layers]
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in skip:
+            total += t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        del loss
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
 
 
 def _sync(device: torch.device) -> None:

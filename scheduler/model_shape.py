@@ -29,6 +29,9 @@ class ModelShape:
     n_heads: int
     head_dim: int
     vocab: int
+    fused_attention: bool = False
+    """Attention runs in a fused kernel (SDPA, flash): no score matrix is materialized or saved.
+    False (eager attention, or unknown) counts the scores: an upper bound."""
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.layer_numel, self.hidden, self.n_heads, self.vocab) < 1:
@@ -65,8 +68,10 @@ def _dims(hf_config: Any) -> dict[str, int]:
 def shape_from_model(model: nn.Module, hf_config: Any) -> ModelShape:
     """Counts from a built model (meta or real) and dimensions from its config."""
     mm = build_model_map(model)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return ModelShape(n_layers=len(mm.layer_units), layer_numel=max(u.numel for u in mm.layer_units),
-                      pre_numel=mm.pre.numel, post_numel=mm.post.numel, **_dims(hf_config))
+                      pre_numel=mm.pre.numel, post_numel=mm.post.numel,
+                      fused_attention=attn not in (None, "eager"), **_dims(hf_config))
 
 
 def shape_from_config(hf_config: Any, trust_remote_code: bool = False) -> ModelShape:

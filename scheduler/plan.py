@@ -6,7 +6,8 @@ Tensor groups:
   ``pre``/``post`` units and the layers in ``resident_layers`` stay on DEVICE for the whole run.
 - ``optimizer``: master weights + Adam exp_avg + exp_avg_sq, fp32 or bf16 (HOST or NVME).
 - ``grads``: gradients (state dtype) kept between micro-batches or until a deferred update (HOST or NVME).
-- ``activations``: each layer's input, the checkpoint it is recomputed from (DEVICE, HOST, NVME).
+- ``activations``: each layer's input, the checkpoint it is recomputed from (DEVICE, HOST, NVME);
+  without recompute, every saved activation (DEVICE, or swapped through NVME).
 
 ``scheduler.planner`` chooses a plan from budgets and a cost model; ``plan.json`` replays one.
 """
@@ -33,9 +34,10 @@ class Plan:
     resident_layers: tuple[int, ...] = ()
     """Layers whose weights never leave DEVICE (the first ones: needed first by the next step)."""
     recompute: bool = True
-    """True: keep each layer's input and recompute the layer in backward. False: keep the
-    layer's saved activations on DEVICE (weights inside them are re-fetched, not kept): no
-    recompute, more DEVICE memory."""
+    """True: keep each layer's input and recompute the layer in backward. False: no recompute:
+    keep the layer's saved activations (weights inside them are re-fetched, not kept) on DEVICE
+    (``activations: device``), or swap them through the SSD (``activations: nvme``: written after
+    each layer's forward, read back one layer ahead in backward; two layers' worth in memory)."""
     overlap: bool = True
     """False: synchronous reference mode, same math, no prefetch and no concurrent optimizer."""
     device_budget_bytes: int = 1 << 62
@@ -52,8 +54,9 @@ class Plan:
                 raise ValueError(f"plan.{name} must be host or nvme")
         if self.prefetch_depth < 0 or self.turn_keep < 0 or self.job_slots < 1:
             raise ValueError("prefetch_depth and turn_keep must be >= 0, job_slots >= 1")
-        if not self.recompute and self.activations != Tier.DEVICE:
-            raise ValueError("recompute: false keeps saved activations on DEVICE: set activations: device")
+        if not self.recompute and self.activations == Tier.HOST:
+            raise ValueError("recompute: false keeps saved activations on device or swaps them through nvme: "
+                             "set activations: device or nvme")
         if self.chunk_numel < 2048 or self.chunk_numel % 2048:
             raise ValueError("chunk_numel must be a positive multiple of 2048 (4 KiB-aligned chunks)")
 
@@ -84,7 +87,8 @@ class Plan:
             ("layer weights", self.weights.value),
             ("master + Adam states", self.optimizer.value),
             ("gradients", self.grads.value),
-            ("activation checkpoints", self.activations.value if self.recompute else "device (no recompute)"),
+            ("activation checkpoints", self.activations.value if self.recompute
+             else f"{self.activations.value} (saved activations, no recompute)"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),
             ("prefetch depth", str(self.prefetch_depth)),
             ("overlap", "on" if self.overlap else "off (reference)"),

@@ -9,8 +9,17 @@ from offload.errors import format_bytes
 from offload.tiers import Tier
 from scheduler.cost_model import RESOURCES, Estimate, LayerTiming, Workload, placement
 from scheduler.model_shape import ModelShape
+from scheduler.plan import Plan
 from scheduler.planner import Budgets, PlanChoice
 from scheduler.profile import HardwareProfile
+
+
+def _activations(plan: Plan) -> str:
+    if plan.recompute:
+        return "recompute from layer inputs"
+    if plan.activations == Tier.NVME:
+        return "no recompute, saved activations swapped through the SSD"
+    return "no recompute"
 
 
 def _count(n: int) -> str:
@@ -46,19 +55,20 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
         "",
     ]
     rows = []
-    totals = {t: 0 for t in Tier}
-    for group, tier, nbytes in placement(plan, shape, wl):
-        totals[tier] += nbytes
+    for group, tier, nbytes in placement(plan, shape, wl, choice.timing):
         rows.append([group] + [_size(nbytes) if tier == t else "" for t in Tier])
+    # the device peak: the layer and the head phases do not overlap (cost_model.peak_memory)
+    mem = choice.estimate.memory
+    totals = {Tier.DEVICE: mem.device_bytes, Tier.HOST: mem.host_bytes, Tier.NVME: mem.nvme_bytes}
     budget = {Tier.DEVICE: plan.device_budget_bytes, Tier.HOST: plan.host_budget_bytes, Tier.NVME: budgets.nvme_bytes}
-    rows.append(["total"] + [format_bytes(totals[t]) for t in Tier])
+    rows.append(["peak"] + [format_bytes(totals[t]) for t in Tier])
     rows.append(["budget"] + [format_bytes(budget[t]) for t in Tier])
     device_name = "device (GPU)" if profile.h2d_gbps is not None else "device (RAM)"
     out += _table(["tensor group", device_name, "host (RAM)", "nvme (SSD)"], rows)
     out.append("")
     layers = (f"resident layers 0-{len(plan.resident_layers) - 1}" if plan.resident_layers else "no resident layers")
     out.append(f"placement: {layers}, {plan.turn_keep} turn layer{'' if plan.turn_keep == 1 else 's'} kept into backward, prefetch depth "
-               f"{plan.prefetch_depth}, {'recompute from layer inputs' if plan.recompute else 'no recompute'}; "
+               f"{plan.prefetch_depth}, {_activations(plan)}; "
                f"optimizer chunks of {plan.chunk_numel} elements")
     out.append("")
     link_rows = []

@@ -49,6 +49,8 @@ class PlanChoice:
     estimate: Estimate
     candidates: int
     """Feasible plans compared."""
+    timing: LayerTiming | None = None
+    """The layer probe the estimate used (activation sizes and times), if any."""
 
 
 def choose_plan(shape: ModelShape, wl: Workload, budgets: Budgets, profile: HardwareProfile, *,
@@ -63,7 +65,8 @@ def choose_plan(shape: ModelShape, wl: Workload, budgets: Budgets, profile: Hard
     best: tuple[tuple[float, int, int, int], Plan, Estimate] | None = None
     feasible = 0
     for device_bytes, host_bytes in splits:
-        for plan in _candidates(shape, wl, device_bytes, host_bytes, overlap, recompute, prefetch_depth):
+        for plan in _candidates(shape, wl, device_bytes, host_bytes, overlap, recompute, prefetch_depth,
+                                gpu=profile.h2d_gbps is not None, timing=timing):
             est = estimate(plan, shape, wl, profile, timing)
             mem = est.memory
             if mem.device_bytes > device_bytes or mem.host_bytes > host_bytes or mem.nvme_bytes > budgets.nvme_bytes:
@@ -74,7 +77,7 @@ def choose_plan(shape: ModelShape, wl: Workload, budgets: Budgets, profile: Hard
                 best = (key, plan, est)
     if best is None:
         raise BudgetError(_why_infeasible(shape, wl, budgets, overlap, recompute))
-    return PlanChoice(plan=best[1], estimate=best[2], candidates=feasible)
+    return PlanChoice(plan=best[1], estimate=best[2], candidates=feasible, timing=timing)
 
 
 def _chunk_numel(host_bytes: int) -> int:
@@ -83,11 +86,14 @@ def _chunk_numel(host_bytes: int) -> int:
 
 
 def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: int, overlap: bool,
-                recompute: bool | None, prefetch_depth: int | None):  # noqa: ANN202 - generator
+                recompute: bool | None, prefetch_depth: int | None, gpu: bool,
+                timing: LayerTiming | None):  # noqa: ANN202 - generator
     chunk = _chunk_numel(host_bytes)
     if chunk < 2048:
         return
     acts = [(True, Tier.DEVICE), (True, Tier.HOST), (True, Tier.NVME), (False, Tier.DEVICE)]
+    if not gpu:  # swapped activations: measured on CPU-only machines only so far
+        acts.append((False, Tier.NVME))
     if recompute is not None:
         acts = [a for a in acts if a[0] == recompute]
     depths = [prefetch_depth] if prefetch_depth is not None else ([1, 2, 3] if overlap else [0])
@@ -101,14 +107,14 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
                     recompute=rec, prefetch_depth=depth, turn_keep=0, resident_layers=(), overlap=overlap,
                     device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
                     job_slots=job_slots, chunk_numel=chunk)
-        plan = _fill_device(base, shape, wl)
+        plan = _fill_device(base, shape, wl, timing)
         if plan is not None:
             yield plan
 
 
-def _fill_device(plan: Plan, shape: ModelShape, wl: Workload) -> Plan | None:
+def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan | None:
     """Spend the DEVICE memory left on turn layers, then resident layers; None if none fits."""
-    free = plan.device_budget_bytes - peak_memory(plan, shape, wl).device_bytes
+    free = plan.device_budget_bytes - peak_memory(plan, shape, wl, timing).device_bytes
     if free < 0:
         return None
     w_layer = shape.layer_numel * wl.itemsize

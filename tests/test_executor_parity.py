@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from offload import AdamWConfig, SwapStore, make_adamw
 from offload.io import PosixBackend
 from offload.tiers import Tier
+from scheduler import executor as executor_module
 from scheduler.executor import NonFiniteError, StreamingExecutor, TrainSettings
 from scheduler.plan import Plan
 
@@ -121,6 +122,10 @@ PLANS = {
                          activations=Tier.DEVICE, recompute=False),
     "no-recompute-reference": Plan(weights=Tier.HOST, optimizer=Tier.NVME, grads=Tier.HOST,
                                    activations=Tier.DEVICE, recompute=False, overlap=False),
+    "swapped-activations": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
+                                activations=Tier.NVME, recompute=False),
+    "swapped-activations-reference": Plan(weights=Tier.HOST, optimizer=Tier.HOST, grads=Tier.HOST,
+                                          activations=Tier.NVME, recompute=False, overlap=False),
     "small-chunks": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
                          activations=Tier.NVME, chunk_numel=2048, job_slots=1),
     "deep-prefetch": Plan(weights=Tier.NVME, optimizer=Tier.HOST, grads=Tier.NVME,
@@ -138,6 +143,29 @@ def test_every_plan_is_bitwise_identical(kind, clip, tmp_path):
         assert losses == base_losses, name
         for k in base_w:
             assert torch.equal(w[k], base_w[k]), (name, k)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_swapped_activations_go_through_the_ssd_bit_for_bit(kind, tmp_path, monkeypatch):
+    """activations: nvme without recompute: every saved activation (dropout masks included) is
+    written after its layer's forward and read back for its backward; the math is unchanged and
+    at most two layers' worth wait in memory."""
+    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
+    batches = make_batches(3, 2)
+    kept = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
+                recompute=False)
+    base_losses, base_w, base_m = train_engine(tiny_model(kind), batches, kept, tmp_path / "kept")
+    for name in ("swapped-activations", "swapped-activations-reference"):
+        losses, w, m = train_engine(tiny_model(kind), batches, PLANS[name], tmp_path / name)
+        assert losses == base_losses, name
+        for k in base_w:
+            assert torch.equal(w[k], base_w[k]), (name, k)
+    # layers 0 .. L-3 are written and read back (the last two stay in memory over the turn)
+    _, _, swapped = train_engine(tiny_model(kind), batches, PLANS["swapped-activations"], tmp_path / "again")
+    extra_write = swapped["io_write_bytes"] - base_m["io_write_bytes"]
+    extra_read = swapped["io_read_bytes"] - base_m["io_read_bytes"]
+    assert extra_write > 0 and extra_read == extra_write
+    assert swapped["peak_device_bytes"] < base_m["peak_device_bytes"]
 
 
 def test_deepspeed_adam_matches_pytorch(tmp_path):
@@ -231,8 +259,9 @@ def test_nan_loss_stop_and_skip(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("plan_name", ["all-nvme", "no-recompute", "host-tiers"])
-def test_cuda_engine_matches_cuda_pytorch(plan_name, tmp_path):
+@pytest.mark.parametrize("plan_name", ["all-nvme", "no-recompute", "host-tiers", "swapped-activations"])
+def test_cuda_engine_matches_cuda_pytorch(plan_name, tmp_path, monkeypatch):
+    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)  # tiny model: swap every activation
     plan = ALL_NVME if plan_name == "all-nvme" else PLANS[plan_name]
     model = tiny_model("llama")
     ref_model = copy.deepcopy(model)

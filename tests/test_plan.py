@@ -19,8 +19,10 @@ from offload import AdamWConfig, SwapStore, make_adamw
 from offload.errors import BudgetError
 from offload.io import PosixBackend
 from offload.tiers import Tier
-from scheduler.cost_model import Workload, estimate, peak_memory
+from scheduler import executor as executor_module
+from scheduler.cost_model import Workload, estimate, peak_memory, swapped_activation_bytes
 from scheduler.executor import StreamingExecutor, TrainSettings
+from scheduler.layer_probe import probe_layer
 from scheduler.model_shape import ModelShape, shape_from_config, shape_from_model
 from scheduler.plan import Plan
 from scheduler.planner import Budgets, choose_plan
@@ -47,7 +49,7 @@ def test_plan_round_trips_through_json_dict():
 
 
 @pytest.mark.parametrize("bad", [dict(weights=Tier.DEVICE), dict(chunk_numel=1000), dict(job_slots=0),
-                                 dict(recompute=False, activations=Tier.NVME), dict(prefetch_depth=-1)])
+                                 dict(recompute=False, activations=Tier.HOST), dict(prefetch_depth=-1)])
 def test_invalid_plans_are_refused(bad):
     with pytest.raises(ValueError):
         Plan(**bad)
@@ -193,6 +195,25 @@ def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
     assert after["io_read_bytes"] - before["io_read_bytes"] == est.link_bytes["ssd_read"]
     assert after["io_write_bytes"] - before["io_write_bytes"] == est.link_bytes["ssd_write"]
     assert nvme_bytes <= est.memory.nvme_bytes
+
+
+@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
+def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip):
+    """Saved activations swapped through the SSD: the probe's measured size per layer gives the
+    executor's extra SSD bytes exactly (every tensor swapped: the model is tiny)."""
+    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)
+    model, cfg = _tiny_llama()
+    plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192)
+    wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga, deferred=clip > 0)
+    timing = probe_layer(cfg, wl, torch.device("cpu"))
+    assert timing.layer_saved_bytes > 0
+    est = estimate(plan, shape_from_model(model, cfg), wl, profile(gpu=False), timing)
+    assert swapped_activation_bytes(plan, shape_from_model(model, cfg), wl, timing) > 0
+    before, after, nvme_bytes = _run_two_steps(tmp_path, model, plan, ga, clip)
+    assert after["io_read_bytes"] - before["io_read_bytes"] == est.link_bytes["ssd_read"]
+    assert after["io_write_bytes"] - before["io_write_bytes"] == est.link_bytes["ssd_write"]
+    assert nvme_bytes <= est.memory.nvme_bytes
+    assert after["peak_device_bytes"] <= est.memory.device_bytes
 
 
 @pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
