@@ -49,7 +49,10 @@ def run_worker(engine: str, suite: Suite, root: Path, out_dir: Path
            "--swap", str(swap), "--out", str(result)]
     if engine.startswith("offload-train"):
         from bench.workers import native_plan
+        from offload.hostmem import tune_malloc
 
+        # the layer probe runs here: with the allocator settings of the engines it predicts
+        tune_malloc()
         # planned here, not in the measured worker (the layer probe builds a small model)
         plan_path = out_dir / f"plan-{engine}.json"
         plan_path.write_text(native_plan(suite, engine == "offload-train", swap).to_json())

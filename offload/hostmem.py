@@ -20,6 +20,13 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
+_settings: tuple[int, int] | None = None  # (mmap threshold bytes, arenas) once tuned
+
+
+def malloc_settings() -> tuple[int, int] | None:
+    """What ``tune_malloc`` set in this process, or None: compute speed depends on it (with a low
+    mmap threshold every large tensor is fresh, zero-filled pages), so timings carry it."""
+    return _settings
 
 
 def tune_malloc(mmap_threshold_bytes: int = 1 << 20, arena_max: int = 2) -> bool:
@@ -35,6 +42,8 @@ def tune_malloc(mmap_threshold_bytes: int = 1 << 20, arena_max: int = 2) -> bool
     ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes))
     ok &= bool(mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold_bytes))
     ok &= bool(mallopt(_M_ARENA_MAX, arena_max))
+    global _settings
+    _settings = (mmap_threshold_bytes, arena_max) if ok else None
     log.debug("glibc malloc tuned: mmap threshold %d bytes, %d arenas", mmap_threshold_bytes, arena_max)
     return ok
 

@@ -37,7 +37,12 @@ def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
 def cached_probe(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
     """``probe_layer``, cached per machine, model config, batch shape and dtype (a resumed or
     repeated run starts without probing again; ``offload-train profile`` clears the cache)."""
-    key = json.dumps([PROBE_FORMAT, platform.node(), torch.__version__, str(device), hf_config.to_dict(),
+    from offload.hostmem import malloc_settings
+
+    # the allocator's settings change compute time (fresh pages for every large tensor): a probe
+    # counts only for processes set up like the one that took it
+    key = json.dumps([PROBE_FORMAT, malloc_settings(), platform.node(), torch.__version__, str(device),
+                      hf_config.to_dict(),
                       wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
     path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
