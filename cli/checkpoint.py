@@ -1,6 +1,6 @@
 """Run-folder checkpoints: ``checkpoints/step-N/`` holds everything needed to continue exactly.
 
-The fp32 master weights and Adam states already live in the swap store (``offload.nvme_path``),
+The master weights and Adam states (fp32, or bf16 for pure bf16 training) already live in the swap store (``offload.nvme_path``),
 so a checkpoint does not copy them: it is a *snapshot* of the store's extents (copy on write: the
 next update of a tensor goes to a fresh extent, the snapshot keeps the old bytes) plus small JSON
 files. Layout of one checkpoint (written to ``step-N.tmp`` and renamed when complete, so a
@@ -199,7 +199,7 @@ class CheckpointUnits:
                    for u, kinds in units)
 
     def __call__(self, unit: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A unit's flat fp32 (master, exp_avg, exp_avg_sq)."""
+        """A unit's flat (master, exp_avg, exp_avg_sq), in the dtype they were saved in."""
         if self.layout.get(unit.name) != _params_doc(unit):
             raise OffloadError(f"checkpoint {self.dir} does not match this model (unit {unit.name}); "
                                f"resume with the config the run was started with, or start fresh")

@@ -538,8 +538,14 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model.state_dtype != "float32" and self.offload.optimizer_impl == "deepspeed":
             key = "offload.optimizer_impl"
-            raise ConfigError(f"{key}{_where(key)} deepspeed takes float32 optimizer states only; with "
+            raise ConfigError(f"{key} deepspeed{_where(key)} takes float32 optimizer states only; with "
                               f"model.state_dtype {self.model.state_dtype} use torch (or auto)")
+        if self.offload.engine == "reference" and self.model.state_dtype != self.model.dtype:
+            key = "offload.engine"
+            raise ConfigError(f"{key} reference{_where(key)} trains in one dtype (the model and torch AdamW "
+                              f"in memory), but model.dtype is {self.model.dtype} and model.state_dtype "
+                              f"{self.model.state_dtype}; set model.state_dtype: {self.model.dtype} (pure "
+                              f"{self.model.dtype}) or model.dtype: float32, or use engine: native")
 
     @property
     def optimizer_impl(self) -> str:

@@ -348,6 +348,8 @@ RESUME_KEYS = ("data.path", "data.seq_len", "data.packing", "data.shuffle", "dat
                "model.state_dtype",
                "train.micro_batch_size", "train.gradient_accumulation_steps", "train.seed")
 """Config keys a run cannot change when it resumes: the data position and the batches depend on them."""
+RESUME_KEY_DEFAULTS = {"model.state_dtype": "float32"}
+"""What a checkpoint written before a resume key existed was made with."""
 
 
 def _resume_keys(cfg: Any) -> dict[str, Any]:
@@ -359,6 +361,8 @@ def _check_resume_keys(cfg: Any, state: dict[str, Any], ckpt_path: Path) -> None
     saved = state.get("resume_keys") or {}
     now = _resume_keys(cfg)
     for key, value in now.items():
+        if key not in saved and key in RESUME_KEY_DEFAULTS:  # saved before the key existed
+            saved = {**saved, key: RESUME_KEY_DEFAULTS[key]}
         if key in saved and saved[key] != value:
             raise OffloadError(f"checkpoint {ckpt_path} was made with {key} = {saved[key]!r}, this config has "
                                f"{value!r}: resume with the run's own config, or start a new output_dir")

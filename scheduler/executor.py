@@ -212,6 +212,9 @@ class _LayerCall:
     saved: Any = None  # the saved_tensors_hooks context while the layer runs
     saved_bytes: int = 0  # DEVICE bytes of saved activations kept in memory
     swapped: list[_SwappedTensor] = field(default_factory=list)  # saved activations on NVME
+    kept_storage: set[int] = field(default_factory=set)
+    """Storages never swapped: the layer's input and tensors passed to it (RoPE tables, masks),
+    which stay in memory anyway."""
     trace_start_s: float = 0.0  # when the layer's forward began (0.0: not tracing)
 
 
@@ -225,7 +228,8 @@ class _SwappedTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
-    buf: torch.Tensor | None = None  # host copy: from saving until written, and from reading on
+    buf: torch.Tensor | None = None  # host copy: from saving until the next layer's forward
+    # ends (its write done), and from reading back until its layer's backward ends
     write: Future[None] | None = None
     read: Future[Any] | None = None
 
@@ -668,6 +672,7 @@ class StreamingExecutor:
             # Keep this layer's autograd graph; its saved weights become tokens (re-fetched in
             # backward), its saved activations stay on DEVICE.
             call.x_leaf = x.detach().requires_grad_(True)
+            call.kept_storage = {x.untyped_storage().data_ptr(), *tensor_storages(args[1:], kwargs)}
             call.saved = torch.autograd.graph.saved_tensors_hooks(
                 lambda t: self._pack(i, t), lambda packed: self._unpack(packed))
             call.saved.__enter__()
@@ -717,8 +722,8 @@ class StreamingExecutor:
             return _WeightView(i + 1, t.storage_offset() - flat.storage_offset(), tuple(t.shape), t.stride())
         nbytes = t.numel() * t.element_size()
         call = self._calls[i]
-        if (self._swaps_activations(i) and nbytes >= SWAP_MIN_BYTES and call.x_leaf is not None
-                and t.untyped_storage().data_ptr() != call.x_leaf.untyped_storage().data_ptr()):
+        if (self._swaps_activations(i) and nbytes >= SWAP_MIN_BYTES
+                and t.untyped_storage().data_ptr() not in call.kept_storage):
             # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
             # Sync point on a GPU: the D2H copy blocks this thread.
             self.acct.alloc(self._swap_tier, nbytes, f"saved activations of layer {i} (swapped)")
@@ -852,15 +857,21 @@ class StreamingExecutor:
         tokens = 0
         skipped = False
         for m, batch in enumerate(micro_batches):
-            loss = self._forward(batch) / n_micro
-            loss_value = float(loss.detach())  # sync point: one per micro-batch
+            try:
+                loss = self._forward(batch) / n_micro
+                loss_value = float(loss.detach())  # sync point: one per micro-batch
+                if math.isfinite(loss_value):
+                    self._backward(loss, last=(m == n_micro - 1))
+            except BaseException:
+                with contextlib.suppress(BaseException):  # the first error is the one to report
+                    self._drop_forward_state()
+                raise
             tokens += int(batch["input_ids"].numel())
             if not math.isfinite(loss_value):
                 self._drop_forward_state()
                 skipped = self._non_finite(f"loss is {loss_value}")
                 break
             total_loss += loss_value
-            self._backward(loss, last=(m == n_micro - 1))
         grad_norm = None
         if not skipped:
             self.optimizer_step += 1
@@ -898,8 +909,13 @@ class StreamingExecutor:
         return loss.float()
 
     def _drop_forward_state(self) -> None:
+        """Forget a forward (non-finite loss, or an error): every byte it holds is released."""
         for i, call in self._calls.items():
+            if call.saved is not None:  # a layer that raised inside its forward
+                call.saved.__exit__(None, None, None)
+                call.saved = None
             self.acct.free(Tier.DEVICE, call.saved_bytes)
+            call.saved_bytes = 0
             self._release_swapped(call)
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()
@@ -907,6 +923,7 @@ class StreamingExecutor:
                 self.acct.free(self.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
             self._release(self._states[i + 1])
         self._calls.clear()
+        self._grad_mode_stack.clear()
         self._x0 = self._head_input = None
         for p in self._params.values():
             p.grad = None
@@ -923,29 +940,36 @@ class StreamingExecutor:
             self._ensure_loaded(st)
             self._prefetch(iter(range(i - 1, max(i - 1 - self.plan.prefetch_depth, -1), -1)))
             call = self._calls.pop(i)
-            if self.plan.recompute:
-                x = self._take_checkpoint(i, call).detach().requires_grad_(True)
-                with self._rng_restored(call), self.tracer.span("compute", f"recompute layer.{i}"):
-                    out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
-                hidden = out[0] if isinstance(out, tuple) else out
-                del out
-            else:
-                assert call.x_leaf is not None and call.output is not None
-                x, hidden = call.x_leaf, call.output
-                self._swap_in(i, call)
-                self._swap_in(i - 1, self._calls.get(i - 1))  # overlaps this layer's backward
-            with self.tracer.span("compute", f"backward layer.{i}"):
-                torch.autograd.backward(hidden, grad)
-            grad = x.grad
-            self._release_swapped(call)
-            self.acct.free(Tier.DEVICE, call.saved_bytes)
-            del x, hidden, call
+            try:
+                grad = self._layer_backward(i, call, grad)
+            finally:  # also on errors: nothing of this layer's forward stays accounted
+                self._release_swapped(call)
+                self.acct.free(Tier.DEVICE, call.saved_bytes)
+                call.saved_bytes = 0
+                del call
             self._unit_grads_ready(st, last)
             self._release(st)
         with self.tracer.span("compute", "backward pre"):
             self._x0.backward(grad)  # embeddings (and anything before layer 0)
         self._x0 = None
         self._unit_grads_ready(self._states[0], last)
+
+    def _layer_backward(self, i: int, call: _LayerCall, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """Layer i's backward (recomputed, or from its kept graph); returns its input's gradient."""
+        if self.plan.recompute:
+            x = self._take_checkpoint(i, call).detach().requires_grad_(True)
+            with self._rng_restored(call), self.tracer.span("compute", f"recompute layer.{i}"):
+                out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
+            hidden = out[0] if isinstance(out, tuple) else out
+            del out
+        else:
+            assert call.x_leaf is not None and call.output is not None
+            x, hidden = call.x_leaf, call.output
+            self._swap_in(i, call)
+            self._swap_in(i - 1, self._calls.get(i - 1))  # overlaps this layer's backward
+        with self.tracer.span("compute", f"backward layer.{i}"):
+            torch.autograd.backward(hidden, grad)
+        return x.grad
 
     @contextlib.contextmanager
     def _rng_restored(self, call: _LayerCall) -> Iterator[None]:
@@ -1252,6 +1276,19 @@ def state_extents(units: tuple[Unit, ...], chunk_numel: int) -> list[tuple[Unit,
     return [(u, {kind: [(f"{u.name}.{kind}.{c}", a, b) for c, (a, b) in enumerate(_chunk_ranges(u.numel, chunk_numel))]
                  for kind in ("master", "exp_avg", "exp_avg_sq")})
             for u in units]
+
+
+def tensor_storages(*objs: Any) -> set[int]:
+    """Storage addresses of the tensors in ``objs`` (nested in tuples, lists and dicts)."""
+    out: set[int] = set()
+    for obj in objs:
+        if isinstance(obj, torch.Tensor):
+            out.add(obj.untyped_storage().data_ptr())
+        elif isinstance(obj, (tuple, list)):
+            out |= tensor_storages(*obj)
+        elif isinstance(obj, dict):
+            out |= tensor_storages(*obj.values())
+    return out
 
 
 def _itemsize(dtype: torch.dtype) -> int:

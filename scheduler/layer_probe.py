@@ -24,7 +24,7 @@ from scheduler.model_shape import ModelShape
 from scheduler.profile import CACHE_DIR
 
 REPEATS = 3
-PROBE_FORMAT = 2  # 2: also measures a layer's saved activations (cached probes of 1 are re-taken)
+PROBE_FORMAT = 3  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables)
 
 
 def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
@@ -104,25 +104,39 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
 
 
 def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
-    """Bytes of the tensors autograd keeps for backward, parameters and decoder-layer inputs left
-    out (the executor re-fetches weights and keeps each layer's input anyway): what the layers
-    add without recompute, and what the executor swaps when activations go through the SSD."""
+    """Bytes of the tensors autograd keeps for the backward of the decoder layers, weights and the
+    tensors passed to each layer left out (the executor re-fetches weights and keeps layer inputs,
+    RoPE tables and masks anyway): what the layers add without recompute, and what the executor
+    swaps when activations go through the SSD. Counted while a layer runs, as the executor packs
+    them (the tensors passed to it are alive then: their addresses identify them)."""
+    from scheduler.executor import tensor_storages
     from scheduler.model_map import build_model_map
 
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    hooks = [layer.register_forward_pre_hook(lambda _m, args: skip.add(args[0].untyped_storage().data_ptr()))
-             for layer in build_model_map(model).layers]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    passed: set[int] | None = None  # inside a layer: the storages of what it was given
     total = 0
+
+    def enter(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal passed
+        passed = weights | tensor_storages(args, kwargs)
+
+    def leave(*_: Any) -> None:
+        nonlocal passed
+        passed = None
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        if t.untyped_storage().data_ptr() not in skip:
+        if passed is not None and t.untyped_storage().data_ptr() not in passed:
             total += t.numel() * t.element_size()
         return t
 
+    hooks = []
+    for layer in build_model_map(model).layers:
+        hooks.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+        hooks.append(layer.register_forward_hook(leave))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         del loss
     finally:
         for h in hooks:

@@ -87,7 +87,7 @@ class Plan:
             ("layer weights", self.weights.value),
             ("master + Adam states", self.optimizer.value),
             ("gradients", self.grads.value),
-            ("activation checkpoints", self.activations.value if self.recompute
+            ("activations", f"{self.activations.value} (checkpoints, recompute)" if self.recompute
              else f"{self.activations.value} (saved activations, no recompute)"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),
             ("prefetch depth", str(self.prefetch_depth)),

@@ -72,8 +72,8 @@ class ReferenceEngine:
                 with torch.no_grad():
                     p.copy_(master[sl].view(s.shape))
                 self.opt.state[p] = {"step": torch.tensor(float(self.optimizer_step)),
-                                     "exp_avg": exp_avg[sl].view(s.shape).to(p.device).clone(),
-                                     "exp_avg_sq": exp_avg_sq[sl].view(s.shape).to(p.device).clone()}
+                                     "exp_avg": exp_avg[sl].view(s.shape).to(p.device, p.dtype).clone(),
+                                     "exp_avg_sq": exp_avg_sq[sl].view(s.shape).to(p.device, p.dtype).clone()}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         assert self.opt is not None
@@ -125,7 +125,7 @@ class ReferenceEngine:
             yield u, master
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().clone() for k, v in self.model.named_parameters()}
+        return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}
 
     def metrics(self) -> dict[str, int]:
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -32,6 +32,7 @@ FULL_YAML = """\
 model:
   name_or_path: /models/tiny-llama
   dtype: bfloat16
+  state_dtype: bfloat16
   trust_remote_code: true
 data:
   path: corpus.jsonl
@@ -113,7 +114,7 @@ def one_line(err: BaseException) -> str:
 
 def test_full_config_loads_with_the_right_types(tmp_path):
     cfg = load_config(write(tmp_path, FULL_YAML))
-    assert cfg.model == ModelConfig(name_or_path="/models/tiny-llama", dtype="bfloat16",
+    assert cfg.model == ModelConfig(name_or_path="/models/tiny-llama", dtype="bfloat16", state_dtype="bfloat16",
                                     trust_remote_code=True)
     assert cfg.data == DataConfig(path="corpus.jsonl", tokenizer="/models/tok", seq_len=1024,
                                   shuffle=False, packing=False, text_field="content")
@@ -646,6 +647,11 @@ def test_pure_bf16_states_narrow_the_optimizer_and_refuse_deepspeed():
     cfg = config_from_dict(base)
     assert cfg.model.state_dtype == "bfloat16" and cfg.optimizer_impl == "torch"  # auto -> torch
     assert config_from_dict({**base, "model": {**base["model"], "state_dtype": "float32"}}).optimizer_impl == "auto"
-    with pytest.raises(ConfigError, match="deepspeed takes float32 optimizer states only") as err:
+    with pytest.raises(ConfigError, match="offload.optimizer_impl deepspeed.* takes float32 optimizer states only") as err:
         config_from_dict({**base, "offload": {"optimizer_impl": "deepspeed"}})
     assert "\n" not in str(err.value)
+    # the in-memory reference engine trains in one dtype: a bf16 model with fp32 states is not it
+    mixed = {**base, "model": {**base["model"], "state_dtype": "float32"}, "offload": {"engine": "reference"}}
+    with pytest.raises(ConfigError, match="offload.engine reference.* trains in one dtype"):
+        config_from_dict(mixed)
+    assert config_from_dict({**base, "offload": {"engine": "reference"}}).offload.engine == "reference"
