@@ -282,6 +282,7 @@ class StreamingExecutor:
         self._worker: ThreadPoolExecutor | None = None
         self._hooks: list[Any] = []
         self._calls: dict[int, _LayerCall] = {}
+        self._swap_pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size
         self._streaming = False
         self._grad_mode_stack: list[bool] = []
         self._x0: torch.Tensor | None = None
@@ -698,8 +699,10 @@ class StreamingExecutor:
                     self._swap_out(i, call)
                 if i >= 1 and self._swaps_activations(i - 1):
                     # at most two layers' saved activations in memory: the previous layer's
-                    # writes end here
+                    # writes end here (their buffers serve the next layer, if it swaps)
                     self._drop_swap_buffers(self._calls[i - 1])
+                if not self._swaps_activations(i + 1):
+                    self._clear_swap_pool()
             if i < self._n_layers - self.plan.turn_keep:
                 self._release(self._states[i + 1])
             if i != self._n_layers - 1:
@@ -726,8 +729,7 @@ class StreamingExecutor:
                 and t.untyped_storage().data_ptr() not in call.kept_storage):
             # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
             # Sync point on a GPU: the D2H copy blocks this thread.
-            self.acct.alloc(self._swap_tier, nbytes, f"saved activations of layer {i} (swapped)")
-            buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+            buf = self._swap_buffer(nbytes, f"saved activations of layer {i} (swapped)")
             buf.view(t.dtype).view(t.shape).copy_(t)
             token = _SwappedTensor(f"act.{i}.{len(call.swapped)}.{nbytes}", tuple(t.shape), t.dtype, nbytes, buf)
             call.swapped.append(token)
@@ -761,6 +763,21 @@ class StreamingExecutor:
         """Where swapped activations wait in memory: host buffers (the DEVICE on a CPU)."""
         return Tier.DEVICE if self.device.type == "cpu" else Tier.HOST
 
+    def _swap_buffer(self, nbytes: int, what: str) -> torch.Tensor:
+        """A page-aligned host buffer: a released one of this size (already accounted; layers
+        save the same shapes, so buffers are reused, not faulted in anew), else a new one."""
+        pooled = self._swap_pool.get(nbytes)
+        if pooled:
+            return pooled.pop()
+        self.acct.alloc(self._swap_tier, nbytes, what)
+        return aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+
+    def _clear_swap_pool(self) -> None:
+        """Give the released swap buffers back (end of forward, of backward, of a dropped step)."""
+        for nbytes, bufs in self._swap_pool.items():
+            self.acct.free(self._swap_tier, nbytes * len(bufs))
+        self._swap_pool.clear()
+
     def _swap_out(self, i: int, call: _LayerCall) -> None:
         """After layer i's forward: write its swapped activations (extents reserved once)."""
         self.store.reserve([TensorSpec(t.name, torch.uint8, (t.nbytes,)) for t in call.swapped
@@ -775,8 +792,8 @@ class StreamingExecutor:
             if t.write is not None:
                 t.write.result()  # sync point: the write of this activation has ended
             if t.buf is not None:
+                self._swap_pool.setdefault(t.nbytes, []).append(t.buf)  # stays accounted
                 t.buf = None
-                self.acct.free(self._swap_tier, t.nbytes)
 
     def _swap_in(self, i: int, call: _LayerCall | None) -> None:
         """Before layer i's backward (and one layer ahead): read its swapped activations back
@@ -788,8 +805,7 @@ class StreamingExecutor:
                 continue
             assert t.write is not None
             t.write.result()  # sync point: written before read back (long done by now)
-            self.acct.alloc(self._swap_tier, t.nbytes, f"saved activations of layer {i} (read back)")
-            t.buf = aligned_empty(t.nbytes, pin_memory=self.device.type == "cuda")
+            t.buf = self._swap_buffer(t.nbytes, f"saved activations of layer {i} (read back)")
             t.read = self.store.read(t.name, t.buf)
 
     def _release_swapped(self, call: _LayerCall) -> None:
@@ -923,6 +939,7 @@ class StreamingExecutor:
                 self.acct.free(self.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
             self._release(self._states[i + 1])
         self._calls.clear()
+        self._clear_swap_pool()
         self._grad_mode_stack.clear()
         self._x0 = self._head_input = None
         for p in self._params.values():
@@ -949,6 +966,7 @@ class StreamingExecutor:
                 del call
             self._unit_grads_ready(st, last)
             self._release(st)
+        self._clear_swap_pool()
         with self.tracer.span("compute", "backward pre"):
             self._x0.backward(grad)  # embeddings (and anything before layer 0)
         self._x0 = None
