@@ -673,7 +673,8 @@ class StreamingExecutor:
             # Keep this layer's autograd graph; its saved weights become tokens (re-fetched in
             # backward), its saved activations stay on DEVICE.
             call.x_leaf = x.detach().requires_grad_(True)
-            call.kept_storage = {x.untyped_storage().data_ptr(), *tensor_storages(args[1:], kwargs)}
+            if self._swaps_activations(i):
+                call.kept_storage = {x.untyped_storage().data_ptr(), *tensor_storages(args[1:], kwargs)}
             call.saved = torch.autograd.graph.saved_tensors_hooks(
                 lambda t: self._pack(i, t), lambda packed: self._unpack(packed))
             call.saved.__enter__()
@@ -787,7 +788,8 @@ class StreamingExecutor:
             t.write = self.store.write(t.name, t.buf)  # holds ``buf`` until done
 
     def _drop_swap_buffers(self, call: _LayerCall) -> None:
-        """Wait for the writes of a layer's swapped activations, then free their buffers."""
+        """Wait for the writes of a layer's swapped activations, then hand their buffers to the
+        swap pool (still accounted; ``_clear_swap_pool`` frees them)."""
         for t in call.swapped:
             if t.write is not None:
                 t.write.result()  # sync point: the write of this activation has ended
