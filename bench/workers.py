@@ -114,10 +114,9 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     worker: the probe builds a two-layer model."""
     import shutil
 
-    import psutil
-
+    from cli.budgets import probe_budget_bytes
     from scheduler.cost_model import Workload
-    from scheduler.layer_probe import cached_probe, probe_fits
+    from scheduler.layer_probe import cached_probe, probe_vocab
     from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
     from scheduler.profile import load_or_measure
@@ -131,10 +130,10 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     wl = Workload(micro_batch=suite.batch, seq_len=suite.seq_len)
     profile = load_or_measure(swap_dir, size_bytes=256 << 20)
     device = torch.device("cuda" if gpu else "cpu")
-    # what `offload-train train` probes with: the memory free on this machine (the probe runs
-    # here, in the harness, before any engine starts)
-    free = torch.cuda.mem_get_info()[0] if gpu else psutil.virtual_memory().available
-    timing = cached_probe(config, wl, device) if probe_fits(shape, wl, free) else None
+    # what `offload-train train` probes with: the run's budget (the probe runs here, in the
+    # harness, before any engine starts)
+    vocab = probe_vocab(shape, wl, probe_budget_bytes(budgets, device))
+    timing = cached_probe(config, wl, device, vocab) if vocab is not None else None
     return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing).plan
 
 

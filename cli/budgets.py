@@ -110,6 +110,12 @@ def profile_for(cfg: Any, profile_path: str | None) -> HardwareProfile:
     return load_or_measure(nvme_path, size_bytes=PLANNING_PROFILE_BYTES, io_backend=cfg.offload.io_backend)
 
 
+def probe_budget_bytes(budgets: Budgets, device: torch.device) -> int:
+    """Memory the layer probe may use: the run's, before the run holds any of it. Without a GPU
+    both tiers are RAM (all of cpu_memory_limit); with one the probe runs in the GPU budget."""
+    return budgets.device_bytes if device.type == "cuda" else budgets.device_bytes + budgets.host_bytes
+
+
 @dataclass(frozen=True)
 class PlannedJob:
     """The planner's choice and everything it was chosen from (the report prints all of it)."""
@@ -129,7 +135,7 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
     On this machine, one layer of the real shape is timed when it fits easily (layer_probe);
     for another machine the cost model counts FLOPs against the profile's matmul rate.
     """
-    from scheduler.layer_probe import cached_probe, probe_fits
+    from scheduler.layer_probe import cached_probe, probe_vocab
 
     profile = profile_for(cfg, profile_path)
     if profile_path is not None:
@@ -139,9 +145,9 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
     recompute = None if cfg.offload.recompute == "auto" else bool(cfg.offload.recompute)
     depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
     wl, budgets = workload_for(cfg, total_steps), budgets_for(cfg, mem)
-    free = mem.vram_free_bytes if mem.vram_free_bytes is not None else mem.ram_available_bytes
     timing = None
-    if profile_path is None and probe_fits(shape, wl, free):
-        timing = cached_probe(hf_config, wl, device)
+    vocab = probe_vocab(shape, wl, probe_budget_bytes(budgets, device)) if profile_path is None else None
+    if vocab is not None:
+        timing = cached_probe(hf_config, wl, device, vocab)
     choice = choose_plan(shape, wl, budgets, profile, recompute=recompute, prefetch_depth=depth, timing=timing)
     return PlannedJob(choice, shape, wl, budgets, profile, timing)

@@ -1,5 +1,10 @@
 """Hugging Face export: write master weights as safetensors shards that
-``AutoModelForCausalLM.from_pretrained`` loads, one unit in memory at a time."""
+``AutoModelForCausalLM.from_pretrained`` loads, one unit in memory at a time.
+
+Names are those ``save_pretrained`` writes for the same model: transformers' weight conversions
+are reverted (``scheduler.hf_checkpoint.hub_state_dict``: fused experts split per expert, renamed
+keys back to the checkpoint's), and a tied weight is stored once, under its source name
+(the unit cut holds it once), with ``tie_word_embeddings`` kept in ``config.json``."""
 
 from __future__ import annotations
 
@@ -19,23 +24,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], torch.Tensor]], n: int,
-                   hf_config: Any, dtype: torch.dtype, tokenizer: Any = None) -> Path:
-    """``n`` shards, one per unit, plus ``model.safetensors.index.json``, config and tokenizer."""
+                   model: Any, dtype: torch.dtype, tokenizer: Any = None) -> Path:
+    """``n`` shards, one per unit, plus ``model.safetensors.index.json``, config and tokenizer.
+
+    ``model`` is the (empty, meta-device) model the weights belong to: its config is written and
+    its conversion mapping names the tensors."""
+    from scheduler.hf_checkpoint import hub_state_dict
+
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_bytes = 0
     for k, (_, slots, master) in enumerate(units):
         shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {s.name: master[s.offset : s.offset + s.numel].view(s.shape).to(dtype).contiguous()
-                   for s in slots}
+        tensors = {s.name: master[s.offset : s.offset + s.numel].view(s.shape).to(dtype) for s in slots}
+        tensors = {name: t.contiguous() for name, t in hub_state_dict(model, tensors).items()}
         save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
         for name, t in tensors.items():
             weight_map[name] = shard
             total_bytes += t.numel() * t.element_size()
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    hf_config = model.config
     hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -60,5 +74,8 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> P
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    from scheduler.materialize import empty_model
+
     units = CheckpointUnits(ckpt)
-    return write_hf_model(out_dir, units.named_masters(), len(units.layout), hf_config, dtype, tokenizer)
+    model = empty_model(hf_config)  # meta device: its structure names the exported tensors
+    return write_hf_model(out_dir, units.named_masters(), len(units.layout), model, dtype, tokenizer)

@@ -59,13 +59,15 @@ def load_model_config(cfg: Any) -> Any:
         raise OffloadError("model.config needs a model_type (e.g. llama, qwen2, gpt2)")
     try:
         return AutoConfig.for_model(model_type, **fields)
-    except ValueError as err:
-        raise OffloadError(f"model.config: {err}") from None
+    except Exception as err:  # ValueError, or huggingface_hub's strict-dataclass validation errors
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise OffloadError(f"model.config: {lines[-1] if lines else type(err).__name__}") from None
 
 
 def build_context(cfg: Any) -> RunContext:
     from cli.data import load_token_dataset, load_tokenizer
-    from scheduler.materialize import RandomInit, SafetensorsInit, empty_model
+    from scheduler.hf_checkpoint import CheckpointInit
+    from scheduler.materialize import RandomInit, empty_model
 
     run_dir = Path(cfg.train.output_dir)
     m = cfg.model
@@ -79,7 +81,8 @@ def build_context(cfg: Any) -> RunContext:
                                  text_field=cfg.data.text_field)
     torch.manual_seed(cfg.train.seed)
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
-    initializer = SafetensorsInit(m.name_or_path) if m.name_or_path else RandomInit(model)
+    hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
+    initializer = CheckpointInit(m.name_or_path, model) if m.name_or_path else RandomInit(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device)
 
@@ -276,7 +279,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
         bar.close()
         metrics_file.close()
     engine.synchronize()
-    final = write_hf_model(run_dir / "final", _named_masters(engine), len(engine.units), ctx.hf_config,
+    final = write_hf_model(run_dir / "final", _named_masters(engine), len(engine.units), ctx.model,
                            ctx.dtype, ctx.tokenizer)
     m = engine.metrics()
     elapsed = time.perf_counter() - t_start

@@ -3,14 +3,19 @@
 FLOP counts divided by a peak matmul rate miss what small matrices, attention kernels, norms and
 activation functions really cost; the probe measures them for the shape being planned. It builds
 the model with one and with two decoder layers (random weights, the run's batch shape), times
-forward and forward + backward of each, and takes the difference as one layer. It runs only when
-two layers and the head fit easily in memory; otherwise the cost model falls back to FLOPs.
+forward and forward + backward of each, and takes the difference as one layer.
+
+It runs inside the run's memory budget (``probe_vocab``): when two layers with the embeddings and
+head of the real vocabulary do not fit, the vocabulary is halved until they do (the head's time
+is then scaled up by the vocabulary ratio: the LM head matmul and the loss are linear in it);
+when not even that fits, the cost model falls back to FLOPs.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import platform
@@ -27,14 +32,35 @@ REPEATS = 3
 PROBE_FORMAT = 3  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables)
 
 
-def probe_fits(shape: ModelShape, wl: Workload, free_bytes: int) -> bool:
-    """Two layers + embeddings + head, with weights, gradients and fp32 logits, in 1/4 of free."""
-    params = 2 * shape.layer_numel + shape.pre_numel + shape.post_numel
-    logits = 3 * wl.tokens * shape.vocab * 4
-    return 3 * params * ITEMSIZE[wl.compute_dtype] + logits < free_bytes // 4
+MIN_PROBE_VOCAB = 1024
+PROBE_MARGIN = 1.25  # allocator rounding and the temporaries of random init
 
 
-def cached_probe(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
+def probe_bytes(shape: ModelShape, wl: Workload, vocab: int) -> int:
+    """Peak memory of the probe at ``vocab``: two layers, the embeddings and head (their
+    vocabulary rows at ``vocab``), each as weights, gradients and init temporaries; fp32 logits and
+    their gradients; two layers' saved activations (16 tensors of tokens x width, an upper bound)."""
+    vocab_mats = min(2, (shape.pre_numel + shape.post_numel) // max(shape.vocab * shape.hidden, 1))
+    other = shape.pre_numel + shape.post_numel - vocab_mats * shape.vocab * shape.hidden
+    params = 2 * shape.layer_numel + other + vocab_mats * vocab * shape.hidden
+    itemsize = ITEMSIZE[wl.compute_dtype]
+    logits = 3 * wl.tokens * vocab * 4
+    saved = 2 * 16 * wl.tokens * max(shape.hidden, shape.intermediate) * itemsize
+    return int(PROBE_MARGIN * (3 * params * itemsize + logits + saved))
+
+
+def probe_vocab(shape: ModelShape, wl: Workload, budget_bytes: int) -> int | None:
+    """The vocabulary the probe runs with inside ``budget_bytes``: the model's, else halved until it
+    fits (not below MIN_PROBE_VOCAB); None when two layers do not fit at all."""
+    vocab = shape.vocab
+    while probe_bytes(shape, wl, vocab) > budget_bytes:
+        if vocab // 2 < min(MIN_PROBE_VOCAB, shape.vocab):
+            return None
+        vocab //= 2
+    return vocab
+
+
+def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None) -> LayerTiming:
     """``probe_layer``, cached per machine, model config, batch shape and dtype (a resumed or
     repeated run starts without probing again; ``offload-train profile`` clears the cache)."""
     from offload.hostmem import malloc_settings
@@ -42,14 +68,14 @@ def cached_probe(hf_config: Any, wl: Workload, device: torch.device) -> LayerTim
     # the allocator's settings change compute time (fresh pages for every large tensor): a probe
     # counts only for processes set up like the one that took it
     key = json.dumps([PROBE_FORMAT, malloc_settings(), platform.node(), torch.__version__, str(device),
-                      hf_config.to_dict(),
+                      hf_config.to_dict(), vocab,
                       wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
     path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
         return LayerTiming(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         pass
-    timing = probe_layer(hf_config, wl, device)
+    timing = probe_layer(hf_config, wl, device, vocab)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dataclasses.asdict(timing)))
     return timing
@@ -60,13 +86,28 @@ def clear_probe_cache() -> None:
         path.unlink(missing_ok=True)
 
 
-def probe_layer(hf_config: Any, wl: Workload, device: torch.device) -> LayerTiming:
-    one = _time_model(hf_config, 1, wl, device)
-    two = _time_model(hf_config, 2, wl, device)
+def probe_layer(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None) -> LayerTiming:
+    """``vocab``: run with this vocabulary instead of the model's (see ``probe_vocab``)."""
+    cfg = _probe_config(hf_config, vocab)
+    one = _time_model(cfg, 1, wl, device)
+    two = _time_model(cfg, 2, wl, device)
     fwd_layer = max(two[0] - one[0], 1e-6)
     step_layer = max(two[1] - one[1], fwd_layer)
+    head_scale = hf_config.vocab_size / cfg.vocab_size  # the head matmul and the loss are linear in it
     return LayerTiming(layer_forward_s=fwd_layer, layer_backward_s=step_layer - fwd_layer,
-                       head_s=max(one[1] - step_layer, 0.0), layer_saved_bytes=max(two[2] - one[2], 0))
+                       head_s=max(one[1] - step_layer, 0.0) * head_scale,
+                       layer_saved_bytes=max(two[2] - one[2], 0))
+
+
+def _probe_config(hf_config: Any, vocab: int | None) -> Any:
+    cfg = copy.deepcopy(hf_config)
+    if vocab is not None and vocab != cfg.vocab_size:
+        cfg.vocab_size = vocab
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # ids past the smaller vocabulary
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value >= vocab:
+                setattr(cfg, name, vocab - 1)
+    return cfg
 
 
 def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.device) -> tuple[float, float, int]:
@@ -76,9 +117,9 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
 
     cfg = copy.deepcopy(hf_config)
     cfg.num_hidden_layers = n_layers
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs: no host copy
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, wl.compute_dtype)).to(device)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, wl.compute_dtype))
         ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
     model.train()
     fwd, both = [], []
@@ -100,6 +141,7 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
         saved = _saved_bytes(model, ids)
     finally:
         del model
+        gc.collect()  # the next probe, or the run, gets this memory back
     return min(fwd), min(both), saved
 
 
@@ -128,7 +170,10 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
         nonlocal total
         if passed is not None and t.untyped_storage().data_ptr() not in passed:
             total += t.numel() * t.element_size()
-        return t
+        # Detached: a node that saves its own output would otherwise hold itself through the
+        # hook's return value, a cycle inside autograd that keeps the whole graph (logits
+        # included) alive after the loss is gone; this graph is never back-propagated.
+        return t.detach()
 
     hooks = []
     for layer in build_model_map(model).layers:

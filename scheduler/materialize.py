@@ -6,14 +6,13 @@ initializer for one unit's tensors at a time, writes them to their tier and drop
 
 - ``RandomInit``: Hugging Face init semantics (``model._init_weights`` applied to the unit's
   modules, children before parents, as ``PreTrainedModel.initialize_weights`` does).
-- ``SafetensorsInit``: streams tensors from local safetensors shards (sharded or not).
+- ``scheduler.hf_checkpoint.CheckpointInit``: streams tensors from a local Hugging Face
+  checkpoint (sharded or not), converted as ``from_pretrained`` converts them.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,8 +26,19 @@ def empty_model(config: object, trust_remote_code: bool = False) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    from scheduler.hf_checkpoint import tie_weights
+
+    model_type = getattr(config, "model_type", type(config).__name__)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, ImportError, AttributeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unrecognized configuration class" in first:
+            first = f"transformers has no causal LM (AutoModelForCausalLM) for model_type {model_type!r}"
+        raise OffloadError(f"cannot build the model ({first}); offload-train fine-tunes decoder-only "
+                           f"causal LMs (Llama, Qwen, Mistral, Gemma, GPT-2, ...)") from None
+    tie_weights(model)  # the context re-registers a tied head as a new Parameter: tie it again
     return model
 
 
@@ -67,44 +77,6 @@ class RandomInit:
             if all(owner is not o for o in owners):
                 owners.append(owner)
         return owners
-
-
-class SafetensorsInit:
-    """Initial weights read tensor by tensor from ``model.safetensors`` or its sharded index."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        single = self.directory / "model.safetensors"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.file_of = {name: self.directory / f for name, f in weight_map.items()}
-        elif single.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
-                self.file_of = {name: single for name in f.keys()}  # noqa: SIM118 - not a dict
-        else:
-            raise OffloadError(
-                f"no model.safetensors or model.safetensors.index.json in {self.directory}; give a "
-                f"Hugging Face checkpoint directory saved with safetensors"
-            )
-
-    def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for s in unit.params:
-            path = self.file_of.get(s.name)
-            if path is None:
-                raise OffloadError(f"tensor {s.name} is missing from the checkpoint in {self.directory}")
-            by_file.setdefault(path, []).append(s.name)
-        out: dict[str, torch.Tensor] = {}
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    out[name] = f.get_tensor(name).float()
-        return out
 
 
 def materialize_in_memory(model: nn.Module, initializer: Callable[[Unit], dict[str, torch.Tensor]]) -> nn.Module:

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from offload.errors import OffloadError
+
+
+class UnsupportedArchitecture(OffloadError):
+    """The model does not cut into pre / repeated decoder layers / post units."""
+
+
 KNOWN_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
 
 
@@ -83,7 +90,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if len(classes) == 1 and (best is None or len(module) > len(best[1])):
                 best = (path, module)
     if best is None:
-        raise ValueError(
+        raise UnsupportedArchitecture(
             f"cannot find the decoder layers of {type(model).__name__}: no nn.ModuleList of "
             f"identical blocks; supported families include Llama, Mistral, Qwen2, GPT-2, GPT-NeoX"
         )

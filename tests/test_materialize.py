@@ -9,7 +9,8 @@ from offload import AdamWConfig, SwapStore, make_adamw
 from offload.io import PosixBackend
 from offload.tiers import Tier
 from scheduler.executor import StreamingExecutor, TrainSettings
-from scheduler.materialize import RandomInit, SafetensorsInit, empty_model
+from scheduler.hf_checkpoint import CheckpointInit
+from scheduler.materialize import RandomInit, empty_model
 from scheduler.plan import Plan
 
 PLAN = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME)
@@ -39,7 +40,7 @@ def test_safetensors_sharded_checkpoint_is_streamed_exactly(tmp_path):
     source.save_pretrained(tmp_path / "ckpt", max_shard_size="20KB")
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     model = empty_model(source.config)
-    got = masters(model, SafetensorsInit(tmp_path / "ckpt"), tmp_path)
+    got = masters(model, CheckpointInit(tmp_path / "ckpt", model), tmp_path)
     for name, p in source.named_parameters():
         assert torch.equal(got[name], p.detach()), name
 

@@ -16,7 +16,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from scheduler.model_map import build_model_map
+from scheduler.model_map import UnsupportedArchitecture, build_model_map
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -70,7 +70,7 @@ def test_untied_head_is_post():
 
 
 def test_model_without_layers_is_refused():
-    with pytest.raises(ValueError, match="cannot find the decoder layers"):
+    with pytest.raises(UnsupportedArchitecture, match="cannot find the decoder layers"):
         build_model_map(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
