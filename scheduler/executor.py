@@ -60,6 +60,7 @@ from offload.store import SwapStore, TensorSpec
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import ModelMap, Unit, UnsupportedArchitecture, build_model_map
 from scheduler.plan import Plan
+from scheduler.router_loss import RouterLogits
 from scheduler.trace import TracedStore, Tracer
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ class StreamingExecutor:
         self._loader: ThreadPoolExecutor | None = None
         self._worker: ThreadPoolExecutor | None = None
         self._hooks: list[Any] = []
+        self._router: RouterLogits | None = None  # MoE router aux-loss gradients (set in start)
         self._calls: dict[int, _LayerCall] = {}
         self._swap_pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size
         self._streaming = False
@@ -647,6 +649,8 @@ class StreamingExecutor:
     # ------------------------------------------------------------------------------ hooks
     def _install_hooks(self) -> None:
         assert self.map is not None
+        self._router = RouterLogits(self.model, self.map.layers)
+        self._hooks.extend(self._router.install())
         for i, layer in enumerate(self.map.layers):
             self._hooks.append(layer.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
             self._hooks.append(layer.register_forward_hook(self._make_post_hook(i), with_kwargs=True))
@@ -671,6 +675,7 @@ class StreamingExecutor:
             self._ensure_loaded(self._states[i + 1])
             self._prefetch(iter(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers))))
             call.trace_start_s = self.tracer.clock()
+            self._router.forward(i, keep_graph=not self.plan.recompute)
             if self.plan.recompute:
                 self._save_checkpoint(i, call, x.detach())
                 self._grad_mode_stack.append(torch.is_grad_enabled())
@@ -693,6 +698,7 @@ class StreamingExecutor:
             if not self._streaming:
                 return None
             call = self._calls[i]
+            self._router.done()
             if call.trace_start_s:
                 self.tracer.add("compute", f"forward layer.{i}", call.trace_start_s)
             if self.plan.recompute:
@@ -947,6 +953,8 @@ class StreamingExecutor:
                 self.acct.free(self.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
             self._release(self._states[i + 1])
         self._calls.clear()
+        if self._router is not None:
+            self._router.clear()
         self._clear_swap_pool()
         self._grad_mode_stack.clear()
         self._x0 = self._head_input = None
@@ -984,8 +992,12 @@ class StreamingExecutor:
         """Layer i's backward (recomputed, or from its kept graph); returns its input's gradient."""
         if self.plan.recompute:
             x = self._take_checkpoint(i, call).detach().requires_grad_(True)
-            with self._rng_restored(call), self.tracer.span("compute", f"recompute layer.{i}"):
-                out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
+            self._router.recompute(i)
+            try:
+                with self._rng_restored(call), self.tracer.span("compute", f"recompute layer.{i}"):
+                    out = self.map.layers[i](x, *call.args_rest, **call.kwargs)  # type: ignore[union-attr]
+            finally:
+                self._router.done()
             hidden = out[0] if isinstance(out, tuple) else out
             del out
         else:
@@ -993,8 +1005,10 @@ class StreamingExecutor:
             x, hidden = call.x_leaf, call.output
             self._swap_in(i, call)
             self._swap_in(i - 1, self._calls.get(i - 1))  # overlaps this layer's backward
+        # MoE routers: d loss / d logits from the head's backward joins this layer's (aux loss)
+        router_out, router_grad = self._router.backward_terms(i)
         with self.tracer.span("compute", f"backward layer.{i}"):
-            torch.autograd.backward(hidden, grad)
+            torch.autograd.backward([hidden, *router_out], [grad, *router_grad])
         return x.grad
 
     @contextlib.contextmanager

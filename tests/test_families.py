@@ -141,3 +141,50 @@ def test_family_loads_trains_and_exports_as_transformers(family, tmp_path):
         assert torch.equal(p.detach(), got[name]), name
     if getattr(reloaded.config, "tie_word_embeddings", False):
         assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+KEPT_GRAPH = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
+                  recompute=False, prefetch_depth=1, turn_keep=0)
+
+
+@pytest.mark.parametrize("plan", [ALL_NVME, KEPT_GRAPH], ids=["recompute", "kept-graph"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+def test_moe_router_aux_loss_trains_as_transformers(family, plan, tmp_path):
+    """``output_router_logits``: the load-balancing loss is part of the loss, and its gradient
+    reaches every router although each layer is back-propagated on its own."""
+    ckpt = save_checkpoint(family, tmp_path / "ckpt")
+    doc = json.loads((ckpt / "config.json").read_text())
+    doc.update(output_router_logits=True, router_aux_loss_coef=0.5)  # large: its gradient must show
+    (ckpt / "config.json").write_text(json.dumps(doc))
+    batches = make_batches()
+    ref = train_in_memory(ckpt, batches)
+    without = train_in_memory(_without_aux(ckpt, tmp_path), batches)
+    want = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    model = empty_model(AutoConfig.from_pretrained(ckpt))
+    torch.manual_seed(123)
+    losses = []
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, StreamingExecutor(
+        model, plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)), TrainSettings(weight_decay=WD),
+        initializer=CheckpointInit(ckpt, model),
+    ) as ex:
+        for b in batches:
+            losses.append(ex.train_step([b], LR).loss)
+        got = ex.master_state_dict()
+    assert_weights_match(got, want)
+    gate = next(k for k in want if ".gate." in k or k.endswith("gate.weight"))
+    assert (want[gate] - dict(without.named_parameters())[gate]).abs().max() > 1e-4  # the aux loss mattered
+    with torch.no_grad():
+        first = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        out = first(input_ids=batches[0]["input_ids"], labels=batches[0]["input_ids"])
+    assert out.aux_loss is not None and abs(losses[0] - out.loss.item()) <= 1e-5
+
+
+def _without_aux(ckpt: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    other = tmp_path / "ckpt-no-aux"
+    shutil.copytree(ckpt, other)
+    doc = json.loads((other / "config.json").read_text())
+    doc["output_router_logits"] = False
+    (other / "config.json").write_text(json.dumps(doc))
+    return other

@@ -1,0 +1,93 @@
+"""MoE router auxiliary losses across the layer-by-layer cut.
+
+A MoE model whose config sets ``output_router_logits`` adds ``router_aux_loss_coef`` times a
+load-balancing loss of every layer's router logits to its loss (transformers computes it in the
+``ForCausalLM`` forward from the logits its ``OutputRecorder`` collected). The executor runs the
+stock forward, so the loss *value* is transformers' own; its gradient must reach each router,
+whose layer is back-propagated on its own, later:
+
+- forward: a hook on each router module (the class ``model._can_record_outputs["router_logits"]``
+  names) hands the recorder a leaf copy of the logits, so the loss's graph stops there; the
+  layer's own computation uses the router's other outputs (scores, indices) and is unchanged;
+- head backward: ``loss.backward()`` leaves d loss / d logits_i in each leaf's ``grad``;
+- layer i's backward: the logits recomputed (or kept, without recompute) join the layer's
+  ``autograd.backward`` with that gradient: exactly the chain rule of the whole model.
+
+No family-specific code: the router class and output index come from the model's recorder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RouterLogits:
+    """Carries d loss / d router logits from the head's backward to each layer's backward."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:
+        recorder = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(recorder, "target_class", None)
+        self.index: int = getattr(recorder, "index", 0) or 0
+        wants = bool(getattr(getattr(model, "config", None), "output_router_logits", False))
+        self.routers: list[list[nn.Module]] = [
+            [m for m in layer.modules() if target is not None and isinstance(m, target)] for layer in layers]
+        self.active = wants and any(self.routers)
+        self._layer: int | None = None
+        self._recomputing = False
+        self._keep_graph = False
+        self._leaves: dict[int, list[torch.Tensor]] = {}
+        self._outputs: dict[int, list[torch.Tensor]] = {}
+
+    def install(self) -> list[Any]:
+        """Forward hooks on the routers, ahead of transformers' recorder hooks."""
+        if not self.active:
+            return []
+        return [m.register_forward_hook(self._hook(i), prepend=True)
+                for i, modules in enumerate(self.routers) for m in modules]
+
+    def forward(self, i: int, keep_graph: bool) -> None:
+        """Layer i's forward begins (main thread); ``keep_graph``: no recompute, the logits'
+        graph is back-propagated later as it is."""
+        self._layer, self._recomputing, self._keep_graph = i, False, keep_graph
+        self._leaves[i], self._outputs[i] = [], []
+
+    def recompute(self, i: int) -> None:
+        """Layer i is recomputed for its backward: its logits are collected again, with graph."""
+        self._layer, self._recomputing = i, True
+        self._outputs[i] = []
+
+    def done(self) -> None:
+        self._layer = None
+
+    def backward_terms(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(logits of layer i, d loss / d logits) for its ``autograd.backward``; forgets them."""
+        leaves, outputs = self._leaves.pop(i, []), self._outputs.pop(i, [])
+        pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=False)
+                 if leaf.grad is not None and out.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def clear(self) -> None:
+        self._leaves.clear()
+        self._outputs.clear()
+        self._layer = None
+
+    def _hook(self, i: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if self._layer != i:
+                return None
+            out = output[self.index] if isinstance(output, tuple) else output
+            if self._recomputing:
+                self._outputs[i].append(out)
+                return None
+            leaf = out.detach().requires_grad_(True)
+            self._leaves[i].append(leaf)
+            if self._keep_graph:
+                self._outputs[i].append(out)
+            if isinstance(output, tuple):
+                return (*output[: self.index], leaf, *output[self.index + 1 :])
+            return leaf
+
+        return hook
