@@ -2,7 +2,7 @@
 from a hub-style checkpoint, with ``cpu_memory_limit`` at half its fp32 training state, from an
 empty cache (profile and layer probe measured inside the run), then again warm.
 
-    python -m bench.first_run [--path runs/first-run] [--layers 30]
+    python -m bench.first_run [--path runs/first-run] [--layers 30] [--max-shard-size 50MB]
 
 The model is SmolLM-135M-shaped (Llama, hidden 576, 30 layers, vocab 49152, tied embeddings), saved
 in bf16 with ``save_pretrained`` as the hub stores it. The runtime overhead is measured in the same
@@ -42,7 +42,7 @@ def smollm_config(layers: int):  # noqa: ANN201 - a transformers config
                        tie_word_embeddings=True, rope_theta=10000.0)
 
 
-def write_checkpoint(ckpt: Path, layers: int) -> int:
+def write_checkpoint(ckpt: Path, layers: int, shard_size: str | None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -51,7 +51,7 @@ def write_checkpoint(ckpt: Path, layers: int) -> int:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(smollm_config(layers)).to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(ckpt)
+    model.save_pretrained(ckpt, **({"max_shard_size": shard_size} if shard_size else {}))
     load_tokenizer(None, None).save_pretrained(ckpt)
     return n_params
 
@@ -89,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", type=Path, default=Path("runs/first-run"))
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--max-shard-size", default=None,
+                        help="save the checkpoint sharded (e.g. 50MB); default: one model.safetensors")
     args = parser.parse_args(argv)
     root = args.path.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    n_params = write_checkpoint(root / "ckpt", args.layers)
+    n_params = write_checkpoint(root / "ckpt", args.layers, args.max_shard_size)
     state_bytes = STATE_BYTES_PER_PARAM * n_params
     limit_bytes = state_bytes // 2
     env = {**os.environ, "OFFLOAD_TRAIN_CACHE": str(root / "cache")}  # empty: profile and probe run inside
