@@ -25,23 +25,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], torch.Tensor]], n: int,
                    model: Any, dtype: torch.dtype, tokenizer: Any = None) -> Path:
-    """``n`` shards, one per unit, plus ``model.safetensors.index.json``, config and tokenizer.
+    """``n`` shards, one per unit (and one for the persistent buffers, if any), plus
+    ``model.safetensors.index.json``, config and tokenizer.
 
-    ``model`` is the (empty, meta-device) model the weights belong to: its config is written and
-    its conversion mapping names the tensors."""
-    from scheduler.hf_checkpoint import hub_state_dict
+    ``model`` is the (empty, meta-device) model the weights belong to: its config is written, its
+    conversion mapping names the tensors, and its persistent buffers are written as they are
+    (``save_pretrained`` writes them too; floating-point ones in ``dtype``, as it does)."""
+    from scheduler.hf_checkpoint import hub_state_dict, persistent_buffers
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     total_bytes = 0
-    for k, (_, slots, master) in enumerate(units):
-        shard = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    buffers = {name: (b.to(dtype) if b.is_floating_point() else b).detach().cpu()
+               for name, b in persistent_buffers(model).items() if b.device.type != "meta"}
+    n_files = n + (1 if buffers else 0)
+    groups = ((slots, master) for _, slots, master in units)
+    for k, (slots, master) in enumerate(groups):
+        shard = f"model-{k + 1:05d}-of-{n_files:05d}.safetensors"
         tensors = {s.name: master[s.offset : s.offset + s.numel].view(s.shape).to(dtype) for s in slots}
-        tensors = {name: t.contiguous() for name, t in hub_state_dict(model, tensors).items()}
-        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
-        for name, t in tensors.items():
-            weight_map[name] = shard
-            total_bytes += t.numel() * t.element_size()
+        total_bytes += _write_shard(out_dir / shard, hub_state_dict(model, tensors), weight_map)
+    if buffers:
+        shard = f"model-{n_files:05d}-of-{n_files:05d}.safetensors"
+        total_bytes += _write_shard(out_dir / shard, hub_state_dict(model, buffers), weight_map)
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf_config = model.config
@@ -53,6 +58,15 @@ def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], to
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
+    """One safetensors file; its names go into ``weight_map``; returns the bytes written."""
+    tensors = {name: t.contiguous() for name, t in tensors.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    for name in tensors:
+        weight_map[name] = path.name
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> Path:

@@ -82,7 +82,11 @@ def build_context(cfg: Any) -> RunContext:
     torch.manual_seed(cfg.train.seed)
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
     hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
-    initializer = CheckpointInit(m.name_or_path, model) if m.name_or_path else RandomInit(model)
+    if m.name_or_path:
+        initializer = CheckpointInit(m.name_or_path, model)
+        initializer.load_buffers()
+    else:
+        initializer = RandomInit(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device)
 

@@ -58,7 +58,7 @@ from offload.io.posix import aligned_empty
 from offload.optim import FlatAdamW
 from offload.store import SwapStore, TensorSpec
 from offload.tiers import Accountant, Tier
-from scheduler.model_map import ModelMap, Unit, UnsupportedArchitecture, build_model_map
+from scheduler.model_map import ModelMap, Unit, build_model_map, check_layer_arguments
 from scheduler.plan import Plan
 from scheduler.router_loss import RouterLogits
 from scheduler.trace import TracedStore, Tracer
@@ -660,12 +660,7 @@ class StreamingExecutor:
             if not self._streaming:
                 return None
             x = args[0]
-            trainable = trainable_argument(args[1:], kwargs)
-            if trainable is not None:
-                raise UnsupportedArchitecture(
-                    f"{type(self.model).__name__} passes a trainable tensor ({trainable}) to its decoder "
-                    f"layers besides the hidden states: its gradient would not reach the unit that made "
-                    f"it, so this architecture cannot be trained layer by layer")
+            check_layer_arguments(self.model, args[1:], kwargs)
             if i == 0:
                 self._x0 = x
             call = _LayerCall(args[1:], kwargs, torch.get_rng_state(),
@@ -1316,23 +1311,6 @@ def state_extents(units: tuple[Unit, ...], chunk_numel: int) -> list[tuple[Unit,
     return [(u, {kind: [(f"{u.name}.{kind}.{c}", a, b) for c, (a, b) in enumerate(_chunk_ranges(u.numel, chunk_numel))]
                  for kind in ("master", "exp_avg", "exp_avg_sq")})
             for u in units]
-
-
-def trainable_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-    """The name of the first tensor among a layer's other arguments that requires grad, if any."""
-    named = [(f"argument {k + 1}", a) for k, a in enumerate(args)] + list(kwargs.items())
-    for name, obj in named:
-        stack = [obj]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, torch.Tensor):
-                if item.requires_grad:
-                    return name
-            elif isinstance(item, (tuple, list)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-    return None
 
 
 def tensor_storages(*objs: Any) -> set[int]:

@@ -94,7 +94,7 @@ class CheckpointInit:
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         # Shapes now: the executor later swaps the parameters for empty placeholders.
         self._shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-        wanted = set(self._shapes)
+        wanted = set(self._shapes) | set(persistent_buffers(model))
         meta_state = {name: True for name in model.state_dict()}
         prefix = getattr(model, "base_model_prefix", None)
         self._targets: dict[str, _Target] = {}
@@ -131,6 +131,21 @@ class CheckpointInit:
                     f"checkpoint tensor for {name} has shape {list(got.shape)} but the model config gives "
                     f"{list(s.shape)}; the checkpoint in {self.directory} does not fit its config.json")
         return {s.name: out[s.name].to(torch.float32) for s in unit.params}
+
+    def load_buffers(self) -> None:
+        """Persistent buffers the checkpoint holds are copied into the model (in the buffer's
+        dtype), as ``from_pretrained`` loads them; those it lacks keep the model's own values."""
+        for name, buf in persistent_buffers(self.model).items():
+            target = self._target_of.get(name)
+            if target is None or buf.device.type == "meta":
+                continue
+            value = self._convert(target)[name]
+            if value.shape != buf.shape:
+                raise OffloadError(
+                    f"checkpoint tensor for {name} has shape {list(value.shape)} but the model config gives "
+                    f"{list(buf.shape)}; the checkpoint in {self.directory} does not fit its config.json")
+            with torch.no_grad():
+                buf.copy_(value.to(buf.dtype))
 
     def _find(self, name: str) -> _Target:
         for candidate in (name, *self._tied.get(name, ())):
@@ -177,6 +192,12 @@ class CheckpointInit:
 
         with safe_open(str(self.file_of[key]), framework="pt", device="cpu") as f:
             return f.get_tensor(key)
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers ``state_dict`` holds (so ``save_pretrained`` writes them), by name."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params}
 
 
 def _tied_pairs(model: nn.Module) -> dict[str, tuple[str, ...]]:

@@ -152,7 +152,7 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
     swaps when activations go through the SSD. Counted while a layer runs, as the executor packs
     them (the tensors passed to it are alive then: their addresses identify them)."""
     from scheduler.executor import tensor_storages
-    from scheduler.model_map import build_model_map
+    from scheduler.model_map import build_model_map, check_layer_arguments
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     passed: set[int] | None = None  # inside a layer: the storages of what it was given
@@ -160,6 +160,7 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
 
     def enter(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal passed
+        check_layer_arguments(model, args[1:], kwargs)  # before any weight of the run is touched
         passed = weights | tensor_storages(args, kwargs)
 
     def leave(*_: Any) -> None:

@@ -9,6 +9,7 @@ norm and LM head). A tied LM head shares its weight with the embedding; the weig
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -145,3 +146,31 @@ def _unit(name: str, index: int, modules: tuple[nn.Module, ...],
         slots.append(ParamSlot(pname, tuple(p.shape), offset, p.numel()))
         offset += p.numel()
     return Unit(name, index, modules, tuple(slots))
+
+
+def trainable_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The name of the first tensor among a layer's other arguments that requires grad, if any."""
+    named = [(f"argument {k + 1}", a) for k, a in enumerate(args)] + list(kwargs.items())
+    for name, obj in named:
+        stack = [obj]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                if item.requires_grad:
+                    return name
+            elif isinstance(item, (tuple, list)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+    return None
+
+
+def check_layer_arguments(model: nn.Module, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A decoder layer may receive tensors besides its hidden states (RoPE tables, masks), but
+    none that requires grad: the cut back-propagates each layer from its hidden-state input only."""
+    trainable = trainable_argument(args_rest, kwargs)
+    if trainable is not None:
+        raise UnsupportedArchitecture(
+            f"{type(model).__name__} passes a trainable tensor ({trainable}) to its decoder layers "
+            f"besides the hidden states: its gradient would not reach the unit that made it, so this "
+            f"architecture cannot be trained layer by layer")

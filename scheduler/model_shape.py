@@ -50,6 +50,8 @@ def _dims(hf_config: Any) -> dict[str, int]:
     def first(*names: str, default: int = 0) -> int:
         for name in names:
             value = getattr(hf_config, name, None)
+            if isinstance(value, (list, tuple)):  # per-layer values (e.g. Gemma 3n): the largest
+                value = max((v for v in value if isinstance(v, (int, float))), default=None)
             if value:
                 return int(value)
         return default

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from runs import PLAN, one_line_error
 from safetensors.torch import load_file, save_file
 from test_families import saved_keys
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cli.data import iterate_batches, load_token_dataset, load_tokenizer
 from cli.main import main
+from runs import PLAN, one_line_error
 
 LR = 1e-3
 STEPS = 3
@@ -199,7 +199,12 @@ def test_architecture_passing_trainable_tensors_between_layers_is_one_line(tmp_p
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "laurel_rank": 4,
         "num_kv_shared_layers": 0, "activation_sparsity_pattern": [0.0, 0.0],
         "layer_types": ["sliding_attention", "full_attention"]}}
+    doc["offload"]["cpu_memory_limit"] = "2GB"
     cfg.write_text(yaml.safe_dump(doc))
-    assert main(["train", str(cfg), "--plan", str(tmp_path / "plan.json")]) == 2
-    line = one_line_error(capsys)
-    assert "Gemma3nForCausalLM" in line and "layer by layer" in line
+    # plan: the layer probe's forward finds it, before any weight of the run exists; train with a
+    # replayed plan (no probe): the first layer's forward, before the first update
+    for argv in (["plan", str(cfg)], ["train", str(cfg), "--plan", str(tmp_path / "plan.json")]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        line = one_line_error(capsys)
+        assert "Gemma3nForCausalLM" in line and "layer by layer" in line

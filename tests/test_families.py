@@ -52,6 +52,16 @@ FAMILIES = {
     "olmo2": ("olmo2", {}, torch.float32, None),
     "gpt2": ("gpt2", {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}, torch.float32, "30KB"),
     "gpt-neox": ("gpt_neox", {}, torch.float32, None),
+    # beyond the list: MoE and dense families transformers maps the same way, and two whose
+    # layers hold persistent buffers that save_pretrained writes (Apertus' xIELU, MiniMax' decays)
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}, torch.float32, None),
+    "granite-moe": ("granitemoe", {"num_local_experts": 4, "num_experts_per_tok": 2}, torch.float32, None),
+    "gpt-oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                            "layer_types": ["sliding_attention", "full_attention"]}, torch.bfloat16, None),
+    "starcoder2": ("starcoder2", {}, torch.float32, None),
+    "cohere2": ("cohere2", {}, torch.float32, None),
+    "apertus": ("apertus", {}, torch.float32, None),
+    "minimax": ("minimax", {}, torch.float32, None),
 }
 # Elements whose gradient is zero in exact arithmetic (softmax ignores a constant shift of the
 # keys, so a k-projection bias gets rounding noise only): Adam turns that noise into a full-size
@@ -118,11 +128,13 @@ def test_family_loads_trains_and_exports_as_transformers(family, tmp_path):
     want = {k: v.detach().clone() for k, v in ref.named_parameters()}
 
     model = empty_model(AutoConfig.from_pretrained(ckpt))
+    init = CheckpointInit(ckpt, model)
+    init.load_buffers()  # persistent buffers, as from_pretrained loads them
     settings = TrainSettings(weight_decay=WD)
     torch.manual_seed(123)
     with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, StreamingExecutor(
         model, ALL_NVME, store, make_adamw("torch", AdamWConfig(weight_decay=WD)), settings,
-        initializer=CheckpointInit(ckpt, model),
+        initializer=init,
     ) as ex:
         for b in batches:
             ex.train_step([b], LR)
