@@ -2,8 +2,9 @@
 
 Budgets: on a GPU machine DEVICE is GPU memory (``offload.gpu_memory_limit``, "auto" = 80% of
 free GPU memory) and HOST is CPU RAM (``offload.cpu_memory_limit``). Without a GPU both tiers are
-RAM: ``cpu_memory_limit`` is the total, and DEVICE gets ``gpu_memory_limit`` of it ("auto": the
-planner chooses the split). NVME is the free space at ``offload.nvme_path``.
+RAM: ``cpu_memory_limit`` is the total and the planner splits it; ``gpu_memory_limit`` does not
+apply there (a config written for a GPU workstation still plans, with one warning line). NVME is
+the free space at ``offload.nvme_path``.
 
 A profile file (``--profile``) plans for the machine it describes: its RAM, VRAM and disk figures
 replace this machine's, so a 70B job can be planned on a laptop for a workstation.
@@ -58,15 +59,12 @@ def budgets_for(cfg: Any, mem: MachineMemory) -> Budgets:
     gpu_value = cfg.offload.gpu_memory_limit
     if mem.vram_free_bytes is not None:
         return Budgets(resolve_memory_limit(gpu_value, mem.vram_free_bytes), cpu_limit, mem.disk_free_bytes)
-    if gpu_value == "auto":
-        device = int(CPU_DEVICE_SHARE * cpu_limit)
-        return Budgets(device, cpu_limit - device, mem.disk_free_bytes, shared=True)
-    device = resolve_memory_limit(gpu_value, cpu_limit)
-    if device >= cpu_limit:
-        raise OffloadError(f"offload.gpu_memory_limit ({gpu_value}) takes all of offload.cpu_memory_limit "
-                           f"({cfg.offload.cpu_memory_limit}) on a machine without a GPU, where both are RAM; "
-                           f"lower it or use auto")
-    return Budgets(device, cpu_limit - device, mem.disk_free_bytes)
+    if gpu_value != "auto":
+        print(f"offload-train: warning: no GPU here: offload.gpu_memory_limit ({gpu_value}) does not apply; "
+              f"offload.cpu_memory_limit ({cfg.offload.cpu_memory_limit}) bounds all RAM and the planner "
+              f"splits it")
+    device = int(CPU_DEVICE_SHARE * cpu_limit)
+    return Budgets(device, cpu_limit - device, mem.disk_free_bytes, shared=True)
 
 
 def workload_for(cfg: Any, total_steps: int | None = None) -> Workload:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,11 +62,13 @@ def model_fingerprint(hf_config_dict: dict[str, Any], units: Iterable[Unit]) -> 
 
 
 def save_checkpoint(run_dir: Path, step: int, store: SwapStore, units: list[UnitExtents],
-                    trainer_state: dict[str, Any], hf_config: Any, total_limit: int | None = None) -> Path:
+                    trainer_state: dict[str, Any], hf_config: Any, total_limit: int | None = None,
+                    write_extras: Callable[[Path], None] | None = None) -> Path:
     """Write ``checkpoints/step-{step}`` atomically; keep at most ``total_limit`` checkpoints.
 
     ``units`` says which store extents hold each unit's optimizer state (all writes to them must
-    be finished); they are snapshotted, not copied.
+    be finished); they are snapshotted, not copied. ``write_extras(dir)`` adds the model's other
+    files (generation config, persistent buffers) that an export of the checkpoint needs.
     """
     root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step}"
@@ -83,6 +85,8 @@ def save_checkpoint(run_dir: Path, step: int, store: SwapStore, units: list[Unit
                                                  "snapshot": snap.to_dict()}))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
         hf_config.save_pretrained(tmp)
+        if write_extras is not None:
+            write_extras(tmp)
         _fsync_tree(tmp)
         fault_point("checkpoint.written")
     except BaseException:

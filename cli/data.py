@@ -1,13 +1,16 @@
 """Training data for causal-LM fine-tuning, with Hugging Face ``Trainer`` semantics.
 
-Every sequence is trained on with ``labels = input_ids`` (the model shifts them) and a mean token
-loss; positions whose label is ``-100`` (padding) are ignored.
+Text is trained on with ``labels = input_ids`` (the model shifts them); positions whose label is
+``-100`` (padding, or masked by the user's own ``labels``) are not targets. The loss of a step is
+Trainer's: the sum of token losses over its micro-batches over the number of targets in the step.
 
 Sources (:func:`load_token_dataset`):
 
 * ``*.jsonl``: one JSON object per line (blank lines skipped). A line with an ``input_ids`` field
-  (a list of ints, already tokenized) is taken as it is; otherwise its text field (``text`` by
-  default, see ``text_field``) is tokenized.
+  (a list of ints, already tokenized) is used exactly as given, with its ``labels`` if it has them
+  (same length, ``-100`` = not a target, as Trainer and TRL take them); ids are checked against
+  the model's ``vocab_size``, and no tokenizer is needed for them. Otherwise its text field
+  (``text`` by default, see ``text_field``) is tokenized.
 * ``*.txt``: UTF-8 text; documents are separated by blank lines (a line holding only
   whitespace counts as blank), so a paragraph is a document. A file without blank lines is one
   document.
@@ -15,15 +18,16 @@ Sources (:func:`load_token_dataset`):
   ``train`` split is used) with an ``input_ids`` or a text column; needs the ``datasets`` package.
 
 Text is encoded with ``tokenizer(text, add_special_tokens=True)`` (so a tokenizer that prepends
-``bos``, like Llama's, does so) and ``eos`` is appended to every document that does not already end
-with it, pre-tokenized ones included. Empty documents are skipped.
+``bos``, like Llama's, does so) and ``eos`` is appended to every text document that does not
+already end with it (pre-tokenized rows are never changed). Empty documents are skipped.
 
-* ``packing=True`` (default): documents are concatenated and cut into blocks of ``seq_len`` tokens;
-  the last partial block is dropped. No attention mask: every position is trained on.
+* ``packing=True`` (default): documents are concatenated as they are and cut into windows of
+  ``seq_len`` tokens (their labels alike); the last partial window is dropped. No attention mask.
 * ``packing=False``: one sequence per document, truncated to ``seq_len`` and right-padded with the
-  pad token (the eos token if the tokenizer has no pad token); ``attention_mask`` is 0 and
-  ``labels`` is -100 on padding. Unlike ``DataCollatorForLanguageModeling``, the mask (not the pad
-  id) decides, so an eos that doubles as the pad token is still trained on.
+  pad token (the eos token if the tokenizer has no pad token; the model's ``pad_token_id``, else 0,
+  without a tokenizer); ``attention_mask`` is 0 and ``labels`` is -100 on padding. Unlike
+  ``DataCollatorForLanguageModeling``, the mask (not the pad id) decides, so an eos that doubles as
+  the pad token is still trained on.
 
 Batches (:func:`iterate_batches`) come in an order that depends only on ``(seed, epoch)``, and a
 :class:`DataPosition` resumes exactly where a run stopped. The whole data set is tokenized in
@@ -62,7 +66,18 @@ IGNORE_INDEX = -100
 _TOKENIZE_BATCH = 256  # texts per tokenizer call
 _DATASET_BATCH = 1024  # rows per read of a saved dataset
 
-Document = tuple[str, str | list[int]]  # (where it comes from, for messages; text or token ids)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A pre-tokenized row: its ids, and its labels (None: the ids themselves)."""
+
+    ids: list[Any]
+    labels: list[Any] | None = None
+
+
+Document = tuple[str, "str | Tokens"]  # (where it comes from, for messages; text or token ids)
+TokenizerSource = Any  # a tokenizer, a zero-argument callable returning one (loaded on first text), or None
 
 
 class DataError(OffloadError):
@@ -113,6 +128,50 @@ def load_tokenizer(name_or_path: str | None, model_path: str | None) -> PreTrain
     return _load_from_dir(default_tokenizer_path())
 
 
+@dataclass(frozen=True)
+class TokenizerPolicy:
+    """Which tokenizer a run's text is encoded with (``tokenizer_policy``).
+
+    ``available``: a tokenizer that goes with the model (``data.tokenizer``, or the checkpoint's
+    own files), loaded up front, saved with the run whether or not the data needed it.
+    ``for_text()``: the tokenizer text is encoded with, or a one-line error; called only when the
+    data holds text (token-id rows need none)."""
+
+    available: PreTrainedTokenizerBase | None
+    model_path: str | None
+    vocab_size: int | None
+
+    def for_text(self) -> PreTrainedTokenizerBase:
+        tokenizer = self.available
+        if tokenizer is None and self.model_path:
+            # never tokenize real weights' training text with a tokenizer they were not trained with
+            raise DataError(f"model.name_or_path {self.model_path} has no tokenizer files and the data is "
+                            f"text; set data.tokenizer to the model's tokenizer (a directory saved with "
+                            f"save_pretrained), or give pre-tokenized input_ids rows")
+        if tokenizer is None:  # a random-init model.config: the shipped tokenizer may do
+            tokenizer = _load_from_dir(default_tokenizer_path())
+            where = "model.config.vocab_size"
+        else:
+            where = "the model's vocab_size"
+        if self.vocab_size is not None and len(tokenizer) > self.vocab_size:
+            raise DataError(f"the tokenizer has {len(tokenizer)} tokens but {where} is {self.vocab_size}; "
+                            f"set model.config.vocab_size >= {len(tokenizer)} or use the model's tokenizer")
+        return tokenizer
+
+
+def tokenizer_policy(tokenizer_name: str | None, model_path: str | None,
+                     vocab_size: int | None) -> TokenizerPolicy:
+    """Text needs the model's tokenizer (``data.tokenizer`` overrides); a pretrained checkpoint
+    without tokenizer files and text data is an error naming ``data.tokenizer``; a random-init
+    ``model.config`` may use the shipped tokenizer, if its ``vocab_size`` covers it."""
+    available = None
+    if tokenizer_name:
+        available = load_tokenizer(tokenizer_name, None)
+    elif model_path and has_tokenizer_files(Path(model_path).expanduser()):
+        available = _load_from_dir(Path(model_path).expanduser())
+    return TokenizerPolicy(available, model_path, vocab_size)
+
+
 def _looks_like_hub_id(name: str) -> bool:
     """``org/name`` or ``name``: not absolute, not relative-dotted, at most one slash."""
     return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
@@ -155,7 +214,8 @@ class TokenDataset:
     """Fixed-length token sequences, ready to batch.
 
     ``tokens`` is ``(len, seq_len)`` int32; ``attention_mask`` is ``None`` for packed data, else
-    ``(len, seq_len)`` int8 with 0 on padding.
+    ``(len, seq_len)`` int8 with 0 on padding; ``labels`` is ``None`` when every label is its
+    token, else ``(len, seq_len)`` int32 (``-100``: not a target).
     """
 
     tokens: torch.Tensor
@@ -163,6 +223,8 @@ class TokenDataset:
     source: str
     n_documents: int
     vocab_size: int
+    labels: torch.Tensor | None = None
+    tokenizer: Any = None  # the tokenizer text was encoded with (None: the data was all token ids)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -191,11 +253,12 @@ class TokenDataset:
         """Sequences ``indices`` as ``input_ids``, ``labels`` (and ``attention_mask``), int64."""
         index = torch.as_tensor(indices, dtype=torch.long)
         input_ids = self.tokens[index].long()
+        labels = self.labels[index].long() if self.labels is not None else input_ids.clone()
         if self.attention_mask is None:
-            return {"input_ids": input_ids, "labels": input_ids.clone()}
+            return {"input_ids": input_ids, "labels": labels}
         mask = self.attention_mask[index].long()
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": input_ids, "labels": labels.masked_fill(mask == 0, IGNORE_INDEX),
+                "attention_mask": mask}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """Sequence ``i`` as 1-D tensors."""
@@ -209,30 +272,44 @@ class TokenDataset:
         digest.update(self.tokens.contiguous().numpy().tobytes())
         if self.attention_mask is not None:
             digest.update(self.attention_mask.contiguous().numpy().tobytes())
+        if self.labels is not None:
+            digest.update(b"labels")
+            digest.update(self.labels.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
 
-def load_token_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                       packing: bool = True, text_field: str = "text") -> TokenDataset:
-    """Read, tokenize and cut ``path`` into sequences of ``seq_len`` tokens (see the module doc)."""
+def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: int,
+                       packing: bool = True, text_field: str = "text", vocab_size: int | None = None,
+                       pad_token_id: int | None = None) -> TokenDataset:
+    """Read, tokenize and cut ``path`` into sequences of ``seq_len`` tokens (see the module doc).
+
+    ``tokenizer``: a tokenizer, or a callable that returns one (called only if the data holds
+    text), or None (token ids only). ``vocab_size``: the model's embedding rows, which token ids
+    must stay below (default: the tokenizer's size). ``pad_token_id``: pads rows without packing
+    when no tokenizer was needed (default 0; padding is masked out either way)."""
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}: a causal LM needs at least 2 tokens per sequence; "
                         f"set seq_len to e.g. 512")
     path = Path(path).expanduser()
     source = str(path)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("the tokenizer has no eos token, needed to separate documents; "
-                        "set eos_token in its tokenizer_config.json or use another tokenizer")
-    flat, lengths = _collect(_token_documents(_read_documents(path, text_field), tokenizer, eos))
+    encoder = _Encoder(tokenizer)
+    if vocab_size is None:
+        if encoder.tokenizer is None:
+            raise ValueError("load_token_dataset needs vocab_size when no tokenizer is given")
+        vocab_size = len(encoder.tokenizer)
+    flat, flat_labels, lengths = _collect(_token_documents(_read_documents(path, text_field), encoder,
+                                                           vocab_size))
     if not lengths:
         raise DataError(f"{source} holds no documents (empty, or every text is empty); "
                         f"give a file with training text")
     if packing:
         tokens, mask = _pack(flat, seq_len, source), None
+        labels = _pack(flat_labels, seq_len, source) if flat_labels is not None else None
     else:
-        tokens, mask = _pad(flat, lengths, seq_len, _pad_id(tokenizer))
-    dataset = TokenDataset(tokens, mask, source, len(lengths), len(tokenizer))
+        pad = _pad_id(encoder.tokenizer) if encoder.tokenizer is not None else (pad_token_id or 0)
+        tokens, mask = _pad(flat, lengths, seq_len, pad)
+        labels = _pad(flat_labels, lengths, seq_len, IGNORE_INDEX)[0] if flat_labels is not None else None
+    dataset = TokenDataset(tokens, mask, source, len(lengths), vocab_size, labels, encoder.tokenizer)
     log.info("%s: %d documents, %d sequences of %d tokens (%s)", source, len(lengths), len(dataset),
              seq_len, "packed" if packing else "padded")
     return dataset
@@ -244,15 +321,26 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(pad) if pad is not None else int(tokenizer.eos_token_id)
 
 
-def _collect(docs: Iterable[list[int]]) -> tuple[torch.Tensor, list[int]]:
-    """All documents' tokens end to end (int32), and each document's length."""
-    buffer = array("i")
+def _collect(docs: Iterable[tuple[list[int], list[int] | None]]
+             ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """All documents' tokens end to end (int32), their labels likewise (None when every label is
+    its token), and each document's length."""
+    buffer, label_buffer = array("i"), array("i")
     lengths: list[int] = []
-    for ids in docs:
+    any_labels = False
+    for ids, labels in docs:
         buffer.extend(ids)
+        if labels is not None and not any_labels:  # the first row with labels of its own
+            any_labels = True
+            label_buffer.extend(buffer[: len(buffer) - len(ids)])
+        if any_labels:
+            label_buffer.extend(labels if labels is not None else ids)
         lengths.append(len(ids))
-    flat = torch.frombuffer(buffer, dtype=torch.int32).clone() if buffer else torch.empty(0, dtype=torch.int32)
-    return flat, lengths
+    return _int32(buffer), (_int32(label_buffer) if any_labels else None), lengths
+
+
+def _int32(buffer: array) -> torch.Tensor:
+    return torch.frombuffer(buffer, dtype=torch.int32).clone() if buffer else torch.empty(0, dtype=torch.int32)
 
 
 def _pack(flat: torch.Tensor, seq_len: int, source: str) -> torch.Tensor:
@@ -282,33 +370,57 @@ def _pad(flat: torch.Tensor, lengths: list[int], seq_len: int,
     return tokens, mask
 
 
-def _token_documents(docs: Iterable[Document], tokenizer: PreTrainedTokenizerBase,
-                     eos: int) -> Iterator[list[int]]:
-    """Each non-empty document as token ids ending with ``eos``, in input order."""
-    vocab = len(tokenizer)
+class _Encoder:
+    """Text -> token ids with a tokenizer loaded on first use (data of token ids needs none)."""
+
+    def __init__(self, source: TokenizerSource) -> None:
+        from transformers import PreTrainedTokenizerBase
+
+        self._source = source
+        self.tokenizer = source if isinstance(source, PreTrainedTokenizerBase) else None
+
+    def encode(self, texts: list[str], where: str) -> Iterator[list[int]]:
+        """Tokenize a batch of texts (special tokens as the tokenizer adds them) and add eos."""
+        if not texts:
+            return
+        tokenizer = self._get(where)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError("the tokenizer has no eos token, needed to separate documents; "
+                            "set eos_token in its tokenizer_config.json or use another tokenizer")
+        encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+        for ids in encoded:
+            yield _with_eos(list(ids), eos)
+
+    def _get(self, where: str) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            if self._source is None:
+                raise DataError(f"{where} is text, and no tokenizer is set for it; set data.tokenizer, "
+                                f"or give pre-tokenized input_ids rows")
+            self.tokenizer = self._source()
+        return self.tokenizer
+
+
+def _token_documents(docs: Iterable[Document], encoder: _Encoder, vocab: int
+                     ) -> Iterator[tuple[list[int], list[int] | None]]:
+    """Each non-empty document as (token ids, labels or None), in input order: text encoded with
+    eos appended, token-id rows exactly as given."""
     pending: list[str] = []
+    first_where = ""
     for where, doc in docs:
-        if not (doc.strip() if isinstance(doc, str) else doc):
+        if not (doc.strip() if isinstance(doc, str) else doc.ids):
             continue  # an empty document
         if isinstance(doc, str):
+            first_where = first_where or where
             pending.append(doc)
             if len(pending) >= _TOKENIZE_BATCH:
-                yield from _encode(pending, tokenizer, eos)
-                pending = []
+                yield from ((ids, None) for ids in encoder.encode(pending, first_where))
+                pending, first_where = [], ""
             continue
-        yield from _encode(pending, tokenizer, eos)
-        pending = []
-        yield _with_eos(_checked_ids(doc, vocab, where), eos)
-    yield from _encode(pending, tokenizer, eos)
-
-
-def _encode(texts: list[str], tokenizer: PreTrainedTokenizerBase, eos: int) -> Iterator[list[int]]:
-    """Tokenize a batch of texts (special tokens as the tokenizer adds them) and add eos."""
-    if not texts:
-        return
-    encoded = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-    for ids in encoded:
-        yield _with_eos(list(ids), eos)
+        yield from ((ids, None) for ids in encoder.encode(pending, first_where))
+        pending, first_where = [], ""
+        yield _checked_row(doc, vocab, where)
+    yield from ((ids, None) for ids in encoder.encode(pending, first_where))
 
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:
@@ -318,17 +430,33 @@ def _with_eos(ids: list[int], eos: int) -> list[int]:
     return ids
 
 
-def _checked_ids(ids: list[Any], vocab: int, where: str) -> list[int]:
-    """Pre-tokenized ids (a copy), after checking they are ints in ``[0, vocab)``."""
-    bad = next((x for x in ids if isinstance(x, bool) or not isinstance(x, int)), None)
-    if bad is not None:
-        raise DataError(f"{where}: input_ids holds {bad!r}, not an integer; input_ids must be a "
-                        f"list of token ids")
+def _checked_row(row: Tokens, vocab: int, where: str) -> tuple[list[int], list[int] | None]:
+    """A pre-tokenized row (copies), after checking its ids are ints in ``[0, vocab)`` and its
+    labels, if any, ints of the same length (-100 or a token id)."""
+    ids = _checked_ints(row.ids, where, "input_ids")
     out_of_range = next((x for x in ids if not 0 <= x < vocab), None)
     if out_of_range is not None:
-        raise DataError(f"{where}: input_ids holds {out_of_range}, outside the tokenizer's "
-                        f"vocabulary 0..{vocab - 1}; tokenize with the tokenizer used for training")
-    return list(ids)
+        raise DataError(f"{where}: input_ids holds {out_of_range}, outside the model's vocabulary "
+                        f"0..{vocab - 1} (vocab_size {vocab}); tokenize with the model's tokenizer")
+    if row.labels is None:
+        return ids, None
+    labels = _checked_ints(row.labels, where, "labels")
+    if len(labels) != len(ids):
+        raise DataError(f"{where}: labels has {len(labels)} entries but input_ids has {len(ids)}; "
+                        f"labels must match input_ids position by position (-100: not a target)")
+    bad = next((x for x in labels if x != IGNORE_INDEX and not 0 <= x < vocab), None)
+    if bad is not None:
+        raise DataError(f"{where}: labels holds {bad}, neither -100 nor a token id of the model's "
+                        f"vocabulary 0..{vocab - 1}")
+    return ids, labels
+
+
+def _checked_ints(values: list[Any], where: str, field: str) -> list[int]:
+    bad = next((x for x in values if isinstance(x, bool) or not isinstance(x, int)), None)
+    if bad is not None:
+        raise DataError(f"{where}: {field} holds {bad!r}, not an integer; {field} must be a list of "
+                        f"token ids")
+    return list(values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +511,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 yield where, _jsonl_document(line, where, text_field)
 
 
-def _jsonl_document(line: str, where: str, text_field: str) -> str | list[int]:
+def _jsonl_document(line: str, where: str, text_field: str) -> str | Tokens:
     """The ``input_ids`` or the text of one JSON line."""
     try:
         record = json.loads(line)
@@ -397,13 +525,14 @@ def _jsonl_document(line: str, where: str, text_field: str) -> str | list[int]:
 
 
 def _record_document(record: dict[str, Any], where: str, text_field: str,
-                     kind: str) -> str | list[int]:
-    """``record["input_ids"]`` if present, else ``record[text_field]`` (a string)."""
+                     kind: str) -> str | Tokens:
+    """``record["input_ids"]`` (and ``labels``) if present, else ``record[text_field]`` (a string)."""
     if "input_ids" in record:
-        ids = record["input_ids"]
-        if not isinstance(ids, list):
-            raise DataError(f"{where}: input_ids is a {type(ids).__name__}, not a list of token ids")
-        return ids
+        ids, labels = record["input_ids"], record.get("labels")
+        for field, value in (("input_ids", ids), ("labels", labels)):
+            if value is not None and not isinstance(value, list):
+                raise DataError(f"{where}: {field} is a {type(value).__name__}, not a list of token ids")
+        return Tokens(ids, labels)
     if text_field not in record:
         present = ", ".join(map(str, record)) or "none"
         raise DataError(f"{where}: no {text_field!r} or 'input_ids' {kind[:-1]} ({kind} present: "
@@ -435,7 +564,8 @@ def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
         present = ", ".join(dataset.column_names) or "none"
         raise DataError(f"{path}: no {text_field!r} or 'input_ids' column (columns present: "
                         f"{present}); set text_field to the one holding the text")
-    return _saved_rows(dataset.select_columns([column]), path, column, text_field)
+    columns = [column, "labels"] if column == "input_ids" and "labels" in dataset.column_names else [column]
+    return _saved_rows(dataset.select_columns(columns), path, columns, text_field)
 
 
 def _pick_split(loaded: Any, path: Path) -> Any:
@@ -451,14 +581,14 @@ def _pick_split(loaded: Any, path: Path) -> Any:
                     f"to train on alone with Dataset.save_to_disk")
 
 
-def _saved_rows(dataset: Any, path: Path, column: str, text_field: str) -> Iterator[Document]:
+def _saved_rows(dataset: Any, path: Path, columns: list[str], text_field: str) -> Iterator[Document]:
     """One document per row, read a batch of rows at a time."""
     row = 0
     for chunk in dataset.iter(batch_size=_DATASET_BATCH):
-        for value in chunk[column]:
+        for values in zip(*(chunk[c] for c in columns), strict=True):
             where = f"{path} row {row}"
             row += 1
-            yield where, _record_document({column: value}, where, text_field, "columns")
+            yield where, _record_document(dict(zip(columns, values, strict=True)), where, text_field, "columns")
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,6 +60,46 @@ def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], to
     return out_dir
 
 
+EXTRA_BUFFERS_FILE = "buffers.safetensors"
+CONVERSIONS_FILE = "weight_conversions.json"
+
+
+def write_model_extras(model: Any, directory: Path) -> None:
+    """What a checkpoint's export needs besides the master weights and config.json: the
+    generation config and the persistent buffers (loaded from the checkpoint, not re-derived)."""
+    from scheduler.hf_checkpoint import persistent_buffers
+
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    buffers = {n: b.detach().cpu().contiguous() for n, b in persistent_buffers(model).items()
+               if b.device.type != "meta"}
+    if buffers:
+        save_file(buffers, str(directory / EXTRA_BUFFERS_FILE))
+    if getattr(model, "_weight_conversions", None) == []:  # loaded from transformers' own layout
+        (directory / CONVERSIONS_FILE).write_text(json.dumps({"revert_on_export": False}))
+
+
+def read_model_extras(model: Any, directory: Path) -> None:
+    """The inverse of ``write_model_extras`` into an empty model (checkpoints without them: no-op)."""
+    from safetensors.torch import load_file
+
+    from scheduler.hf_checkpoint import persistent_buffers
+
+    if (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    if (directory / CONVERSIONS_FILE).is_file():
+        model._weight_conversions = []  # export keeps the layout the checkpoint came in, as save_pretrained
+    if (directory / EXTRA_BUFFERS_FILE).is_file():
+        saved = load_file(directory / EXTRA_BUFFERS_FILE)
+        with torch.no_grad():
+            for name, buf in persistent_buffers(model).items():
+                if name in saved and saved[name].shape == buf.shape and buf.device.type != "meta":
+                    buf.copy_(saved[name].to(buf.dtype))
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
     """One safetensors file; its names go into ``weight_map``; returns the bytes written."""
     tensors = {name: t.contiguous() for name, t in tensors.items()}
@@ -92,4 +132,5 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> P
 
     units = CheckpointUnits(ckpt)
     model = empty_model(hf_config)  # meta device: its structure names the exported tensors
+    read_model_extras(model, ckpt)
     return write_hf_model(out_dir, units.named_masters(), len(units.layout), model, dtype, tokenizer)

@@ -2,8 +2,10 @@
 
 Run folder (``train.output_dir``): ``config.yaml`` (resolved), ``plan.json``, ``metrics.jsonl``
 (one JSON object per logged step), ``checkpoints/step-N`` (resumable), ``final/`` (Hugging Face
-format), ``tokenizer/``. Semantics are those of the Hugging Face Trainer for causal LM: labels =
-input_ids, mean token loss, the scheduler steps once per optimizer step, a seed fixes the run.
+format), ``tokenizer/`` (when the run has one). Semantics are those of the Hugging Face Trainer for
+causal LM: labels = input_ids unless the data gives its own, a step's loss is its token-loss sum
+over the step's targets (``num_items_in_batch``), the scheduler steps once per optimizer step, a
+seed fixes the run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from cli import checkpoint as ckpt_io
-from cli.export import DTYPES, write_hf_model
+from cli.export import DTYPES, write_hf_model, write_model_extras
 from offload.errors import OffloadError, OutOfSpaceError, format_bytes
 
 log = logging.getLogger(__name__)
@@ -65,26 +67,30 @@ def load_model_config(cfg: Any) -> Any:
 
 
 def build_context(cfg: Any) -> RunContext:
-    from cli.data import load_token_dataset, load_tokenizer
+    from cli.data import load_token_dataset, tokenizer_policy
     from scheduler.hf_checkpoint import CheckpointInit
     from scheduler.materialize import RandomInit, empty_model
 
     run_dir = Path(cfg.train.output_dir)
     m = cfg.model
     hf_config = load_model_config(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer, m.name_or_path)
     vocab = getattr(hf_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise OffloadError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
-                           f"set model.config.vocab_size >= {len(tokenizer)} or use the model's tokenizer")
-    dataset = load_token_dataset(cfg.data.path, tokenizer, cfg.data.seq_len, packing=cfg.data.packing,
-                                 text_field=cfg.data.text_field)
+    policy = tokenizer_policy(cfg.data.tokenizer, m.name_or_path, vocab)
+    dataset = load_token_dataset(cfg.data.path, policy.for_text, cfg.data.seq_len, packing=cfg.data.packing,
+                                 text_field=cfg.data.text_field, vocab_size=vocab,
+                                 pad_token_id=getattr(hf_config, "pad_token_id", None))
+    tokenizer = dataset.tokenizer or policy.available  # saved with the run and in final/, if any
     torch.manual_seed(cfg.train.seed)
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
     hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
     if m.name_or_path:
         initializer = CheckpointInit(m.name_or_path, model)
+        initializer.check_ties()
         initializer.load_buffers()
+        if (Path(m.name_or_path) / "generation_config.json").is_file():  # sampling settings, eos ids
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(m.name_or_path)
     else:
         initializer = RandomInit(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +143,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     run_dir = ctx.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    ctx.tokenizer.save_pretrained(run_dir / "tokenizer")
+    if ctx.tokenizer is not None:
+        ctx.tokenizer.save_pretrained(run_dir / "tokenizer")
     ga = t.gradient_accumulation_steps
     per_epoch = steps_per_epoch(ctx.dataset, t.micro_batch_size, ga)
     if per_epoch < 1:
@@ -147,7 +154,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     settings = TrainSettings(adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
                              weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
                              compute_dtype=ctx.dtype, state_dtype=DTYPES[cfg.model.state_dtype],
-                             gradient_accumulation_steps=ga, nan_policy=t.nan_policy)
+                             gradient_accumulation_steps=ga, nan_policy=t.nan_policy,
+                             no_decay=no_decay_names(ctx.model))
 
     # Learning-rate schedule: transformers' schedulers drive a one-parameter optimizer.
     lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
@@ -251,7 +259,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
             tracer = getattr(engine, "tracer", None) if step + 1 == total_steps else None
             if tracer is not None and tracer.enabled:  # offload.trace: the timeline of the last step
                 tracer.start()
-            result = engine.train_step([b for b, _ in micro], lr)
+            result = engine.train_step(with_step_targets([b for b, _ in micro], ctx.model), lr)
             if tracer is not None and tracer.enabled:
                 engine.synchronize()  # the step's optimizer updates finish inside the timeline
                 tracer.stop()
@@ -292,6 +300,35 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
           f"peak host {format_bytes(m['peak_host_bytes'])}; SSD read {format_bytes(m['io_read_bytes'])}, "
           f"written {format_bytes(m['io_write_bytes'])}; model in {final}")
     return 0
+
+
+def no_decay_names(model: Any) -> frozenset[str]:
+    """Parameters Trainer trains without weight decay (biases, normalization weights), by
+    transformers' own rule (``Trainer.get_decay_parameter_names``; it reads names only)."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # type: ignore[arg-type]
+    return frozenset(n for n, _ in model.named_parameters() if n not in decay)
+
+
+def with_step_targets(micro_batches: list[dict[str, torch.Tensor]], model: Any) -> list[dict[str, torch.Tensor]]:
+    """Trainer's loss: each micro-batch gets ``num_items_in_batch``, the targets of the whole step
+    (labels that are not -100, past the first position: a causal LM shifts them), so the step's
+    loss is its token-loss sum over them, padding and masks included. Models whose forward takes
+    no loss kwargs keep the mean of micro-batch means, as Trainer does for them."""
+    import inspect
+
+    accepts = getattr(model, "accepts_loss_kwargs", None)
+    if accepts is None:
+        params = inspect.signature(model.forward).parameters.values()
+        accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+    if not accepts:
+        return micro_batches
+    n_items = sum(b["labels"][..., 1:].ne(-100).sum() for b in micro_batches)
+    if int(n_items) == 0:
+        raise OffloadError("an optimizer step's micro-batches hold no target tokens (every label is -100); "
+                           "check the data's labels or lower train.micro_batch_size")
+    return [{**b, "num_items_in_batch": n_items} for b in micro_batches]
 
 
 def _batch_stream(ctx: RunContext, position: Any):  # noqa: ANN202 - generator
@@ -343,7 +380,8 @@ def _save(ctx: RunContext, engine: Any, store: Any, step: int, position: Any, sc
         if units is None:  # the engine keeps them in RAM: write them into the store first
             units = write_states(store, engine.unit_states())
         path = ckpt_io.save_checkpoint(ctx.run_dir, step, store, units, state, ctx.hf_config,
-                                       ctx.cfg.train.save_total_limit)
+                                       ctx.cfg.train.save_total_limit,
+                                       write_extras=lambda d: write_model_extras(ctx.model, d))
     except OSError as err:
         raise OffloadError(f"cannot write checkpoint step-{step} under {ctx.run_dir / 'checkpoints'} "
                            f"({err.strerror or err}); the previous checkpoints are intact: free space "

@@ -44,7 +44,10 @@ class FlatAdamW(Protocol):
     name: str
 
     def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
-             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None: ...
+             exp_avg_sq: torch.Tensor, step: int, lr: float, weight_decay: float | None = None) -> None:
+        """One AdamW step in place; ``weight_decay`` overrides the config's (0 for the parameters
+        Trainer exempts: biases and normalization weights)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -70,7 +73,7 @@ class TorchFusedAdamW:
         self.config = config
 
     def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
-             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None:
+             exp_avg_sq: torch.Tensor, step: int, lr: float, weight_decay: float | None = None) -> None:
         # bf16 buffers: pure bf16 training, the kernel's math in fp32 and each result rounded
         # to bf16, as torch.optim.AdamW(fused=True) does for a bf16 model in memory
         _check(params, grads, exp_avg, exp_avg_sq, (torch.float32, torch.bfloat16))
@@ -80,7 +83,8 @@ class TorchFusedAdamW:
             [params], [grads], [exp_avg], [exp_avg_sq], [], [step_t],
             fused=True, decoupled_weight_decay=True, amsgrad=False,
             beta1=self.config.betas[0], beta2=self.config.betas[1], lr=lr,
-            weight_decay=self.config.weight_decay, eps=self.config.eps, maximize=False,
+            weight_decay=self.config.weight_decay if weight_decay is None else weight_decay,
+            eps=self.config.eps, maximize=False,
         )
 
     def close(self) -> None:
@@ -121,11 +125,12 @@ class DeepSpeedFlatAdamW:
         return self._op
 
     def step(self, params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
-             exp_avg_sq: torch.Tensor, step: int, lr: float) -> None:
+             exp_avg_sq: torch.Tensor, step: int, lr: float, weight_decay: float | None = None) -> None:
         _check(params, grads, exp_avg, exp_avg_sq)
         op = self._load()
         b1, b2 = self.config.betas
-        op.adam_update(self._id, step, lr, b1, b2, self.config.eps, self.config.weight_decay, True,
+        decay = self.config.weight_decay if weight_decay is None else weight_decay
+        op.adam_update(self._id, step, lr, b1, b2, self.config.eps, decay, True,
                        params, grads, exp_avg, exp_avg_sq)
         # The kernel takes (1 - beta) in fp32 from an fp32 beta: 0.00099998713 for beta2 = 0.999,
         # 1.3e-5 short of torch's 0.001 (2.4e-7 for beta1 = 0.9, which still adds up past 1e-6

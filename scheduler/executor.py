@@ -95,6 +95,9 @@ class TrainSettings:
     The compute dtype (bfloat16): pure low-precision training, the same math as a bf16 model with
     ``torch.optim.AdamW`` in memory (parameters, gradients and Adam states all bf16)."""
     gradient_accumulation_steps: int = 1
+    no_decay: frozenset[str] = frozenset()
+    """Parameter names that get no weight decay (Trainer exempts biases and normalization
+    weights: ``cli.train`` fills this from transformers' own rule); empty: all are decayed."""
     nan_policy: str = "stop"  # "stop": raise NonFiniteError; "skip": skip the step
     initial_loss_scale: float = 2.0**16  # fp16 only (dynamic loss scaling)
     loss_scale_window: int = 1000
@@ -170,19 +173,22 @@ class _Job:
         return any(g is not None for g in self.fresh) or not self.add_stored
 
 
-def _updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int) -> list[tuple[int, int]]:
-    """Chunk-relative [lo, hi) runs of chunk [a, b) whose parameters had a gradient."""
-    if seen is None or all(seen):
-        return [(0, b - a)]
-    runs: list[tuple[int, int]] = []
-    for s, had in zip(u.params, seen, strict=True):
+def _updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int,
+                  no_decay: frozenset[str] = frozenset()) -> list[tuple[int, int, bool]]:
+    """Chunk-relative [lo, hi) runs of chunk [a, b) whose parameters had a gradient, each with
+    whether its parameters are weight-decayed (neighbours alike merge into one run)."""
+    decays = [s.name not in no_decay for s in u.params]
+    if (seen is None or all(seen)) and all(decays):
+        return [(0, b - a, True)]
+    runs: list[tuple[int, int, bool]] = []
+    for k, s in enumerate(u.params):
         lo, hi = max(a, s.offset) - a, min(b, s.offset + s.numel) - a
-        if not had or lo >= hi:
+        if (seen is not None and not seen[k]) or lo >= hi:
             continue
-        if runs and runs[-1][1] == lo:
-            runs[-1] = (runs[-1][0], hi)
+        if runs and runs[-1][1] == lo and runs[-1][2] == decays[k]:
+            runs[-1] = (runs[-1][0], hi, decays[k])
         else:
-            runs.append((lo, hi))
+            runs.append((lo, hi, decays[k]))
     return runs
 
 
@@ -868,8 +874,11 @@ class StreamingExecutor:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
         """One optimizer step over ``micro_batches`` (length = gradient_accumulation_steps).
 
-        Each batch holds ``input_ids`` and optionally ``labels`` (default: input_ids) and
-        ``attention_mask``. Returns the mean loss over micro-batches (a host sync point).
+        Each batch holds ``input_ids`` and optionally ``labels`` (default: input_ids),
+        ``attention_mask`` and ``num_items_in_batch`` (the targets of the whole step, as Trainer
+        counts them: the model's loss is then its token-loss sum over that, and the micro-batch
+        losses add up to the step's; without it each micro-batch's mean loss counts 1/M).
+        Returns the step's loss (a host sync point).
         """
         if len(micro_batches) != self.settings.gradient_accumulation_steps:
             raise ValueError(f"expected {self.settings.gradient_accumulation_steps} micro-batches, "
@@ -883,7 +892,9 @@ class StreamingExecutor:
         skipped = False
         for m, batch in enumerate(micro_batches):
             try:
-                loss = self._forward(batch) / n_micro
+                loss = self._forward(batch)
+                if "num_items_in_batch" not in batch:
+                    loss = loss / n_micro
                 loss_value = float(loss.detach())  # sync point: one per micro-batch
                 if math.isfinite(loss_value):
                     self._backward(loss, last=(m == n_micro - 1))
@@ -922,6 +933,8 @@ class StreamingExecutor:
         kwargs: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "use_cache": False}
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"].to(self.device)
+        if "num_items_in_batch" in batch:
+            kwargs["num_items_in_batch"] = batch["num_items_in_batch"]
         self._ensure_loaded(self._states[0])
         self._prefetch(iter(range(min(self.plan.prefetch_depth, self._n_layers))))
         self._streaming = True
@@ -1167,10 +1180,12 @@ class StreamingExecutor:
         else:
             master, exp_avg, exp_avg_sq = bufs[2, :n], bufs[3, :n], bufs[4, :n]
         t_start_s = self.tracer.clock()
-        for lo, hi in _updated_runs(u, job.seen, a, b):
+        for lo, hi, decays in _updated_runs(u, job.seen, a, b, self.settings.no_decay):
             # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
-            # momentum): update only the runs of parameters that had one.
-            self.adamw.step(master[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], job.step, job.lr)
+            # momentum): update only the runs of parameters that had one; the exempt ones with
+            # weight decay 0, as a param group of their own does.
+            self.adamw.step(master[lo:hi], grad[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], job.step, job.lr,
+                            weight_decay=None if decays else 0.0)
         if t_start_s:
             self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
         if self.plan.optimizer == Tier.NVME:

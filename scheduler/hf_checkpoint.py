@@ -87,6 +87,11 @@ class CheckpointInit:
 
         self.directory = Path(directory)
         self.model = model
+        quantized = getattr(getattr(model, "config", None), "quantization_config", None)
+        if quantized:
+            method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else type(quantized).__name__
+            raise OffloadError(f"the checkpoint in {self.directory} is quantized ({method}): offload-train "
+                               f"trains bf16/fp16/fp32 weights; use the unquantized checkpoint")
         self.file_of = checkpoint_files(self.directory)
         transforms = get_model_conversion_mapping(model)  # reads the model's structure only (meta is fine)
         renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
@@ -113,6 +118,9 @@ class CheckpointInit:
             target.sources.append((pattern if pattern is not None else key, key))
         self._target_of = {n: t for t in self._targets.values() for n in t.produces}
         self._tied = _tied_pairs(model)
+        # as from_pretrained records it: save_pretrained reverts only the transforms a load used, so
+        # a checkpoint already in transformers' fused layout is exported fused
+        model._weight_conversions = [t for t in transforms if t.was_used()]
 
     def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -126,6 +134,9 @@ class CheckpointInit:
             if name not in out:
                 out[name] = out[self._alias_in(name, out)]
             got = out[name]
+            if not got.is_floating_point() or got.element_size() < 2:  # int8/uint8/fp8: quantized data
+                raise OffloadError(f"checkpoint tensor for {name} in {self.directory} is {got.dtype}, not a "
+                                   f"bf16/fp16/fp32 weight; use the unquantized checkpoint")
             if tuple(got.shape) != s.shape:
                 raise OffloadError(
                     f"checkpoint tensor for {name} has shape {list(got.shape)} but the model config gives "
@@ -147,11 +158,31 @@ class CheckpointInit:
             with torch.no_grad():
                 buf.copy_(value.to(buf.dtype))
 
+    def check_ties(self) -> None:
+        """A tied pair stored under both names must hold one tensor: the config ties what the
+        checkpoint keeps apart otherwise (from_pretrained would untie them; we do not guess)."""
+        for name, others in self._tied.items():
+            for other in others:
+                a, b = self._target_of.get(name), self._target_of.get(other)
+                if a is None or b is None or a is b or name > other:
+                    continue
+                if not torch.equal(self._convert(a)[name], self._convert(b)[other]):
+                    raise OffloadError(
+                        f"the checkpoint in {self.directory} holds different tensors for {name} and {other}, "
+                        f"but its config ties them; set tie_word_embeddings: false in its config.json to "
+                        f"train them apart, or drop one of them")
+
     def _find(self, name: str) -> _Target:
         for candidate in (name, *self._tied.get(name, ())):
             target = self._target_of.get(candidate)
             if target is not None:
                 return target
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        if head is not None and any(p is getattr(head, "weight", None) for n, p in
+                                    self.model.named_parameters(remove_duplicate=False) if n == name):
+            raise OffloadError(f"the checkpoint in {self.directory} has no LM head ({name}): it holds a base "
+                               f"model; give a causal-LM checkpoint, or one whose config ties the head to "
+                               f"the embeddings (tie_word_embeddings: true)")
         raise OffloadError(f"tensor {name} is missing from the checkpoint in {self.directory}; the "
                            f"checkpoint does not fit its config.json (re-save it with save_pretrained)")
 

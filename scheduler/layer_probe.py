@@ -39,13 +39,16 @@ PROBE_MARGIN = 1.25  # allocator rounding and the temporaries of random init
 def probe_bytes(shape: ModelShape, wl: Workload, vocab: int) -> int:
     """Peak memory of the probe at ``vocab``: two layers, the embeddings and head (their
     vocabulary rows at ``vocab``), each as weights, gradients and init temporaries; fp32 logits and
-    their gradients; two layers' saved activations (16 tensors of tokens x width, an upper bound)."""
+    their gradients; two layers' saved activations (16 tensors of tokens x width, an upper bound;
+    with eager attention three score-sized tensors per layer besides)."""
     vocab_mats = min(2, (shape.pre_numel + shape.post_numel) // max(shape.vocab * shape.hidden, 1))
     other = shape.pre_numel + shape.post_numel - vocab_mats * shape.vocab * shape.hidden
     params = 2 * shape.layer_numel + other + vocab_mats * vocab * shape.hidden
     itemsize = ITEMSIZE[wl.compute_dtype]
     logits = 3 * wl.tokens * vocab * 4
     saved = 2 * 16 * wl.tokens * max(shape.hidden, shape.intermediate) * itemsize
+    if not shape.fused_attention:  # eager attention: scores, probabilities and their dropout mask
+        saved += 2 * 3 * wl.micro_batch * shape.n_heads * wl.seq_len**2 * itemsize
     return int(PROBE_MARGIN * (3 * params * itemsize + logits + saved))
 
 

@@ -44,8 +44,11 @@ class ReferenceEngine:
         self.model.train()
         self.map = build_model_map(self.model)
         s = self.settings
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=(s.adam_beta1, s.adam_beta2),
-                                     eps=s.adam_epsilon, weight_decay=s.weight_decay,
+        named = list(self.model.named_parameters())  # Trainer's two groups: decayed, exempt
+        groups = [{"params": [p for n, p in named if n not in s.no_decay], "weight_decay": s.weight_decay},
+                  {"params": [p for n, p in named if n in s.no_decay], "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
+                                     betas=(s.adam_beta1, s.adam_beta2), eps=s.adam_epsilon,
                                      fused=s.compute_dtype in (torch.float32, torch.bfloat16))
         if self.resume is not None:
             self._load(self.resume)
@@ -82,7 +85,9 @@ class ReferenceEngine:
         for batch in micro_batches:
             kwargs = {k: v.to(self.device) for k, v in batch.items()}
             kwargs.setdefault("labels", kwargs["input_ids"])
-            loss = self.model(**kwargs, use_cache=False).loss.float() / len(micro_batches)
+            loss = self.model(**kwargs, use_cache=False).loss.float()
+            if "num_items_in_batch" not in batch:  # else the model divides by the step's targets
+                loss = loss / len(micro_batches)
             value = float(loss.detach())
             if not math.isfinite(value):
                 self.opt.zero_grad(set_to_none=True)

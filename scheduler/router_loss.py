@@ -13,6 +13,12 @@ whose layer is back-propagated on its own, later:
 - layer i's backward: the logits recomputed (or kept, without recompute) join the layer's
   ``autograd.backward`` with that gradient: exactly the chain rule of the whole model.
 
+A router that returns only its logits (DBRX) routes with them: without recompute the layer then
+consumes the leaf, whose ``grad`` also collects the routing gradient during the layer's backward.
+That ``grad`` tensor is the one handed to ``autograd.backward`` for the logits, and autograd
+accumulates into it before it runs the router's own backward (the router's node is older than
+every node that used the leaf): tests/test_families.py pins this for DBRX.
+
 No family-specific code: the router class and output index come from the model's recorder.
 """
 
@@ -65,7 +71,9 @@ class RouterLogits:
     def backward_terms(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(logits of layer i, d loss / d logits) for its ``autograd.backward``; forgets them."""
         leaves, outputs = self._leaves.pop(i, []), self._outputs.pop(i, [])
-        pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=False)
+        if len(outputs) != len(leaves):
+            raise RuntimeError(f"layer {i} ran {len(outputs)} routers in backward but {len(leaves)} in forward")
+        pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=True)
                  if leaf.grad is not None and out.requires_grad]
         return [o for o, _ in pairs], [g for _, g in pairs]
 

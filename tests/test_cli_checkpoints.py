@@ -25,6 +25,7 @@ SEQ = 16
 CHECKPOINTS = {
     # name: (model_type, config fields, dtype saved, shard size)
     "llama-tied": ("llama", {"tie_word_embeddings": True}, torch.bfloat16, "200KB"),
+    "apertus": ("apertus", {}, torch.float32, None),  # persistent buffers (xIELU's beta and eps)
     "qwen3-moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
                   torch.float32, None),
 }
@@ -38,8 +39,14 @@ def write_checkpoint(tmp_path: Path, name: str) -> Path:
                                max_position_embeddings=64, **extra)
     torch.manual_seed(0)
     ckpt = tmp_path / f"{name}-ckpt"
-    AutoModelForCausalLM.from_config(cfg).to(dtype).save_pretrained(
-        ckpt, **({"max_shard_size": shard} if shard else {}))
+    model = AutoModelForCausalLM.from_config(cfg)
+    from scheduler.hf_checkpoint import persistent_buffers
+
+    with torch.no_grad():  # persistent buffers unlike the defaults: they must come from the file
+        for buf in persistent_buffers(model).values():
+            if buf.is_floating_point():
+                buf.mul_(0.5)
+    model.to(dtype).save_pretrained(ckpt, **({"max_shard_size": shard} if shard else {}))
     tokenizer.save_pretrained(ckpt)  # as the hub stores a model: with its tokenizer
     return ckpt
 
@@ -98,6 +105,11 @@ def test_hub_checkpoint_trains_and_exports_what_from_pretrained_loads(name, tmp_
     assert saved_keys(tmp_path / "exported") == saved_keys(final)
     a, b = _tensors(final), _tensors(tmp_path / "exported")
     assert all(torch.equal(a[k].float(), b[k].float()) for k in a)
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    params = {n for n, _ in loaded.named_parameters(remove_duplicate=False)}
+    for key, buf in loaded.state_dict().items():
+        if key not in params:  # a persistent buffer: the checkpoint's value, both ways
+            assert torch.equal(a[key].float(), buf) and torch.equal(b[key].float(), buf), key
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -208,3 +220,61 @@ def test_architecture_passing_trainable_tensors_between_layers_is_one_line(tmp_p
         assert main(argv) == 2
         line = one_line_error(capsys)
         assert "Gemma3nForCausalLM" in line and "layer by layer" in line
+
+
+def test_quantized_checkpoint_is_one_line(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path, "llama-tied")
+    doc = json.loads((ckpt / "config.json").read_text())
+    doc["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [16, 16]}
+    (ckpt / "config.json").write_text(json.dumps(doc))
+    cfg = write_config(tmp_path, ckpt, "run")
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--plan", str(tmp_path / "plan.json")]) == 2
+    line = one_line_error(capsys)
+    assert "quantized" in line and "fp8" in line
+
+
+def test_tied_config_with_a_different_head_in_the_checkpoint_is_one_line(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path, "llama-tied")
+
+    def other_head(t: dict) -> None:
+        if "model.embed_tokens.weight" in t:
+            t["lm_head.weight"] = t["model.embed_tokens.weight"] * 2
+
+    _rewrite(ckpt, other_head)
+    index = ckpt / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["lm_head.weight"] = doc["weight_map"]["model.embed_tokens.weight"]
+    index.write_text(json.dumps(doc))
+    cfg = write_config(tmp_path, ckpt, "run")
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--plan", str(tmp_path / "plan.json")]) == 2
+    line = one_line_error(capsys)
+    assert "different tensors for lm_head.weight and model.embed_tokens.weight" in line
+    assert "tie_word_embeddings: false" in line
+
+
+def test_generation_config_buffers_and_fused_layout_survive_train_and_export(tmp_path):
+    """The checkpoint's generation config (sampling settings, eos ids) reaches final/ and the
+    export; a MoE checkpoint already in transformers' fused layout is written fused, as
+    save_pretrained writes a model loaded from it."""
+    from transformers import GenerationConfig
+
+    ckpt = write_checkpoint(tmp_path, "qwen3-moe")
+    GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[2, 5]).save_pretrained(ckpt)
+    fused = tmp_path / "fused-ckpt"
+    native = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    native.save_pretrained(fused, save_original_format=False)  # transformers 5's own (fused) names
+    load_tokenizer(None, None).save_pretrained(fused)
+    assert any(k.endswith("experts.gate_up_proj") for k in saved_keys(fused))
+    for source in (ckpt, fused):
+        run = f"run-{source.name}"
+        cfg = write_config(tmp_path, source, run)
+        assert main(["train", str(cfg), "--plan", str(tmp_path / "plan.json")]) == 0
+        assert main(["export", str(tmp_path / run), str(tmp_path / f"{run}-export")]) == 0
+        reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        reference.save_pretrained(tmp_path / f"{run}-ref")
+        for out in (tmp_path / run / "final", tmp_path / f"{run}-export"):
+            assert saved_keys(out) == saved_keys(tmp_path / f"{run}-ref"), out
+            gen = GenerationConfig.from_pretrained(out)
+            assert (gen.do_sample, gen.temperature, gen.top_p, gen.eos_token_id) == (True, 0.6, 0.9, [2, 5])

@@ -63,6 +63,7 @@ def checkpoint_dir(tmp_path, vocab_size) -> Path:
                                                             if k != "model_type"}))
     out = tmp_path / "base-model"
     model.save_pretrained(out, max_shard_size="100KB")  # sharded safetensors
+    load_tokenizer(None, None).save_pretrained(out)  # as the hub stores a model: with its tokenizer
     assert (out / "model.safetensors.index.json").exists()
     return out
 

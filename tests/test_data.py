@@ -165,14 +165,74 @@ def test_jsonl_custom_text_field_and_blank_lines(tmp_path, tok):
     assert dataset.tokens.flatten().tolist() == stream[: len(dataset) * 8]
 
 
-def test_jsonl_input_ids_are_used_as_given_with_eos_appended(tmp_path, tok):
+def test_jsonl_input_ids_are_used_exactly_as_given(tmp_path, tok):
     eos = tok.eos_token_id
     rows = [[10, 11, 12, 13, 14], [20, 21, eos], [30, 31, 32, 33]]
     path = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": r} for r in rows])
     dataset = load_token_dataset(path, tok, 4)
-    stream = [10, 11, 12, 13, 14, eos, 20, 21, eos, 30, 31, 32, 33, eos]  # no second eos after 21
-    assert dataset.tokens.flatten().tolist() == stream[:12]
-    assert len(dataset) == 3
+    stream = [10, 11, 12, 13, 14, 20, 21, eos, 30, 31, 32, 33]  # concatenated as they are: no eos added
+    assert dataset.tokens.flatten().tolist() == stream
+    assert len(dataset) == 3 and dataset.labels is None
+    assert torch.equal(dataset.batch([0])["labels"], dataset.batch([0])["input_ids"])
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_of_exactly_seq_len_stay_one_sample_each(tmp_path, packing):
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, 211, (6, 16), generator=g).tolist()
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": r} for r in rows])
+    dataset = load_token_dataset(path, None, 16, packing=packing, vocab_size=211)  # no tokenizer needed
+    assert dataset.tokens.tolist() == rows and dataset.tokenizer is None
+    batch = dataset.batch(list(range(6)))
+    assert batch["labels"].tolist() == rows
+    if not packing:
+        assert batch["attention_mask"].eq(1).all()
+
+
+def test_labels_are_kept_padded_and_packed(tmp_path):
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [9, 10]},
+            {"input_ids": [11, 12, 13], "labels": [-100, 12, 13]}]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    padded = load_token_dataset(path, None, 4, packing=False, vocab_size=32, pad_token_id=3)
+    b = padded.batch([0, 1, 2])
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 3, 3], [11, 12, 13, 3]]
+    assert b["labels"].tolist() == [[-100, -100, 7, 8], [9, 10, -100, -100], [-100, 12, 13, -100]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+    packed = load_token_dataset(path, None, 3, packing=True, vocab_size=32)
+    b = packed.batch([0, 1, 2])
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    assert b["labels"].tolist() == [[-100, -100, 7], [8, 9, 10], [-100, 12, 13]]
+    assert packed.fingerprint() != load_token_dataset(
+        write_jsonl(tmp_path / "plain.jsonl", [{"input_ids": r["input_ids"]} for r in rows]), None, 3,
+        vocab_size=32).fingerprint()
+
+
+def test_ids_are_checked_against_the_models_vocabulary_not_the_tokenizers(tmp_path, tok):
+    big = len(tok) + 500  # a 32k-vocabulary model's ids, beyond the shipped tokenizer's 4096
+    path = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, big, 3]}])
+    assert load_token_dataset(path, tok, 3, vocab_size=big + 1).tokens.tolist() == [[1, big, 3]]
+    with pytest.raises(DataError) as excinfo:
+        load_token_dataset(path, None, 3, vocab_size=211)
+    message = one_line_data_error(excinfo)
+    assert f"{path} line 1: input_ids holds {big}, outside the model's vocabulary 0..210" in message
+
+
+def test_text_is_tokenized_only_when_there_is_text(tmp_path, tok):
+    calls = []
+
+    def source():
+        calls.append(1)
+        return tok
+
+    ids = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 3, 4]}])
+    load_token_dataset(ids, source, 4, vocab_size=len(tok))
+    assert calls == []
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in DOCS])
+    dataset = load_token_dataset(text, source, 4, vocab_size=len(tok))
+    assert calls == [1] and dataset.tokenizer is tok
+    with pytest.raises(DataError) as excinfo:
+        load_token_dataset(text, None, 4, vocab_size=len(tok))
+    assert "line 1 is text, and no tokenizer is set" in one_line_data_error(excinfo)
 
 
 def test_txt_documents_are_paragraphs(tmp_path, tok):
@@ -265,10 +325,13 @@ def test_save_to_disk_text_and_input_ids(tmp_path, tok):
     assert dataset.tokens.flatten().tolist() == stream[: len(dataset) * 16]
 
     rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
-    datasets.Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "ids"))
+    labels = [[-100, 6, 7], [8, 9], [-100, -100, 12, 13]]
+    datasets.Dataset.from_dict({"input_ids": rows, "labels": labels}).save_to_disk(str(tmp_path / "ids"))
     padded = load_token_dataset(tmp_path / "ids", tok, 4, packing=False)
-    eos = tok.eos_token_id
-    assert padded.tokens.tolist() == [[5, 6, 7, eos], [8, 9, eos, tok.pad_token_id], [10, 11, 12, 13]]
+    pad = tok.pad_token_id
+    assert padded.tokens.tolist() == [[5, 6, 7, pad], [8, 9, pad, pad], [10, 11, 12, 13]]  # no eos added
+    assert padded.batch([0, 1, 2])["labels"].tolist() == [[-100, 6, 7, -100], [8, 9, -100, -100],
+                                                           [-100, -100, 12, 13]]
 
 
 @needs_datasets
@@ -316,6 +379,8 @@ def _bad_inputs(tmp: Path, tok) -> dict[str, tuple[Path, dict[str, object], str]
     write_jsonl(tmp / "out_of_range.jsonl", [{"input_ids": [1, 2, 3]}, {"input_ids": [1, len(tok)]}])
     write_jsonl(tmp / "negative.jsonl", [{"input_ids": [1, -1]}])
     write_jsonl(tmp / "not_ints.jsonl", [{"input_ids": [1, "2"]}])
+    write_jsonl(tmp / "short_labels.jsonl", [{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2, 3], "labels": [1, 2]}])
+    write_jsonl(tmp / "bad_label.jsonl", [{"input_ids": [1, 2, 3], "labels": [-100, 2, -5]}])
     (tmp / "data.csv").write_text("text\nhello\n")
     (tmp / "plain_dir").mkdir()
     return {
@@ -332,6 +397,8 @@ def _bad_inputs(tmp: Path, tok) -> dict[str, tuple[Path, dict[str, object], str]
         "id out of range": (tmp / "out_of_range.jsonl", {}, f"line 2: input_ids holds {len(tok)}, outside"),
         "negative id": (tmp / "negative.jsonl", {}, "holds -1, outside"),
         "ids not ints": (tmp / "not_ints.jsonl", {}, "not an integer"),
+        "labels of the wrong length": (tmp / "short_labels.jsonl", {}, "line 2: labels has 2 entries but input_ids has 3"),
+        "label out of range": (tmp / "bad_label.jsonl", {}, "line 1: labels holds -5"),
         "unsupported extension": (tmp / "data.csv", {}, "unsupported data format '.csv'"),
         "plain directory": (tmp / "plain_dir", {}, "not one written by datasets' save_to_disk"),
         "seq_len too small": (tmp / "no_field.jsonl", {"seq_len": 1}, "seq_len is 1"),
@@ -340,7 +407,8 @@ def _bad_inputs(tmp: Path, tok) -> dict[str, tuple[Path, dict[str, object], str]
 
 ERROR_CASES = ["missing file", "unreadable txt", "unreadable jsonl", "empty file", "blank txt",
                "empty texts", "not json", "not an object", "missing field", "text not a string",
-               "id out of range", "negative id", "ids not ints", "unsupported extension",
+               "id out of range", "negative id", "ids not ints", "labels of the wrong length",
+               "label out of range", "unsupported extension",
                "plain directory", "seq_len too small"]
 
 

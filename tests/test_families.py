@@ -70,6 +70,8 @@ ADAM_NOISE = ("k_proj.bias",)
 
 
 def family_config(family: str):
+    if family == "dbrx":
+        return _dbrx_config()
     model_type, extra, _, _ = FAMILIES[family]
     fields = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **extra} \
         if model_type == "gpt2" else {**SMALL, **extra}
@@ -80,6 +82,12 @@ def save_checkpoint(family: str, directory: Path) -> Path:
     _, _, dtype, shard = FAMILIES[family]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(family))
+    from scheduler.hf_checkpoint import persistent_buffers
+
+    with torch.no_grad():  # persistent buffers unlike the model's defaults: loading must read them
+        for buf in persistent_buffers(model).values():
+            if buf.is_floating_point():
+                buf.mul_(0.75).add_(0.01)
     model.to(dtype).save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
     return directory
 
@@ -151,6 +159,9 @@ def test_family_loads_trains_and_exports_as_transformers(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     for name, p in reloaded.named_parameters():
         assert torch.equal(p.detach(), got[name]), name
+    for name, buf in ref.named_buffers():  # persistent ones come from the checkpoint, as in from_pretrained
+        if name in ref.state_dict():
+            assert torch.equal(dict(reloaded.named_buffers())[name], buf), name
     if getattr(reloaded.config, "tie_word_embeddings", False):
         assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
 
@@ -159,8 +170,18 @@ KEPT_GRAPH = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activ
                   recompute=False, prefetch_depth=1, turn_keep=0)
 
 
+FAMILIES["dbrx"] = ("dbrx", {}, torch.float32, None)  # a router returning only its logits, which route
+
+
+def _dbrx_config():  # noqa: ANN202 - nested sub-configs, unlike SMALL
+    return AutoConfig.for_model("dbrx", d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+                                attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+                                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 @pytest.mark.parametrize("plan", [ALL_NVME, KEPT_GRAPH], ids=["recompute", "kept-graph"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "dbrx"])
 def test_moe_router_aux_loss_trains_as_transformers(family, plan, tmp_path):
     """``output_router_logits``: the load-balancing loss is part of the loss, and its gradient
     reaches every router although each layer is back-propagated on its own."""
@@ -183,7 +204,7 @@ def test_moe_router_aux_loss_trains_as_transformers(family, plan, tmp_path):
             losses.append(ex.train_step([b], LR).loss)
         got = ex.master_state_dict()
     assert_weights_match(got, want)
-    gate = next(k for k in want if ".gate." in k or k.endswith("gate.weight"))
+    gate = next(k for k in want if ".gate." in k or k.endswith("gate.weight") or ".router." in k)
     assert (want[gate] - dict(without.named_parameters())[gate]).abs().max() > 1e-4  # the aux loss mattered
     with torch.no_grad():
         first = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
