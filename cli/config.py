@@ -58,6 +58,8 @@ IO_BACKENDS = ("auto", "kvikio", "posix", "aio")
 OPTIMIZER_IMPLS = ("auto", "deepspeed", "torch")
 ENGINES = ("native", "reference")
 NAN_POLICIES = ("stop", "skip")
+EVAL_STRATEGIES = ("no", "steps")
+REPORT_TO = ("none", "tensorboard")
 SEED_LIMIT = 2**32
 """Seeds must be below this (numpy's ``np.random.seed`` range, used by ``transformers.set_seed``)."""
 
@@ -378,9 +380,19 @@ class DataConfig:
     """Concatenate documents and cut them into seq_len-token sequences (no padding)."""
     text_field: str = "text"
     """Field holding the text in JSON lines / dataset records."""
+    eval_path: str | None = None
+    """Evaluation data (same formats as path); used with train.eval_strategy: steps."""
+    completion_only_loss: bool | None = None
+    """prompt/completion rows: loss on the completion only (null: true, as TRL)."""
+    assistant_only_loss: bool = False
+    """messages rows: loss on the assistant turns only (as TRL)."""
 
     def __post_init__(self) -> None:
         _check_str(self, "path")
+        _check_str(self, "eval_path", optional=True)
+        if self.completion_only_loss is not None:
+            _check_bool(self, "completion_only_loss")
+        _check_bool(self, "assistant_only_loss")
         _check_str(self, "tokenizer", optional=True)
         _check_int(self, "seq_len", ge=1)
         _check_bool(self, "shuffle")
@@ -435,6 +447,14 @@ class TrainConfig:
     (``true``/``false`` are read as ``auto``/null, as Hugging Face allows.)"""
     nan_policy: str = "stop"
     """On a NaN/inf loss or gradient: ``stop`` the run, or ``skip`` that step's update."""
+    eval_strategy: str = "no"
+    """``steps``: evaluate on data.eval_path every eval_steps optimizer steps; ``no``: never."""
+    eval_steps: int | None = None
+    """Optimizer steps between evaluations; null: logging_steps (as Trainer)."""
+    per_device_eval_batch_size: int = 8
+    """Sequences per evaluation batch."""
+    report_to: str = "none"
+    """Where metrics go besides metrics.jsonl: ``none`` or ``tensorboard`` (event files in the run folder)."""
 
     def __post_init__(self) -> None:
         _check_str(self, "output_dir")
@@ -456,6 +476,10 @@ class TrainConfig:
         _check_int(self, "save_total_limit", ge=1, optional=True)
         self._check_resume()
         _check_choice(self, "nan_policy", NAN_POLICIES)
+        _check_choice(self, "eval_strategy", EVAL_STRATEGIES)
+        _check_int(self, "eval_steps", ge=1, optional=True)
+        _check_int(self, "per_device_eval_batch_size", ge=1)
+        _check_choice(self, "report_to", REPORT_TO)
 
     def _check_max_steps(self) -> None:
         if not _is_int(self.max_steps) or self.max_steps == 0 or self.max_steps < -1:
@@ -546,6 +570,11 @@ class RunConfig:
                               f"in memory), but model.dtype is {self.model.dtype} and model.state_dtype "
                               f"{self.model.state_dtype}; set model.state_dtype: {self.model.dtype} (pure "
                               f"{self.model.dtype}) or model.dtype: float32, or use engine: native")
+
+        if self.train.eval_strategy == "steps" and self.data.eval_path is None:
+            key = "train.eval_strategy"
+            raise ConfigError(f"{key} steps{_where(key)} needs data.eval_path: set it to the evaluation data "
+                              f"(same formats as data.path), or set {key}: no")
 
     @property
     def optimizer_impl(self) -> str:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cli.sft import SftOptions, SftRow, render
 from offload.errors import OffloadError
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Tokens:
     labels: list[Any] | None = None
 
 
-Document = tuple[str, "str | Tokens"]  # (where it comes from, for messages; text or token ids)
+Document = tuple[str, "str | Tokens | SftRow"]  # (where it comes from, for messages; text, ids or an SFT row)
 TokenizerSource = Any  # a tokenizer, a zero-argument callable returning one (loaded on first text), or None
 
 
@@ -225,6 +226,7 @@ class TokenDataset:
     vocab_size: int
     labels: torch.Tensor | None = None
     tokenizer: Any = None  # the tokenizer text was encoded with (None: the data was all token ids)
+    position_ids: torch.Tensor | None = None  # packed supervised rows: positions restart per row
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -245,6 +247,15 @@ class TokenDataset:
             return self.tokens.numel()
         return int(self.attention_mask.sum())
 
+    def n_targets(self) -> int:
+        """Target tokens as a causal LM counts them: labels other than -100, past each row's first."""
+        targets = torch.ones_like(self.tokens[:, 1:], dtype=torch.bool)
+        if self.labels is not None:
+            targets &= self.labels[:, 1:].ne(IGNORE_INDEX)
+        if self.attention_mask is not None:
+            targets &= self.attention_mask[:, 1:].bool()
+        return int(targets.sum())
+
     def max_token_id(self) -> int:
         """The largest token id present (must be below the model's ``vocab_size``)."""
         return int(self.tokens.max()) if self.tokens.numel() else -1
@@ -255,7 +266,10 @@ class TokenDataset:
         input_ids = self.tokens[index].long()
         labels = self.labels[index].long() if self.labels is not None else input_ids.clone()
         if self.attention_mask is None:
-            return {"input_ids": input_ids, "labels": labels}
+            out = {"input_ids": input_ids, "labels": labels}
+            if self.position_ids is not None:  # transformers masks attention per packed row from these
+                out["position_ids"] = self.position_ids[index].long()
+            return out
         mask = self.attention_mask[index].long()
         return {"input_ids": input_ids, "labels": labels.masked_fill(mask == 0, IGNORE_INDEX),
                 "attention_mask": mask}
@@ -275,18 +289,22 @@ class TokenDataset:
         if self.labels is not None:
             digest.update(b"labels")
             digest.update(self.labels.contiguous().numpy().tobytes())
+        if self.position_ids is not None:
+            digest.update(b"positions")
+            digest.update(self.position_ids.contiguous().numpy().tobytes())
         return digest.hexdigest()
 
 
 def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: int,
                        packing: bool = True, text_field: str = "text", vocab_size: int | None = None,
-                       pad_token_id: int | None = None) -> TokenDataset:
+                       pad_token_id: int | None = None, sft: SftOptions | None = None) -> TokenDataset:
     """Read, tokenize and cut ``path`` into sequences of ``seq_len`` tokens (see the module doc).
 
     ``tokenizer``: a tokenizer, or a callable that returns one (called only if the data holds
     text), or None (token ids only). ``vocab_size``: the model's embedding rows, which token ids
     must stay below (default: the tokenizer's size). ``pad_token_id``: pads rows without packing
-    when no tokenizer was needed (default 0; padding is masked out either way)."""
+    when no tokenizer was needed (default 0; padding is masked out either way). ``sft``: loss
+    masking of ``messages`` and ``prompt``/``completion`` rows (``cli.sft``)."""
     if seq_len < 2:
         raise DataError(f"seq_len is {seq_len}: a causal LM needs at least 2 tokens per sequence; "
                         f"set seq_len to e.g. 512")
@@ -297,19 +315,23 @@ def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: in
         if encoder.tokenizer is None:
             raise ValueError("load_token_dataset needs vocab_size when no tokenizer is given")
         vocab_size = len(encoder.tokenizer)
-    flat, flat_labels, lengths = _collect(_token_documents(_read_documents(path, text_field), encoder,
-                                                           vocab_size))
+    rows = _collect(_token_documents(_read_documents(path, text_field), encoder, vocab_size, sft or SftOptions()))
+    flat, flat_labels, lengths = rows.tokens, rows.labels, rows.lengths
     if not lengths:
         raise DataError(f"{source} holds no documents (empty, or every text is empty); "
                         f"give a file with training text")
+    positions = None
     if packing:
+        if rows.separate:  # supervised rows: no attention, and no target, across a row boundary
+            flat_labels, positions = _separated(flat, flat_labels, lengths)
+            positions = _pack(positions, seq_len, source)
         tokens, mask = _pack(flat, seq_len, source), None
         labels = _pack(flat_labels, seq_len, source) if flat_labels is not None else None
     else:
         pad = _pad_id(encoder.tokenizer) if encoder.tokenizer is not None else (pad_token_id or 0)
         tokens, mask = _pad(flat, lengths, seq_len, pad)
         labels = _pad(flat_labels, lengths, seq_len, IGNORE_INDEX)[0] if flat_labels is not None else None
-    dataset = TokenDataset(tokens, mask, source, len(lengths), vocab_size, labels, encoder.tokenizer)
+    dataset = TokenDataset(tokens, mask, source, len(lengths), vocab_size, labels, encoder.tokenizer, positions)
     log.info("%s: %d documents, %d sequences of %d tokens (%s)", source, len(lengths), len(dataset),
              seq_len, "packed" if packing else "padded")
     return dataset
@@ -321,14 +343,37 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(pad) if pad is not None else int(tokenizer.eos_token_id)
 
 
-def _collect(docs: Iterable[tuple[list[int], list[int] | None]]
-             ) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """All documents' tokens end to end (int32), their labels likewise (None when every label is
-    its token), and each document's length."""
+@dataclass(frozen=True)
+class _Rows:
+    tokens: torch.Tensor  # every document's tokens end to end, int32
+    labels: torch.Tensor | None  # likewise; None when every label is its token
+    lengths: list[int]
+    separate: bool  # supervised rows: packed, each keeps to itself (positions restart, see _separated)
+
+
+def _separated(flat: torch.Tensor, labels: torch.Tensor | None, lengths: list[int]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed supervised rows as TRL's padding-free packing treats them: position ids restart at
+    each row (transformers then masks attention block-diagonally), and a row's first token is no
+    target (it would be predicted from the row before)."""
+    labels = (labels if labels is not None else flat).clone()
+    positions = torch.empty_like(flat)
+    offset = 0
+    for length in lengths:
+        positions[offset : offset + length] = torch.arange(length, dtype=flat.dtype)
+        if length:
+            labels[offset] = IGNORE_INDEX
+        offset += length
+    return labels, positions
+
+
+def _collect(docs: Iterable[tuple[list[int], list[int] | None, bool]]) -> _Rows:
+    """All documents' tokens and labels end to end, their lengths, whether any is supervised."""
     buffer, label_buffer = array("i"), array("i")
     lengths: list[int] = []
-    any_labels = False
-    for ids, labels in docs:
+    any_labels = separate = False
+    for ids, labels, supervised in docs:
+        separate |= supervised
         buffer.extend(ids)
         if labels is not None and not any_labels:  # the first row with labels of its own
             any_labels = True
@@ -336,7 +381,7 @@ def _collect(docs: Iterable[tuple[list[int], list[int] | None]]
         if any_labels:
             label_buffer.extend(labels if labels is not None else ids)
         lengths.append(len(ids))
-    return _int32(buffer), (_int32(label_buffer) if any_labels else None), lengths
+    return _Rows(_int32(buffer), _int32(label_buffer) if any_labels else None, lengths, separate)
 
 
 def _int32(buffer: array) -> torch.Tensor:
@@ -383,7 +428,7 @@ class _Encoder:
         """Tokenize a batch of texts (special tokens as the tokenizer adds them) and add eos."""
         if not texts:
             return
-        tokenizer = self._get(where)
+        tokenizer = self.get(where)
         eos = tokenizer.eos_token_id
         if eos is None:
             raise DataError("the tokenizer has no eos token, needed to separate documents; "
@@ -392,7 +437,7 @@ class _Encoder:
         for ids in encoded:
             yield _with_eos(list(ids), eos)
 
-    def _get(self, where: str) -> PreTrainedTokenizerBase:
+    def get(self, where: str) -> PreTrainedTokenizerBase:
         if self.tokenizer is None:
             if self._source is None:
                 raise DataError(f"{where} is text, and no tokenizer is set for it; set data.tokenizer, "
@@ -401,26 +446,34 @@ class _Encoder:
         return self.tokenizer
 
 
-def _token_documents(docs: Iterable[Document], encoder: _Encoder, vocab: int
-                     ) -> Iterator[tuple[list[int], list[int] | None]]:
-    """Each non-empty document as (token ids, labels or None), in input order: text encoded with
-    eos appended, token-id rows exactly as given."""
+def _token_documents(docs: Iterable[Document], encoder: _Encoder, vocab: int, sft: SftOptions
+                     ) -> Iterator[tuple[list[int], list[int] | None, bool]]:
+    """Each non-empty document as (token ids, labels or None, supervised), in input order: text
+    encoded with eos appended, token-id rows exactly as given, SFT rows rendered (``cli.sft``)."""
     pending: list[str] = []
     first_where = ""
     for where, doc in docs:
+        if isinstance(doc, SftRow):
+            yield from ((ids, None, False) for ids in encoder.encode(pending, first_where))
+            pending, first_where = [], ""
+            ids, labels = render(doc, encoder.get(where), sft, where)
+            if ids:
+                yield (*_checked_row(Tokens(ids, labels), vocab, where), True)
+            continue
         if not (doc.strip() if isinstance(doc, str) else doc.ids):
             continue  # an empty document
         if isinstance(doc, str):
             first_where = first_where or where
             pending.append(doc)
             if len(pending) >= _TOKENIZE_BATCH:
-                yield from ((ids, None) for ids in encoder.encode(pending, first_where))
+                yield from ((ids, None, False) for ids in encoder.encode(pending, first_where))
                 pending, first_where = [], ""
             continue
-        yield from ((ids, None) for ids in encoder.encode(pending, first_where))
+        yield from ((ids, None, False) for ids in encoder.encode(pending, first_where))
         pending, first_where = [], ""
-        yield _checked_row(doc, vocab, where)
-    yield from ((ids, None) for ids in encoder.encode(pending, first_where))
+        ids, labels = _checked_row(doc, vocab, where)
+        yield ids, labels, labels is not None
+    yield from ((ids, None, False) for ids in encoder.encode(pending, first_where))
 
 
 def _with_eos(ids: list[int], eos: int) -> list[int]:
@@ -511,7 +564,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 yield where, _jsonl_document(line, where, text_field)
 
 
-def _jsonl_document(line: str, where: str, text_field: str) -> str | Tokens:
+def _jsonl_document(line: str, where: str, text_field: str) -> str | Tokens | SftRow:
     """The ``input_ids`` or the text of one JSON line."""
     try:
         record = json.loads(line)
@@ -525,8 +578,11 @@ def _jsonl_document(line: str, where: str, text_field: str) -> str | Tokens:
 
 
 def _record_document(record: dict[str, Any], where: str, text_field: str,
-                     kind: str) -> str | Tokens:
-    """``record["input_ids"]`` (and ``labels``) if present, else ``record[text_field]`` (a string)."""
+                     kind: str) -> str | Tokens | SftRow:
+    """``record["input_ids"]`` (and ``labels``) if present, an SFT row (``messages``, or ``prompt``
+    and ``completion``), else ``record[text_field]`` (a string)."""
+    if "input_ids" not in record and SftRow.detect(record):
+        return SftRow(record)
     if "input_ids" in record:
         ids, labels = record["input_ids"], record.get("labels")
         for field, value in (("input_ids", ids), ("labels", labels)):
@@ -559,7 +615,11 @@ def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
         raise DataError(f"cannot read the dataset in {path}: {_first_line(err)}; re-save it with "
                         f"save_to_disk") from None
     dataset = _pick_split(loaded, path)
-    column = "input_ids" if "input_ids" in dataset.column_names else text_field
+    names = dataset.column_names
+    if "input_ids" not in names and ("messages" in names or {"prompt", "completion"} <= set(names)):
+        columns = ["messages"] if "messages" in names else ["prompt", "completion"]
+        return _saved_rows(dataset.select_columns(columns), path, columns, text_field)
+    column = "input_ids" if "input_ids" in names else text_field
     if column not in dataset.column_names:
         present = ", ".join(dataset.column_names) or "none"
         raise DataError(f"{path}: no {text_field!r} or 'input_ids' column (columns present: "

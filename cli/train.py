@@ -42,6 +42,7 @@ class RunContext:
     initializer: Any
     dtype: torch.dtype
     device: torch.device
+    evaluator: Any = None  # cli.evaluation.Evaluator, or None (train.eval_strategy: no)
 
 
 def load_model_config(cfg: Any) -> Any:
@@ -78,8 +79,12 @@ def build_context(cfg: Any) -> RunContext:
     policy = tokenizer_policy(cfg.data.tokenizer, m.name_or_path, vocab)
     dataset = load_token_dataset(cfg.data.path, policy.for_text, cfg.data.seq_len, packing=cfg.data.packing,
                                  text_field=cfg.data.text_field, vocab_size=vocab,
-                                 pad_token_id=getattr(hf_config, "pad_token_id", None))
+                                 pad_token_id=getattr(hf_config, "pad_token_id", None), sft=sft_options(cfg))
     tokenizer = dataset.tokenizer or policy.available  # saved with the run and in final/, if any
+    from cli.evaluation import build_evaluator
+
+    evaluator = build_evaluator(cfg, dataset.tokenizer or policy.for_text, vocab,
+                                getattr(hf_config, "pad_token_id", None))
     torch.manual_seed(cfg.train.seed)
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
     hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
@@ -94,7 +99,8 @@ def build_context(cfg: Any) -> RunContext:
     else:
         initializer = RandomInit(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device)
+    return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device,
+                      evaluator)
 
 
 def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None = None,
@@ -242,9 +248,11 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
           position: Any, per_epoch: int, fingerprint: str, plan: Any, store: Any) -> int:
     from tqdm import tqdm
 
+    from cli.metrics_log import MetricsLog
+
     t, run_dir = ctx.cfg.train, ctx.run_dir
     ga = t.gradient_accumulation_steps
-    metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    metrics_log = MetricsLog(run_dir, t.report_to).open()
     batches = _batch_stream(ctx, position)
     t_start = time.perf_counter()
     tokens_total, window_losses, window_tokens, window_time, window_skipped = 0, [], 0, 0.0, 0
@@ -280,16 +288,20 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
             if step % t.logging_steps == 0 or step == total_steps:
                 record = _metrics_record(engine, step, lr, result, window_losses, window_tokens, window_time,
                                          window_skipped)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics_log.write(record)
                 tqdm.write(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  "
                            f"{record['tokens_per_s']:.0f} tok/s")
                 window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
+            if ctx.evaluator is not None and ctx.evaluator.due(step):
+                eval_loss = ctx.evaluator.run(engine)
+                metrics_log.write({"step": step, "eval_loss": eval_loss})
+                tqdm.write(f"step {step}/{total_steps}  eval_loss {eval_loss:.4f}")
+                bar.set_postfix(loss=f"{result.loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
                 _save(ctx, engine, store, step, next_position, scheduler, fingerprint)
     finally:
         bar.close()
-        metrics_file.close()
+        metrics_log.close()
     engine.synchronize()
     final = write_hf_model(run_dir / "final", _named_masters(engine), len(engine.units), ctx.model,
                            ctx.dtype, ctx.tokenizer)
@@ -300,6 +312,12 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
           f"peak host {format_bytes(m['peak_host_bytes'])}; SSD read {format_bytes(m['io_read_bytes'])}, "
           f"written {format_bytes(m['io_write_bytes'])}; model in {final}")
     return 0
+
+
+def sft_options(cfg: Any) -> Any:
+    from cli.sft import SftOptions
+
+    return SftOptions(cfg.data.completion_only_loss, cfg.data.assistant_only_loss)
 
 
 def no_decay_names(model: Any) -> frozenset[str]:
@@ -390,10 +408,11 @@ def _save(ctx: RunContext, engine: Any, store: Any, step: int, position: Any, sc
 
 
 RESUME_KEYS = ("data.path", "data.seq_len", "data.packing", "data.shuffle", "data.text_field", "model.dtype",
-               "model.state_dtype",
+               "model.state_dtype", "data.completion_only_loss", "data.assistant_only_loss",
                "train.micro_batch_size", "train.gradient_accumulation_steps", "train.seed")
 """Config keys a run cannot change when it resumes: the data position and the batches depend on them."""
-RESUME_KEY_DEFAULTS = {"model.state_dtype": "float32"}
+RESUME_KEY_DEFAULTS = {"model.state_dtype": "float32", "data.completion_only_loss": None,
+                       "data.assistant_only_loss": False}
 """What a checkpoint written before a resume key existed was made with."""
 
 

@@ -289,6 +289,7 @@ class StreamingExecutor:
         self._worker: ThreadPoolExecutor | None = None
         self._hooks: list[Any] = []
         self._router: RouterLogits | None = None  # MoE router aux-loss gradients (set in start)
+        self._evaluating = False  # forward only (evaluate): layers stream, nothing is kept
         self._calls: dict[int, _LayerCall] = {}
         self._swap_pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size
         self._streaming = False
@@ -663,6 +664,10 @@ class StreamingExecutor:
 
     def _make_pre_hook(self, i: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if self._evaluating:
+                self._ensure_loaded(self._states[i + 1])
+                self._prefetch(iter(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers))))
+                return None
             if not self._streaming:
                 return None
             x = args[0]
@@ -696,6 +701,11 @@ class StreamingExecutor:
 
     def _make_post_hook(self, i: int) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if self._evaluating:
+                self._release(self._states[i + 1])
+                if i == self._n_layers - 1:
+                    self._ensure_loaded(self._states[-1])
+                return None
             if not self._streaming:
                 return None
             call = self._calls[i]
@@ -919,6 +929,38 @@ class StreamingExecutor:
         return StepResult(total_loss if not skipped else float("nan"), grad_norm, skipped, tokens,
                           time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """Forward only, streamed like training but keeping nothing: no checkpoints, gradients,
+        optimizer traffic or weight writes. Returns (sum of token losses, target tokens) over
+        ``batch`` (``labels`` default to ``input_ids``; -100 is not a target), the loss as
+        transformers' causal-LM loss computes it (shifted, in fp32). Dropout is off (eval mode).
+        Waits for every pending update first (sync point)."""
+        self.synchronize()
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch.get("labels", batch["input_ids"]).to(self.device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        for key in ("attention_mask", "position_ids"):
+            if key in batch:
+                kwargs[key] = batch[key].to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        self._evaluating = True
+        try:
+            self._ensure_loaded(self._states[0])
+            self._prefetch(iter(range(min(self.plan.prefetch_depth, self._n_layers))))
+            with self.tracer.span("compute", "evaluate"):
+                logits = self.model(**kwargs).logits
+            targets = labels[..., 1:]
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
+        finally:
+            self._evaluating = False
+            for st in self._states[1:-1]:
+                self._release(st)
+            self.model.train(was_training)
+        return float(loss_sum), int(targets.ne(-100).sum())
+
     def _non_finite(self, what: str) -> bool:
         if self.settings.nan_policy == "stop":
             raise NonFiniteError(f"{what} at optimizer step {self.optimizer_step + 1}; lower the "
@@ -935,6 +977,8 @@ class StreamingExecutor:
             kwargs["attention_mask"] = batch["attention_mask"].to(self.device)
         if "num_items_in_batch" in batch:
             kwargs["num_items_in_batch"] = batch["num_items_in_batch"]
+        if "position_ids" in batch:  # packed rows: positions restart per row (block-diagonal attention)
+            kwargs["position_ids"] = batch["position_ids"].to(self.device)
         self._ensure_loaded(self._states[0])
         self._prefetch(iter(range(min(self.plan.prefetch_depth, self._n_layers))))
         self._streaming = True

@@ -110,6 +110,22 @@ class ReferenceEngine:
     def synchronize(self) -> None:
         pass
 
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """(sum of token losses, target tokens) of a forward in eval mode: ``StreamingExecutor.evaluate``."""
+        labels = batch.get("labels", batch["input_ids"]).to(self.device)
+        kwargs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(**kwargs, use_cache=False).logits
+        finally:
+            self.model.train(was_training)
+        targets = labels[..., 1:]
+        loss_sum = torch.nn.functional.cross_entropy(
+            logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
+        return float(loss_sum), int(targets.ne(-100).sum())
+
     def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
         assert self.opt is not None
         params = self._params()

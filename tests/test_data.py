@@ -201,7 +201,10 @@ def test_labels_are_kept_padded_and_packed(tmp_path):
     packed = load_token_dataset(path, None, 3, packing=True, vocab_size=32)
     b = packed.batch([0, 1, 2])
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
-    assert b["labels"].tolist() == [[-100, -100, 7], [8, 9, 10], [-100, 12, 13]]
+    # supervised rows packed as TRL's padding-free packing: positions restart per row, and a row's
+    # first token is no target (it would be predicted from the row before)
+    assert b["labels"].tolist() == [[-100, -100, 7], [8, -100, 10], [-100, 12, 13]]
+    assert b["position_ids"].tolist() == [[0, 1, 2], [3, 0, 1], [0, 1, 2]]
     assert packed.fingerprint() != load_token_dataset(
         write_jsonl(tmp_path / "plain.jsonl", [{"input_ids": r["input_ids"]} for r in rows]), None, 3,
         vocab_size=32).fingerprint()
@@ -374,7 +377,7 @@ def _bad_inputs(tmp: Path, tok) -> dict[str, tuple[Path, dict[str, object], str]
     (tmp / "empty_texts.jsonl").write_text('{"text": ""}\n{"text": "  "}\n{"input_ids": []}\n')
     (tmp / "not_json.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n')
     (tmp / "not_object.jsonl").write_text('["a list"]\n')
-    write_jsonl(tmp / "no_field.jsonl", [{"prompt": "p", "completion": "c"}])
+    write_jsonl(tmp / "no_field.jsonl", [{"question": "q", "answer": "a"}])
     write_jsonl(tmp / "text_not_str.jsonl", [{"text": 3}])
     write_jsonl(tmp / "out_of_range.jsonl", [{"input_ids": [1, 2, 3]}, {"input_ids": [1, len(tok)]}])
     write_jsonl(tmp / "negative.jsonl", [{"input_ids": [1, -1]}])
@@ -392,7 +395,7 @@ def _bad_inputs(tmp: Path, tok) -> dict[str, tuple[Path, dict[str, object], str]
         "empty texts": (tmp / "empty_texts.jsonl", {}, "no documents"),
         "not json": (tmp / "not_json.jsonl", {}, "line 3 is not JSON"),
         "not an object": (tmp / "not_object.jsonl", {}, "line 1 is a JSON list"),
-        "missing field": (tmp / "no_field.jsonl", {}, "fields present: prompt, completion"),
+        "missing field": (tmp / "no_field.jsonl", {}, "fields present: question, answer"),
         "text not a string": (tmp / "text_not_str.jsonl", {}, "'text' is a int"),
         "id out of range": (tmp / "out_of_range.jsonl", {}, f"line 2: input_ids holds {len(tok)}, outside"),
         "negative id": (tmp / "negative.jsonl", {}, "holds -1, outside"),
