@@ -48,15 +48,15 @@ class Evaluator:
 def build_evaluator(cfg: Any, tokenizer: Any, vocab_size: int | None, pad_token_id: int | None) -> Evaluator | None:
     """The run's evaluator, or None (``eval_strategy: no``). ``tokenizer``: what the training data
     used (a tokenizer, a callable that loads one, or None)."""
-    from cli.data import load_token_dataset
+    from cli.data_cache import load_cached
 
     t, d = cfg.train, cfg.data
     if t.eval_strategy == "no":
         return None
     try:
-        dataset = load_token_dataset(d.eval_path, tokenizer, d.seq_len, packing=d.packing, text_field=d.text_field,
-                                     vocab_size=vocab_size, pad_token_id=pad_token_id,
-                                     sft=SftOptions(d.completion_only_loss, d.assistant_only_loss))
+        dataset = load_cached(d.eval_path, tokenizer, d.seq_len, packing=d.packing, text_field=d.text_field,
+                              vocab_size=vocab_size, pad_token_id=pad_token_id,
+                              sft=SftOptions(d.completion_only_loss, d.assistant_only_loss))
     except DataError as err:
         raise DataError(f"data.eval_path: {err}") from None
     if dataset.n_targets() == 0:

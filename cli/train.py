@@ -68,7 +68,8 @@ def load_model_config(cfg: Any) -> Any:
 
 
 def build_context(cfg: Any) -> RunContext:
-    from cli.data import load_token_dataset, tokenizer_policy
+    from cli.data import tokenizer_policy
+    from cli.data_cache import load_cached
     from scheduler.hf_checkpoint import CheckpointInit
     from scheduler.materialize import RandomInit, empty_model
 
@@ -77,9 +78,9 @@ def build_context(cfg: Any) -> RunContext:
     hf_config = load_model_config(cfg)
     vocab = getattr(hf_config, "vocab_size", None)
     policy = tokenizer_policy(cfg.data.tokenizer, m.name_or_path, vocab)
-    dataset = load_token_dataset(cfg.data.path, policy.for_text, cfg.data.seq_len, packing=cfg.data.packing,
-                                 text_field=cfg.data.text_field, vocab_size=vocab,
-                                 pad_token_id=getattr(hf_config, "pad_token_id", None), sft=sft_options(cfg))
+    dataset = load_cached(cfg.data.path, policy.for_text, cfg.data.seq_len, packing=cfg.data.packing,
+                          text_field=cfg.data.text_field, vocab_size=vocab,
+                          pad_token_id=getattr(hf_config, "pad_token_id", None), sft=sft_options(cfg))
     tokenizer = dataset.tokenizer or policy.available  # saved with the run and in final/, if any
     from cli.evaluation import build_evaluator
 
