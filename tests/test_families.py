@@ -151,6 +151,8 @@ def test_family_loads_trains_and_exports_as_transformers(family, tmp_path):
         final = write_hf_model(tmp_path / "final", masters, len(masters), model, torch.float32)
         for _ in ex.unit_states():  # every state extent read back: each read checks its checksum
             pass
+        probe = {"input_ids": batches[0]["input_ids"]}
+        engine_loss_sum, n_targets = ex.evaluate(probe)  # the engine's own forward of the trained weights
         assert ex.metrics()["io_write_bytes"] >= STEPS * 12 * sum(v.numel() for v in got.values())
 
     assert_weights_match(got, want)
@@ -159,6 +161,11 @@ def test_family_loads_trains_and_exports_as_transformers(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
     for name, p in reloaded.named_parameters():
         assert torch.equal(p.detach(), got[name]), name
+    with torch.no_grad():  # final/ computes what the engine computed
+        logits = reloaded.eval()(input_ids=probe["input_ids"]).logits
+    reloaded_sum = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), probe["input_ids"][:, 1:].flatten(),
+                                                     reduction="sum").item()
+    assert abs(reloaded_sum - engine_loss_sum) / n_targets <= 1e-5
     for name, buf in ref.named_buffers():  # persistent ones come from the checkpoint, as in from_pretrained
         if name in ref.state_dict():
             assert torch.equal(dict(reloaded.named_buffers())[name], buf), name
