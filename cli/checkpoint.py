@@ -81,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, store: SwapStore, units: list[Unit
         tmp.mkdir(parents=True)
         layout = [{"name": unit.name, "params": _params_doc(unit), "extents": kinds} for unit, kinds in units]
         (tmp / UNITS_FILE).write_text(json.dumps(layout))
-        (tmp / SWAP_FILE).write_text(json.dumps({"nvme_path": str(store.root.resolve()),
+        (tmp / SWAP_FILE).write_text(json.dumps({"nvme_path": store_reference(run_dir, store.root),
                                                  "snapshot": snap.to_dict()}))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state))
         hf_config.save_pretrained(tmp)
@@ -180,7 +180,7 @@ class CheckpointUnits:
         try:
             self.layout: dict[str, list[dict[str, Any]]] = {u["name"]: u["params"] for u in units}
             self.extents: dict[str, dict[str, list[list[Any]]]] = {u["name"]: u["extents"] for u in units}
-            self.nvme_path = Path(swap["nvme_path"])
+            self.nvme_path = resolve_store(ckpt_dir, swap["nvme_path"])
             snapshot_doc = swap["snapshot"]
         except (KeyError, TypeError) as err:
             raise OffloadError(f"checkpoint {ckpt_dir} is damaged (missing {err} in {UNITS_FILE} or "
@@ -225,6 +225,28 @@ class CheckpointUnits:
             for name, params in self.layout.items():
                 slots = [ParamSlot(p["name"], tuple(p["shape"]), p["offset"], p["numel"]) for p in params]
                 yield name, slots, self._read(reader, name, "master")
+
+
+def store_reference(run_dir: Path, store_root: Path) -> str:
+    """How a checkpoint names its swap store: relative to the run folder when the store lives
+    inside it (the default ``<output_dir>/swap``: a moved or copied run folder then reads its own
+    store), absolute otherwise."""
+    root, run = store_root.resolve(), run_dir.resolve()
+    return str(root.relative_to(run)) if root.is_relative_to(run) else str(root)
+
+
+def resolve_store(ckpt_dir: Path, reference: str) -> Path:
+    """The store a checkpoint's ``swap.json`` names (``checkpoints/step-N`` lies in the run folder)."""
+    path = Path(reference)
+    return path if path.is_absolute() else (ckpt_dir.parent.parent / path).resolve()
+
+
+def check_in_store(units: CheckpointUnits, store_root: Path) -> None:
+    """A run reads only its own store: refuse a checkpoint whose snapshot lives in another one."""
+    if units.nvme_path != store_root.resolve():
+        raise OffloadError(f"checkpoint {units.dir} keeps its states in the swap store {units.nvme_path}, but "
+                           f"offload.nvme_path names {store_root.resolve()}; set offload.nvme_path to "
+                           f"{units.nvme_path} to resume from it, or start a fresh run")
 
 
 def held_snapshots(run_dir: Path, nvme_path: Path) -> list[Snapshot]:

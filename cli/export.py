@@ -110,14 +110,20 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[
 
 
 def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> Path:
-    """``offload-train export RUN_DIR OUT_DIR``: the latest checkpoint of a run, in HF format."""
+    """``offload-train export RUN_DIR OUT_DIR``: the latest checkpoint of a run, in HF format;
+    ``export RUN_DIR/checkpoints/step-N OUT_DIR``: that checkpoint."""
     from transformers import AutoConfig
 
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise OffloadError(f"{run_dir} has no checkpoints/step-N to export; train with "
-                           f"train.save_steps > 0, or point at a run folder")
-    ckpt = found[-1].path
+    from cli.checkpoint import SWAP_FILE
+
+    if (run_dir / SWAP_FILE).is_file():  # a checkpoint folder itself
+        ckpt, run_dir = run_dir, run_dir.parent.parent
+    else:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise OffloadError(f"{run_dir} has no checkpoints/step-N to export; train with "
+                               f"train.save_steps > 0, or point at a run folder or one of its checkpoints")
+        ckpt = found[-1].path
     hf_config = AutoConfig.from_pretrained(ckpt)
     dtype = DTYPES[dtype_name] if dtype_name else (getattr(hf_config, "dtype", None) or torch.float32)
     if isinstance(dtype, str):

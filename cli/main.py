@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--size", default="1GiB", help="bytes written and read for the SSD test (default 1GiB)")
     prof.add_argument("--io-backend", default="auto", choices=["auto", "posix", "kvikio", "aio"])
     prof.add_argument("--cached", action="store_true", help="print the cached profile if there is one")
-    export = sub.add_parser("export", help="write a run's latest checkpoint in Hugging Face format")
-    export.add_argument("run_dir", help="the run folder (train.output_dir)")
+    export = sub.add_parser("export", help="write a run's latest checkpoint (or the one named) in Hugging Face format")
+    export.add_argument("run_dir", help="the run folder (train.output_dir), or one of its checkpoints/step-N")
     export.add_argument("out_dir", help="where to write the model")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weights dtype (default: the model's)")

@@ -38,6 +38,7 @@ def prepare_store(store: SwapStore, run_dir: Path, ckpt: ckpt_io.CheckpointInfo 
         store.reset()  # nothing to keep: the engine writes every tensor at start
         return StoreStart(None, False)
     saved = ckpt_io.CheckpointUnits(ckpt.path)
+    ckpt_io.check_in_store(saved, store.root)
     saved.check_units(units)
     held = ckpt_io.held_snapshots(run_dir, store.root)
     if chunk_numel is not None and saved.in_store(state_extents(units, chunk_numel), store.root):
