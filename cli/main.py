@@ -41,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="where to write the model")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weights dtype (default: the model's)")
+    clean = sub.add_parser("clean", help="show what a run's swap holds and give the space back (dry run "
+                                         "unless --yes)")
+    clean.add_argument("run_dir", help="the run folder (train.output_dir)")
+    clean.add_argument("--keep-last", action="store_true",
+                       help="keep the newest checkpoint resumable (its swap compacted); default: remove the "
+                            "swap and every checkpoint, once final/ exists")
+    clean.add_argument("--yes", action="store_true", help="act (default: only report what would be removed)")
+    clean.add_argument("--nvme-path", default=None, help="the run's swap folder (default: from its config.yaml)")
     return parser
 
 
@@ -79,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             print(profile.table())
             print(f"profile cached at {cache_path(args.nvme_path)}")
             return 0
+        if args.command == "clean":
+            from pathlib import Path
+
+            from cli.clean import run_clean
+
+            return run_clean(Path(args.run_dir), Path(args.nvme_path) if args.nvme_path else None,
+                             args.keep_last, args.yes)
         if args.command == "export":
             from pathlib import Path
 

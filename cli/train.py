@@ -171,6 +171,11 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
                               num_training_steps=total_steps)
 
     resume_ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
+    from cli.clean import CLEANED_FILE
+
+    if resume_ckpt is None and (run_dir / CLEANED_FILE).exists():
+        raise OffloadError(f"{run_dir} was cleaned (offload-train clean): nothing is left to resume and final/ "
+                           f"holds the trained model; train into another train.output_dir to start again")
     start_step, position = 0, DataPosition(0, 0)
     units_probe = None
     state: dict[str, Any] = {}
@@ -312,6 +317,10 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
           f"({tokens_total / max(elapsed, 1e-9):.0f} tok/s); peak device {format_bytes(m['peak_device_bytes'])}, "
           f"peak host {format_bytes(m['peak_host_bytes'])}; SSD read {format_bytes(m['io_read_bytes'])}, "
           f"written {format_bytes(m['io_write_bytes'])}; model in {final}")
+    store_root = store.root
+    swap_bytes = sum(p.stat().st_size for p in store_root.rglob("*") if p.is_file())
+    print(f"the swap at {store_root} holds {format_bytes(swap_bytes)} (live state and checkpoint versions): "
+          f"offload-train clean {run_dir} shows what can go")
     return 0
 
 
