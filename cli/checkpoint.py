@@ -249,6 +249,33 @@ def check_in_store(units: CheckpointUnits, store_root: Path) -> None:
                            f"{units.nvme_path} to resume from it, or start a fresh run")
 
 
+def verifies(ckpt: CheckpointInfo) -> bool:
+    """Whether every extent of the checkpoint reads back whole with its checksum (reads it all)."""
+    try:
+        units = CheckpointUnits(ckpt.path)
+        with SnapshotReader(units.nvme_path, units.snapshot) as reader:
+            for ext in units.snapshot.extents.values():
+                reader.read(ext.name, torch.empty(ext.shape, dtype=ext.torch_dtype))
+    except (OffloadError, OSError):
+        return False
+    return True
+
+
+def recovery_advice(error: str, run_dir: Path, nvme_path: Path) -> str:
+    """``error`` (a corrupt or unreadable swap extent), with the checkpoint that can really be
+    resumed: the newest whose extents all verify, or the word that none is left."""
+    error = error.split("; resume from")[0]
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            in_store = CheckpointUnits(ckpt.path).nvme_path == nvme_path.resolve()
+        except OffloadError:
+            continue
+        if in_store and verifies(ckpt):
+            return (f"{error}; {ckpt.path.name} verifies: resume from it with train.resume_from_checkpoint: "
+                    f"{ckpt.path} (newer checkpoints fail their checksums)")
+    return f"{error}; no checkpoint of {run_dir} verifies, so none can be resumed: start a fresh run"
+
+
 def held_snapshots(run_dir: Path, nvme_path: Path) -> list[Snapshot]:
     """The snapshots of this run's checkpoints that live in ``nvme_path``: the store must keep
     their extents. A checkpoint whose swap.json is unreadable holds nothing (it cannot be resumed)."""

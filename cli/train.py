@@ -24,7 +24,7 @@ import torch
 
 from cli import checkpoint as ckpt_io
 from cli.export import DTYPES, write_hf_model, write_model_extras
-from offload.errors import OffloadError, OutOfSpaceError, format_bytes
+from offload.errors import CorruptionError, OffloadError, OutOfSpaceError, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
                 kept = f"checkpoint {last[-1].path.name} is intact" if last else "no checkpoint was written yet"
                 raise OffloadError(f"{err}; training stopped and {kept}: free space, then rerun with "
                                    f"train.resume_from_checkpoint: auto") from None
+    except CorruptionError as err:
+        raise OffloadError(ckpt_io.recovery_advice(str(err), run_dir, store.root)) from None
     finally:
         store.close()
         if adamw is not None:

@@ -174,3 +174,18 @@ def test_reference_engine_checkpoints_resume_exactly(tmp_path):
     (tmp_path / "split" / "checkpoints" / "step-3").rename(tmp_path / "step-3-aside")
     assert main(train_args(cfg, *ref)) == 0
     assert_same_run(tmp_path / "split", tmp_path / "whole")
+
+
+def test_recovery_advice_names_a_checkpoint_that_verifies(tmp_path, capsys):
+    """The corrupt extent belongs to the newest checkpoint: the advice names the one before it,
+    which verifies; with both corrupt it says none is left."""
+    cfg = write_run_config(tmp_path, "run", max_steps=4)
+    assert main(train_args(cfg)) == 0
+    corrupt_checkpoint_extent(tmp_path / "run", 4)
+    capsys.readouterr()
+    assert main(train_args(cfg, "--set", "train.max_steps=6")) == 2
+    line = one_line_error(capsys)
+    assert "checksum" in line and "step-2 verifies" in line and "resume from the last checkpoint" not in line
+    corrupt_checkpoint_extent(tmp_path / "run", 2)
+    assert main(train_args(cfg, "--set", "train.max_steps=6")) == 2
+    assert "none can be resumed" in one_line_error(capsys)
