@@ -38,7 +38,7 @@ class SwapUsage:
 
 def survey(run_dir: Path, nvme_path: Path) -> SwapUsage:
     """What the swap holds, from its manifest and the checkpoints' snapshots (nothing is read)."""
-    file_bytes = sum(p.stat().st_size for p in nvme_path.rglob("*") if p.is_file()) if nvme_path.is_dir() else 0
+    file_bytes = tree_bytes(nvme_path)
     live = _live_extents(nvme_path)
     pinned: dict[int, set[tuple[str, int, int]]] = {}
     for ckpt in ckpt_io.list_checkpoints(run_dir):
@@ -111,7 +111,7 @@ def run_clean(run_dir: Path, nvme_path: Path | None, keep_last: bool, yes: bool)
         _keep_newest(run_dir, nvme_path, checkpoints)
     else:
         _remove_all(run_dir, nvme_path, checkpoints)
-    print(f"done: {plan}; the run folder now takes {format_bytes(_tree_bytes(run_dir))}")
+    print(f"done: {plan}; the run folder now takes {format_bytes(tree_bytes(run_dir))}")
     return 0
 
 
@@ -187,5 +187,6 @@ def _finish_interrupted(run_dir: Path, nvme_path: Path) -> None:
         p.unlink()
 
 
-def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

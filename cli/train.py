@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cli import checkpoint as ckpt_io
-from cli.export import DTYPES, write_hf_model, write_model_extras
+from cli.export import DTYPES, read_model_extras, write_hf_model, write_model_extras
 from offload.errors import CorruptionError, OffloadError, OutOfSpaceError, format_bytes
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,7 @@ def build_context(cfg: Any) -> RunContext:
         initializer = CheckpointInit(m.name_or_path, model)
         initializer.check_ties()
         initializer.load_buffers()
-        if (Path(m.name_or_path) / "generation_config.json").is_file():  # sampling settings, eos ids
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(m.name_or_path)
+        read_model_extras(model, Path(m.name_or_path))  # generation config: sampling settings, eos ids
     else:
         initializer = RandomInit(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -261,6 +258,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
     t, run_dir = ctx.cfg.train, ctx.run_dir
     ga = t.gradient_accumulation_steps
     metrics_log = MetricsLog(run_dir, t.report_to).open()
+    takes_loss_kwargs = accepts_loss_kwargs(ctx.model)  # checked once, not every step
     batches = _batch_stream(ctx, position)
     t_start = time.perf_counter()
     tokens_total, window_losses, window_tokens, window_time, window_skipped = 0, [], 0, 0.0, 0
@@ -275,7 +273,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
             tracer = getattr(engine, "tracer", None) if step + 1 == total_steps else None
             if tracer is not None and tracer.enabled:  # offload.trace: the timeline of the last step
                 tracer.start()
-            result = engine.train_step(with_step_targets([b for b, _ in micro], ctx.model), lr)
+            result = engine.train_step(with_step_targets([b for b, _ in micro], takes_loss_kwargs), lr)
             if tracer is not None and tracer.enabled:
                 engine.synchronize()  # the step's optimizer updates finish inside the timeline
                 tracer.stop()
@@ -319,9 +317,9 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
           f"({tokens_total / max(elapsed, 1e-9):.0f} tok/s); peak device {format_bytes(m['peak_device_bytes'])}, "
           f"peak host {format_bytes(m['peak_host_bytes'])}; SSD read {format_bytes(m['io_read_bytes'])}, "
           f"written {format_bytes(m['io_write_bytes'])}; model in {final}")
-    store_root = store.root
-    swap_bytes = sum(p.stat().st_size for p in store_root.rglob("*") if p.is_file())
-    print(f"the swap at {store_root} holds {format_bytes(swap_bytes)} (live state and checkpoint versions): "
+    from cli.clean import tree_bytes
+
+    print(f"the swap at {store.root} holds {format_bytes(tree_bytes(store.root))} (live state and checkpoint versions): "
           f"offload-train clean {run_dir} shows what can go")
     return 0
 
@@ -341,17 +339,23 @@ def no_decay_names(model: Any) -> frozenset[str]:
     return frozenset(n for n, _ in model.named_parameters() if n not in decay)
 
 
-def with_step_targets(micro_batches: list[dict[str, torch.Tensor]], model: Any) -> list[dict[str, torch.Tensor]]:
-    """Trainer's loss: each micro-batch gets ``num_items_in_batch``, the targets of the whole step
-    (labels that are not -100, past the first position: a causal LM shifts them), so the step's
-    loss is its token-loss sum over them, padding and masks included. Models whose forward takes
-    no loss kwargs keep the mean of micro-batch means, as Trainer does for them."""
+def accepts_loss_kwargs(model: Any) -> bool:
+    """Whether the model's forward takes ``num_items_in_batch`` (Trainer's test, as it makes it)."""
     import inspect
 
     accepts = getattr(model, "accepts_loss_kwargs", None)
     if accepts is None:
         params = inspect.signature(model.forward).parameters.values()
         accepts = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+    return bool(accepts)
+
+
+def with_step_targets(micro_batches: list[dict[str, torch.Tensor]], accepts: bool) -> list[dict[str, torch.Tensor]]:
+    """Trainer's loss: each micro-batch gets ``num_items_in_batch``, the targets of the whole step
+    (labels that are not -100, past the first position: a causal LM shifts them), so the step's
+    loss is its token-loss sum over them, padding and masks included. Models whose forward takes
+    no loss kwargs (``accepts``, from ``accepts_loss_kwargs``) keep the mean of micro-batch means,
+    as Trainer does for them."""
     if not accepts:
         return micro_batches
     n_items = sum(b["labels"][..., 1:].ne(-100).sum() for b in micro_batches)

@@ -290,6 +290,7 @@ class StreamingExecutor:
         self._hooks: list[Any] = []
         self._router: RouterLogits | None = None  # MoE router aux-loss gradients (set in start)
         self._evaluating = False  # forward only (evaluate): layers stream, nothing is kept
+        self._arguments_checked: set[int] = set()  # layers whose call arguments were checked
         self._calls: dict[int, _LayerCall] = {}
         self._swap_pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size
         self._streaming = False
@@ -671,7 +672,9 @@ class StreamingExecutor:
             if not self._streaming:
                 return None
             x = args[0]
-            check_layer_arguments(self.model, args[1:], kwargs)
+            if i not in self._arguments_checked:  # a property of the architecture: once per layer
+                check_layer_arguments(self.model, args[1:], kwargs)
+                self._arguments_checked.add(i)
             if i == 0:
                 self._x0 = x
             call = _LayerCall(args[1:], kwargs, torch.get_rng_state(),
