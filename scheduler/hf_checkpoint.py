@@ -21,9 +21,11 @@ than one unit at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,11 +120,16 @@ class CheckpointInit:
             target.sources.append((pattern if pattern is not None else key, key))
         self._target_of = {n: t for t in self._targets.values() for n in t.produces}
         self._tied = _tied_pairs(model)
+        self._open: dict[Path, Any] = {}  # safetensors handles while a unit is read (_reading)
         # as from_pretrained records it: save_pretrained reverts only the transforms a load used, so
         # a checkpoint already in transformers' fused layout is exported fused
         model._weight_conversions = [t for t in transforms if t.was_used()]
 
     def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
+        with self._reading():
+            return self._unit_tensors(unit)
+
+    def _unit_tensors(self, unit: Unit) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         done: set[str] = set()
         for s in unit.params:
@@ -146,6 +153,10 @@ class CheckpointInit:
     def load_buffers(self) -> None:
         """Persistent buffers the checkpoint holds are copied into the model (in the buffer's
         dtype), as ``from_pretrained`` loads them; those it lacks keep the model's own values."""
+        with self._reading():
+            self._load_buffers()
+
+    def _load_buffers(self) -> None:
         for name, buf in persistent_buffers(self.model).items():
             target = self._target_of.get(name)
             if target is None or buf.device.type == "meta":
@@ -161,6 +172,10 @@ class CheckpointInit:
     def check_ties(self) -> None:
         """A tied pair stored under both names must hold one tensor: the config ties what the
         checkpoint keeps apart otherwise (from_pretrained would untie them; we do not guess)."""
+        with self._reading():
+            self._check_ties()
+
+    def _check_ties(self) -> None:
         for name, others in self._tied.items():
             for other in others:
                 a, b = self._target_of.get(name), self._target_of.get(other)
@@ -218,11 +233,24 @@ class CheckpointInit:
             return []
         return sorted(set(expected) - set(self.file_of))
 
-    def _read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Each safetensors file opened once for a unit's (or a pass's) reads, closed after."""
+        try:
+            yield
+        finally:
+            for handle in self._open.values():
+                handle.__exit__(None, None, None)
+            self._open.clear()
 
-        with safe_open(str(self.file_of[key]), framework="pt", device="cpu") as f:
-            return f.get_tensor(key)
+    def _read(self, key: str) -> torch.Tensor:
+        path = self.file_of[key]
+        handle = self._open.get(path)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu").__enter__()
+        return handle.get_tensor(key)
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
