@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import torch
 from cli import checkpoint as ckpt_io
 from cli.export import DTYPES, read_model_extras, write_hf_model, write_model_extras
 from offload.errors import CorruptionError, OffloadError, OutOfSpaceError, format_bytes
+
+if TYPE_CHECKING:
+    from scheduler.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +133,12 @@ def seed_everything(seed: int) -> None:
 
 
 def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None = None) -> int:
-    from transformers import get_scheduler
-
     from cli import swap
     from cli.config import dump_yaml
-    from cli.data import DataPosition, steps_per_epoch
-    from offload import AdamWConfig, SwapStore, choose_impl, make_adamw, make_backend
+    from cli.data import steps_per_epoch
+    from offload import SwapStore, make_backend
     from offload.tiers import Tier
-    from scheduler.executor import StreamingExecutor, TrainSettings
     from scheduler.model_map import build_model_map
-    from scheduler.reference import ReferenceEngine
-    from scheduler.trace import Tracer
 
     ctx = build_context(cfg)
     t = cfg.train
@@ -155,87 +153,34 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
         raise OffloadError(f"the data gives {len(ctx.dataset)} sequences: fewer than one optimizer step of "
                            f"{t.micro_batch_size} x {ga}; add data or lower train.micro_batch_size")
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
-    settings = TrainSettings(adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
-                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-                             compute_dtype=ctx.dtype, state_dtype=DTYPES[cfg.model.state_dtype],
-                             gradient_accumulation_steps=ga, nan_policy=t.nan_policy,
-                             no_decay=no_decay_names(ctx.model))
-
-    # Learning-rate schedule: transformers' schedulers drive a one-parameter optimizer.
-    lr_holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
-    warmup = t.num_warmup_steps(total_steps)
-    scheduler = get_scheduler(t.lr_scheduler_type, lr_holder, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-
-    resume_ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
-    from cli.clean import CLEANED_FILE
-
-    if resume_ckpt is None and (run_dir / CLEANED_FILE).exists():
-        raise OffloadError(f"{run_dir} was cleaned (offload-train clean): nothing is left to resume and final/ "
-                           f"holds the trained model; train into another train.output_dir to start again")
-    start_step, position = 0, DataPosition(0, 0)
-    units_probe = None
-    state: dict[str, Any] = {}
-    if resume_ckpt is None and ckpt_io.list_checkpoints(run_dir):
-        raise OffloadError(f"{run_dir} already holds checkpoints of an earlier run; set "
-                           f"train.resume_from_checkpoint: auto to continue it, or choose another output_dir")
-    if resume_ckpt is not None:
-        state = ckpt_io.read_trainer_state(resume_ckpt)
-        start_step = state["step"]
-        position = DataPosition(**state["data_position"])
-        for _ in range(start_step):  # the schedule of *this* config, advanced to the step reached
-            lr_holder.step()
-            scheduler.step()
-        units_probe = state.get("fingerprint")
-        _check_resume_keys(cfg, state, resume_ckpt.path)
-        print(f"resuming from {resume_ckpt.path} (step {start_step})")
+    schedule = _LrSchedule(t, total_steps)
+    resume = _resume_point(cfg, run_dir, schedule)
 
     plan, record = make_plan(ctx, plan_path, profile_path, total_steps)
     (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
-    engine_name = cfg.offload.engine
     units = build_model_map(ctx.model).units
     fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), units)
-    if units_probe is not None and units_probe != fingerprint:
-        raise OffloadError(f"checkpoint {resume_ckpt.path} was made with another model or config; "
+    if resume.fingerprint is not None and resume.fingerprint != fingerprint:
+        raise OffloadError(f"checkpoint {resume.ckpt.path} was made with another model or config; "
                            f"resume with the run's own config, or start fresh")
-    states_on_nvme = engine_name != "reference" and plan.optimizer == Tier.NVME
+    states_on_nvme = cfg.offload.engine != "reference" and plan.optimizer == Tier.NVME
     # The swap store holds the optimizer states (or, for engines that keep them in RAM, the
     # copies checkpoints are made of); a checkpoint is a snapshot of it.
     store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
     store.open()
-    adamw = None
+    closing: list[Any] = []
     try:  # the store's lock is held: no other run uses this swap (nor, by default, this run folder)
-        if resume_ckpt is not None:
-            ckpt_io.drop_checkpoints_after(run_dir, start_step)  # a branch abandoned by this resume
-        _truncate_metrics(run_dir, start_step)  # the steps after the checkpoint (all, if none) run again
-        start = swap.prepare_store(store, run_dir, resume_ckpt, units, plan.chunk_numel if states_on_nvme else None)
-        if engine_name == "reference":
-            from scheduler.materialize import materialize_in_memory
-
-            model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
-            engine: Any = ReferenceEngine(model, settings, device=ctx.device, resume=start.resume,
-                                          start_step=state.get("optimizer_step", start_step))
-        else:
-            try:
-                impl, _ = choose_impl(cfg.optimizer_impl)
-            except RuntimeError as err:
-                raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
-            adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                                 weight_decay=t.weight_decay))
-            engine = StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
-                                       initializer=ctx.initializer, resume=start.resume,
-                                       start_step=state.get("optimizer_step", start_step),
-                                       tracer=Tracer() if cfg.offload.trace else None,
-                                       state_in_store=start.state_in_store)
-            engine.loss_scale = state.get("loss_scale", engine.loss_scale)
-            engine.good_steps = state.get("good_steps", 0)
+        if resume.ckpt is not None:
+            ckpt_io.drop_checkpoints_after(run_dir, resume.step)  # a branch abandoned by this resume
+        _truncate_metrics(run_dir, resume.step)  # the steps after the checkpoint (all, if none) run again
+        start = swap.prepare_store(store, run_dir, resume.ckpt, units, plan.chunk_numel if states_on_nvme else None)
+        engine = _make_engine(ctx, plan, store, start, resume.update, closing)
         with engine:
-            versions = swap.checkpoint_versions(start_step, total_steps, t.save_steps, t.save_total_limit)
+            versions = swap.checkpoint_versions(resume.step, total_steps, t.save_steps, t.save_total_limit)
             swap.check_checkpoint_room(store, units, versions, states_on_nvme,
-                                       itemsize=settings.state_dtype.itemsize)
+                                       itemsize=DTYPES[cfg.model.state_dtype].itemsize)
             try:
-                return _loop(ctx, engine, scheduler, lr_holder, start_step, total_steps, position, per_epoch,
-                             fingerprint, plan, store)
+                return _loop(ctx, engine, schedule, resume, total_steps, per_epoch, fingerprint, store)
             except OutOfSpaceError as err:
                 last = ckpt_io.list_checkpoints(run_dir)
                 kept = f"checkpoint {last[-1].path.name} is intact" if last else "no checkpoint was written yet"
@@ -245,12 +190,99 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
         raise OffloadError(ckpt_io.recovery_advice(str(err), run_dir, store.root)) from None
     finally:
         store.close()
-        if adamw is not None:
-            adamw.close()
+        for resource in closing:
+            resource.close()
 
 
-def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_step: int, total_steps: int,
-          position: Any, per_epoch: int, fingerprint: str, plan: Any, store: Any) -> int:
+class _LrSchedule:
+    """The learning-rate schedule: transformers' schedulers drive a one-parameter optimizer."""
+
+    def __init__(self, t: Any, total_steps: int) -> None:
+        from transformers import get_scheduler
+
+        self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
+        self.scheduler = get_scheduler(t.lr_scheduler_type, self.holder, num_warmup_steps=t.num_warmup_steps(total_steps),
+                                       num_training_steps=total_steps)
+
+    @property
+    def lr(self) -> float:
+        return self.holder.param_groups[0]["lr"]
+
+    def step(self) -> None:
+        self.holder.step()  # no-op (no gradients); keeps torch's scheduler-order check quiet
+        self.scheduler.step()
+
+
+@dataclass
+class _ResumePoint:
+    """Where a run starts: step 0, or a checkpoint's step, data position and counters."""
+
+    step: int = 0
+    position: Any = None  # cli.data.DataPosition
+    ckpt: Any = None  # the checkpoint resumed from
+    fingerprint: str | None = None
+    update: Any = None  # scheduler.settings.UpdateState
+
+
+def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoint:
+    from cli.clean import CLEANED_FILE
+    from cli.data import DataPosition
+    from scheduler.settings import UpdateState
+
+    t = cfg.train
+    ckpt = ckpt_io.resolve_resume(run_dir, t.resume_from_checkpoint)
+    if ckpt is None and (run_dir / CLEANED_FILE).exists():
+        raise OffloadError(f"{run_dir} was cleaned (offload-train clean): nothing is left to resume and final/ "
+                           f"holds the trained model; train into another train.output_dir to start again")
+    if ckpt is None and ckpt_io.list_checkpoints(run_dir):
+        raise OffloadError(f"{run_dir} already holds checkpoints of an earlier run; set "
+                           f"train.resume_from_checkpoint: auto to continue it, or choose another output_dir")
+    if ckpt is None:
+        return _ResumePoint(position=DataPosition(0, 0), update=UpdateState())
+    state = ckpt_io.read_trainer_state(ckpt)
+    step = state["step"]
+    for _ in range(step):  # the schedule of *this* config, advanced to the step reached
+        schedule.step()
+    _check_resume_keys(cfg, state, ckpt.path)
+    print(f"resuming from {ckpt.path} (step {step})")
+    update = UpdateState(optimizer_step=state.get("optimizer_step", step), loss_scale=state.get("loss_scale"),
+                         good_steps=state.get("good_steps", 0))
+    return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update)
+
+
+def _make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
+    """The engine ``offload.engine`` names (a ``scheduler.engine.Engine``); resources it needs
+    closed after it are appended to ``closing``."""
+    from offload import AdamWConfig, choose_impl, make_adamw
+    from scheduler.executor import StreamingExecutor, TrainSettings
+    from scheduler.reference import ReferenceEngine
+    from scheduler.trace import Tracer
+
+    cfg, t = ctx.cfg, ctx.cfg.train
+    settings = TrainSettings(adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
+                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                             compute_dtype=ctx.dtype, state_dtype=DTYPES[cfg.model.state_dtype],
+                             gradient_accumulation_steps=t.gradient_accumulation_steps, nan_policy=t.nan_policy,
+                             no_decay=no_decay_names(ctx.model))
+    if cfg.offload.engine == "reference":
+        from scheduler.materialize import materialize_in_memory
+
+        model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
+        return ReferenceEngine(model, settings, device=ctx.device, resume=start.resume, update_state=update)
+    try:
+        impl, _ = choose_impl(cfg.optimizer_impl)
+    except RuntimeError as err:
+        raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
+    adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
+                                         weight_decay=t.weight_decay))
+    closing.append(adamw)
+    return StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
+                             initializer=ctx.initializer, resume=start.resume, update_state=update,
+                             tracer=Tracer() if cfg.offload.trace else None, state_in_store=start.state_in_store)
+
+
+def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _ResumePoint, total_steps: int,
+          per_epoch: int, fingerprint: str, store: Any) -> int:
     from tqdm import tqdm
 
     from cli.metrics_log import MetricsLog
@@ -259,7 +291,8 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
     ga = t.gradient_accumulation_steps
     metrics_log = MetricsLog(run_dir, t.report_to).open()
     takes_loss_kwargs = accepts_loss_kwargs(ctx.model)  # checked once, not every step
-    batches = _batch_stream(ctx, position)
+    start_step = resume.step
+    batches = _batch_stream(ctx, resume.position)
     t_start = time.perf_counter()
     tokens_total, window_losses, window_tokens, window_time, window_skipped = 0, [], 0, 0.0, 0
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -269,17 +302,16 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
         while step < total_steps:
             micro = [next(batches) for _ in range(ga)]
             seed_everything(t.seed + step)  # per-step RNG (dropout): a resumed run draws the same
-            lr = lr_holder.param_groups[0]["lr"]
-            tracer = getattr(engine, "tracer", None) if step + 1 == total_steps else None
-            if tracer is not None and tracer.enabled:  # offload.trace: the timeline of the last step
-                tracer.start()
+            lr = schedule.lr
+            tracing = engine.tracer.enabled and step + 1 == total_steps  # offload.trace: the last step
+            if tracing:
+                engine.tracer.start()
             result = engine.train_step(with_step_targets([b for b, _ in micro], takes_loss_kwargs), lr)
-            if tracer is not None and tracer.enabled:
+            if tracing:
                 engine.synchronize()  # the step's optimizer updates finish inside the timeline
-                tracer.stop()
-                print(f"timeline of step {step + 1} written to {tracer.write(run_dir / 'trace.json')}")
-            lr_holder.step()  # no-op (no gradients); keeps torch's scheduler-order check quiet
-            scheduler.step()
+                engine.tracer.stop()
+                print(f"timeline of step {step + 1} written to {engine.tracer.write(run_dir / 'trace.json')}")
+            schedule.step()
             step += 1
             next_position = micro[-1][1]
             tokens_total += result.tokens
@@ -304,7 +336,7 @@ def _loop(ctx: RunContext, engine: Any, scheduler: Any, lr_holder: Any, start_st
                 tqdm.write(f"step {step}/{total_steps}  eval_loss {eval_loss:.4f}")
                 bar.set_postfix(loss=f"{result.loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
-                _save(ctx, engine, store, step, next_position, scheduler, fingerprint)
+                _save(ctx, engine, store, step, next_position, schedule.scheduler, fingerprint)
     finally:
         bar.close()
         metrics_log.close()
@@ -380,7 +412,7 @@ def _batch_stream(ctx: RunContext, position: Any):  # noqa: ANN202 - generator
         epoch, index = epoch + 1, 0
 
 
-def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list[float], tokens: int,
+def _metrics_record(engine: Engine, step: int, lr: float, result: Any, losses: list[float], tokens: int,
                     seconds: float, skipped_steps: int) -> dict[str, Any]:
     m = engine.metrics()
     return {
@@ -399,18 +431,17 @@ def _metrics_record(engine: Any, step: int, lr: float, result: Any, losses: list
     }
 
 
-def _save(ctx: RunContext, engine: Any, store: Any, step: int, position: Any, scheduler: Any,
+def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any, scheduler: Any,
           fingerprint: str) -> None:
     from cli.swap import write_states
 
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
              "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
-             "optimizer_step": engine.optimizer_step,  # lags `step` by the skipped steps
-             "loss_scale": getattr(engine, "loss_scale", 1.0), "good_steps": getattr(engine, "good_steps", 0),
+             **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
              "resume_keys": _resume_keys(ctx.cfg)}
     t_start_s = time.perf_counter()
     try:
-        units = engine.optimizer_state_extents() if hasattr(engine, "optimizer_state_extents") else None
+        units = engine.optimizer_state_extents()
         if units is None:  # the engine keeps them in RAM: write them into the store first
             units = write_states(store, engine.unit_states())
         path = ckpt_io.save_checkpoint(ctx.run_dir, step, store, units, state, ctx.hf_config,
@@ -465,7 +496,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def _named_masters(engine: Any):  # noqa: ANN202 - generator
+def _named_masters(engine: Engine):  # noqa: ANN202 - generator
     for unit, master in engine.unit_masters():  # the Adam states are not needed: not read
         yield unit.name, list(unit.params), master
 

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 from offload.tiers import Tier
 from scheduler.model_shape import ModelShape
+from scheduler.placement import ITEMSIZE, STAGING_ROWS, STAGING_SETS, Placement, grads_kept
 from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
-ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 IN_FLIGHT = "layer weights in flight"
 WORKING_MEMORY = "working memory"
-STAGING_SETS = 2 * 5  # optimizer worker: double-buffered chunk sets of 5 state-dtype arrays
+STAGING_ARRAYS = STAGING_SETS * len(STAGING_ROWS)  # optimizer worker: chunk-wide state-dtype arrays
 EXTENT_ALIGN_BYTES = 4096
 RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum")
 
@@ -79,14 +79,13 @@ class Workload:
         """Gradients kept between micro-batches or until a deferred update: o."""
         return self.state_itemsize
 
-    def weights_are_master(self, plan: Plan) -> bool:
-        """Streamed weights are read from the master (no second copy, none written): same dtype,
-        same tier (as the executor does)."""
-        return self.state_dtype == self.compute_dtype and plan.weights == plan.optimizer
-
     @property
     def grads_kept(self) -> bool:
-        return self.grad_accum > 1 or self.deferred
+        return grads_kept(self.grad_accum, self.deferred)
+
+    def placement(self, plan: Plan, shape: ModelShape, on_gpu: bool = False) -> Placement:
+        """The executor's placement rules for this workload under ``plan``."""
+        return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept, on_gpu)
 
 
 @dataclass(frozen=True)
@@ -139,6 +138,7 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
               timing: LayerTiming | None = None) -> list[tuple[str, Tier, int]]:
     """(tensor group, tier, bytes at peak) of everything the executor holds under ``plan``."""
     w, L = wl.itemsize, shape.n_layers
+    rules = wl.placement(plan, shape)
     act = activation_bytes(shape, wl, timing)
     w_layer = shape.layer_numel * w
     R = len(plan.resident_layers)
@@ -150,12 +150,12 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         (IN_FLIGHT, Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
         ("resident + turn layer weights", Tier.DEVICE, (R + K) * w_layer),
         # (none when they are the master weights themselves)
-        ("layer weights streamed", plan.weights, 0 if wl.weights_are_master(plan) else (L - R) * w_layer),
+        ("layer weights streamed", plan.weights, 0 if rules.weights_are_master else (L - R) * w_layer),
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_unit_numel * w),
         (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
         (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if wl.grads_kept else 0),
-        *_activation_rows(plan, L, act),
+        *_activation_rows(rules, act),
         # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
         # are written there too when saved (one more copy)
         ("checkpoint versions", Tier.NVME,
@@ -163,9 +163,8 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
          if wl.checkpoint_versions else 0),
         # transient compute memory of one layer or the LM head (largest)
         (WORKING_MEMORY, Tier.DEVICE, act.work),
-        # optimizer worker: 10 arrays of one chunk (double-buffered grad, stored grad, master, m, v)
-        ("optimizer staging", Tier.HOST,
-         STAGING_SETS * wl.state_itemsize * min(plan.chunk_numel, shape.largest_unit_numel)),
+        # optimizer worker: double-buffered chunk-wide rows (grad, stored grad, master, m, v)
+        ("optimizer staging", Tier.HOST, rules.staging_bytes(shape.largest_unit_numel)),
     ]
     if plan.weights == Tier.NVME or plan.optimizer == Tier.NVME or plan.grads == Tier.NVME:
         # every unit's chunks become 4 KiB-aligned extents: at most one block lost per extent
@@ -175,25 +174,27 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
     return [r for r in rows if r[2] > 0]
 
 
-def _activation_rows(plan: Plan, L: int, act: ActivationBytes) -> list[tuple[str, Tier, int]]:
+def _activation_rows(rules: Placement, act: ActivationBytes) -> list[tuple[str, Tier, int]]:
+    plan, L = rules.plan, rules.n_layers
     if plan.recompute:
         return [("activation checkpoints", plan.activations, L * act.checkpoint)]
     if plan.activations == Tier.DEVICE:
         return [("saved activations (no recompute)", Tier.DEVICE, L * (act.saved + act.checkpoint))]
-    # swapped through the SSD: every layer but the last two (kept over the turn); at most two
-    # layers' worth in memory (one written while the next computes; one read ahead in backward)
-    # besides every layer's input (the previous layer's output: kept, never swapped)
+    # swapped through the SSD (``Placement.swaps_activations``: all layers but those kept over the
+    # turn); at most two layers' worth in memory (one written while the next computes; one read
+    # ahead in backward) besides every layer's input (the previous layer's output: never swapped)
+    swapped = rules.swapped_layers
     return [("saved activations in memory", Tier.DEVICE, min(L, 2) * act.saved + L * act.checkpoint),
-            ("saved activations swapped", Tier.NVME, max(L - 2, 0) * act.saved)]
+            ("saved activations swapped", Tier.NVME, swapped * act.saved)]
 
 
 def swapped_activation_bytes(plan: Plan, shape: ModelShape, wl: Workload,
                              timing: LayerTiming | None = None) -> int:
     """SSD bytes written (and read as many) per step for swapped activations:
-    M * (L - 2) * saved without recompute and ``activations: nvme``, else 0."""
-    if plan.recompute or plan.activations != Tier.NVME:
-        return 0
-    return wl.grad_accum * max(shape.n_layers - 2, 0) * activation_bytes(shape, wl, timing).saved
+    M * (layers swapped) * saved (``Placement.swapped_layers``: L - 2 without recompute and with
+    ``activations: nvme``, else 0)."""
+    swapped = wl.placement(plan, shape).swapped_layers
+    return wl.grad_accum * swapped * activation_bytes(shape, wl, timing).saved if swapped else 0
 
 
 def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> MemoryPeak:
@@ -262,7 +263,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     loads = M * (2 * S - K) * w_layer
     if plan.weights == Tier.NVME:
         ssd_read += loads
-        if not wl.weights_are_master(plan):
+        if not wl.placement(plan, shape).weights_are_master:
             ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
     if gpu:
         h2d += loads + (N - S * shape.layer_numel) * w  # + updated weights of resident units

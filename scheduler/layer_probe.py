@@ -150,12 +150,12 @@ def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.devic
 
 def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
     """Bytes of the tensors autograd keeps for the backward of the decoder layers, weights and the
-    tensors passed to each layer left out (the executor re-fetches weights and keeps layer inputs,
-    RoPE tables and masks anyway): what the layers add without recompute, and what the executor
+    tensors passed to each layer left out by the executor's own rules (``scheduler.placement``:
+    it re-fetches weights and keeps layer inputs, RoPE tables and masks anyway): what the layers add without recompute, and what the executor
     swaps when activations go through the SSD. Counted while a layer runs, as the executor packs
     them (the tensors passed to it are alive then: their addresses identify them)."""
-    from scheduler.executor import tensor_storages
     from scheduler.model_map import build_model_map, check_layer_arguments
+    from scheduler.placement import is_swapped_activation, layer_kept_storages
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     passed: set[int] | None = None  # inside a layer: the storages of what it was given
@@ -164,7 +164,7 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
     def enter(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         nonlocal passed
         check_layer_arguments(model, args[1:], kwargs)  # before any weight of the run is touched
-        passed = weights | tensor_storages(args, kwargs)
+        passed = weights | layer_kept_storages(args[0], args[1:], kwargs)
 
     def leave(*_: Any) -> None:
         nonlocal passed
@@ -172,7 +172,7 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        if passed is not None and t.untyped_storage().data_ptr() not in passed:
+        if passed is not None and is_swapped_activation(t, passed, min_bytes=0):  # the executor's rule, all sizes
             total += t.numel() * t.element_size()
         # Detached: a node that saves its own output would otherwise hold itself through the
         # hook's return value, a cycle inside autograd that keeps the whole graph (logits

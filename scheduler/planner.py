@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from offload.errors import BudgetError, format_bytes
 from offload.tiers import Tier
 from scheduler.cost_model import (
-    STAGING_SETS,
+    STAGING_ARRAYS,
     Estimate,
     LayerTiming,
     Workload,
@@ -82,7 +82,7 @@ def choose_plan(shape: ModelShape, wl: Workload, budgets: Budgets, profile: Hard
 
 def _chunk_numel(host_bytes: int, itemsize: int) -> int:
     """Optimizer staging (``itemsize`` bytes per state element) takes at most half the host budget."""
-    return min(MAX_CHUNK_NUMEL, host_bytes // 2 // (STAGING_SETS * itemsize)) // 2048 * 2048
+    return min(MAX_CHUNK_NUMEL, host_bytes // 2 // (STAGING_ARRAYS * itemsize)) // 2048 * 2048
 
 
 def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: int, overlap: bool,
@@ -133,7 +133,7 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
     device_total = budgets.device_bytes + (budgets.host_bytes if budgets.shared else 0)
     host_total = budgets.host_bytes + (budgets.device_bytes if budgets.shared else 0)
     if _chunk_numel(host_total, wl.state_itemsize) < 2048:
-        need = 2 * STAGING_SETS * wl.state_itemsize * 2048
+        need = 2 * STAGING_ARRAYS * wl.state_itemsize * 2048
         return (f"the host budget {format_bytes(host_total)} cannot stage optimizer updates (needs at least "
                 f"{format_bytes(need)}); raise offload.cpu_memory_limit")
     # The least DEVICE any plan needs: everything streamed, checkpoints off the device.
@@ -155,7 +155,7 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
     if wl.state_dtype != wl.compute_dtype:  # else the weights are the master weights
         state += shape.n_layers * shape.layer_numel * wl.itemsize
     versions = wl.checkpoint_versions * wl.optimizer_bytes_per_param * n
-    room = budgets.nvme_bytes + max(host_total - STAGING_SETS * wl.state_itemsize * MAX_CHUNK_NUMEL, 0)
+    room = budgets.nvme_bytes + max(host_total - STAGING_ARRAYS * wl.state_itemsize * MAX_CHUNK_NUMEL, 0)
     if state > room:
         kind = "fp32" if wl.state_dtype == "float32" else wl.state_dtype
         grads = (f" and {kind} gradients ({wl.grad_bytes_per_param} B/param, kept for accumulation or clipping)"

@@ -14,18 +14,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from scheduler.executor import NonFiniteError, ResumeState, StepResult, TrainSettings
 from scheduler.model_map import ModelMap, Unit, build_model_map
+from scheduler.settings import NonFiniteError, ResumeState, StepResult, TrainSettings, UpdateState
+from scheduler.trace import Tracer
 
 
 class ReferenceEngine:
+    """Implements ``scheduler.engine.Engine``."""
+
     def __init__(self, model: nn.Module, settings: TrainSettings, device: torch.device | None = None,
-                 resume: ResumeState | None = None, start_step: int = 0) -> None:
+                 resume: ResumeState | None = None, start_step: int = 0,
+                 update_state: UpdateState | None = None) -> None:
         self.model = model
         self.settings = settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.resume = resume
-        self.optimizer_step = start_step
+        self.optimizer_step = update_state.optimizer_step if update_state is not None else start_step
+        self.tracer = Tracer(enabled=False)  # nothing streams: no timeline to record
         self.map: ModelMap | None = None
         self.opt: torch.optim.AdamW | None = None
         self._peak_bytes = 0
@@ -34,7 +39,7 @@ class ReferenceEngine:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
 
     def start(self) -> None:
@@ -144,6 +149,13 @@ class ReferenceEngine:
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
         for u, master, _, _ in self.unit_states():
             yield u, master
+
+    def optimizer_state_extents(self) -> None:
+        """In memory: checkpoints copy ``unit_states()`` into the swap store."""
+        return None
+
+    def update_state(self) -> UpdateState:
+        return UpdateState(optimizer_step=self.optimizer_step, loss_scale=1.0)
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.named_parameters()}

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from offload import AdamWConfig, SwapStore, make_adamw
 from offload.io import PosixBackend
 from offload.tiers import Tier
-from scheduler import executor as executor_module
+from scheduler import placement as placement_rules
 from scheduler.executor import NonFiniteError, StreamingExecutor, TrainSettings
 from scheduler.plan import Plan
 
@@ -163,7 +163,7 @@ def test_swapped_activations_go_through_the_ssd_bit_for_bit(kind, clip, tmp_path
     """activations: nvme without recompute: every saved activation (dropout masks included) of
     layers 0..L-3 is written after its layer's forward and read back for its backward; the math
     is unchanged (GA 2, with and without deferred clipped updates)."""
-    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
     batches = make_batches(3, 2)
     kept = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
                 recompute=False)
@@ -182,7 +182,7 @@ def test_swapped_activations_go_through_the_ssd_bit_for_bit(kind, clip, tmp_path
 
 def test_swapped_activations_hold_two_layers_whatever_the_depth(tmp_path, monkeypatch):
     """Kept graphs grow with depth; swapped ones keep at most two layers' worth in memory."""
-    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
     batches = make_batches(1, 1)
     # synchronous mode: the peaks do not depend on when the optimizer thread frees gradients
     kept = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
@@ -201,7 +201,7 @@ def test_swapped_activations_hold_two_layers_whatever_the_depth(tmp_path, monkey
 
 def test_a_skipped_step_releases_swapped_activations(tmp_path, monkeypatch):
     """A non-finite loss drops the forward: its swap buffers and accounting are all released."""
-    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
     batches = make_batches(2, 1)
     settings = TrainSettings(nan_policy="skip")
     with SwapStore(tmp_path / "s", PosixBackend()) as store, \
@@ -306,11 +306,41 @@ def test_nan_loss_stop_and_skip(tmp_path):
         assert not ex.train_step(batches[0], LR).skipped
 
 
+def _nan_gradient_run(tmp_path, batches, bad_step: int | None) -> tuple[StreamingExecutor, dict]:
+    """Deferred (clipped) updates, GA 2: the step ``bad_step`` gets NaN head gradients from a
+    finite loss and must stop; the run then goes on with the remaining batches."""
+    settings = TrainSettings(weight_decay=WD, max_grad_norm=1.0, gradient_accumulation_steps=2, nan_policy="stop")
+    model = tiny_model("llama")
+    with SwapStore(tmp_path / f"swap-{bad_step}", PosixBackend()) as store, \
+         StreamingExecutor(model, ALL_NVME, store, make_adamw("torch", AdamWConfig(weight_decay=WD)), settings) as ex:
+        for k, micro in enumerate(batches):
+            if k != bad_step:
+                assert not ex.train_step(micro, LR).skipped
+                continue
+            hook = model.lm_head.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+            with pytest.raises(NonFiniteError, match=f"gradient norm is nan at optimizer step {k + 1};"):
+                ex.train_step(micro, LR)
+            hook.remove()
+            assert ex.optimizer_step == k  # the stopped step is not counted
+        return ex, ex.master_state_dict()
+
+
+def test_a_stopped_deferred_step_names_its_step_and_leaves_no_trace(tmp_path):
+    """A non-finite gradient norm under clipping: the error names the step being taken (k + 1),
+    and a caller that goes on finds the counter and the kept gradients as before that step: the
+    next steps equal a run that never saw it, bit for bit."""
+    batches = make_batches(4, 2)
+    ex, weights = _nan_gradient_run(tmp_path, batches, bad_step=1)
+    clean, clean_weights = _nan_gradient_run(tmp_path, [batches[0], *batches[2:]], bad_step=None)
+    assert ex.optimizer_step == clean.optimizer_step == 3
+    assert all(torch.equal(weights[k], clean_weights[k]) for k in weights)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("plan_name", ["all-nvme", "no-recompute", "host-tiers", "swapped-activations"])
 def test_cuda_engine_matches_cuda_pytorch(plan_name, tmp_path, monkeypatch):
-    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)  # tiny model: swap every activation
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every activation
     plan = ALL_NVME if plan_name == "all-nvme" else PLANS[plan_name]
     model = tiny_model("llama")
     ref_model = copy.deepcopy(model)

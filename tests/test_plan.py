@@ -19,7 +19,7 @@ from offload import AdamWConfig, SwapStore, make_adamw
 from offload.errors import BudgetError
 from offload.io import PosixBackend
 from offload.tiers import Tier
-from scheduler import executor as executor_module
+from scheduler import placement as placement_rules
 from scheduler.cost_model import Workload, estimate, peak_memory, swapped_activation_bytes
 from scheduler.executor import StreamingExecutor, TrainSettings
 from scheduler.layer_probe import probe_layer
@@ -201,7 +201,7 @@ def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
 def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip):
     """Saved activations swapped through the SSD: the probe's measured size per layer gives the
     executor's extra SSD bytes exactly (every tensor swapped: the model is tiny)."""
-    monkeypatch.setattr(executor_module, "SWAP_MIN_BYTES", 1)
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
     model, cfg = _tiny_llama()
     plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192)
     wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga, deferred=clip > 0)

@@ -1,0 +1,329 @@
+"""ActivationStore: what a decoder layer's forward leaves for its backward, and where it waits.
+
+Two implementations, chosen by ``plan.recompute``:
+- ``RecomputeCheckpoints``: keep the layer's input (DEVICE, HOST or NVME) and its RNG state; the
+  layer runs without autograd and is recomputed in backward (dropout masks match).
+- ``SavedTensors``: keep the layer's autograd graph. Saved weights become WeightTokens
+  (re-fetched in backward); saved activations stay on DEVICE, or, with ``activations: nvme``,
+  large ones are copied into page-aligned buffers as autograd saves them, written after the
+  layer's forward and read back one layer ahead in backward (at most two layers' worth in memory).
+
+Both are keyed by decoder layer index and driven the same way: ``enter``/``exit`` from the
+layer's forward hooks, ``replay`` + ``read_ahead`` before its backward, ``release`` after it,
+``drop`` to forget a forward (non-finite loss, error), ``end_backward`` after the last layer.
+
+Thread: the main thread (autograd's pack/unpack hooks run there too). Sync points: waits on the
+SSD writes and reads of checkpoints and swapped activations (named where they happen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.io.posix import aligned_empty
+from offload.store import TensorSpec
+from offload.tiers import Accountant, Tier
+from scheduler import placement as placement_rules
+from scheduler.placement import Placement, is_swapped_activation, layer_kept_storages
+from scheduler.router_loss import RouterLogits
+from scheduler.settings import itemsize
+from scheduler.weight_streamer import WeightStreamer, WeightToken
+
+
+@dataclass
+class _LayerCall:
+    """What forward gave layer i, for its backward."""
+
+    args_rest: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    checkpoint: torch.Tensor | None = None  # recompute, DEVICE/HOST tier: the layer's input
+    checkpoint_write: Future[None] | None = None  # recompute, NVME tier
+    x_leaf: torch.Tensor | None = None  # kept graph: the layer's input leaf
+    output: torch.Tensor | None = None  # kept graph: the layer's output (graph root)
+    saved: Any = None  # kept graph: the saved_tensors_hooks context while the layer runs
+    saved_bytes: int = 0  # DEVICE bytes of saved activations kept in memory
+    swapped: list[_SwappedTensor] = field(default_factory=list)  # saved activations on NVME
+    kept_storage: set[int] = field(default_factory=set)  # never swapped (``layer_kept_storages``)
+
+
+@dataclass
+class _SwappedTensor:
+    """A saved activation swapped through the SSD."""
+
+    name: str  # store extent
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    buf: torch.Tensor | None = None  # host copy: from saving until the next layer's forward
+    # ends (its write done), and from reading back until its layer's backward ends
+    write: Future[None] | None = None
+    read: Future[Any] | None = None
+
+
+class _LayerCalls:
+    """The records of the layers whose forward ran and whose backward has not."""
+
+    def __init__(self, placement: Placement, store: Any, acct: Accountant, device: torch.device) -> None:
+        self.placement = placement
+        self.store = store
+        self.acct = acct
+        self.device = device
+        self.calls: dict[int, _LayerCall] = {}
+
+    def _record(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> _LayerCall:
+        call = _LayerCall(args_rest, kwargs, torch.get_rng_state(),
+                          torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                          shape=tuple(x.shape), dtype=x.dtype)
+        self.calls[i] = call
+        return call
+
+    def read_ahead(self, i: int) -> None:
+        """Start bringing layer i's activations back (overlaps the backward of layer i + 1)."""
+
+    def end_backward(self) -> None:
+        """After the last layer's backward."""
+
+
+class RecomputeCheckpoints(_LayerCalls):
+    def __init__(self, placement: Placement, store: Any, acct: Accountant, device: torch.device,
+                 layers: nn.ModuleList, router: RouterLogits) -> None:
+        super().__init__(placement, store, acct, device)
+        self.layers = layers
+        self.router = router
+        self._grad_mode_stack: list[bool] = []
+
+    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self._record(i, x, args_rest, kwargs)
+        self._save(i, call, x.detach())
+        self._grad_mode_stack.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)  # the layer runs without autograd: recomputed in backward
+        return None
+
+    def exit(self, i: int, output: Any) -> None:
+        torch.set_grad_enabled(self._grad_mode_stack.pop())
+
+    def replay(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recompute layer i from its checkpoint under its forward's RNG state: (input leaf, output)."""
+        call = self.calls.pop(i)
+        x = self._take(i, call).detach().requires_grad_(True)
+        self.router.recompute(i)
+        try:
+            with self._rng_restored(call):
+                out = self.layers[i](x, *call.args_rest, **call.kwargs)
+        finally:
+            self.router.done()
+        return x, out[0] if isinstance(out, tuple) else out
+
+    def release(self, i: int) -> None:
+        """Nothing left: the checkpoint was freed when it was taken."""
+
+    def drop(self) -> None:
+        for call in self.calls.values():
+            if call.checkpoint_write is not None:
+                call.checkpoint_write.result()  # sync point: the write holds the host copy
+            elif call.checkpoint is not None:
+                self.acct.free(self.placement.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
+        self.calls.clear()
+        self._grad_mode_stack.clear()
+
+    def _save(self, i: int, call: _LayerCall, x: torch.Tensor) -> None:
+        nbytes = x.numel() * x.element_size()
+        tier = self.placement.plan.activations
+        if tier == Tier.NVME:
+            name = f"act.{i}.{nbytes}"
+            if name not in self.store:
+                self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
+            host = x.contiguous() if x.device.type == "cpu" else x.to("cpu")
+            self.acct.count("d2h_bytes", nbytes if x.device.type != "cpu" else 0)
+            # The write holds ``host`` until done; backward waits on it before reading.
+            call.checkpoint_write = self.store.write(name, host.reshape(-1).view(torch.uint8))
+            return
+        call.checkpoint = x.to("cpu") if tier == Tier.HOST and x.device.type != "cpu" else x
+        self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i}")
+
+    def _take(self, i: int, call: _LayerCall) -> torch.Tensor:
+        if call.checkpoint_write is not None:
+            call.checkpoint_write.result()  # sync point: written before it is read back
+            nbytes = math.prod(call.shape) * itemsize(call.dtype)
+            raw = aligned_empty(nbytes)
+            self.store.read(f"act.{i}.{nbytes}", raw).result()  # sync point: read back
+            x = raw.view(call.dtype).view(call.shape)
+            return x.to(self.device) if self.device.type != "cpu" else x
+        assert call.checkpoint is not None
+        x = call.checkpoint
+        self.acct.free(self.placement.plan.activations, x.numel() * x.element_size())
+        call.checkpoint = None
+        return x.to(self.device) if x.device != self.device else x
+
+    @contextlib.contextmanager
+    def _rng_restored(self, call: _LayerCall) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(call.rng_cpu)
+            if call.rng_cuda is not None:
+                torch.cuda.set_rng_state(call.rng_cuda, self.device)
+            yield
+
+
+class SavedTensors(_LayerCalls):
+    def __init__(self, placement: Placement, store: Any, acct: Accountant, device: torch.device,
+                 weights: WeightStreamer) -> None:
+        super().__init__(placement, store, acct, device)
+        self.weights = weights
+        self._pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size (accounted)
+
+    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self._record(i, x, args_rest, kwargs)
+        call.x_leaf = x.detach().requires_grad_(True)
+        if self.placement.swaps_activations(i):
+            call.kept_storage = layer_kept_storages(x, args_rest, kwargs)
+        call.saved = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(i, t), self._unpack)
+        call.saved.__enter__()
+        return (call.x_leaf, *args_rest), kwargs
+
+    def exit(self, i: int, output: Any) -> None:
+        call = self.calls[i]
+        call.saved.__exit__(None, None, None)
+        call.saved = None
+        call.output = output[0] if isinstance(output, tuple) else output
+        if call.swapped:
+            self._swap_out(call)
+        if i >= 1 and self.placement.swaps_activations(i - 1):
+            # at most two layers' saved activations in memory: the previous layer's writes end
+            # here (their buffers serve the next layer, if it swaps)
+            self._drop_buffers(self.calls[i - 1])
+        if not self.placement.swaps_activations(i + 1):
+            self._clear_pool()
+
+    def replay(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's kept graph: (input leaf, output); its swapped activations are read back."""
+        call = self.calls[i]
+        assert call.x_leaf is not None and call.output is not None
+        self._swap_in(i, call)
+        return call.x_leaf, call.output
+
+    def read_ahead(self, i: int) -> None:
+        self._swap_in(i, self.calls.get(i))
+
+    def release(self, i: int) -> None:
+        """After layer i's backward (also on errors): nothing of its forward stays in memory."""
+        call = self.calls.pop(i, None)
+        if call is not None:
+            self._release(call)
+
+    def drop(self) -> None:
+        for call in self.calls.values():
+            if call.saved is not None:  # a layer that raised inside its forward
+                call.saved.__exit__(None, None, None)
+                call.saved = None
+            self._release(call)
+        self.calls.clear()
+        self._clear_pool()
+
+    def end_backward(self) -> None:
+        self._clear_pool()
+
+    def _release(self, call: _LayerCall) -> None:
+        for t in call.swapped:
+            if t.read is not None:
+                t.read.result()  # sync point: no read may land in a buffer handed on
+            t.read = None
+        self._drop_buffers(call)
+        call.swapped.clear()
+        self.acct.free(Tier.DEVICE, call.saved_bytes)
+        call.saved_bytes = 0
+
+    # ---------------------------------------------------------------- autograd's hooks
+    def _pack(self, i: int, t: torch.Tensor) -> Any:
+        """Saved weights become WeightTokens; with ``activations: nvme`` large activations become
+        ``_SwappedTensor`` tokens; the rest stays, accounted."""
+        token = self.weights.token(i + 1, t)
+        if token is not None:
+            return token
+        nbytes = t.numel() * t.element_size()
+        call = self.calls[i]
+        if (self.placement.swaps_activations(i)
+                and is_swapped_activation(t, call.kept_storage, placement_rules.SWAP_MIN_BYTES)):
+            # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
+            # Sync point on a GPU: the D2H copy blocks this thread.
+            buf = self._buffer(nbytes, f"saved activations of layer {i} (swapped)")
+            buf.view(t.dtype).view(t.shape).copy_(t)
+            swapped = _SwappedTensor(f"act.{i}.{len(call.swapped)}.{nbytes}", tuple(t.shape), t.dtype, nbytes, buf)
+            call.swapped.append(swapped)
+            return swapped
+        self.acct.alloc(Tier.DEVICE, nbytes, f"saved activations of layer {i}")
+        call.saved_bytes += nbytes
+        return t
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, WeightToken):
+            return self.weights.view(packed)
+        if not isinstance(packed, _SwappedTensor):
+            return packed
+        assert packed.read is not None or packed.buf is not None, "activations must be swapped in first"
+        if packed.read is not None:
+            packed.read.result()  # sync point: the read of this activation has landed
+        assert packed.buf is not None
+        x = packed.buf.view(packed.dtype).view(packed.shape)
+        return x if self.device.type == "cpu" else x.to(self.device)
+
+    # ---------------------------------------------------------------- swap buffers and I/O
+    def _buffer(self, nbytes: int, what: str) -> torch.Tensor:
+        """A page-aligned host buffer: a released one of this size (already accounted; layers
+        save the same shapes, so buffers are reused, not faulted in anew), else a new one."""
+        pooled = self._pool.get(nbytes)
+        if pooled:
+            return pooled.pop()
+        self.acct.alloc(self.placement.swap_tier, nbytes, what)
+        return aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+
+    def _clear_pool(self) -> None:
+        """Give the released swap buffers back (end of forward, of backward, of a dropped step)."""
+        for nbytes, bufs in self._pool.items():
+            self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
+        self._pool.clear()
+
+    def _swap_out(self, call: _LayerCall) -> None:
+        """After a layer's forward: write its swapped activations (extents reserved once)."""
+        self.store.reserve([TensorSpec(t.name, torch.uint8, (t.nbytes,)) for t in call.swapped
+                            if t.name not in self.store])
+        for t in call.swapped:
+            assert t.buf is not None
+            t.write = self.store.write(t.name, t.buf)  # holds ``buf`` until done
+
+    def _drop_buffers(self, call: _LayerCall) -> None:
+        """Wait for the writes of a layer's swapped activations, then hand their buffers to the
+        pool (still accounted; ``_clear_pool`` frees them)."""
+        for t in call.swapped:
+            if t.write is not None:
+                t.write.result()  # sync point: the write of this activation has ended
+            if t.buf is not None:
+                self._pool.setdefault(t.nbytes, []).append(t.buf)
+                t.buf = None
+
+    def _swap_in(self, i: int, call: _LayerCall | None) -> None:
+        """Read layer i's swapped activations back into buffers, unless still in memory."""
+        if call is None:
+            return
+        for t in call.swapped:
+            if t.buf is not None or t.read is not None:
+                continue
+            assert t.write is not None
+            t.write.result()  # sync point: written before read back (long done by now)
+            t.buf = self._buffer(t.nbytes, f"saved activations of layer {i} (read back)")
+            t.read = self.store.read(t.name, t.buf)
+
+
+ActivationStore = RecomputeCheckpoints | SavedTensors

@@ -1,0 +1,99 @@
+"""GradHandoff: takes each unit's gradients as soon as its backward ends and hands them to the
+optimizer worker.
+
+Owns what gradient accumulation needs between micro-batches (whether a unit has a gradient kept
+in the grads tier, and which of its parameters had one) and bounds the gradients waiting for the
+worker (they hold DEVICE memory): at most ``plan.job_slots`` jobs, and only while DEVICE has room.
+
+Thread: the main thread only. Sync points: waits on the oldest pending job (``make_room``,
+``drain``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+
+import torch
+from torch import nn
+
+from offload.tiers import Accountant, Tier
+from scheduler.model_map import Unit
+from scheduler.optimizer_worker import Job, OptimizerWorker
+from scheduler.unit_clock import NormParts, UnitClock
+
+
+class GradHandoff:
+    def __init__(self, units: tuple[Unit, ...], params: dict[str, nn.Parameter], worker: OptimizerWorker,
+                 clock: UnitClock, acct: Accountant, job_slots: int, deferred: bool) -> None:
+        self.units = units
+        self.params = params
+        self.worker = worker
+        self.clock = clock
+        self.acct = acct
+        self.job_slots = job_slots
+        self.deferred = deferred
+        self._pending: deque[Future[NormParts]] = deque()  # jobs whose gradients hold DEVICE memory
+        self._stored = [False] * len(units)  # a gradient of this step is kept in the grads tier
+        self._seen: list[list[bool] | None] = [None] * len(units)  # per parameter: had a gradient this step
+
+    def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float) -> None:
+        """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
+        gradient (accumulating, or deferred updates), or update now (the step's last micro-batch
+        in immediate mode). ``step``: the optimizer step being taken."""
+        self.worker.raise_error()
+        fresh: list[torch.Tensor | None] = []
+        for s in u.params:
+            p = self.params[s.name]
+            fresh.append(p.grad)
+            p.grad = None
+        grad_bytes = sum(g.numel() * g.element_size() for g in fresh if g is not None)
+        while self._pending and (len(self._pending) >= self.job_slots or not self.acct.fits(Tier.DEVICE, grad_bytes)):
+            self._pending.popleft().result()  # sync point: the oldest job has taken its gradients
+        self.acct.alloc(Tier.DEVICE, grad_bytes, f"gradients of {u.name}")
+        immediate = last and not self.deferred
+        seen = [g is not None for g in fresh]
+        previous = self._seen[u.index]
+        if self._stored[u.index] and previous is not None:
+            seen = [a or b for a, b in zip(seen, previous, strict=True)]
+        self._seen[u.index] = seen
+        job = Job(u, fresh, grad_bytes, add_stored=self._stored[u.index], update=immediate,
+                  norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen))
+        self._stored[u.index] = not immediate
+        updated = self.worker.submit(job)
+        self.clock.set(u.index, updated)
+        self._pending.append(updated)
+
+    def make_room(self, nbytes: int) -> None:
+        """Wait for pending jobs (oldest first) until DEVICE has ``nbytes`` free or none is left."""
+        while self._pending and not self.acct.fits(Tier.DEVICE, nbytes):
+            self._pending.popleft().result()  # sync point
+
+    def drain(self) -> None:
+        """Wait for every pending job (sync point) and raise the worker's first error."""
+        while self._pending:
+            self._pending.popleft().result()
+        self.worker.raise_error()
+
+    def norm_parts(self) -> NormParts:
+        """After ``drain``: the kept gradients' norm parts, in unit then chunk order (one order
+        for every plan, so the global norm is bitwise the same)."""
+        return [part for u in self.units for part in self.clock.wait(u.index)]
+
+    def submit_updates(self, step: int, lr: float, coef: torch.Tensor | None) -> None:
+        """Deferred mode: update every unit from its kept gradient, in forward order (the next
+        forward needs ``pre`` first)."""
+        for u in self.units:
+            job = Job(u, [None] * len(u.params), 0, add_stored=True, update=True, norms=False, step=step,
+                      lr=lr, coef=coef, seen=self._seen[u.index])
+            self._stored[u.index] = False
+            self.clock.set(u.index, self.worker.submit(job))
+
+    def discard(self) -> None:
+        """Forget the step's kept gradients (skipped step): wait for its jobs first."""
+        self.drain()
+        self._stored = [False] * len(self.units)
+
+    def forget_pending(self) -> None:
+        """``synchronize``: the UnitClock waits for everything; nothing pending stays counted."""
+        self._pending.clear()

@@ -1,0 +1,275 @@
+"""OptimizerWorker: runs each unit's optimizer job, chunk by chunk, on its own thread.
+
+A job carries everything it needs (the fresh gradients, the step, learning rate, loss scale and
+clipping coefficient) and returns what it found (the norm parts of the gradients it kept): no
+state is shared with the main thread but the job itself and the unit's state in the StateStore.
+
+Per chunk of a unit, over one staging set (rows named by ``placement.STAGING_ROWS``):
+    gather   grad = fresh gradients (copied D2H and cast to the state dtype) [+ the kept gradient]
+    keep     (accumulating, or a deferred update's first pass) unscale, record the norm part,
+             store the gradient in the grads tier
+    update   AdamW on master, exp_avg, exp_avg_sq; write them back; publish the new compute
+             weights where the next forward reads them
+Chunks are double-buffered: the reads of chunk c+1 are in flight while chunk c computes, and the
+writes of chunk c while chunk c+1 computes.
+
+Threads: ``submit`` is called by the main thread; jobs run one at a time, in submission order,
+on the ``optimizer`` thread (``overlap: false``: inline on the caller). Sync points: the waits on
+reads before a chunk computes, and on every I/O of a staging set before it is reused.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offload.buffers import HostArena
+from offload.optim import FlatAdamW
+from offload.tiers import Accountant, Tier
+from scheduler.model_map import Unit
+from scheduler.placement import STAGING_ROWS, STAGING_SETS
+from scheduler.settings import NonFiniteError, TrainSettings, itemsize
+from scheduler.state_store import AdamRows, StateStore, done
+from scheduler.trace import Tracer
+from scheduler.unit_clock import NormParts
+
+Publish = Callable[[Unit, int, int, torch.Tensor], None]
+"""Copies a DEVICE-resident unit's new weights [a, b) into place (``WeightStreamer.publish``)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One optimizer-side job for one unit."""
+
+    unit: Unit
+    fresh: list[torch.Tensor | None]  # this micro-batch's gradients per parameter, or all None
+    grad_bytes: int  # DEVICE bytes of ``fresh``, released when the job ends
+    add_stored: bool  # add the gradient kept in the grads tier
+    update: bool  # True: AdamW update; False: keep the (accumulated) gradient
+    norms: bool  # keeping the step's last gradient before a deferred update: unscale, return norm parts
+    step: int  # the optimizer step being taken (AdamW's bias correction)
+    lr: float
+    loss_scale: float = 1.0  # fp16: the loss was multiplied by this
+    coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
+    seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
+
+    @property
+    def fresh_any(self) -> bool:
+        return any(g is not None for g in self.fresh) or not self.add_stored
+
+
+@dataclass
+class _Staging:
+    """One staging set: one chunk-wide row of each ``STAGING_ROWS`` name, in the state dtype."""
+
+    grad: torch.Tensor
+    stored_grad: torch.Tensor
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+    def head(self, n: int) -> _Staging:
+        return _Staging(*(getattr(self, row)[:n] for row in STAGING_ROWS))
+
+
+class OptimizerWorker:
+    def __init__(self, state: StateStore, adamw: FlatAdamW, settings: TrainSettings, acct: Accountant,
+                 tracer: Tracer, publish: Publish) -> None:
+        self.state = state
+        self.adamw = adamw
+        self.settings = settings
+        self.acct = acct
+        self.tracer = tracer
+        self.publish = publish
+        self._width = min(state.placement.plan.chunk_numel, max(u.numel for u in state.map.units))
+        self._arena: HostArena | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
+
+    def start(self) -> None:
+        staging_bytes = self.state.placement.staging_bytes(self._width)
+        self.acct.alloc(Tier.HOST, staging_bytes, "optimizer staging buffers")
+        self._arena = HostArena(staging_bytes).open()
+        if self.state.placement.plan.overlap:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    def submit(self, job: Job) -> Future[NormParts]:
+        """Main thread: queue a job (synchronous mode: run it now)."""
+        if self._pool is None:
+            return done(self._run(job))
+        return self._pool.submit(self._guarded, job)
+
+    def raise_error(self) -> None:
+        """Main thread: re-raise the first error a job raised on the worker."""
+        with self._lock:
+            err = self._error
+        if err is not None:
+            raise err
+
+    def _guarded(self, job: Job) -> NormParts:
+        try:
+            return self._run(job)
+        except BaseException as err:
+            with self._lock:
+                if self._error is None:
+                    self._error = err
+            raise
+
+    # ---------------------------------------------------------------- one job (worker thread)
+    def _run(self, job: Job) -> NormParts:
+        assert self._arena is not None
+        chunks = self.state.chunks[job.unit.index]
+        width = min(self.state.placement.plan.chunk_numel, job.unit.numel)
+        slot = self._arena.acquire(STAGING_SETS * len(STAGING_ROWS) * itemsize(self.settings.state_dtype) * width)
+        issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
+        parts: NormParts = []
+        try:
+            rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
+            rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
+            sets = [_Staging(*rows[k]) for k in range(STAGING_SETS)]
+            writes: list[list[Future[None]]] = [[], []]
+            adam, reads = self._issue_reads(job, 0, sets[0])
+            issued += reads
+            for c, (a, b) in enumerate(chunks):
+                if c + 1 < len(chunks):
+                    _wait_all(writes[(c + 1) % 2])  # sync point: the set is free again
+                    next_adam, next_reads = self._issue_reads(job, c + 1, sets[(c + 1) % 2])
+                    issued += next_reads
+                _wait_all(reads)  # sync point: chunk c's inputs have landed
+                writes[c % 2] = self._chunk(job, c, a, b, sets[c % 2].head(b - a), adam, parts)
+                issued += writes[c % 2]
+                if c + 1 < len(chunks):
+                    adam, reads = next_adam, next_reads
+            _wait_all(writes[0] + writes[1])
+        finally:
+            wait(issued)  # also on errors: no read may land in a slot another job owns
+            self._arena.release(slot)
+            self.acct.free(Tier.DEVICE, job.grad_bytes)
+        return parts
+
+    def _issue_reads(self, job: Job, c: int, staging: _Staging) -> tuple[AdamRows | None, list[Future[Any]]]:
+        a, b = self.state.chunks[job.unit.index][c]
+        n = b - a
+        futs: list[Future[Any]] = []
+        if job.add_stored:
+            target = staging.stored_grad[:n] if job.fresh_any else staging.grad[:n]
+            futs += self.state.read_grad(job.unit, c, target)
+        if not job.update:
+            return None, futs
+        rows, adam_reads = self.state.adam_rows(job.unit, c, AdamRows(
+            staging.master[:n], staging.exp_avg[:n], staging.exp_avg_sq[:n]))
+        return rows, futs + adam_reads
+
+    def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
+               parts: NormParts) -> list[Future[None]]:
+        self._gather(job, c, a, b, staging)
+        if not job.update:
+            return self._keep(job, c, staging.grad, parts)
+        assert adam is not None
+        self._adam(job, c, a, b, staging.grad, adam)
+        return self.state.write_adam(job.unit, c, adam) + self._publish(job.unit, c, a, b, adam.master, staging)
+
+    def _gather(self, job: Job, c: int, a: int, b: int, staging: _Staging) -> None:
+        """grad = this job's fresh gradients of chunk [a, b) (D2H + cast) + the stored gradient."""
+        if not job.fresh_any:
+            return  # the stored gradient was read into ``grad`` itself
+        t_start_s = self.tracer.clock()
+        d2h_bytes = 0
+        for s, g in zip(job.unit.params, job.fresh, strict=True):
+            lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
+            if lo >= hi:
+                continue
+            dst = staging.grad[lo - a : hi - a]
+            if g is None:
+                dst.zero_()
+            else:
+                dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to state dtype
+                if g.device.type == "cuda":
+                    d2h_bytes += (hi - lo) * g.element_size()
+        if d2h_bytes:
+            self.acct.count("d2h_bytes", d2h_bytes)
+        if t_start_s:
+            self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
+        if job.add_stored:
+            staging.grad.add_(staging.stored_grad)
+
+    def _keep(self, job: Job, c: int, grad: torch.Tensor, parts: NormParts) -> list[Future[None]]:
+        """Store the (accumulated) gradient; before a deferred update, unscaled, with its norm part."""
+        if job.norms:
+            if job.loss_scale != 1.0:
+                grad.mul_(1.0 / job.loss_scale)
+            # Sum of squares in float64: the global norm then does not depend on how units
+            # are cut into chunks (every plan gives the same clipped update).
+            parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
+        return self.state.write_grad(job.unit, c, grad)
+
+    def _adam(self, job: Job, c: int, a: int, b: int, grad: torch.Tensor, adam: AdamRows) -> None:
+        u = job.unit
+        if job.coef is not None:
+            grad.mul_(job.coef)
+        if not self.settings.deferred and not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(
+                f"non-finite gradients in {u.name} at optimizer step {job.step}: the loss was finite, "
+                f"so some weights may already be updated; resume from the last checkpoint with a "
+                f"lower learning rate or with clipping (train.max_grad_norm)"
+            )
+        t_start_s = self.tracer.clock()
+        for lo, hi, decays in updated_runs(u, job.seen, a, b, self.settings.no_decay):
+            # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
+            # momentum): update only the runs of parameters that had one; the exempt ones with
+            # weight decay 0, as a param group of their own does.
+            self.adamw.step(adam.master[lo:hi], grad[lo:hi], adam.exp_avg[lo:hi], adam.exp_avg_sq[lo:hi],
+                            job.step, job.lr, weight_decay=None if decays else 0.0)
+        if t_start_s:
+            self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
+
+    def _publish(self, u: Unit, c: int, a: int, b: int, master: torch.Tensor, staging: _Staging) -> list[Future[None]]:
+        """The new compute weights of chunk [a, b), where the next forward reads them."""
+        compute_dtype = self.settings.compute_dtype
+        if compute_dtype == self.settings.state_dtype:
+            weights = master
+        else:  # the stored-gradient row is free now: cast into it
+            weights = staging.stored_grad.view(torch.uint8)[: (b - a) * itemsize(compute_dtype)].view(compute_dtype)
+            weights.copy_(master)
+        if self.state.placement.weights_home(u.index) == Tier.DEVICE:
+            self.publish(u, a, b, weights)
+            return []
+        return self.state.write_weights(u, c, weights)
+
+
+def updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int,
+                 no_decay: frozenset[str] = frozenset()) -> list[tuple[int, int, bool]]:
+    """Chunk-relative [lo, hi) runs of chunk [a, b) whose parameters had a gradient, each with
+    whether its parameters are weight-decayed (neighbours alike merge into one run)."""
+    decays = [s.name not in no_decay for s in u.params]
+    if (seen is None or all(seen)) and all(decays):
+        return [(0, b - a, True)]
+    runs: list[tuple[int, int, bool]] = []
+    for k, s in enumerate(u.params):
+        lo, hi = max(a, s.offset) - a, min(b, s.offset + s.numel) - a
+        if (seen is not None and not seen[k]) or lo >= hi:
+            continue
+        if runs and runs[-1][1] == lo and runs[-1][2] == decays[k]:
+            runs[-1] = (runs[-1][0], hi, decays[k])
+        else:
+            runs.append((lo, hi, decays[k]))
+    return runs
+
+
+def _wait_all(futures: list[Future[Any]]) -> None:
+    for f in futures:
+        f.result()

@@ -1,0 +1,159 @@
+"""Placement: where each kind of tensor of each unit lives under a plan. Pure rules, no state.
+
+One source of truth for the executor (which runs them), the cost model (which predicts from
+them) and the layer probe (which measures what they swap): a rule changed here changes all three.
+
+Units are indexed in forward order (0 = ``pre``, 1..L = decoder layers 0..L-1, L+1 = ``post``);
+rules about activations take the decoder layer index i. Kinds of unit state:
+``master``, ``exp_avg``, ``exp_avg_sq`` (state dtype), ``grad`` (kept gradients, state dtype),
+``weight`` (compute-dtype weights of streamed units, unless the master is their home).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offload.tiers import Tier
+from scheduler.plan import Plan
+
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+STAGING_ROWS = ("grad", "stored_grad", "master", "exp_avg", "exp_avg_sq")
+"""The optimizer worker's staging slot: one chunk of each, in the state dtype. ``stored_grad``
+receives the kept gradient, and after AdamW the compute-dtype weights cast from the master."""
+STAGING_SETS = 2
+"""Staging slots are double-buffered: chunk c+1 is read while chunk c computes."""
+
+SWAP_MIN_BYTES = 1 << 20
+"""Saved activations smaller than this stay in memory when activations are swapped (norm
+statistics, masks: not worth a request)."""
+
+
+def grads_kept(grad_accum: int, deferred: bool) -> bool:
+    """Gradients outlive a backward only when accumulated or when updates are deferred;
+    otherwise the grads tier holds nothing and gets no space."""
+    return grad_accum > 1 or deferred
+
+
+def tensor_storages(*objs: Any) -> set[int]:
+    """Storage addresses of the tensors in ``objs`` (nested in tuples, lists and dicts)."""
+    out: set[int] = set()
+    for obj in objs:
+        if isinstance(obj, torch.Tensor):
+            out.add(obj.untyped_storage().data_ptr())
+        elif isinstance(obj, (tuple, list)):
+            out |= tensor_storages(*obj)
+        elif isinstance(obj, dict):
+            out |= tensor_storages(*obj.values())
+    return out
+
+
+def layer_kept_storages(x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> set[int]:
+    """Storages a layer's saved tensors may share that are never swapped: its input and what is
+    passed to it (RoPE tables, masks), which stay in memory anyway."""
+    return {x.untyped_storage().data_ptr(), *tensor_storages(args_rest, kwargs)}
+
+
+def is_swapped_activation(t: torch.Tensor, kept: set[int], min_bytes: int = SWAP_MIN_BYTES) -> bool:
+    """Whether a tensor autograd saves inside a layer (weights already left out) goes through the
+    SSD: large enough and not one of the ``kept`` storages."""
+    return t.numel() * t.element_size() >= min_bytes and t.untyped_storage().data_ptr() not in kept
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The placement rules of one run: a plan, the model's depth and the precision."""
+
+    plan: Plan
+    n_layers: int
+    compute_dtype: str  # "float32", "bfloat16", "float16"
+    state_dtype: str  # "float32", or the bfloat16 compute dtype (pure bf16)
+    grads_kept: bool  # see ``grads_kept``
+    on_gpu: bool  # DEVICE is GPU memory (else host memory: the CPU computes)
+
+    @property
+    def compute_itemsize(self) -> int:
+        return ITEMSIZE[self.compute_dtype]
+
+    @property
+    def state_itemsize(self) -> int:
+        return ITEMSIZE[self.state_dtype]
+
+    # ---------------------------------------------------------------- weights
+    @property
+    def weights_are_master(self) -> bool:
+        """The compute weights of streamed units are their master weights (no second copy) when
+        both have one dtype and the plan keeps both in one tier: loads read the master, and the
+        optimizer writes no separate weights."""
+        return self.compute_dtype == self.state_dtype and self.plan.weights == self.plan.optimizer
+
+    @property
+    def weights_kind(self) -> str:
+        """The kind that holds the compute weights of streamed units."""
+        return "master" if self.weights_are_master else "weight"
+
+    def resident(self, unit_index: int) -> bool:
+        """Compute weights never leave DEVICE: ``pre``, ``post`` and the plan's resident layers."""
+        is_layer = 1 <= unit_index <= self.n_layers
+        return not is_layer or (unit_index - 1) in self.plan.resident_layers
+
+    def weights_home(self, unit_index: int) -> Tier:
+        """Where a unit's compute weights wait between uses (DEVICE: never leaves it)."""
+        return Tier.DEVICE if self.resident(unit_index) else self.plan.weights
+
+    @property
+    def aliases_home(self) -> bool:
+        """On a CPU device, HOST-home weights are used in place: no copy, no DEVICE bytes."""
+        return self.plan.weights == Tier.HOST and not self.on_gpu
+
+    def kept_over_turn(self, i: int) -> bool:
+        """Decoder layer i stays on DEVICE from its forward into backward (needed first there)."""
+        return i >= self.n_layers - self.plan.turn_keep
+
+    # ---------------------------------------------------------------- unit state
+    def kinds(self, unit_index: int, tier: Tier) -> list[tuple[str, str]]:
+        """(kind, dtype name) of a unit's state held in ``tier`` (HOST or NVME)."""
+        out: list[tuple[str, str]] = []
+        if self.plan.optimizer == tier:
+            out += [(kind, self.state_dtype) for kind in STATE_KINDS]
+        if self.plan.grads == tier and self.grads_kept:
+            out.append(("grad", self.state_dtype))
+        if self.weights_home(unit_index) == tier and not self.weights_are_master:
+            out.append(("weight", self.compute_dtype))
+        return out
+
+    def host_bytes(self, unit_numels: Iterable[int]) -> int:
+        """HOST bytes of the unit state the plan keeps in RAM (``unit_numels`` in unit order)."""
+        return sum(numel * sum(ITEMSIZE[dtype] for _, dtype in self.kinds(index, Tier.HOST))
+                   for index, numel in enumerate(unit_numels))
+
+    def staging_bytes(self, largest_unit_numel: int) -> int:
+        """HOST bytes of the optimizer worker's double-buffered staging slots."""
+        return STAGING_SETS * len(STAGING_ROWS) * self.state_itemsize * min(self.plan.chunk_numel, largest_unit_numel)
+
+    def device_floor_bytes(self, fixed_numel: int, largest_layer_numel: int, largest_unit_numel: int) -> int:
+        """DEVICE must hold pre + post (``fixed_numel``), one layer's weights and the gradients of
+        the largest unit."""
+        return (fixed_numel + largest_layer_numel + largest_unit_numel) * self.compute_itemsize
+
+    # ---------------------------------------------------------------- activations
+    def swaps_activations(self, i: int) -> bool:
+        """Layer i's saved activations go through the SSD: all layers but the last two, which
+        backward needs first (they stay in memory over the turn)."""
+        return (not self.plan.recompute and self.plan.activations == Tier.NVME
+                and i < self.n_layers - 2)
+
+    @property
+    def swapped_layers(self) -> int:
+        """How many layers' saved activations go through the SSD each micro-batch."""
+        return sum(1 for i in range(self.n_layers) if self.swaps_activations(i))
+
+    @property
+    def swap_tier(self) -> Tier:
+        """Where swapped activations wait in memory: host buffers (the DEVICE on a CPU)."""
+        return Tier.HOST if self.on_gpu else Tier.DEVICE

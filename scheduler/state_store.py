@@ -1,0 +1,202 @@
+"""StateStore: every unit's optimizer state, kept gradients and streamed weights, on their tier.
+
+The only place that switches on a tier for unit state (HOST tensors in RAM, or chunked extents
+of the swap store on NVME) and the only place that names extents (``unit.kind.chunk``).
+Each kind of a unit is cut into chunks of ``plan.chunk_numel`` elements: the optimizer worker
+moves one chunk at a time, so its staging stays small whatever the size of a unit.
+
+Threads: ``init_unit`` and the whole-unit reads run on the main thread (start-up, export);
+``read_weights`` on the loader thread; the chunk reads and writes on the optimizer worker. A
+unit's HOST tensors are touched by one thread at a time: the UnitClock orders the worker's
+writes before the loader's next read of the same unit.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offload.store import SwapStore, TensorSpec
+from offload.tiers import Tier
+from scheduler.model_map import ModelMap, Unit
+from scheduler.placement import STATE_KINDS, Placement
+
+Chunk = tuple[int, int]  # [a, b) element range of a unit's flat buffer
+
+
+def chunk_ranges(numel: int, chunk_numel: int) -> list[Chunk]:
+    """[a, b) element ranges of at most ``chunk_numel`` covering ``numel``."""
+    return [(a, min(a + chunk_numel, numel)) for a in range(0, max(numel, 1), chunk_numel)]
+
+
+def extent_name(unit: Unit, kind: str, chunk: int) -> str:
+    return f"{unit.name}.{kind}.{chunk}"
+
+
+def state_extents(units: tuple[Unit, ...], chunk_numel: int) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]]:
+    """The store extents an executor with optimizer states on NVME keeps them in, per unit and
+    kind: (extent name, first element, end element), one per chunk of ``chunk_numel``."""
+    return [(u, {kind: [(extent_name(u, kind, c), a, b) for c, (a, b) in enumerate(chunk_ranges(u.numel, chunk_numel))]
+                 for kind in STATE_KINDS})
+            for u in units]
+
+
+def done(value: Any = None) -> Future[Any]:
+    """A future that has already finished with ``value``."""
+    fut: Future[Any] = Future()
+    fut.set_result(value)
+    return fut
+
+
+@dataclass
+class AdamRows:
+    """One chunk of a unit's master, exp_avg and exp_avg_sq, where AdamW updates them in place:
+    the HOST tensors themselves, or staging rows the NVME extents are read into."""
+
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+
+
+class StateStore:
+    """Unit state by (unit, kind, chunk) on the tier the placement names."""
+
+    def __init__(self, model_map: ModelMap, placement: Placement, store: Any,
+                 state_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
+        self.map = model_map
+        self.placement = placement
+        self.store: SwapStore = store  # or a TracedStore around it
+        self.state_dtype = state_dtype
+        self.compute_dtype = compute_dtype
+        self.chunks = [chunk_ranges(u.numel, placement.plan.chunk_numel) for u in model_map.units]
+        self._host: list[dict[str, torch.Tensor]] = [{} for _ in model_map.units]  # HOST kinds per unit
+
+    def tier(self, kind: str, unit: Unit) -> Tier:
+        if kind in STATE_KINDS:
+            return self.placement.plan.optimizer
+        if kind == "grad":
+            return self.placement.plan.grads
+        return self.placement.weights_home(unit.index)
+
+    def reserve(self) -> None:
+        """Reserve every NVME extent of every unit (main thread, start-up)."""
+        specs = []
+        for u in self.map.units:
+            kinds = self.placement.kinds(u.index, Tier.NVME)
+            for c, (a, b) in enumerate(self.chunks[u.index]):
+                specs += [TensorSpec(extent_name(u, kind, c), getattr(torch, dtype), (b - a,)) for kind, dtype in kinds]
+        self.store.reserve(specs)
+
+    # ---------------------------------------------------------------- whole units (main thread)
+    def init_state(self, u: Unit, master: torch.Tensor, exp_avg: torch.Tensor | None,
+                   exp_avg_sq: torch.Tensor | None) -> None:
+        """Write a unit's starting master and Adam states (``None``: zeros)."""
+        sd, n = self.state_dtype, u.numel
+        if self.placement.plan.optimizer == Tier.HOST:
+            self._host[u.index].update(
+                master=master, exp_avg=torch.zeros(n, dtype=sd) if exp_avg is None else exp_avg.clone(),
+                exp_avg_sq=torch.zeros(n, dtype=sd) if exp_avg_sq is None else exp_avg_sq.clone())
+            return
+        zeros = torch.zeros(min(n, self.placement.plan.chunk_numel), dtype=sd)
+        futs = []
+        for c, (a, b) in enumerate(self.chunks[u.index]):
+            for kind, flat in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                futs.append(self.store.write(extent_name(u, kind, c), zeros[: b - a] if flat is None else flat[a:b]))
+        _wait_all(futs)
+
+    def init_weights(self, u: Unit, master: torch.Tensor, weights: torch.Tensor) -> None:
+        """Put a streamed unit's starting compute weights (``weights``, cast from ``master``) in
+        their home, and zero its HOST gradients (DEVICE-resident weights are the caller's)."""
+        if self.tier("grad", u) == Tier.HOST and self.placement.grads_kept:
+            self._host[u.index]["grad"] = torch.zeros(u.numel, dtype=self.state_dtype)
+        home = self.placement.weights_home(u.index)
+        if home == Tier.DEVICE or self.placement.weights_are_master:
+            return  # the master just written is the weights' home
+        if home == Tier.HOST:
+            self._host[u.index]["weight"] = weights.clone() if weights is master else weights
+        else:
+            _wait_all([self.store.write(extent_name(u, "weight", c), weights[a:b])
+                       for c, (a, b) in enumerate(self.chunks[u.index])])
+
+    def read_unit(self, u: Unit, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A whole kind of one unit (blocking): a copy of the HOST tensor, or its extents read."""
+        host = self._host[u.index].get(kind)
+        if host is not None:
+            return host.clone() if out is None else out.copy_(host)
+        if out is None:
+            out = torch.empty(u.numel, dtype=self.state_dtype if kind in STATE_KINDS or kind == "grad"
+                              else self.compute_dtype)
+        _wait_all([self.store.read(extent_name(u, kind, c), out[a:b]) for c, (a, b) in enumerate(self.chunks[u.index])])
+        return out
+
+    def unit_state(self, u: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of a unit's flat (master, exp_avg, exp_avg_sq)."""
+        master, exp_avg, exp_avg_sq = (self.read_unit(u, kind) for kind in STATE_KINDS)
+        return master, exp_avg, exp_avg_sq
+
+    # ---------------------------------------------------------------- weights (loader thread)
+    def host_weights(self, u: Unit) -> torch.Tensor:
+        """The HOST home of a streamed unit's compute weights (the master itself when it is)."""
+        return self._host[u.index][self.placement.weights_kind]
+
+    def read_weights(self, u: Unit, out: torch.Tensor) -> None:
+        """Read a streamed unit's compute weights from NVME into ``out`` (blocking)."""
+        self.read_unit(u, self.placement.weights_kind, out)
+
+    # ---------------------------------------------------------------- chunks (optimizer worker)
+    def adam_rows(self, u: Unit, c: int, staging: AdamRows) -> tuple[AdamRows, list[Future[Any]]]:
+        """Chunk c's AdamW state: HOST views (updated in place), or ``staging`` with its reads issued."""
+        a, b = self.chunks[u.index][c]
+        host = self._host[u.index]
+        if "master" in host:
+            return AdamRows(*(host[kind][a:b] for kind in STATE_KINDS)), []
+        futs = [self.store.read(extent_name(u, kind, c), getattr(staging, kind)) for kind in STATE_KINDS]
+        return staging, futs
+
+    def write_adam(self, u: Unit, c: int, rows: AdamRows) -> list[Future[None]]:
+        """Write back chunk c's updated AdamW state (nothing to do for HOST views)."""
+        if "master" in self._host[u.index]:
+            return []
+        return [self.store.write(extent_name(u, kind, c), getattr(rows, kind)) for kind in STATE_KINDS]
+
+    def read_grad(self, u: Unit, c: int, out: torch.Tensor) -> list[Future[Any]]:
+        a, b = self.chunks[u.index][c]
+        host = self._host[u.index].get("grad")
+        if host is not None:
+            out.copy_(host[a:b])
+            return []
+        return [self.store.read(extent_name(u, "grad", c), out)]
+
+    def write_grad(self, u: Unit, c: int, grad: torch.Tensor) -> list[Future[None]]:
+        a, b = self.chunks[u.index][c]
+        host = self._host[u.index].get("grad")
+        if host is not None:
+            host[a:b].copy_(grad)
+            return []
+        return [self.store.write(extent_name(u, "grad", c), grad)]
+
+    def write_weights(self, u: Unit, c: int, weights: torch.Tensor) -> list[Future[None]]:
+        """Chunk c of a streamed unit's new compute weights to their home (nothing when the master
+        just updated is that home; DEVICE-resident units are the WeightStreamer's)."""
+        if self.placement.weights_are_master:
+            return []
+        a, b = self.chunks[u.index][c]
+        host = self._host[u.index].get("weight")
+        if host is not None:
+            host[a:b].copy_(weights)
+            return []
+        return [self.store.write(extent_name(u, "weight", c), weights)]
+
+    def extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
+        """Where each unit's master and Adam states live in the store; ``None`` when in RAM."""
+        if self.placement.plan.optimizer != Tier.NVME:
+            return None
+        return state_extents(self.map.units, self.placement.plan.chunk_numel)
+
+
+def _wait_all(futures: list[Future[Any]]) -> None:
+    for f in futures:
+        f.result()

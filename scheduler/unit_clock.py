@@ -1,0 +1,38 @@
+"""UnitClock: the one handshake between the optimizer and the weights.
+
+Each unit has one ``updated`` future: the last optimizer job submitted for it (its result is the
+job's gradient-norm parts). The main thread sets it when it submits a job (GradHandoff,
+UpdatePolicy); the loader thread and the main thread wait on it before they read or bind the
+unit's weights, so a forward never sees weights older than the last update. Sync point: ``wait``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+
+import torch
+
+from scheduler.state_store import done
+
+NormParts = list[torch.Tensor]
+"""Per-chunk float64 sums of squares of a unit's unscaled gradients (deferred mode), else empty."""
+
+
+class UnitClock:
+    def __init__(self, n_units: int) -> None:
+        self._updated: list[Future[NormParts]] = [done([]) for _ in range(n_units)]
+
+    def set(self, unit_index: int, updated: Future[NormParts]) -> None:
+        """Main thread: the unit's newest job (replaces the previous one, which it follows)."""
+        self._updated[unit_index] = updated
+
+    def wait(self, unit_index: int) -> NormParts:
+        """Block until the unit's newest job has ended (sync point; raises its error)."""
+        return self._updated[unit_index].result()
+
+    def wait_all(self) -> None:
+        """Block until every unit's newest job has ended; errors are the worker's to report."""
+        for fut in self._updated:
+            with contextlib.suppress(BaseException):
+                fut.result()

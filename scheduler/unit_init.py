@@ -1,0 +1,86 @@
+"""Start-up of a streaming run: the model's parameters become placeholders, and every unit's
+starting state (from an initializer, a resumed checkpoint, the store itself, or the model's own
+tensors) is written to its home. Main thread, one unit in memory at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from offload.errors import OffloadError
+from offload.tiers import Tier
+from scheduler.model_map import ModelMap, Unit
+from scheduler.settings import Initializer, ResumeState
+from scheduler.state_store import StateStore
+from scheduler.weight_streamer import WeightStreamer
+
+
+def replace_parameters(model: nn.Module, model_map: ModelMap, dtype: torch.dtype,
+                       device: torch.device) -> dict[str, nn.Parameter]:
+    """Give every parameter an empty placeholder (tied parameters stay one object); returns the
+    placeholders by qualified name (the WeightStreamer binds weights into them)."""
+    old_by_name = dict(model.named_parameters())
+    new_by_old: dict[int, nn.Parameter] = {}
+    params: dict[str, nn.Parameter] = {}
+    for unit in model_map.units:
+        for slot in unit.params:
+            old = old_by_name[slot.name]
+            new = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=old.requires_grad)
+            new_by_old[id(old)] = new
+            params[slot.name] = new
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is not None and id(p) in new_by_old:
+                module._parameters[pname] = new_by_old[id(p)]
+    return params
+
+
+@dataclass
+class StartingState:
+    """Where the units' starting state comes from (the first that is set)."""
+
+    state_in_store: bool = False  # the store already holds every unit's states under our names
+    resume: ResumeState | None = None  # a checkpoint's states
+    initializer: Initializer | None = None  # initial weights (zero Adam states)
+    originals: dict[str, torch.Tensor] | None = None  # else: the model's own tensors, by name
+
+
+def initialize_unit(u: Unit, start: StartingState, state: StateStore, weights: WeightStreamer) -> None:
+    """Write a unit's master weights, Adam states and compute weights."""
+    sd, compute = state.state_dtype, state.compute_dtype
+    if start.state_in_store:
+        if state.placement.plan.optimizer != Tier.NVME:
+            raise ValueError("state_in_store needs a plan with the optimizer states on NVME")
+        master = state.read_unit(u, "master")
+    else:
+        if start.resume is not None:
+            master, exp_avg, exp_avg_sq = start.resume(u)
+            for name, t in (("master", master), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                if t.dtype != sd or t.numel() != u.numel:
+                    raise OffloadError(f"saved {name} of {u.name} has {t.numel()} x {t.dtype}, expected "
+                                       f"{u.numel} x {sd}: the checkpoint is from another model or "
+                                       f"model.state_dtype")
+        else:
+            master, exp_avg, exp_avg_sq = _initial_master(u, start, sd), None, None
+        state.init_state(u, master, exp_avg, exp_avg_sq)
+    compute_weights = master.to(compute)
+    state.init_weights(u, master, compute_weights)
+    if state.placement.resident(u.index):
+        weights.place_resident(u, compute_weights)
+
+
+def _initial_master(u: Unit, start: StartingState, state_dtype: torch.dtype) -> torch.Tensor:
+    if start.initializer is not None:
+        tensors = start.initializer(u)
+    else:
+        assert start.originals is not None
+        tensors = {s.name: start.originals.pop(s.name) for s in u.params}
+    master = torch.empty(u.numel, dtype=state_dtype)
+    for s in u.params:
+        t = tensors[s.name]
+        if tuple(t.shape) != s.shape:
+            raise OffloadError(f"initial tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
+        master[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
+    return master
