@@ -12,13 +12,16 @@ writes, no effect on training (dropout is off and the training RNG is reseeded e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cli.data import DataError, TokenDataset
 from cli.sft import SftOptions
 from offload.errors import OffloadError
+
+if TYPE_CHECKING:
+    from scheduler.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class Evaluator:
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0
 
-    def run(self, engine: Any) -> float:
+    def run(self, engine: Engine) -> float:
         """eval_loss: the sum of token losses over the eval set's targets, over their number."""
         loss_sum, targets = 0.0, 0
         n = len(self.dataset)

@@ -39,7 +39,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.errors import BudgetError, format_bytes
 from offload.optim import FlatAdamW
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
@@ -62,7 +61,13 @@ from scheduler.settings import (
 from scheduler.state_store import StateStore, state_extents
 from scheduler.trace import TracedStore, Tracer
 from scheduler.unit_clock import UnitClock
-from scheduler.unit_init import StartingState, initialize_unit, replace_parameters
+from scheduler.unit_init import (
+    StartingState,
+    check_device_fits,
+    initialize_unit,
+    move_buffers,
+    replace_parameters,
+)
 from scheduler.update_policy import UpdatePolicy
 from scheduler.weight_streamer import WeightStreamer
 
@@ -126,14 +131,11 @@ class StreamingExecutor:
     def start(self) -> None:
         self.map = m = build_model_map(self.model)
         self.model.train()
-        for module in self.model.modules():  # buffers (RoPE tables, masks) live on DEVICE
-            for name, buf in list(module._buffers.items()):
-                if buf is not None and buf.device != self.device and buf.device.type != "meta":
-                    module._buffers[name] = buf.to(self.device)
+        move_buffers(self.model, self.device)
         s = self.settings
         self.placement = p = Placement(self.plan, len(m.layers), dtype_name(s.compute_dtype), dtype_name(s.state_dtype),
                                        grads_kept(s.gradient_accumulation_steps, s.deferred), self.device.type == "cuda")
-        self._check_device_fits()
+        check_device_fits(p, m)
         self.acct.alloc(Tier.HOST, p.host_bytes(u.numel for u in m.units), "host-resident tensors of the plan")
         self.state = StateStore(m, p, self.store, s.state_dtype, s.compute_dtype)
         self.clock = UnitClock(len(m.units))
@@ -173,18 +175,6 @@ class StreamingExecutor:
             self._hooks.clear()
             while self._parts:
                 self._parts.pop().close()
-
-    def _check_device_fits(self) -> None:
-        assert self.map is not None
-        m = self.map
-        need = self.placement.device_floor_bytes(m.pre.numel + m.post.numel, max(u.numel for u in m.layer_units),
-                                                 max(u.numel for u in m.units))
-        if need > self.plan.device_budget_bytes:
-            raise BudgetError(
-                f"the device budget {format_bytes(self.plan.device_budget_bytes)} is too small: "
-                f"embeddings, head, one layer and its gradients need {format_bytes(need)}; raise "
-                f"offload.gpu_memory_limit"
-            )
 
     # ------------------------------------------------------------------------------ layer hooks
     def _install_hooks(self) -> None:

@@ -9,12 +9,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from offload.errors import OffloadError
+from offload.errors import BudgetError, OffloadError, format_bytes
 from offload.tiers import Tier
 from scheduler.model_map import ModelMap, Unit
+from scheduler.placement import Placement
 from scheduler.settings import Initializer, ResumeState
 from scheduler.state_store import StateStore
 from scheduler.weight_streamer import WeightStreamer
+
+
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers (RoPE tables, masks) live on DEVICE for the whole run."""
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.device != device and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+
+
+def check_device_fits(placement: Placement, model_map: ModelMap) -> None:
+    """DEVICE must hold pre + post, one layer's weights and the gradients of the largest unit."""
+    m, budget_bytes = model_map, placement.plan.device_budget_bytes
+    need = placement.device_floor_bytes(m.pre.numel + m.post.numel, max(u.numel for u in m.layer_units),
+                                        max(u.numel for u in m.units))
+    if need > budget_bytes:
+        raise BudgetError(f"the device budget {format_bytes(budget_bytes)} is too small: embeddings, head, one "
+                          f"layer and its gradients need {format_bytes(need)}; raise offload.gpu_memory_limit")
 
 
 def replace_parameters(model: nn.Module, model_map: ModelMap, dtype: torch.dtype,
