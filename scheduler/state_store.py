@@ -163,32 +163,31 @@ class StateStore:
         return [self.store.write(extent_name(u, kind, c), getattr(rows, kind)) for kind in STATE_KINDS]
 
     def read_grad(self, u: Unit, c: int, out: torch.Tensor) -> list[Future[Any]]:
-        a, b = self.chunks[u.index][c]
-        host = self._host[u.index].get("grad")
-        if host is not None:
-            out.copy_(host[a:b])
-            return []
-        return [self.store.read(extent_name(u, "grad", c), out)]
+        """Chunk c of a unit's kept gradient into ``out``."""
+        return self._chunk_io(u, "grad", c, out, write=False)
 
     def write_grad(self, u: Unit, c: int, grad: torch.Tensor) -> list[Future[None]]:
-        a, b = self.chunks[u.index][c]
-        host = self._host[u.index].get("grad")
-        if host is not None:
-            host[a:b].copy_(grad)
-            return []
-        return [self.store.write(extent_name(u, "grad", c), grad)]
+        return self._chunk_io(u, "grad", c, grad, write=True)
 
     def write_weights(self, u: Unit, c: int, weights: torch.Tensor) -> list[Future[None]]:
         """Chunk c of a streamed unit's new compute weights to their home (nothing when the master
         just updated is that home; DEVICE-resident units are the WeightStreamer's)."""
         if self.placement.weights_are_master:
             return []
-        a, b = self.chunks[u.index][c]
-        host = self._host[u.index].get("weight")
+        return self._chunk_io(u, "weight", c, weights, write=True)
+
+    def _chunk_io(self, u: Unit, kind: str, c: int, tensor: torch.Tensor, write: bool) -> list[Future[Any]]:
+        """Copy chunk c of a HOST kind (done on return), or submit the I/O of its NVME extent."""
+        host = self._host[u.index].get(kind)
         if host is not None:
-            host[a:b].copy_(weights)
+            a, b = self.chunks[u.index][c]
+            if write:
+                host[a:b].copy_(tensor)
+            else:
+                tensor.copy_(host[a:b])
             return []
-        return [self.store.write(extent_name(u, "weight", c), weights)]
+        name = extent_name(u, kind, c)
+        return [self.store.write(name, tensor) if write else self.store.read(name, tensor)]
 
     def extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
         """Where each unit's master and Adam states live in the store; ``None`` when in RAM."""
