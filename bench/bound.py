@@ -10,8 +10,8 @@ class PeakRates:
     """Measured on the machine of the run."""
 
     matmul_flops_per_s: float
-    ssd_read_gbps: float  # fio, sequential O_DIRECT, 10^9 bytes/s
-    ssd_write_gbps: float
+    ssd_read_gbps: float | None  # fio, sequential O_DIRECT, 10^9 bytes/s (None: fio not installed)
+    ssd_write_gbps: float | None
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,9 @@ class StepBound:
 
 
 def step_bound(flops: float, read_bytes: float, write_bytes: float, rates: PeakRates) -> StepBound:
-    """Each resource's time for one step's work at its peak rate; the bound is the largest."""
+    """Each resource's time for one step's work at its peak rate; the bound is the largest (an SSD
+    rate not measured bounds nothing)."""
     return StepBound(compute_s=flops / rates.matmul_flops_per_s,
-                     ssd_read_s=read_bytes / (rates.ssd_read_gbps * 1e9) if read_bytes else 0.0,
-                     ssd_write_s=write_bytes / (rates.ssd_write_gbps * 1e9) if write_bytes else 0.0)
+                     ssd_read_s=read_bytes / (rates.ssd_read_gbps * 1e9) if read_bytes and rates.ssd_read_gbps else 0.0,
+                     ssd_write_s=write_bytes / (rates.ssd_write_gbps * 1e9) if write_bytes and rates.ssd_write_gbps
+                     else 0.0)

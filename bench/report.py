@@ -113,8 +113,7 @@ def format_report(suite: Suite, n_params: int, rates: PeakRates, summaries: list
         f"no weight decay, no clipping.",
         f"- **fp32 training state** (16 bytes/param): {_gb(state_bytes)} GB; offload-train's RAM budget "
         f"(DEVICE + HOST): {_gb(budget_bytes)} GB ({state_bytes / budget_bytes:.1f}x smaller).",
-        f"- **Peak rates measured in this run:** fio sequential O_DIRECT (bs 1M, libaio, iodepth 32, "
-        f"2 jobs) read {rates.ssd_read_gbps:.2f} GB/s, write {rates.ssd_write_gbps:.2f} GB/s; fp32 matmul "
+        f"- **Peak rates measured in this run:** {_fio_line(rates)}; fp32 matmul "
         f"(2048^3) {rates.matmul_flops_per_s / 1e9:.0f} GFLOP/s.",
         f"- **FLOPs:** {FORMULA}.",
         "",
@@ -191,3 +190,10 @@ def _targets(ours: EngineSummary, by_name: dict[str, EngineSummary], state_bytes
         out.append(f"- faster than ZeRO-Infinity per step: {r:.2f}x its step time "
                    f"({'met' if r < 1 else 'missed'})")
     return [*out, ""]
+
+
+def _fio_line(rates: PeakRates) -> str:
+    if rates.ssd_read_gbps is None or rates.ssd_write_gbps is None:
+        return "fio not installed (apt-get install fio): no SSD rates, the bound is compute only"
+    return (f"fio sequential O_DIRECT (bs 1M, libaio, iodepth 32, 2 jobs) read {rates.ssd_read_gbps:.2f} GB/s, "
+            f"write {rates.ssd_write_gbps:.2f} GB/s")

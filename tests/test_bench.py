@@ -105,3 +105,21 @@ def test_report_has_every_engine_ratios_losses_and_targets() -> None:
     assert "| compute | 1.50 | 75% |" in text
     assert "- a workaround" in text and "**Command:** python -m bench run --suite t" in text
     assert "| 2 | 1.000000 | 1.000000 | 1.000001 |" in text
+
+
+def test_a_machine_without_fio_gets_a_report_without_the_ssd_bound(tmp_path, monkeypatch, capsys) -> None:
+    """No fio: one line says so, the SSD rates are None, the bound is compute alone, the report
+    still renders."""
+    from bench import hardware
+
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    monkeypatch.setattr(hardware, "matmul_flops_per_s", lambda device: 1e9)  # not what is tested: quick
+    rates = hardware.measure_rates(tmp_path, 1 << 20)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "fio is not installed" in out
+    assert rates.ssd_read_gbps is None and rates.ssd_write_gbps is None and rates.matmul_flops_per_s == 1e9
+    s = summarize(_run("offload-train", [9.0, 2.0, 4.0], [3.0, 2.0, 1.0], True), SUITE, rates,
+                  peak_rss_bytes=123, wall_s=20.0)
+    assert s.bound.ssd_read_s == s.bound.ssd_write_s == 0.0 and s.bound.limiter == "compute"
+    text = format_report(SUITE, 1000, rates, [s], {"Command": "c"}, [], {})
+    assert "fio not installed" in text
