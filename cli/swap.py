@@ -75,6 +75,9 @@ def write_states(store: SwapStore, unit_states: Iterable[tuple[Unit, torch.Tenso
     for engines that keep them in RAM; returns where they are, for ``save_checkpoint``."""
     out: list[ckpt_io.UnitExtents] = []
     for unit, *flats in unit_states:
+        if unit.numel == 0:  # nothing trainable: no state
+            out.append((unit, {k: [] for k in ckpt_io.STATE_KINDS}))
+            continue
         names = {kind: f"ckpt.{unit.name}.{kind}" for kind in ckpt_io.STATE_KINDS}
         store.reserve([TensorSpec(names[k], flat.dtype, (unit.numel,))
                        for k, flat in zip(ckpt_io.STATE_KINDS, flats, strict=True)])

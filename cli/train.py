@@ -497,8 +497,8 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 
 
 def _named_masters(engine: Engine):  # noqa: ANN202 - generator
-    for unit, master in engine.unit_masters():  # the Adam states are not needed: not read
-        yield unit.name, list(unit.params), master
+    for unit, slots, flat in engine.unit_weights():  # the Adam states are not needed: not read
+        yield unit.name, slots, flat
 
 
 def run_plan(cfg: Any, profile_path: str | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from scheduler.model_map import Unit
+from scheduler.model_map import ParamSlot, Unit
 from scheduler.settings import StepResult, UpdateState
 from scheduler.trace import Tracer
 
@@ -48,6 +48,10 @@ class Engine(Protocol):
     def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]: ...
+
+    def unit_weights(self) -> Iterator[tuple[Unit, list[ParamSlot], torch.Tensor]]:
+        """Each unit's weights, trainable and frozen, as slots into one flat buffer."""
+        ...
 
     def master_state_dict(self) -> dict[str, torch.Tensor]: ...
 

@@ -44,7 +44,14 @@ from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler.activations import ActivationStore, RecomputeCheckpoints, SavedTensors
 from scheduler.grad_handoff import GradHandoff
-from scheduler.model_map import ModelMap, Unit, build_model_map, check_layer_arguments
+from scheduler.model_map import (
+    ModelMap,
+    ParamSlot,
+    Unit,
+    build_model_map,
+    check_layer_arguments,
+    with_frozen,
+)
 from scheduler.optimizer_worker import OptimizerWorker
 from scheduler.placement import Placement, grads_kept, tensor_storages
 from scheduler.plan import Plan
@@ -136,7 +143,7 @@ class StreamingExecutor:
         self.placement = p = Placement(self.plan, len(m.layers), dtype_name(s.compute_dtype), dtype_name(s.state_dtype),
                                        grads_kept(s.gradient_accumulation_steps, s.deferred), self.device.type == "cuda")
         check_device_fits(p, m)
-        self.acct.alloc(Tier.HOST, p.host_bytes(u.numel for u in m.units), "host-resident tensors of the plan")
+        self.acct.alloc(Tier.HOST, p.host_bytes((u.numel, u.frozen_numel) for u in m.units), "host-resident tensors of the plan")
         self.state = StateStore(m, p, self.store, s.state_dtype, s.compute_dtype)
         self.clock = UnitClock(len(m.units))
         # Without an initializer the model's own tensors are the start: keep them until written.
@@ -312,8 +319,9 @@ class StreamingExecutor:
             self._unit_done(i + 1, last)
             self.weights.release(i + 1)
         self.activations.end_backward()
-        with self.tracer.span("compute", "backward pre"):
-            self._x0.backward(grad)  # embeddings (and anything before layer 0)
+        if self._x0.requires_grad:  # else nothing before layer 0 trains (frozen embeddings)
+            with self.tracer.span("compute", "backward pre"):
+                self._x0.backward(grad)  # embeddings (and anything before layer 0)
         self._x0 = None
         self._unit_done(0, last)
 
@@ -386,18 +394,22 @@ class StreamingExecutor:
         self.worker.raise_error()
 
     def master_state_dict(self) -> dict[str, torch.Tensor]:
-        """The master weights (state dtype) by qualified parameter name (reads them from their tier)."""
-        out: dict[str, torch.Tensor] = {}
-        for u, master in self.unit_masters():
-            for s in u.params:
-                out[s.name] = master[s.offset : s.offset + s.numel].view(s.shape).clone()
-        return out
+        """The master weights (state dtype) by qualified parameter name (reads them from their
+        tier); frozen parameters as stored (compute dtype), cast to the state dtype."""
+        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape).clone()
+                for _, slots, flat in self.unit_weights() for s in slots}
 
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
         """Each unit's flat master weights, one unit in memory at a time (Adam states not read)."""
         self.synchronize()
         for u in self.units:
             yield u, self.state.read_unit(u, "master")
+
+    def unit_weights(self) -> Iterator[tuple[Unit, list[ParamSlot], torch.Tensor]]:
+        """Each unit's weights, trainable (master) and frozen, as slots into one flat of the
+        state dtype; one unit in memory at a time."""
+        for u, master in self.unit_masters():
+            yield u, *with_frozen(u, master, self.weights.frozen_weights(u) if u.frozen else None)
 
     def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time."""

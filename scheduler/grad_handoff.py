@@ -40,8 +40,11 @@ class GradHandoff:
     def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float) -> None:
         """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
         gradient (accumulating, or deferred updates), or update now (the step's last micro-batch
-        in immediate mode). ``step``: the optimizer step being taken."""
+        in immediate mode). ``step``: the optimizer step being taken. A unit with nothing
+        trainable (frozen) has no job."""
         self.worker.raise_error()
+        if u.numel == 0:
+            return
         fresh: list[torch.Tensor | None] = []
         for s in u.params:
             p = self.params[s.name]
@@ -84,6 +87,8 @@ class GradHandoff:
         """Deferred mode: update every unit from its kept gradient, in forward order (the next
         forward needs ``pre`` first)."""
         for u in self.units:
+            if u.numel == 0:
+                continue
             job = Job(u, [None] * len(u.params), 0, add_stored=True, update=True, norms=False, step=step,
                       lr=lr, coef=coef, seen=self._seen[u.index])
             self._stored[u.index] = False

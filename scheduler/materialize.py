@@ -56,7 +56,7 @@ class RandomInit:
         init_weights = getattr(self.model, "_init_weights", None)
         if init_weights is None:
             raise OffloadError(f"{type(self.model).__name__} has no _init_weights: give model.name_or_path")
-        params = {s.name: (self.model.get_parameter(s.name), s.shape) for s in unit.params}
+        params = {s.name: (self.model.get_parameter(s.name), s.shape) for s in unit.all_params}
         saved = {name: p.data for name, (p, _) in params.items()}
         try:
             for p, shape in params.values():
@@ -72,7 +72,7 @@ class RandomInit:
         if unit.modules:
             return list(unit.modules)
         owners: list[nn.Module] = []
-        for s in unit.params:
+        for s in unit.all_params:
             owner = self.model.get_submodule(s.name.rpartition(".")[0])
             if all(owner is not o for o in owners):
                 owners.append(owner)
@@ -98,6 +98,6 @@ def materialize_in_memory(model: nn.Module, initializer: Callable[[Unit], dict[s
             module._parameters[name] = placeholders[id(p)]
     for unit in mm.units:
         tensors = initializer(unit)
-        for s in unit.params:
+        for s in unit.all_params:
             model.get_parameter(s.name).data = tensors[s.name].to(torch.float32).reshape(s.shape).clone()
     return model

@@ -36,16 +36,30 @@ class ParamSlot:
 
 @dataclass(frozen=True)
 class Unit:
-    """A group of parameters loaded, updated and released together."""
+    """A group of parameters loaded, updated and released together.
+
+    ``params`` are the trainable ones (master weights, gradients, Adam states: one flat buffer);
+    ``frozen`` the ones that do not require grad (a second flat buffer, weights only: no state,
+    never written after start-up), e.g. the base weights under LoRA adapters."""
 
     name: str
     index: int  # position in forward order
     modules: tuple[nn.Module, ...]
     params: tuple[ParamSlot, ...]
+    frozen: tuple[ParamSlot, ...] = ()
 
     @property
     def numel(self) -> int:
+        """Elements of the trainable parameters."""
         return sum(p.numel for p in self.params)
+
+    @property
+    def frozen_numel(self) -> int:
+        return sum(p.numel for p in self.frozen)
+
+    @property
+    def all_params(self) -> tuple[ParamSlot, ...]:
+        return self.params + self.frozen
 
     @property
     def is_layer(self) -> bool:
@@ -138,14 +152,29 @@ def _modules_after(model: nn.Module, layers_path: str) -> list[str]:
     return after
 
 
+def with_frozen(u: Unit, master: torch.Tensor, frozen: torch.Tensor | None) -> tuple[list[ParamSlot], torch.Tensor]:
+    """A unit's trainable ``master`` and its ``frozen`` weights as slots into one flat buffer (of
+    the master's dtype): the frozen slots follow the trainable ones."""
+    if frozen is None or not u.frozen:
+        return list(u.params), master
+    moved = [ParamSlot(s.name, s.shape, s.offset + u.numel, s.numel) for s in u.frozen]
+    return list(u.params) + moved, torch.cat([master, frozen.to(master.dtype)])
+
+
 def _unit(name: str, index: int, modules: tuple[nn.Module, ...],
           params: list[tuple[str, torch.Tensor]]) -> Unit:
+    """Trainable and frozen parameters each get their own flat layout."""
+    return Unit(name, index, modules, _slots([(n, p) for n, p in params if p.requires_grad]),
+                _slots([(n, p) for n, p in params if not p.requires_grad]))
+
+
+def _slots(params: list[tuple[str, torch.Tensor]]) -> tuple[ParamSlot, ...]:
     slots = []
     offset = 0
     for pname, p in params:
         slots.append(ParamSlot(pname, tuple(p.shape), offset, p.numel()))
         offset += p.numel()
-    return Unit(name, index, modules, tuple(slots))
+    return tuple(slots)
 
 
 def trainable_argument(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

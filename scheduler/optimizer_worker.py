@@ -86,7 +86,7 @@ class OptimizerWorker:
         self.acct = acct
         self.tracer = tracer
         self.publish = publish
-        self._width = min(state.placement.plan.chunk_numel, max(u.numel for u in state.map.units))
+        self._width = min(state.placement.plan.chunk_numel, max(max(u.numel for u in state.map.units), 1))
         self._arena: HostArena | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._error: BaseException | None = None
@@ -245,7 +245,7 @@ class OptimizerWorker:
         else:  # the stored-gradient row is free now: cast into it
             weights = staging.stored_grad.view(torch.uint8)[: (b - a) * itemsize(compute_dtype)].view(compute_dtype)
             weights.copy_(master)
-        if self.state.placement.weights_home(u.index) == Tier.DEVICE:
+        if self.state.tier("weight", u) == Tier.DEVICE:
             self.publish(u, a, b, weights)
             return []
         return self.state.write_weights(u, c, weights)

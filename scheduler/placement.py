@@ -103,8 +103,14 @@ class Placement:
         return not is_layer or (unit_index - 1) in self.plan.resident_layers
 
     def weights_home(self, unit_index: int) -> Tier:
-        """Where a unit's compute weights wait between uses (DEVICE: never leaves it)."""
+        """Where a unit's streamed compute weights wait between uses (its frozen part, and its
+        trainable part unless ``trainable_home`` says otherwise); DEVICE: never leaves it."""
         return Tier.DEVICE if self.resident(unit_index) else self.plan.weights
+
+    def trainable_home(self, unit_index: int, has_frozen: bool) -> Tier:
+        """The home of a unit's trainable compute weights: beside a frozen part (adapters on a
+        frozen base: small, updated every step) they stay on DEVICE."""
+        return Tier.DEVICE if has_frozen else self.weights_home(unit_index)
 
     @property
     def aliases_home(self) -> bool:
@@ -116,21 +122,30 @@ class Placement:
         return i >= self.n_layers - self.plan.turn_keep
 
     # ---------------------------------------------------------------- unit state
-    def kinds(self, unit_index: int, tier: Tier) -> list[tuple[str, str]]:
-        """(kind, dtype name) of a unit's state held in ``tier`` (HOST or NVME)."""
+    def kinds(self, unit_index: int, tier: Tier, trainable: bool = True, frozen: bool = False) -> list[tuple[str, str]]:
+        """(kind, dtype name) of a unit's state held in ``tier`` (HOST or NVME); ``trainable``,
+        ``frozen``: whether the unit has parameters of each part. Frozen parameters have one
+        kind, ``frozen`` (compute dtype, written once)."""
         out: list[tuple[str, str]] = []
-        if self.plan.optimizer == tier:
-            out += [(kind, self.state_dtype) for kind in STATE_KINDS]
-        if self.plan.grads == tier and self.grads_kept:
-            out.append(("grad", self.state_dtype))
-        if self.weights_home(unit_index) == tier and not self.weights_are_master:
-            out.append(("weight", self.compute_dtype))
+        if trainable:
+            if self.plan.optimizer == tier:
+                out += [(kind, self.state_dtype) for kind in STATE_KINDS]
+            if self.plan.grads == tier and self.grads_kept:
+                out.append(("grad", self.state_dtype))
+            if self.trainable_home(unit_index, frozen) == tier and not self.weights_are_master:
+                out.append(("weight", self.compute_dtype))
+        if frozen and self.weights_home(unit_index) == tier:
+            out.append(("frozen", self.compute_dtype))
         return out
 
-    def host_bytes(self, unit_numels: Iterable[int]) -> int:
-        """HOST bytes of the unit state the plan keeps in RAM (``unit_numels`` in unit order)."""
-        return sum(numel * sum(ITEMSIZE[dtype] for _, dtype in self.kinds(index, Tier.HOST))
-                   for index, numel in enumerate(unit_numels))
+    def host_bytes(self, unit_numels: Iterable[tuple[int, int]]) -> int:
+        """HOST bytes of the unit state the plan keeps in RAM (``unit_numels``: (trainable,
+        frozen) elements of each unit, in unit order)."""
+        total = 0
+        for index, (numel, frozen_numel) in enumerate(unit_numels):
+            for kind, dtype in self.kinds(index, Tier.HOST, numel > 0, frozen_numel > 0):
+                total += (frozen_numel if kind == "frozen" else numel) * ITEMSIZE[dtype]
+        return total
 
     def staging_bytes(self, largest_unit_numel: int) -> int:
         """HOST bytes of the optimizer worker's double-buffered staging slots."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from scheduler.model_map import ModelMap, Unit, build_model_map
+from scheduler.model_map import ModelMap, ParamSlot, Unit, build_model_map, with_frozen
 from scheduler.settings import NonFiniteError, ResumeState, StepResult, TrainSettings, UpdateState
 from scheduler.trace import Tracer
 
@@ -149,6 +149,12 @@ class ReferenceEngine:
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
         for u, master, _, _ in self.unit_states():
             yield u, master
+
+    def unit_weights(self) -> Iterator[tuple[Unit, list[ParamSlot], torch.Tensor]]:
+        params = self._params()
+        for u, master in self.unit_masters():
+            frozen = torch.cat([params[s.name].detach().reshape(-1).cpu() for s in u.frozen]) if u.frozen else None
+            yield u, *with_frozen(u, master, frozen)
 
     def optimizer_state_extents(self) -> None:
         """In memory: checkpoints copy ``unit_states()`` into the swap store."""

@@ -6,7 +6,7 @@ Each kind of a unit is cut into chunks of ``plan.chunk_numel`` elements: the opt
 moves one chunk at a time, so its staging stays small whatever the size of a unit.
 
 Threads: ``init_unit`` and the whole-unit reads run on the main thread (start-up, export);
-``read_weights`` on the loader thread; the chunk reads and writes on the optimizer worker. A
+``host`` and ``read_unit`` on the loader thread (weights); the chunk reads and writes on the optimizer worker. A
 unit's HOST tensors are touched by one thread at a time: the UnitClock orders the worker's
 writes before the loader's next read of the same unit.
 """
@@ -28,8 +28,8 @@ Chunk = tuple[int, int]  # [a, b) element range of a unit's flat buffer
 
 
 def chunk_ranges(numel: int, chunk_numel: int) -> list[Chunk]:
-    """[a, b) element ranges of at most ``chunk_numel`` covering ``numel``."""
-    return [(a, min(a + chunk_numel, numel)) for a in range(0, max(numel, 1), chunk_numel)]
+    """[a, b) element ranges of at most ``chunk_numel`` covering ``numel`` (none for 0)."""
+    return [(a, min(a + chunk_numel, numel)) for a in range(0, numel, chunk_numel)]
 
 
 def extent_name(unit: Unit, kind: str, chunk: int) -> str:
@@ -71,7 +71,9 @@ class StateStore:
         self.store: SwapStore = store  # or a TracedStore around it
         self.state_dtype = state_dtype
         self.compute_dtype = compute_dtype
-        self.chunks = [chunk_ranges(u.numel, placement.plan.chunk_numel) for u in model_map.units]
+        chunk_numel = placement.plan.chunk_numel
+        self.chunks = [chunk_ranges(u.numel, chunk_numel) for u in model_map.units]  # trainable kinds
+        self.frozen_chunks = [chunk_ranges(u.frozen_numel, chunk_numel) for u in model_map.units]
         self._host: list[dict[str, torch.Tensor]] = [{} for _ in model_map.units]  # HOST kinds per unit
 
     def tier(self, kind: str, unit: Unit) -> Tier:
@@ -79,15 +81,26 @@ class StateStore:
             return self.placement.plan.optimizer
         if kind == "grad":
             return self.placement.plan.grads
-        return self.placement.weights_home(unit.index)
+        if kind == "frozen":
+            return self.placement.weights_home(unit.index)
+        return self.placement.trainable_home(unit.index, unit.frozen_numel > 0)
+
+    def kinds(self, u: Unit, tier: Tier) -> list[tuple[str, str]]:
+        return self.placement.kinds(u.index, tier, u.numel > 0, u.frozen_numel > 0)
+
+    def _chunks(self, u: Unit, kind: str) -> list[Chunk]:
+        return (self.frozen_chunks if kind == "frozen" else self.chunks)[u.index]
+
+    def _dtype(self, kind: str) -> torch.dtype:
+        return self.compute_dtype if kind in ("weight", "frozen") else self.state_dtype
 
     def reserve(self) -> None:
         """Reserve every NVME extent of every unit (main thread, start-up)."""
         specs = []
         for u in self.map.units:
-            kinds = self.placement.kinds(u.index, Tier.NVME)
-            for c, (a, b) in enumerate(self.chunks[u.index]):
-                specs += [TensorSpec(extent_name(u, kind, c), getattr(torch, dtype), (b - a,)) for kind, dtype in kinds]
+            for kind, dtype in self.kinds(u, Tier.NVME):
+                specs += [TensorSpec(extent_name(u, kind, c), getattr(torch, dtype), (b - a,))
+                          for c, (a, b) in enumerate(self._chunks(u, kind))]
         self.store.reserve(specs)
 
     # ---------------------------------------------------------------- whole units (main thread)
@@ -95,6 +108,8 @@ class StateStore:
                    exp_avg_sq: torch.Tensor | None) -> None:
         """Write a unit's starting master and Adam states (``None``: zeros)."""
         sd, n = self.state_dtype, u.numel
+        if n == 0:
+            return  # nothing trainable: no state
         if self.placement.plan.optimizer == Tier.HOST:
             self._host[u.index].update(
                 master=master, exp_avg=torch.zeros(n, dtype=sd) if exp_avg is None else exp_avg.clone(),
@@ -110,16 +125,27 @@ class StateStore:
     def init_weights(self, u: Unit, master: torch.Tensor, weights: torch.Tensor) -> None:
         """Put a streamed unit's starting compute weights (``weights``, cast from ``master``) in
         their home, and zero its HOST gradients (DEVICE-resident weights are the caller's)."""
+        if u.numel == 0:
+            return
         if self.tier("grad", u) == Tier.HOST and self.placement.grads_kept:
             self._host[u.index]["grad"] = torch.zeros(u.numel, dtype=self.state_dtype)
-        home = self.placement.weights_home(u.index)
+        home = self.tier("weight", u)
         if home == Tier.DEVICE or self.placement.weights_are_master:
             return  # the master just written is the weights' home
-        if home == Tier.HOST:
-            self._host[u.index]["weight"] = weights.clone() if weights is master else weights
-        else:
-            _wait_all([self.store.write(extent_name(u, "weight", c), weights[a:b])
-                       for c, (a, b) in enumerate(self.chunks[u.index])])
+        self._put(u, "weight", weights.clone() if weights is master and home == Tier.HOST else weights)
+
+    def init_frozen(self, u: Unit, flat: torch.Tensor) -> None:
+        """Write a unit's frozen parameters (compute dtype) to their home, once (DEVICE-resident
+        ones are the caller's)."""
+        if u.frozen_numel and self.tier("frozen", u) != Tier.DEVICE:
+            self._put(u, "frozen", flat)
+
+    def _put(self, u: Unit, kind: str, flat: torch.Tensor) -> None:
+        """A whole kind of a unit into its HOST or NVME home (blocking)."""
+        if self.tier(kind, u) == Tier.HOST:
+            self._host[u.index][kind] = flat
+            return
+        _wait_all([self.store.write(extent_name(u, kind, c), flat[a:b]) for c, (a, b) in enumerate(self._chunks(u, kind))])
 
     def read_unit(self, u: Unit, kind: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """A whole kind of one unit (blocking): a copy of the HOST tensor, or its extents read."""
@@ -127,9 +153,8 @@ class StateStore:
         if host is not None:
             return host.clone() if out is None else out.copy_(host)
         if out is None:
-            out = torch.empty(u.numel, dtype=self.state_dtype if kind in STATE_KINDS or kind == "grad"
-                              else self.compute_dtype)
-        _wait_all([self.store.read(extent_name(u, kind, c), out[a:b]) for c, (a, b) in enumerate(self.chunks[u.index])])
+            out = torch.empty(u.frozen_numel if kind == "frozen" else u.numel, dtype=self._dtype(kind))
+        _wait_all([self.store.read(extent_name(u, kind, c), out[a:b]) for c, (a, b) in enumerate(self._chunks(u, kind))])
         return out
 
     def unit_state(self, u: Unit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,13 +163,9 @@ class StateStore:
         return master, exp_avg, exp_avg_sq
 
     # ---------------------------------------------------------------- weights (loader thread)
-    def host_weights(self, u: Unit) -> torch.Tensor:
-        """The HOST home of a streamed unit's compute weights (the master itself when it is)."""
-        return self._host[u.index][self.placement.weights_kind]
-
-    def read_weights(self, u: Unit, out: torch.Tensor) -> None:
-        """Read a streamed unit's compute weights from NVME into ``out`` (blocking)."""
-        self.read_unit(u, self.placement.weights_kind, out)
+    def host(self, u: Unit, kind: str) -> torch.Tensor:
+        """The HOST home of a kind (the loader's: ``weights_kind`` or ``frozen``)."""
+        return self._host[u.index][kind]
 
     # ---------------------------------------------------------------- chunks (optimizer worker)
     def adam_rows(self, u: Unit, c: int, staging: AdamRows) -> tuple[AdamRows, list[Future[Any]]]:

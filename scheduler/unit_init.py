@@ -11,7 +11,7 @@ from torch import nn
 
 from offload.errors import BudgetError, OffloadError, format_bytes
 from offload.tiers import Tier
-from scheduler.model_map import ModelMap, Unit
+from scheduler.model_map import ModelMap, ParamSlot, Unit
 from scheduler.placement import Placement
 from scheduler.settings import Initializer, ResumeState
 from scheduler.state_store import StateStore
@@ -29,8 +29,8 @@ def move_buffers(model: nn.Module, device: torch.device) -> None:
 def check_device_fits(placement: Placement, model_map: ModelMap) -> None:
     """DEVICE must hold pre + post, one layer's weights and the gradients of the largest unit."""
     m, budget_bytes = model_map, placement.plan.device_budget_bytes
-    need = placement.device_floor_bytes(m.pre.numel + m.post.numel, max(u.numel for u in m.layer_units),
-                                        max(u.numel for u in m.units))
+    weights = [u.numel + u.frozen_numel for u in m.units]
+    need = placement.device_floor_bytes(weights[0] + weights[-1], max(weights[1:-1]), max(u.numel for u in m.units))
     if need > budget_bytes:
         raise BudgetError(f"the device budget {format_bytes(budget_bytes)} is too small: embeddings, head, one "
                           f"layer and its gradients need {format_bytes(need)}; raise offload.gpu_memory_limit")
@@ -44,7 +44,7 @@ def replace_parameters(model: nn.Module, model_map: ModelMap, dtype: torch.dtype
     new_by_old: dict[int, nn.Parameter] = {}
     params: dict[str, nn.Parameter] = {}
     for unit in model_map.units:
-        for slot in unit.params:
+        for slot in unit.all_params:
             old = old_by_name[slot.name]
             new = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=old.requires_grad)
             new_by_old[id(old)] = new
@@ -67,8 +67,17 @@ class StartingState:
 
 
 def initialize_unit(u: Unit, start: StartingState, state: StateStore, weights: WeightStreamer) -> None:
-    """Write a unit's master weights, Adam states and compute weights."""
+    """Write a unit's master weights, Adam states and compute weights, and its frozen weights."""
     sd, compute = state.state_dtype, state.compute_dtype
+    from_given = not start.state_in_store and start.resume is None  # else the state comes from a checkpoint
+    given = _given_tensors(u, start) if from_given or u.frozen else {}  # frozen weights: always given
+    if u.frozen:
+        frozen = _flat(u.frozen, given, compute)
+        state.init_frozen(u, frozen)
+        if state.placement.resident(u.index):
+            weights.place_resident(u, frozen, frozen=True)
+    if not u.params:
+        return
     if start.state_in_store:
         if state.placement.plan.optimizer != Tier.NVME:
             raise ValueError("state_in_store needs a plan with the optimizer states on NVME")
@@ -82,24 +91,28 @@ def initialize_unit(u: Unit, start: StartingState, state: StateStore, weights: W
                                        f"{u.numel} x {sd}: the checkpoint is from another model or "
                                        f"model.state_dtype")
         else:
-            master, exp_avg, exp_avg_sq = _initial_master(u, start, sd), None, None
+            master, exp_avg, exp_avg_sq = _flat(u.params, given, sd), None, None
         state.init_state(u, master, exp_avg, exp_avg_sq)
     compute_weights = master.to(compute)
     state.init_weights(u, master, compute_weights)
-    if state.placement.resident(u.index):
+    if state.tier("weight", u) == Tier.DEVICE:
         weights.place_resident(u, compute_weights)
 
 
-def _initial_master(u: Unit, start: StartingState, state_dtype: torch.dtype) -> torch.Tensor:
+def _given_tensors(u: Unit, start: StartingState) -> dict[str, torch.Tensor]:
+    """A unit's starting tensors by name: from the initializer, or the model's own tensors."""
     if start.initializer is not None:
-        tensors = start.initializer(u)
-    else:
-        assert start.originals is not None
-        tensors = {s.name: start.originals.pop(s.name) for s in u.params}
-    master = torch.empty(u.numel, dtype=state_dtype)
-    for s in u.params:
+        return start.initializer(u)
+    assert start.originals is not None
+    return {s.name: start.originals.pop(s.name) for s in u.all_params}
+
+
+def _flat(slots: tuple[ParamSlot, ...], tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The tensors of ``slots`` laid out in one flat buffer of ``dtype``."""
+    flat = torch.empty(sum(s.numel for s in slots), dtype=dtype)
+    for s in slots:
         t = tensors[s.name]
         if tuple(t.shape) != s.shape:
             raise OffloadError(f"initial tensor {s.name} has shape {tuple(t.shape)}, expected {s.shape}")
-        master[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
-    return master
+        flat[s.offset : s.offset + s.numel].copy_(t.reshape(-1))
+    return flat

@@ -1,9 +1,11 @@
 """WeightStreamer: puts each unit's compute weights on DEVICE while it is needed.
 
-Resident units (``pre``, ``post``, the plan's resident layers) keep one DEVICE buffer for the
-whole run; the optimizer publishes their new weights into it. Streamed layers are loaded from
-their home (HOST or NVME, via the StateStore) into a fresh DEVICE buffer on ``acquire`` (or
-earlier by ``prefetch``), bound to the model's parameters, and released after use.
+A unit has up to two parts, each one flat buffer: its trainable weights and its frozen ones (see
+``Unit``). A part is resident (one DEVICE buffer for the whole run: ``pre``, ``post``, the plan's
+resident layers, and the trainable part beside a frozen one, e.g. LoRA adapters) or streamed
+(loaded from its home, HOST or NVME via the StateStore, into a fresh DEVICE buffer on ``acquire``
+or earlier by ``prefetch``, released after use). The optimizer publishes the new weights of
+resident trainable parts; frozen parts never change, so their loads wait for nothing.
 
 Threads: ``acquire``, ``release``, ``prefetch``, ``token`` and ``view`` run on the main thread;
 loads run on the ``loader`` thread (``overlap: false``: inline); ``publish`` runs on the optimizer
@@ -25,7 +27,7 @@ from torch import nn
 
 from offload.io.posix import aligned_empty
 from offload.tiers import Accountant, Tier
-from scheduler.model_map import Unit
+from scheduler.model_map import ParamSlot, Unit
 from scheduler.state_store import StateStore, done
 from scheduler.trace import Tracer
 from scheduler.unit_clock import UnitClock
@@ -36,15 +38,23 @@ class WeightToken:
     """A weight tensor autograd saved, as a view of its unit's flat buffer (re-fetched in backward)."""
 
     unit_index: int
+    part: int  # which flat buffer of the unit (0: trainable, 1: frozen)
     offset: int  # elements from the start of the flat buffer
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
 
 @dataclass
-class _Residency:
-    device_flat: torch.Tensor | None = None  # the unit's compute weights on DEVICE
-    load: Future[torch.Tensor] | None = None  # a requested load
+class _Part:
+    """One flat buffer of a unit: its trainable weights (``kind``: the StateStore kind they are
+    read from) or its frozen ones (``frozen``)."""
+
+    kind: str
+    slots: tuple[ParamSlot, ...]
+    numel: int
+    resident: bool
+    flat: torch.Tensor | None = None  # on DEVICE (bound to the parameters while acquired)
+    load: Future[torch.Tensor] | None = None  # a requested load (streamed parts)
 
 
 class WeightStreamer:
@@ -60,10 +70,16 @@ class WeightStreamer:
         self.tracer = tracer
         self.make_room = make_room  # waits for optimizer jobs to free DEVICE bytes (GradHandoff)
         self.dtype = state.compute_dtype
-        self._units = [_Residency() for _ in self.units]
+        self._parts = [self._unit_parts(u) for u in self.units]
         self._loader: ThreadPoolExecutor | None = None
         self.copy_stream: Any = None
         self._grad_reserve_bytes = max(u.numel for u in state.map.layer_units) * self._itemsize
+
+    def _unit_parts(self, u: Unit) -> list[_Part]:
+        trainable = _Part(self.placement.weights_kind, u.params, u.numel,
+                          self.placement.trainable_home(u.index, u.frozen_numel > 0) == Tier.DEVICE)
+        frozen = _Part("frozen", u.frozen, u.frozen_numel, self.placement.resident(u.index))
+        return [p for p in (trainable, frozen) if p.numel]
 
     @property
     def _itemsize(self) -> int:
@@ -80,42 +96,43 @@ class WeightStreamer:
             self._loader.shutdown(wait=True)
             self._loader = None
 
-    def place_resident(self, u: Unit, weights: torch.Tensor) -> None:
-        """Start-up: a resident unit's DEVICE buffer, holding its initial weights."""
-        flat = self._alloc(u)
-        flat.copy_(weights)
-        self._units[u.index].device_flat = flat
+    def place_resident(self, u: Unit, weights: torch.Tensor, frozen: bool = False) -> None:
+        """Start-up: a resident part's DEVICE buffer, holding its initial weights."""
+        for part in self._parts[u.index]:
+            if part.resident and (part.kind == "frozen") == frozen:
+                part.flat = self._alloc(u, part)
+                part.flat.copy_(weights)
 
     def bind_resident(self) -> None:
         for u in self.units:
-            if self.placement.resident(u.index):
-                self._bind(u)
+            self._bind(u, resident=True)
 
     # ---------------------------------------------------------------- main thread
     def acquire(self, unit_index: int) -> None:
-        """Make the unit's weights usable by the model (waits for its load or its update)."""
-        u, r = self.units[unit_index], self._units[unit_index]
-        if self.placement.resident(unit_index):
+        """Make the unit's weights usable by the model (waits for its loads, or for its update)."""
+        u, parts = self.units[unit_index], self._parts[unit_index]
+        if any(p.resident and p.kind != "frozen" for p in parts):
             with self.tracer.span("wait", f"update of {u.name}"):
                 self.clock.wait(unit_index)  # sync point: the unit's optimizer update has finished
-            return
-        if r.device_flat is None:
+        streamed = [p for p in parts if not p.resident and p.flat is None]
+        if streamed:
             self._request(unit_index)
-            assert r.load is not None
             with self.tracer.span("wait", f"weights of {u.name}"):
-                r.device_flat = r.load.result()  # sync point: the load has finished
-            r.load = None
-        self._bind(u)
+                for p in streamed:
+                    assert p.load is not None
+                    p.flat = p.load.result()  # sync point: the load has finished
+                    p.load = None
+        self._bind(u, resident=False)
 
     def release(self, unit_index: int) -> None:
-        """A streamed unit's weights leave DEVICE (resident units stay)."""
-        r = self._units[unit_index]
-        if self.placement.resident(unit_index) or r.device_flat is None:
-            return
-        self._unbind(self.units[unit_index])
-        if not self.placement.aliases_home:
-            self.acct.free(Tier.DEVICE, r.device_flat.numel() * r.device_flat.element_size())
-        r.device_flat = None
+        """A unit's streamed parts leave DEVICE (resident parts stay)."""
+        for part in self._parts[unit_index]:
+            if part.resident or part.flat is None:
+                continue
+            self._unbind(part)
+            if not self.placement.aliases_home:
+                self.acct.free(Tier.DEVICE, part.flat.numel() * part.flat.element_size())
+            part.flat = None
 
     def release_layers(self) -> None:
         for u in self.state.map.layer_units:
@@ -127,77 +144,92 @@ class WeightStreamer:
         if not self.placement.plan.overlap:
             return
         for i in layer_indices:
-            unit_index = i + 1
-            r = self._units[unit_index]
-            if not self.placement.resident(unit_index) and r.device_flat is None and r.load is None:
-                nbytes = self.units[unit_index].numel * self._itemsize
+            waiting = [p for p in self._parts[i + 1] if not p.resident and p.flat is None and p.load is None]
+            if waiting:
+                nbytes = sum(p.numel for p in waiting) * self._itemsize
                 if not self.acct.fits(Tier.DEVICE, nbytes + self._grad_reserve_bytes):
                     return  # no room now: it will be loaded on demand
-                self._request(unit_index)
+                self._request(i + 1)
+
+    def frozen_weights(self, u: Unit) -> torch.Tensor:
+        """A copy of a unit's frozen weights, from DEVICE when resident, else from their home."""
+        part = next(p for p in self._parts[u.index] if p.kind == "frozen")
+        if part.resident:
+            assert part.flat is not None
+            return part.flat.to("cpu", copy=True)
+        return self.state.read_unit(u, "frozen")
 
     def token(self, unit_index: int, t: torch.Tensor) -> WeightToken | None:
         """A saved tensor that is a view of the unit's weights, as a token (else None)."""
-        flat = self._units[unit_index].device_flat
-        if (flat is not None and t.device == flat.device and t.dtype == flat.dtype
-                and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()):
-            return WeightToken(unit_index, t.storage_offset() - flat.storage_offset(), tuple(t.shape), t.stride())
+        for k, part in enumerate(self._parts[unit_index]):
+            flat = part.flat
+            if (flat is not None and t.device == flat.device and t.dtype == flat.dtype
+                    and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()):
+                return WeightToken(unit_index, k, t.storage_offset() - flat.storage_offset(), tuple(t.shape), t.stride())
         return None
 
     def view(self, token: WeightToken) -> torch.Tensor:
-        flat = self._units[token.unit_index].device_flat
+        flat = self._parts[token.unit_index][token.part].flat
         assert flat is not None, "weights must be loaded before their layer's backward"
         return flat.as_strided(token.size, token.stride, flat.storage_offset() + token.offset)
 
     def _request(self, unit_index: int) -> None:
-        u, r = self.units[unit_index], self._units[unit_index]
-        if self.placement.resident(unit_index) or r.device_flat is not None or r.load is not None:
-            return
-        if not self.placement.aliases_home:
-            nbytes = u.numel * self._itemsize
-            self.make_room(nbytes)  # gradients waiting for the worker hold DEVICE memory
-            self.acct.alloc(Tier.DEVICE, nbytes, f"weights of {u.name}")
-        r.load = done(self._load(u)) if self._loader is None else self._loader.submit(self._load, u)
+        """Main thread: reserve DEVICE bytes for the unit's streamed parts and start their loads."""
+        u = self.units[unit_index]
+        for part in self._parts[unit_index]:
+            if part.resident or part.flat is not None or part.load is not None:
+                continue
+            if not self.placement.aliases_home:
+                nbytes = part.numel * self._itemsize
+                self.make_room(nbytes)  # gradients waiting for the worker hold DEVICE memory
+                self.acct.alloc(Tier.DEVICE, nbytes, f"weights of {u.name}")
+            part.load = (done(self._load(u, part)) if self._loader is None
+                         else self._loader.submit(self._load, u, part))
 
-    def _bind(self, u: Unit) -> None:
-        flat = self._units[u.index].device_flat
-        assert flat is not None
-        for s in u.params:
-            self.params[s.name].data = flat[s.offset : s.offset + s.numel].view(s.shape)
+    def _bind(self, u: Unit, resident: bool) -> None:
+        for part in self._parts[u.index]:
+            if part.resident != resident:
+                continue
+            flat = part.flat
+            assert flat is not None
+            for s in part.slots:
+                self.params[s.name].data = flat[s.offset : s.offset + s.numel].view(s.shape)
 
-    def _unbind(self, u: Unit) -> None:
+    def _unbind(self, part: _Part) -> None:
         empty = torch.empty(0, dtype=self.dtype, device=self.device)
-        for s in u.params:
+        for s in part.slots:
             self.params[s.name].data = empty
 
-    def _alloc(self, u: Unit, accounted: bool = False) -> torch.Tensor:
-        """A DEVICE flat buffer for a unit's weights; ``accounted``: bytes already reserved."""
+    def _alloc(self, u: Unit, part: _Part, accounted: bool = False) -> torch.Tensor:
+        """A DEVICE flat buffer for a part's weights; ``accounted``: bytes already reserved."""
         if not accounted:
-            self.acct.alloc(Tier.DEVICE, u.numel * self._itemsize, f"weights of {u.name}")
+            self.acct.alloc(Tier.DEVICE, part.numel * self._itemsize, f"weights of {u.name}")
         if self.device.type == "cpu":
-            return aligned_empty(u.numel * self._itemsize).view(self.dtype)
-        return torch.empty(u.numel, dtype=self.dtype, device=self.device)
+            return aligned_empty(part.numel * self._itemsize).view(self.dtype)
+        return torch.empty(part.numel, dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------- loader thread
-    def _load(self, u: Unit) -> torch.Tensor:
-        """Wait for the unit's pending update, then bring its weights to DEVICE."""
-        self.clock.wait(u.index)  # sync point: the worker has written this unit's new weights
+    def _load(self, u: Unit, part: _Part) -> torch.Tensor:
+        """Bring a streamed part's weights to DEVICE (trainable ones once their update landed)."""
+        if part.kind != "frozen":
+            self.clock.wait(u.index)  # sync point: the worker has written this unit's new weights
         if self.placement.aliases_home:
-            return self.state.host_weights(u)  # DEVICE is host memory: use the home copy in place
-        flat = self._alloc(u, accounted=True)
+            return self.state.host(u, part.kind)  # DEVICE is host memory: use the home copy in place
+        flat = self._alloc(u, part, accounted=True)
         if self.placement.plan.weights == Tier.HOST:
-            self._h2d(flat, self.state.host_weights(u))
+            self._h2d(flat, self.state.host(u, part.kind))
         elif self.device.type == "cpu":
-            self.state.read_weights(u, flat)
+            self.state.read_unit(u, part.kind, flat)
         else:
-            staging = torch.empty(u.numel, dtype=flat.dtype, pin_memory=True)
-            self.state.read_weights(u, staging)
+            staging = torch.empty(part.numel, dtype=flat.dtype, pin_memory=True)
+            self.state.read_unit(u, part.kind, staging)
             self._h2d(flat, staging)
         return flat
 
     # ---------------------------------------------------------------- optimizer worker thread
     def publish(self, u: Unit, a: int, b: int, weights: torch.Tensor) -> None:
-        """A resident unit's new weights [a, b) into its DEVICE buffer."""
-        flat = self._units[u.index].device_flat
+        """A resident trainable part's new weights [a, b) into its DEVICE buffer."""
+        flat = self._parts[u.index][0].flat
         assert flat is not None
         self._h2d(flat[a:b], weights)
 
