@@ -1,4 +1,5 @@
-"""Typed, validated configuration of a training run: one YAML file, four sections.
+"""Typed, validated configuration of a training run: one YAML file, four sections (and ``peft``,
+when the run trains LoRA adapters).
 
 ```yaml
 model:
@@ -57,6 +58,7 @@ STATE_DTYPES = ("float32", "bfloat16")
 IO_BACKENDS = ("auto", "kvikio", "posix", "aio")
 OPTIMIZER_IMPLS = ("auto", "deepspeed", "torch")
 ENGINES = ("native", "reference")
+PEFT_BIASES = ("none", "all", "lora_only")
 NAN_POLICIES = ("stop", "skip")
 EVAL_STRATEGIES = ("no", "steps")
 REPORT_TO = ("none", "tensorboard")
@@ -550,14 +552,56 @@ class OffloadConfig:
         _check_int(self, "io_threads", ge=1)
 
 
+@dataclass(kw_only=True)
+class PeftSection:
+    """LoRA adapters on a frozen, streamed base (PEFT's ``LoraConfig`` names and defaults). The run
+    trains adapters only when the config has a ``peft`` section (``peft: {}`` takes every default)."""
+
+    _section: ClassVar[str] = "peft"
+    _examples: ClassVar[dict[str, str]] = {"target_modules": "[q_proj, v_proj]",
+                                           "adapter_name_or_path": "runs/sft/final"}
+
+    r: int = 8
+    """Rank of the adapters."""
+    lora_alpha: float = 8
+    """Scale numerator: the update is B A x times lora_alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (masks identical under recompute)."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names (or name suffixes) that get adapters, a regex, or all-linear (every linear
+    layer but the LM head)."""
+    bias: str = "none"
+    """Biases trained too: none, all or lora_only (as PEFT)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full beside the adapters (e.g. [lm_head]); their copy is saved too."""
+    adapter_name_or_path: str | None = None
+    """Continue from a PEFT adapter folder (its adapter_config.json replaces the keys above)."""
+
+    def __post_init__(self) -> None:
+        _check_int(self, "r", ge=1)
+        _check_float(self, "lora_alpha", gt=0)
+        _check_float(self, "lora_dropout", ge=0, lt=1)
+        targets = self.target_modules
+        if not ((isinstance(targets, str) and targets.strip())
+                or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
+            _fail(self, "target_modules", "all-linear, a module name regex, or a list of module names", targets)
+        _check_choice(self, "bias", PEFT_BIASES)
+        if self.modules_to_save is not None and not (
+                isinstance(self.modules_to_save, list) and all(isinstance(t, str) and t for t in self.modules_to_save)):
+            _fail(self, "modules_to_save", "a list of module names or null", self.modules_to_save)
+        _check_str(self, "adapter_name_or_path", optional=True)
+
+
 @dataclass
 class RunConfig:
-    """A whole run: ``RunConfig(model, data, train, offload)``."""
+    """A whole run: ``RunConfig(model, data, train, offload, peft)``."""
 
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    peft: PeftSection | None = None
+    """LoRA on a frozen base when set; None: every weight trains."""
 
     def __post_init__(self) -> None:
         if self.model.state_dtype != "float32" and self.offload.optimizer_impl == "deepspeed":
@@ -571,6 +615,14 @@ class RunConfig:
                               f"{self.model.state_dtype}; set model.state_dtype: {self.model.dtype} (pure "
                               f"{self.model.dtype}) or model.dtype: float32, or use engine: native")
 
+        if self.peft is not None and self.model.state_dtype != "float32":
+            key = "model.state_dtype"
+            raise ConfigError(f"{key} {self.model.state_dtype}{_where(key)} with a peft section: the frozen base "
+                              f"has no optimizer state and the adapters' is small; keep state_dtype: float32 "
+                              f"(model.dtype sets the base's dtype)")
+        if self.peft is not None and self.offload.engine == "reference":
+            key = "offload.engine"
+            raise ConfigError(f"{key} reference{_where(key)} does not train LoRA adapters; use engine: native")
         if self.train.eval_strategy == "steps" and self.data.eval_path is None:
             key = "train.eval_strategy"
             raise ConfigError(f"{key} steps{_where(key)} needs data.eval_path: set it to the evaluation data "
@@ -594,11 +646,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values by section, every key present (defaults filled in, ``auto`` and sizes as
         written); ``config_from_dict`` of it gives an equal RunConfig."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS
+                if getattr(self, name) is not None}
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-                             "offload": OffloadConfig}
+                             "offload": OffloadConfig, "peft": PeftSection}
+OPTIONAL_SECTIONS = frozenset({"peft"})
+"""Sections that are off unless the config has them (every other section is built from its defaults)."""
 _MAPPING_KEYS = frozenset({"model.config"})
 """Keys whose value is a free-form mapping: ``--set`` may reach inside them."""
 
@@ -620,11 +675,12 @@ def _build(d: object, origin: _Origin) -> RunConfig:
     for name in d:
         if name not in SECTIONS:
             raise ConfigError(f"unknown section {str(name)!r} in {origin.source}; {_suggest(name, list(SECTIONS))}")
-    raw = {name: _section_keys(cls, name, d.get(name), origin.source) for name, cls in SECTIONS.items()}
-    for name, cls in SECTIONS.items():
+    present = {name: cls for name, cls in SECTIONS.items() if name not in OPTIONAL_SECTIONS or name in d}
+    raw = {name: _section_keys(cls, name, d.get(name), origin.source) for name, cls in present.items()}
+    for name, cls in present.items():
         _check_required(cls, name, raw[name], origin.source)
     with _origin(origin):
-        return RunConfig(**{name: cls(**_deep_copy(raw[name])) for name, cls in SECTIONS.items()})
+        return RunConfig(**{name: cls(**_deep_copy(raw[name])) for name, cls in present.items()})
 
 
 def _section_keys(cls: type, name: str, raw: object, source: str) -> Mapping[str, Any]:

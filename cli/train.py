@@ -99,6 +99,12 @@ def build_context(cfg: Any) -> RunContext:
         read_model_extras(model, Path(m.name_or_path))  # generation config: sampling settings, eos ids
     else:
         initializer = RandomInit(model)
+    if cfg.peft is not None:  # LoRA: the base becomes frozen parameters, the adapters PEFT's
+        from cli.lora import LoraInit, apply_lora, base_name, random_init_name
+
+        model, adapters = apply_lora(model, cfg.peft)
+        initializer = (LoraInit(initializer, adapters, base_name) if m.name_or_path
+                       else LoraInit(RandomInit(model), adapters, random_init_name))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device,
                       evaluator)
@@ -341,8 +347,7 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
         bar.close()
         metrics_log.close()
     engine.synchronize()
-    final = write_hf_model(run_dir / "final", _named_masters(engine), len(engine.units), ctx.model,
-                           ctx.dtype, ctx.tokenizer)
+    final = _write_final(ctx, engine)
     m = engine.metrics()
     elapsed = time.perf_counter() - t_start
     print(f"done: {total_steps - start_step} steps in {elapsed:.1f} s, {tokens_total} tokens "
@@ -496,6 +501,21 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def _write_final(ctx: RunContext, engine: Engine) -> Path:
+    """``final/``: the model in the hub layout, or with a ``peft`` section the adapter folder."""
+    out = ctx.run_dir / "final"
+    if ctx.cfg.peft is None:
+        return write_hf_model(out, _named_masters(engine), len(engine.units), ctx.model, ctx.dtype, ctx.tokenizer)
+    from cli.lora import save_adapter
+
+    trained = ((s.name, master[s.offset : s.offset + s.numel].view(s.shape))  # adapters only: the base is not read
+               for u, master in engine.unit_masters() for s in u.params)
+    save_adapter(ctx.model, out, trained)
+    if ctx.tokenizer is not None:
+        ctx.tokenizer.save_pretrained(out)
+    return out
+
+
 def _named_masters(engine: Engine):  # noqa: ANN202 - generator
     for unit, slots, flat in engine.unit_weights():  # the Adam states are not needed: not read
         yield unit.name, slots, flat
@@ -512,7 +532,12 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     from scheduler.plan_report import format_report, plan_record
 
     hf_config = load_model_config(cfg)
-    shape = shape_from_model(empty_model(hf_config, trust_remote_code=cfg.model.trust_remote_code), hf_config)
+    model = empty_model(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.peft is not None:  # adapters on a frozen base: their shapes are what the plan needs
+        from cli.lora import apply_lora
+
+        model, _ = apply_lora(model, cfg.peft, init=False)
+    shape = shape_from_model(model, hf_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     job = plan_job(cfg, hf_config, shape, device, profile_path)
     choice = job.choice

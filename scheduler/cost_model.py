@@ -143,16 +143,19 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
     w_layer = shape.layer_numel * w
     R = len(plan.resident_layers)
     K = min(plan.turn_keep, L - R)
-    n = shape.total_numel
+    n = shape.trainable_numel  # gradients and optimizer state: trainable parameters only
     rows: list[tuple[str, Tier, int]] = [
         # DEVICE: embeddings and head stay; (1 + prefetch) layers in flight; resident + turn layers
         ("embeddings + head weights", Tier.DEVICE, (shape.pre_numel + shape.post_numel) * w),
         (IN_FLIGHT, Tier.DEVICE, (1 + plan.prefetch_depth) * w_layer if R < L else 0),
         ("resident + turn layer weights", Tier.DEVICE, (R + K) * w_layer),
-        # (none when they are the master weights themselves)
-        ("layer weights streamed", plan.weights, 0 if rules.weights_are_master else (L - R) * w_layer),
+        # (none when they are the master weights themselves; frozen weights: always, written once)
+        ("layer weights streamed", plan.weights, (L - R) * shape.streamed_layer_numel * w
+         if shape.frozen or not rules.weights_are_master else 0),
+        # trainable weights beside frozen ones (adapters) stay on DEVICE
+        ("adapter weights", Tier.DEVICE, (L - R) * shape.layer_trainable_numel * w if shape.frozen else 0),
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
-        ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_unit_numel * w),
+        ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_trainable_unit_numel * w),
         (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
         (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if wl.grads_kept else 0),
         *_activation_rows(rules, act),
@@ -164,7 +167,7 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         # transient compute memory of one layer or the LM head (largest)
         (WORKING_MEMORY, Tier.DEVICE, act.work),
         # optimizer worker: double-buffered chunk-wide rows (grad, stored grad, master, m, v)
-        ("optimizer staging", Tier.HOST, rules.staging_bytes(shape.largest_unit_numel)),
+        ("optimizer staging", Tier.HOST, rules.staging_bytes(shape.largest_trainable_unit_numel)),
     ]
     if plan.weights == Tier.NVME or plan.optimizer == Tier.NVME or plan.grads == Tier.NVME:
         # every unit's chunks become 4 KiB-aligned extents: at most one block lost per extent
@@ -244,11 +247,11 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
              timing: LayerTiming | None = None) -> Estimate:
     """Predict one step. ``timing``: measured layer times replace FLOPs / matmul rate."""
     gpu = profile.h2d_gbps is not None
-    w, L, M, N = wl.itemsize, shape.n_layers, wl.grad_accum, shape.total_numel
+    w, L, M, N = wl.itemsize, shape.n_layers, wl.grad_accum, shape.trainable_numel
     R = len(plan.resident_layers)
     S = L - R
     K = min(plan.turn_keep, S)
-    w_layer = shape.layer_numel * w
+    w_layer = shape.streamed_layer_numel * w  # what a load moves
     act = activation_bytes(shape, wl, timing)
 
     # ---- compute: forward F = L * layer + head; backward = 2 F; recompute = L * layer
@@ -263,10 +266,10 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     loads = M * (2 * S - K) * w_layer
     if plan.weights == Tier.NVME:
         ssd_read += loads
-        if not wl.placement(plan, shape).weights_are_master:
+        if not wl.placement(plan, shape).weights_are_master and not shape.frozen:
             ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
-    if gpu:
-        h2d += loads + (N - S * shape.layer_numel) * w  # + updated weights of resident units
+    if gpu:  # + updated weights of resident units (every trainable one beside a frozen base)
+        h2d += loads + (N - (0 if shape.frozen else S * shape.layer_numel)) * w
     # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
     # step, 3 o bytes each way
     if plan.optimizer == Tier.NVME:
@@ -354,7 +357,10 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
     step = lanes[bottleneck]
     if gpu and wl.deferred:
         forward_s = t["compute"] / 3
-        optimizer_s = max(lanes["cpu_adam"], ssd)
+        # a frozen base streams during forward and backward: the optimizer pass moves only the
+        # adapters' state and kept gradients
+        optimizer_ssd_s = _optimizer_ssd_s(plan, shape, wl, profile) if shape.frozen else ssd
+        optimizer_s = max(lanes["cpu_adam"], optimizer_ssd_s)
         serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
         if serial > step:
             step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"
@@ -363,15 +369,25 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
         serial = t["compute"] + t["recompute"] + max(lanes["cpu_adam"], ssd) * 2 / 3
         if serial > step:
             step, bottleneck = serial, "backward waiting for the optimizer (job_slots 1)"
-    w_layer = shape.layer_numel * wl.itemsize
+    w_layer = shape.streamed_layer_numel * wl.itemsize
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
         rate = profile.ssd_read_gbps if plan.weights == Tier.NVME else (profile.h2d_gbps or 0.0)
         if rate > 0:
             step += wl.grad_accum * w_layer / (rate * 1e9)
     if plan.optimizer == Tier.NVME:
-        step += wl.optimizer_bytes_per_param * shape.pre_numel * (
+        step += wl.optimizer_bytes_per_param * shape.pre_trainable_numel * (
             1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))
     return step, bottleneck
+
+
+def _optimizer_ssd_s(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile) -> float:
+    """SSD time of a deferred optimizer pass alone: master + Adam states read and written, the
+    kept gradients read (trainable parameters only)."""
+    n = shape.trainable_numel
+    read = (wl.optimizer_bytes_per_param * n if plan.optimizer == Tier.NVME else 0) + (
+        wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0)
+    write = wl.optimizer_bytes_per_param * n if plan.optimizer == Tier.NVME else 0
+    return read / (profile.ssd_read_gbps * 1e9) + write / (profile.ssd_write_gbps * 1e9)
 
 
 def _state_name(wl: Workload) -> str:

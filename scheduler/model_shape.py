@@ -32,6 +32,10 @@ class ModelShape:
     fused_attention: bool = False
     """Attention runs in a fused kernel (SDPA, flash): no score matrix is materialized or saved.
     False (eager attention, or unknown) counts the scores: an upper bound."""
+    trainable: tuple[int, int, int] | None = None
+    """(pre, largest layer, post) trainable parameters when some are frozen (LoRA adapters on a
+    frozen base: only these have gradients and optimizer state); None: every parameter trains.
+    The ``*_numel`` counts above are all weights, trainable or not."""
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.layer_numel, self.hidden, self.n_heads, self.vocab) < 1:
@@ -44,6 +48,39 @@ class ModelShape:
     @property
     def largest_unit_numel(self) -> int:
         return max(self.layer_numel, self.pre_numel, self.post_numel)
+
+    @property
+    def frozen(self) -> bool:
+        """Some weights are frozen: stored once, streamed, no state (``Unit.frozen``)."""
+        return self.trainable is not None
+
+    @property
+    def _trainable(self) -> tuple[int, int, int]:
+        return self.trainable if self.trainable is not None else (self.pre_numel, self.layer_numel, self.post_numel)
+
+    @property
+    def layer_trainable_numel(self) -> int:
+        return self._trainable[1]
+
+    @property
+    def pre_trainable_numel(self) -> int:
+        return self._trainable[0]
+
+    @property
+    def trainable_numel(self) -> int:
+        """Parameters with gradients and optimizer state."""
+        pre, layer, post = self._trainable
+        return pre + self.n_layers * layer + post
+
+    @property
+    def largest_trainable_unit_numel(self) -> int:
+        return max(self._trainable)
+
+    @property
+    def streamed_layer_numel(self) -> int:
+        """Weights of a streamed layer that travel from their tier: all of them, or only the
+        frozen ones (trainable weights beside frozen ones stay on DEVICE, ``Placement``)."""
+        return self.layer_numel - self.layer_trainable_numel if self.frozen else self.layer_numel
 
 
 def _dims(hf_config: Any) -> dict[str, int]:
@@ -71,9 +108,11 @@ def shape_from_model(model: nn.Module, hf_config: Any) -> ModelShape:
     """Counts from a built model (meta or real) and dimensions from its config."""
     mm = build_model_map(model)
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return ModelShape(n_layers=len(mm.layer_units), layer_numel=max(u.numel for u in mm.layer_units),
-                      pre_numel=mm.pre.numel, post_numel=mm.post.numel,
-                      fused_attention=attn not in (None, "eager"), **_dims(hf_config))
+    frozen = any(u.frozen for u in mm.units)
+    trainable = (mm.pre.numel, max(u.numel for u in mm.layer_units), mm.post.numel) if frozen else None
+    return ModelShape(n_layers=len(mm.layer_units), layer_numel=max(u.numel + u.frozen_numel for u in mm.layer_units),
+                      pre_numel=mm.pre.numel + mm.pre.frozen_numel, post_numel=mm.post.numel + mm.post.frozen_numel,
+                      fused_attention=attn not in (None, "eager"), trainable=trainable, **_dims(hf_config))
 
 
 def shape_from_config(hf_config: Any, trust_remote_code: bool = False) -> ModelShape:

@@ -47,7 +47,9 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
         rate = profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.0))
         compute_basis = f"compute from FLOPs at {rate:.2f} TFLOPS ({wl.compute_dtype} matmul)"
     out = [
-        f"model: {_count(shape.total_numel)} parameters, {shape.n_layers} layers "
+        f"model: {_count(shape.total_numel)} parameters"
+        f"{f' ({_count(shape.trainable_numel)} trainable: LoRA adapters on a frozen base)' if shape.frozen else ''}, "
+        f"{shape.n_layers} layers "
         f"(hidden {shape.hidden}, vocab {shape.vocab}); batch {wl.micro_batch} x {wl.seq_len} tokens, "
         f"gradient accumulation {wl.grad_accum}, {wl.compute_dtype}",
         f"machine: {profile.machine}; SSD {profile.ssd_read_gbps:.2f} / {profile.ssd_write_gbps:.2f} GB/s read / "

@@ -150,10 +150,10 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
                 f"{format_bytes(device_need - device_total)} short; raise offload.gpu_memory_limit or "
                 f"lower train.micro_batch_size / data.seq_len")
     # The state that must live somewhere off the device: optimizer, kept gradients, weights.
-    n = shape.total_numel
+    n = shape.trainable_numel
     state = wl.optimizer_bytes_per_param * n + (wl.grad_bytes_per_param * n if wl.grads_kept else 0)
-    if wl.state_dtype != wl.compute_dtype:  # else the weights are the master weights
-        state += shape.n_layers * shape.layer_numel * wl.itemsize
+    if wl.state_dtype != wl.compute_dtype or shape.frozen:  # else the weights are the master weights
+        state += shape.n_layers * shape.streamed_layer_numel * wl.itemsize
     versions = wl.checkpoint_versions * wl.optimizer_bytes_per_param * n
     room = budgets.nvme_bytes + max(host_total - STAGING_ARRAYS * wl.state_itemsize * MAX_CHUNK_NUMEL, 0)
     if state > room:

@@ -1,0 +1,186 @@
+"""LoRA through PEFT on an empty (meta) model: adapters made, initialized, loaded and saved by
+the ``peft`` library; the base weights stay frozen and are streamed from their checkpoint.
+
+``apply_lora`` wraps the empty model with PEFT's own modules (``get_peft_model``): every base
+weight becomes a frozen parameter (``Unit.frozen``: stored once, streamed, no optimizer state),
+the adapters the trainable ones. The adapters' starting values are PEFT's: its initialization
+(``reset_lora_parameters``: A as ``nn.Linear``, B = 0) for a fresh adapter, or an adapter folder
+read by ``load_peft_weights`` and mapped onto the model's names by ``set_peft_model_state_dict``.
+``save_adapter`` writes ``final/`` as PEFT does (``adapter_config.json``,
+``adapter_model.safetensors``), for ``PeftModel.from_pretrained(base, final)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from offload.errors import OffloadError
+from scheduler.model_map import ParamSlot, Unit
+
+ADAPTER = "default"
+_PEFT_WRAPPING = re.compile(r"\.(base_layer|original_module|modules_to_save\.default)(?=\.)")
+
+
+def base_name(name: str) -> str:
+    """The base model's name of a parameter of the PEFT-wrapped model (``base_model.model.``
+    prefix, ``.base_layer``, ``.original_module`` and ``.modules_to_save.default`` removed)."""
+    return _PEFT_WRAPPING.sub("", name.removeprefix("base_model.model."))
+
+
+def is_adapter(name: str) -> bool:
+    """A LoRA factor (``lora_A``/``lora_B``/``lora_embedding_*``/``lora_magnitude_vector``)."""
+    return ".lora_" in name
+
+
+def lora_config(section: Any) -> Any:
+    """PEFT's ``LoraConfig`` from the ``peft`` config section (an adapter folder's own config
+    when ``adapter_name_or_path`` is set)."""
+    from peft import LoraConfig, PeftConfig
+
+    if section.adapter_name_or_path is not None:
+        path = Path(section.adapter_name_or_path)
+        if not (path / "adapter_config.json").exists():
+            raise OffloadError(f"peft.adapter_name_or_path: {path} is not a PEFT adapter folder (no "
+                               f"adapter_config.json); give a folder written by save_pretrained of a PeftModel")
+        cfg = PeftConfig.from_pretrained(str(path))
+        if not isinstance(cfg, LoraConfig):
+            raise OffloadError(f"peft.adapter_name_or_path: {path} holds a {cfg.peft_type} adapter; only LoRA "
+                               f"adapters are trained here")
+        cfg.inference_mode = False
+        return cfg
+    targets = section.target_modules
+    return LoraConfig(r=section.r, lora_alpha=section.lora_alpha, lora_dropout=section.lora_dropout,
+                      target_modules=targets, bias=section.bias, modules_to_save=section.modules_to_save,
+                      task_type="CAUSAL_LM")
+
+
+def apply_lora(model: nn.Module, section: Any, init: bool = True) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Wrap the empty ``model`` with LoRA adapters; returns the PEFT model and the adapters'
+    starting tensors by parameter name (small, in RAM; none with ``init=False``: a plan needs
+    the shapes only)."""
+    from peft import get_peft_model
+
+    cfg = lora_config(section)
+    _check_targets(model, cfg)
+    try:
+        # adapters made on the meta device: their values come from _fresh_adapters or the folder
+        wrapped = get_peft_model(model, cfg, adapter_name=ADAPTER, low_cpu_mem_usage=True)
+    except ValueError as err:
+        raise OffloadError(f"peft: {str(err).splitlines()[0]}") from None
+    if not init:
+        return wrapped, {}
+    if section.adapter_name_or_path is not None:
+        adapters = _read_adapter(wrapped, Path(section.adapter_name_or_path))
+    else:
+        adapters = _fresh_adapters(wrapped, cfg)
+    return wrapped, adapters
+
+
+def _check_targets(model: nn.Module, cfg: Any) -> None:
+    """Every ``target_modules`` entry must match a module (PEFT itself only checks that one does)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = cfg.target_modules
+    if targets is None or isinstance(targets, str):
+        return  # a regex or "all-linear": PEFT says when nothing matches
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in targets:
+        probe = type(cfg)(target_modules=[entry])
+        if not any(check_target_module_exists(probe, n) for n in names):
+            raise OffloadError(f"peft.target_modules: {entry!r} matches no module of {type(model).__name__} "
+                               f"(its linear layers are named e.g. {', '.join(_linear_names(model)[:6])}); fix "
+                               f"the name or use target_modules: all-linear")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    seen: list[str] = []
+    for name, module in model.named_modules():
+        short = name.rpartition(".")[2]
+        if isinstance(module, nn.Linear) and short not in seen:
+            seen.append(short)
+    return seen
+
+
+def _fresh_adapters(wrapped: nn.Module, cfg: Any) -> dict[str, torch.Tensor]:
+    """PEFT initializes adapters on the device of their base layer (meta here): give them host
+    memory and run PEFT's own initialization (``reset_lora_parameters``) there."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in wrapped.modules():
+        if isinstance(module, LoraLayer):
+            for holder in (module.lora_A, module.lora_B):
+                if ADAPTER in holder:
+                    holder[ADAPTER].to_empty(device="cpu")
+            module.reset_lora_parameters(ADAPTER, cfg.init_lora_weights)
+    return {n: p.detach().clone() for n, p in wrapped.named_parameters() if p.requires_grad and is_adapter(n)}
+
+
+def _read_adapter(wrapped: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """An adapter folder's tensors by the model's parameter names, mapped by PEFT's own
+    ``set_peft_model_state_dict`` (its final ``load_state_dict`` is caught: the model is empty)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    saved = load_peft_weights(str(path), device="cpu")
+    mapped: dict[str, torch.Tensor] = {}
+
+    def catch(state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False) -> Any:
+        mapped.update(state_dict)
+        return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    wrapped.load_state_dict = catch  # type: ignore[method-assign]
+    try:
+        set_peft_model_state_dict(wrapped, saved, adapter_name=ADAPTER)
+    finally:
+        del wrapped.load_state_dict
+    shapes = {n: tuple(p.shape) for n, p in wrapped.named_parameters() if p.requires_grad}
+    for name, shape in shapes.items():
+        got = mapped.get(name)
+        if got is None:
+            raise OffloadError(f"peft.adapter_name_or_path: {path} has no tensor for {name}; the folder does not "
+                               f"match its own adapter_config.json")
+        if tuple(got.shape) != shape:
+            raise OffloadError(f"peft.adapter_name_or_path: {path} was made for another base model: {name} has "
+                               f"shape {list(got.shape)} there and {list(shape)} here; give the adapter of this "
+                               f"model.name_or_path")
+    return {n: mapped[n].to(torch.float32) for n in shapes}
+
+
+class LoraInit:
+    """Starting tensors of one unit of the PEFT model: base weights (and the trainable copies of
+    ``modules_to_save``) from the base model's initializer under their base names, adapters
+    from ``apply_lora``."""
+
+    def __init__(self, base: Callable[[Unit], dict[str, torch.Tensor]], adapters: dict[str, torch.Tensor],
+                 rename: Callable[[str], str]) -> None:
+        self.base = base
+        self.adapters = adapters
+        self.rename = rename  # a PEFT parameter name -> the name ``base`` knows
+
+    def __call__(self, unit: Unit) -> dict[str, torch.Tensor]:
+        from_base = [s for s in unit.all_params if s.name not in self.adapters]
+        out = {s.name: self.adapters[s.name] for s in unit.all_params if s.name in self.adapters}
+        if from_base:
+            renamed = Unit(unit.name, unit.index, unit.modules,
+                           tuple(ParamSlot(self.rename(s.name), s.shape, s.offset, s.numel) for s in from_base))
+            got = self.base(renamed)
+            out.update({s.name: got[self.rename(s.name)] for s in from_base})
+        return out
+
+
+def random_init_name(name: str) -> str:
+    """Random init runs on the PEFT model itself: a trainable copy starts as its original."""
+    return name.replace(".modules_to_save.default.", ".original_module.")
+
+
+def save_adapter(wrapped: Any, out_dir: Path, named: Iterable[tuple[str, torch.Tensor]]) -> Path:
+    """``final/`` as PEFT writes it (``PeftModel.save_pretrained`` with the trained tensors)."""
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    state = {name: t for name, t in named if name in trainable}
+    wrapped.save_pretrained(str(out_dir), state_dict=state, save_embedding_layers=False)
+    return out_dir
