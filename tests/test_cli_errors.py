@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from runs import one_line_error, read_metrics, train_args, write_run_config
 
 from cli.main import main
 from offload.io.posix import PosixBackend
 from offload.store import SwapStore
+from runs import one_line_error, read_metrics, train_args, write_run_config
 
 
 def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str) -> str:

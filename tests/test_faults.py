@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import assert_same_run, final_weights, one_line_error, train_args, write_run_config
 from safetensors.torch import load_file
 
 from cli import checkpoint as ckpt_io
 from cli.main import main
 from offload.faults import FAULT_ENV
 from offload.store import DATA_FILE_NAME
+from runs import assert_same_run, final_weights, one_line_error, train_args, write_run_config
 
 
 def train_subprocess(cfg: Path, fault: str | None) -> subprocess.CompletedProcess[str]:
