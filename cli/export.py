@@ -109,9 +109,10 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> Path:
+def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None, merge: bool = False) -> Path:
     """``offload-train export RUN_DIR OUT_DIR``: the latest checkpoint of a run, in HF format;
-    ``export RUN_DIR/checkpoints/step-N OUT_DIR``: that checkpoint."""
+    ``export RUN_DIR/checkpoints/step-N OUT_DIR``: that checkpoint. A LoRA run (``peft``
+    section) exports its adapter folder, or with ``merge`` the base with the adapter merged in."""
     from transformers import AutoConfig
 
     from cli.checkpoint import SWAP_FILE
@@ -124,6 +125,10 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> P
             raise OffloadError(f"{run_dir} has no checkpoints/step-N to export; train with "
                                f"train.save_steps > 0, or point at a run folder or one of its checkpoints")
         ckpt = found[-1].path
+    if merge or _trains_adapters(run_dir):
+        from cli.lora import export_lora
+
+        return export_lora(run_dir, ckpt, out_dir, merge, DTYPES[dtype_name] if dtype_name else None)
     hf_config = AutoConfig.from_pretrained(ckpt)
     dtype = DTYPES[dtype_name] if dtype_name else (getattr(hf_config, "dtype", None) or torch.float32)
     if isinstance(dtype, str):
@@ -140,3 +145,13 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None) -> P
     model = empty_model(hf_config)  # meta device: its structure names the exported tensors
     read_model_extras(model, ckpt)
     return write_hf_model(out_dir, units.named_masters(), len(units.layout), model, dtype, tokenizer)
+
+
+def _trains_adapters(run_dir: Path) -> bool:
+    """The run's resolved config (``config.yaml``) has a ``peft`` section."""
+    import yaml
+
+    try:
+        return "peft" in (yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return False

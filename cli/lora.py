@@ -184,3 +184,75 @@ def save_adapter(wrapped: Any, out_dir: Path, named: Iterable[tuple[str, torch.T
     state = {name: t for name, t in named if name in trainable}
     wrapped.save_pretrained(str(out_dir), state_dict=state, save_embedding_layers=False)
     return out_dir
+
+
+def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: torch.dtype | None) -> Path:
+    """``export`` of a LoRA run's checkpoint: its adapter as a PEFT folder, or with ``merge`` the
+    base with the adapter merged in (PEFT's ``merge``), in the hub layout, one unit in memory at a
+    time. The base comes from the run's ``model.name_or_path``; the adapter from ``ckpt``."""
+    from cli.checkpoint import CheckpointUnits
+    from cli.config import load_config
+    from cli.export import write_hf_model
+    from cli.train import load_model_config
+    from scheduler.materialize import empty_model
+
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.peft is None:
+        raise OffloadError(f"{run_dir} trained every weight, not LoRA adapters: export it without --merge")
+    trained = {s.name: flat[s.offset : s.offset + s.numel].view(s.shape)
+               for _, slots, flat in CheckpointUnits(ckpt).named_masters() for s in slots}
+    hf_config = load_model_config(cfg)
+    wrapped, _ = apply_lora(empty_model(hf_config), cfg.peft, init=False)
+    if not merge:
+        return save_adapter(wrapped, out_dir, trained.items())
+    if cfg.model.name_or_path is None:
+        raise OffloadError(f"{run_dir} trained adapters on a randomly initialized base (model.config): there "
+                           f"is no base checkpoint to merge them into; export without --merge")
+    from scheduler.hf_checkpoint import CheckpointInit
+    from scheduler.model_map import build_model_map
+
+    plain = empty_model(load_model_config(cfg))  # names the exported tensors, as save_pretrained would
+    base = CheckpointInit(cfg.model.name_or_path, plain)
+    units = build_model_map(wrapped).units
+    merged = (_merged_unit(wrapped, u, base, trained) for u in units)
+    out_dtype = dtype or getattr(torch, cfg.model.dtype)
+    tokenizer = None
+    if (run_dir / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    return write_hf_model(out_dir, merged, len(units), plain, out_dtype, tokenizer)
+
+
+def _merged_unit(wrapped: nn.Module, u: Unit, base: Callable[[Unit], dict[str, torch.Tensor]],
+                 trained: dict[str, torch.Tensor]) -> tuple[str, list[ParamSlot], torch.Tensor]:
+    """One unit's weights under their base names: the base, trained copies of ``modules_to_save``
+    in place of their originals, and every LoRA layer merged by PEFT (``LoraLayer.merge``)."""
+    from peft.tuners.lora import LoraLayer
+
+    names = [s.name for s in u.all_params]
+    copies = {base_name(n) for n in names if ".modules_to_save." in n}
+    from_base = [s for s in u.all_params if not is_adapter(s.name) and base_name(s.name) not in copies]
+    got = base(Unit(u.name, u.index, u.modules, tuple(
+        ParamSlot(base_name(s.name), s.shape, s.offset, s.numel) for s in from_base)))
+    weights = {base_name(s.name): got[base_name(s.name)] for s in from_base}
+    weights.update({base_name(n): trained[n] for n in names if ".modules_to_save." in n})
+    qualified = {id(m): n for n, m in wrapped.named_modules()}
+    for layer in (m for mod in u.modules for m in mod.modules() if isinstance(m, LoraLayer)):
+        prefix = qualified[id(layer)]
+        key = base_name(f"{prefix}.base_layer.weight")
+        holders = [(layer.base_layer, weights[key])] + [
+            (holder[ADAPTER], trained[f"{prefix}.{kind}.{ADAPTER}.weight"])
+            for kind, holder in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))]
+        for module, value in holders:
+            module.weight = nn.Parameter(value.to(torch.float32).clone(), requires_grad=False)
+        layer.merge(adapter_names=[ADAPTER])
+        weights[key] = layer.base_layer.weight.data
+        for module, value in holders:  # back to meta: nothing of this unit stays in memory
+            module.weight = nn.Parameter(torch.empty(value.shape, device="meta"), requires_grad=False)
+        layer.merged_adapters.clear()
+    slots, offset = [], 0
+    for name, t in weights.items():
+        slots.append(ParamSlot(name, tuple(t.shape), offset, t.numel()))
+        offset += t.numel()
+    return u.name, slots, torch.cat([t.reshape(-1).to(torch.float32) for t in weights.values()])

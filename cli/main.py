@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="where to write the model")
     export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="weights dtype (default: the model's)")
+    export.add_argument("--merge", action="store_true",
+                        help="a LoRA run: the base with the adapter merged in (default: the adapter folder)")
     clean = sub.add_parser("clean", help="show what a run's swap holds and give the space back (dry run "
                                          "unless --yes)")
     clean.add_argument("run_dir", help="the run folder (train.output_dir)")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from cli.export import export_run
 
-            out = export_run(Path(args.run_dir), Path(args.out_dir), args.dtype)
+            out = export_run(Path(args.run_dir), Path(args.out_dir), args.dtype, merge=args.merge)
             print(f"exported to {out}")
             return 0
     except OffloadError as err:

@@ -102,6 +102,20 @@ def test_lora_run_matches_trainer_with_peft(tmp_path):
     for name, w in want.items():
         assert (got[name] - w).abs().max().item() <= 1e-5, name
     assert max((got[n] - start[n]).abs().max().item() for n in got) > 1e-4  # both factors learned
+    # export: the adapter of the last checkpoint (= final/), and --merge: what PEFT's
+    # merge_and_unload gives, in the hub layout, loadable by from_pretrained
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "adapter-out")]) == 0
+    exported = adapter_weights(tmp_path / "adapter-out", base)
+    assert all(torch.equal(exported[n], got[n]) for n in got)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged"), "--merge", "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    want_merged = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                                 final).merge_and_unload()
+    merged_w, want_w = dict(merged.named_parameters()), dict(want_merged.named_parameters())
+    assert merged_w.keys() == want_w.keys()
+    assert max((merged_w[k] - want_w[k]).abs().max().item() for k in want_w) <= 1e-6
+    ids = torch.tensor([padded(rows()[0])["input_ids"].tolist()])
+    assert torch.allclose(merged(input_ids=ids).logits, want_merged(input_ids=ids).logits, atol=1e-5)
     # the swap holds the base's weights once, no state for them: far below 16 B per base parameter
     base_numel = sum(t.numel() for t in load_file(base / "model.safetensors").values())
     swap = sum(f.stat().st_size for f in (tmp_path / "run" / "swap").glob("data-*.bin"))
