@@ -43,6 +43,7 @@ from offload.optim import FlatAdamW
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler.activations import ActivationStore, RecomputeCheckpoints, SavedTensors
+from scheduler.engine import StateExtents
 from scheduler.grad_handoff import GradHandoff
 from scheduler.model_map import (
     ModelMap,
@@ -83,14 +84,9 @@ __all__ = ["NonFiniteError", "ResumeState", "StepResult", "StreamingExecutor", "
 
 
 class StreamingExecutor:
-    """Trains ``model`` out of core under ``plan``. Use as a context manager.
+    """Trains ``model`` out of core under ``plan``; a context manager (``scheduler.engine.Engine``).
 
-    Example::
-
-        with StreamingExecutor(model, plan, store, adamw, settings) as ex:
-            for batches in loader:
-                result = ex.train_step(batches, lr=1e-4)
-            weights = ex.master_state_dict()
+    ``with StreamingExecutor(model, plan, store, adamw, settings) as ex: ex.train_step(batches, lr)``
     """
 
     def __init__(self, model: nn.Module, plan: Plan, store: SwapStore, adamw: FlatAdamW,
@@ -417,10 +413,9 @@ class StreamingExecutor:
         for u in self.units:
             yield u, *self.state.unit_state(u)
 
-    def optimizer_state_extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
-        """Where each unit's master, exp_avg and exp_avg_sq live in the store, once every
-        pending update has landed: kind -> [(extent name, first element, end element)]. ``None``
-        when the plan keeps them in host memory (``unit_states()`` has them then)."""
+    def optimizer_state_extents(self) -> StateExtents | None:
+        """Where the optimizer states live in the store once every update has landed (``None``:
+        in host memory, ``unit_states()`` has them)."""
         self.synchronize()
         return self.state.extents()
 
@@ -430,12 +425,7 @@ class StreamingExecutor:
         return self.map.units
 
     def metrics(self) -> dict[str, int]:
-        links = self.acct.links
-        return {
-            "peak_device_bytes": self.acct.peak_bytes[Tier.DEVICE],
-            "peak_host_bytes": self.acct.peak_bytes[Tier.HOST],
-            "io_read_bytes": self.store.read_bytes,
-            "io_write_bytes": self.store.write_bytes,
-            "h2d_bytes": links.h2d_bytes,
-            "d2h_bytes": links.d2h_bytes,
-        }
+        peak, links = self.acct.peak_bytes, self.acct.links
+        return {"peak_device_bytes": peak[Tier.DEVICE], "peak_host_bytes": peak[Tier.HOST],
+                "io_read_bytes": self.store.read_bytes, "io_write_bytes": self.store.write_bytes,
+                "h2d_bytes": links.h2d_bytes, "d2h_bytes": links.d2h_bytes}
