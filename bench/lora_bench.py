@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from bench.executor_bench import SHAPES, RssSampler, llama_config, make_batches
+from bench.executor_bench import SHAPES, RssSampler, llama_config, make_batches, train_in_memory
 
 TARGETS = "all-linear"
 
@@ -74,17 +74,7 @@ def _train_peft(root: Path, batches):  # noqa: ANN001, ANN202
 
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32),
                                            root / "adapter", is_trainable=True)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    model.train()
-    times, losses = [], []
-    for b in batches:
-        t0 = time.perf_counter()
-        loss = model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        times.append(time.perf_counter() - t0)
+    times, losses = train_in_memory(model, batches)
     return times, losses, {"base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
                            "adapter_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 

@@ -32,9 +32,9 @@ def base_model() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def adapter_dir(tmp_path, base, dropout: float = 0.0):
+def adapter_dir(tmp_path, base, dropout: float = 0.0, targets: list[str] | str = TARGETS):
     """A PEFT adapter folder with nonzero B (both factors learn from step 1)."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
     model = peft.get_peft_model(copy.deepcopy(base), cfg)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -148,15 +148,7 @@ def test_lora_every_family_matches_peft(tmp_path, family):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(family_config(family))
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(copy.deepcopy(base), cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
-    path = tmp_path / "adapter"
-    wrapped.save_pretrained(path)
+    path = adapter_dir(tmp_path, base, targets="all-linear")
     data = batches(3, 2)
     ref_losses, ref = train_peft(peft_model(base, path), data, 1.0)
     losses, got, (before, after), *_ = train_engine(peft_model(base, path), data, BASE_ON_SSD, tmp_path, 1.0)
