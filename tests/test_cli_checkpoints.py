@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_families import saved_keys
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cli.data import iterate_batches, load_token_dataset, load_tokenizer
 from cli.main import main
 from runs import PLAN, one_line_error
+from test_families import saved_keys
 
 LR = 1e-3
 STEPS = 3

@@ -17,11 +17,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_trainer_peer import GA, MBS, SEQ, SETTINGS, STEPS, VOCAB, _InOrder, _Losses, padded, rows
 from transformers import AutoModelForCausalLM, LlamaConfig, TrainingArguments
 
 from cli.main import main
 from runs import PLAN, one_line_error, read_metrics
+from test_trainer_peer import GA, MBS, SEQ, SETTINGS, STEPS, VOCAB, _InOrder, _Losses, padded, rows
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

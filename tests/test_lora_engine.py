@@ -18,6 +18,7 @@ from offload.io import PosixBackend
 from offload.tiers import Tier
 from scheduler.executor import StreamingExecutor, TrainSettings
 from scheduler.plan import Plan
+from test_families import FAMILIES, family_config
 
 VOCAB = 128
 LR = 1e-2
@@ -136,16 +137,10 @@ def test_lora_dropout_masks_match_under_recompute(tmp_path):
     assert max((got[n] - ref[n]).abs().max().item() for n in ref if "lora_" in n) <= 1e-5
 
 
-FAMILY_NAMES = ["llama-tied", "qwen2-tied", "gpt2", "gpt-neox", "mixtral", "qwen3-moe", "gemma2", "phi3",
-                "olmoe", "starcoder2"]
-
-
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_every_family_matches_peft(tmp_path, family):
     """all-linear adapters (GPT-2's Conv1D, MoE routers and attention) on the families of
     tests/test_families.py: the streamed engine against PEFT + AdamW in memory."""
-    from test_families import family_config
-
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(family_config(family))
     path = adapter_dir(tmp_path, base, targets="all-linear")
