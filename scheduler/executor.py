@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,15 +43,12 @@ from offload.optim import FlatAdamW
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler.activations import ActivationStore, RecomputeCheckpoints, SavedTensors
-from scheduler.engine import StateExtents
 from scheduler.grad_handoff import GradHandoff
 from scheduler.model_map import (
     ModelMap,
-    ParamSlot,
     Unit,
     build_model_map,
     check_layer_arguments,
-    with_frozen,
 )
 from scheduler.optimizer_worker import OptimizerWorker
 from scheduler.placement import Placement, grads_kept, tensor_storages
@@ -66,6 +63,7 @@ from scheduler.settings import (
     UpdateState,
     dtype_name,
 )
+from scheduler.state_export import StateExport
 from scheduler.state_store import StateStore, state_extents
 from scheduler.trace import TracedStore, Tracer
 from scheduler.unit_clock import UnitClock
@@ -83,7 +81,7 @@ __all__ = ["NonFiniteError", "ResumeState", "StepResult", "StreamingExecutor", "
            "state_extents", "tensor_storages"]
 
 
-class StreamingExecutor:
+class StreamingExecutor(StateExport):
     """Trains ``model`` out of core under ``plan``; a context manager (``scheduler.engine.Engine``).
 
     ``with StreamingExecutor(model, plan, store, adamw, settings) as ex: ex.train_step(batches, lr)``
@@ -117,6 +115,8 @@ class StreamingExecutor:
         self._head_input: torch.Tensor | None = None  # the last layer's output, a leaf
         self._forward_start_s: dict[int, float] = {}  # tracing: when each layer's forward began
         self._lr = 0.0
+        self._step_skipped = False  # a non-finite loss skipped this step: its other micro-batches do nothing
+        self._step_start_s: float | None = None  # when the step's first micro-batch began
 
     # ------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> StreamingExecutor:
@@ -246,34 +246,51 @@ class StreamingExecutor:
         if len(micro_batches) != self.settings.gradient_accumulation_steps:
             raise ValueError(f"expected {self.settings.gradient_accumulation_steps} micro-batches, "
                              f"got {len(micro_batches)}")
-        self.worker.raise_error()
-        self._lr = lr
         t0 = time.perf_counter()
-        total_loss, tokens, skipped = 0.0, 0, False
+        total_loss, tokens = 0.0, 0
         for m, batch in enumerate(micro_batches):
-            try:
-                loss = self._forward(batch)
-                if "num_items_in_batch" not in batch:
-                    loss = loss / len(micro_batches)
-                loss_value = float(loss.detach())  # sync point: one per micro-batch
-                if math.isfinite(loss_value):
-                    self._backward(loss, last=(m == len(micro_batches) - 1))
-            except BaseException:
-                with contextlib.suppress(BaseException):  # the first error is the one to report
-                    self._drop_forward_state()
-                raise
+            total_loss += self.micro_step(batch, lr, last=m == len(micro_batches) - 1, n_micro=len(micro_batches))
             tokens += int(batch["input_ids"].numel())
-            if not math.isfinite(loss_value):
-                self._drop_forward_state()
-                skipped = self.policy.non_finite(f"loss is {loss_value}", self.handoff)
+            if self._step_skipped:
                 break
-            total_loss += loss_value
-        grad_norm = None
-        if not skipped:
-            grad_norm, skipped = self.policy.finish(lr, self.handoff)
-        self.tracer.add("step", f"step {self.optimizer_step}", t0)
+        grad_norm, skipped = self.finish_step(lr)
         return StepResult(total_loss if not skipped else float("nan"), grad_norm, skipped, tokens,
                           time.perf_counter() - t0)
+
+    def micro_step(self, batch: dict[str, torch.Tensor], lr: float, last: bool, n_micro: int) -> float:
+        """Forward and backward of one micro-batch of a step (``train_step``'s loop, for loops that
+        drive micro-batches themselves: ``last`` marks the step's last one, ``n_micro`` their
+        number). Returns its loss (a host sync point); NaN once the step is skipped."""
+        if self._step_start_s is None:
+            self._step_start_s = time.perf_counter()
+        if self._step_skipped:
+            return float("nan")
+        self.worker.raise_error()
+        self._lr = lr
+        try:
+            loss = self._forward(batch)
+            if "num_items_in_batch" not in batch:
+                loss = loss / n_micro
+            loss_value = float(loss.detach())  # sync point: one per micro-batch
+            if math.isfinite(loss_value):
+                self._backward(loss, last=last)
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the first error is the one to report
+                self._drop_forward_state()
+            raise
+        if not math.isfinite(loss_value):
+            self._drop_forward_state()
+            self._step_skipped = self.policy.non_finite(f"loss is {loss_value}", self.handoff)
+        return loss_value
+
+    def finish_step(self, lr: float) -> tuple[float | None, bool]:
+        """After the step's last ``micro_step``: (gradient norm or None, skipped)."""
+        grad_norm, skipped = (None, True) if self._step_skipped else self.policy.finish(lr, self.handoff)
+        self._step_skipped = False
+        if self._step_start_s is not None and self.tracer.enabled:
+            self.tracer.add("step", f"step {self.optimizer_step}", self._step_start_s)
+        self._step_start_s = None
+        return grad_norm, skipped
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
@@ -388,36 +405,6 @@ class StreamingExecutor:
         self.handoff.forget_pending()
         self.clock.wait_all()
         self.worker.raise_error()
-
-    def master_state_dict(self) -> dict[str, torch.Tensor]:
-        """The master weights (state dtype) by qualified parameter name (reads them from their
-        tier); frozen parameters as stored (compute dtype), cast to the state dtype."""
-        return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape).clone()
-                for _, slots, flat in self.unit_weights() for s in slots}
-
-    def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
-        """Each unit's flat master weights, one unit in memory at a time (Adam states not read)."""
-        self.synchronize()
-        for u in self.units:
-            yield u, self.state.read_unit(u, "master")
-
-    def unit_weights(self) -> Iterator[tuple[Unit, list[ParamSlot], torch.Tensor]]:
-        """Each unit's weights, trainable (master) and frozen, as slots into one flat of the
-        state dtype; one unit in memory at a time."""
-        for u, master in self.unit_masters():
-            yield u, *with_frozen(u, master, self.weights.frozen_weights(u) if u.frozen else None)
-
-    def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time."""
-        self.synchronize()
-        for u in self.units:
-            yield u, *self.state.unit_state(u)
-
-    def optimizer_state_extents(self) -> StateExtents | None:
-        """Where the optimizer states live in the store once every update has landed (``None``:
-        in host memory, ``unit_states()`` has them)."""
-        self.synchronize()
-        return self.state.extents()
 
     @property
     def units(self) -> tuple[Unit, ...]:
