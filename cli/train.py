@@ -73,8 +73,6 @@ def load_model_config(cfg: Any) -> Any:
 def build_context(cfg: Any) -> RunContext:
     from cli.data import tokenizer_policy
     from cli.data_cache import load_cached
-    from scheduler.hf_checkpoint import CheckpointInit
-    from scheduler.materialize import RandomInit, empty_model
 
     run_dir = Path(cfg.train.output_dir)
     m = cfg.model
@@ -89,11 +87,24 @@ def build_context(cfg: Any) -> RunContext:
 
     evaluator = build_evaluator(cfg, dataset.tokenizer or policy.for_text, vocab,
                                 getattr(hf_config, "pad_token_id", None))
+    model, initializer = build_model(cfg, hf_config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device,
+                      evaluator)
+
+
+def build_model(cfg: Any, hf_config: Any) -> tuple[Any, Any]:
+    """(empty model, initializer): the checkpoint's tensors unit by unit, or random init; with a
+    ``peft`` section the model carries PEFT's adapters on its frozen base."""
+    from scheduler.hf_checkpoint import CheckpointInit
+    from scheduler.materialize import RandomInit, empty_model
+
+    m = cfg.model
     torch.manual_seed(cfg.train.seed)
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
     hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
     if m.name_or_path:
-        initializer = CheckpointInit(m.name_or_path, model)
+        initializer: Any = CheckpointInit(m.name_or_path, model)
         initializer.check_ties()
         initializer.load_buffers()
         read_model_extras(model, Path(m.name_or_path))  # generation config: sampling settings, eos ids
@@ -105,9 +116,7 @@ def build_context(cfg: Any) -> RunContext:
         model, adapters = apply_lora(model, cfg.peft)
         initializer = (LoraInit(initializer, adapters, base_name) if m.name_or_path
                        else LoraInit(RandomInit(model), adapters, random_init_name))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return RunContext(cfg, run_dir, hf_config, tokenizer, dataset, model, initializer, DTYPES[m.dtype], device,
-                      evaluator)
+    return model, initializer
 
 
 def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None = None,
@@ -503,16 +512,21 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
 
 def _write_final(ctx: RunContext, engine: Engine) -> Path:
     """``final/``: the model in the hub layout, or with a ``peft`` section the adapter folder."""
-    out = ctx.run_dir / "final"
-    if ctx.cfg.peft is None:
-        return write_hf_model(out, _named_masters(engine), len(engine.units), ctx.model, ctx.dtype, ctx.tokenizer)
+    return write_model(ctx.model, engine, ctx.run_dir / "final", ctx.dtype, ctx.tokenizer)
+
+
+def write_model(model: Any, engine: Engine, out: Path, dtype: torch.dtype, tokenizer: Any = None) -> Path:
+    """The trained model in the hub layout, unit by unit; a PEFT model: its adapter folder (the
+    adapters only are read: the frozen base is not)."""
+    if not hasattr(model, "peft_config"):
+        return write_hf_model(out, _named_masters(engine), len(engine.units), model, dtype, tokenizer)
     from cli.lora import save_adapter
 
-    trained = ((s.name, master[s.offset : s.offset + s.numel].view(s.shape))  # adapters only: the base is not read
+    trained = ((s.name, master[s.offset : s.offset + s.numel].view(s.shape))
                for u, master in engine.unit_masters() for s in u.params)
-    save_adapter(ctx.model, out, trained)
-    if ctx.tokenizer is not None:
-        ctx.tokenizer.save_pretrained(out)
+    save_adapter(model, out, trained)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 

@@ -362,13 +362,18 @@ class StreamingExecutor(StateExport):
         for p in self.weights.params.values():
             p.grad = None
 
-    @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Forward only, streamed like training but keeping nothing: no checkpoints, gradients,
         optimizer traffic or weight writes. Returns (sum of token losses, target tokens) over
         ``batch`` (``labels`` default to ``input_ids``; -100 is not a target), the loss as
         transformers' causal-LM loss computes it (shifted, in fp32). Dropout is off (eval mode).
         Waits for every pending update first (sync point)."""
+        loss_sum, n_targets, _ = self.predict(batch)
+        return loss_sum, n_targets
+
+    @torch.no_grad()
+    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+        """``evaluate``, and the logits too (for metrics)."""
         self.synchronize()
         labels = batch.get("labels", batch["input_ids"]).to(self.device)
         was_training = self.model.training
@@ -386,7 +391,7 @@ class StreamingExecutor(StateExport):
             self._evaluating = False
             self.weights.release_layers()
             self.model.train(was_training)
-        return float(loss_sum), int(targets.ne(-100).sum())
+        return float(loss_sum), int(targets.ne(-100).sum()), logits
 
     # ------------------------------------------------------------------------------ results
     @property

@@ -1,0 +1,182 @@
+"""The Python API: the out-of-core engine for people with their own training loop.
+
+```python
+from cli import OffloadArguments, OffloadEngine
+
+with OffloadEngine("/models/llama-3-8b", offload=OffloadArguments(cpu_memory_limit="32GB"),
+                   weight_decay=0.01, max_grad_norm=1.0, gradient_accumulation_steps=2) as engine:
+    for micro_batches in loader:                  # lists of {"input_ids", "labels", ...}
+        engine.step(micro_batches, lr=2e-5)
+    engine.save("out")                            # the hub layout (a PEFT model: its adapter folder)
+```
+
+The model is a checkpoint directory (streamed from its safetensors, never materialized) or a model
+instance (copied into the swap store unit by unit, its memory released); a ``PeftModel`` trains
+its adapters on a frozen base. Budgets and AdamW settings are given once; the planner chooses the
+placement as ``offload-train train`` does, and the run folder (``output_dir``: plan.json, swap,
+checkpoints/step-N) has the CLI's layout, so either can resume the other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cli.config import ConfigError, DataConfig, ModelConfig, OffloadConfig, RunConfig, TrainConfig
+from offload.errors import OffloadError
+
+
+@dataclass(kw_only=True)
+class OffloadArguments(OffloadConfig):
+    """The config's ``offload`` section for Python users (same keys, defaults and checks), plus
+    ``plan``: a plan.json to replay instead of the planner's choice."""
+
+    plan: str | None = None
+
+
+TRAIN_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+              "gradient_accumulation_steps", "micro_batch_size", "seed", "nan_policy", "max_steps",
+              "save_total_limit")
+
+
+class OffloadEngine:
+    """Builds and runs the streaming engine; a context manager. ``train`` keys (Hugging Face
+    TrainingArguments names: ``weight_decay``, ``max_grad_norm``, ``gradient_accumulation_steps``,
+    ``micro_batch_size``, ``seed``, ...) set AdamW and the step once; ``seq_len`` is what the
+    planner plans for."""
+
+    def __init__(self, model: str | os.PathLike[str] | nn.Module, *, output_dir: str | os.PathLike[str] = "offload-run",
+                 dtype: str = "float32", state_dtype: str = "float32", seq_len: int = 512,
+                 offload: OffloadArguments | None = None, resume_from_checkpoint: str | None = None,
+                 **train: Any) -> None:
+        unknown = sorted(set(train) - set(TRAIN_KEYS))
+        if unknown:
+            raise ConfigError(f"OffloadEngine got unknown argument(s) {', '.join(unknown)}; the training ones are "
+                              f"{', '.join(TRAIN_KEYS)}")
+        self.model_source = model
+        self.offload = offload or OffloadArguments()
+        self.cfg = RunConfig(
+            model=ModelConfig(name_or_path=str(model), dtype=dtype, state_dtype=state_dtype)
+            if isinstance(model, (str, os.PathLike)) else
+            ModelConfig(config={"model_type": model.config.model_type}, dtype=dtype, state_dtype=state_dtype),
+            data=DataConfig(path="<python>", seq_len=seq_len),
+            train=TrainConfig(output_dir=str(output_dir), resume_from_checkpoint=resume_from_checkpoint,
+                              **{"max_grad_norm": 0.0, **train}),
+            offload=OffloadConfig(**{f.name: getattr(self.offload, f.name) for f in dataclasses.fields(OffloadConfig)}))
+        self.engine: Any = None
+        self.store: Any = None
+        self.ctx: Any = None
+        self.resumed_step = 0
+        self._closing: list[Any] = []
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> OffloadEngine:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(exc_type is None)
+
+    def open(self) -> OffloadEngine:
+        """Plan, open the swap store (at the checkpoint resumed from, if any), start the engine."""
+        from cli import checkpoint as ckpt_io
+        from cli import swap
+        from cli.train import RunContext, build_model, load_model_config, make_plan
+        from offload import SwapStore, make_backend
+        from offload.tiers import Tier
+        from scheduler.model_map import build_model_map
+        from scheduler.settings import UpdateState
+
+        cfg = self.cfg
+        run_dir = Path(cfg.train.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if isinstance(self.model_source, nn.Module):
+            model, initializer, hf_config = self.model_source, None, self.model_source.config
+        else:
+            hf_config = load_model_config(cfg)
+            model, initializer = build_model(cfg, hf_config)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ctx = RunContext(cfg, run_dir, hf_config, None, None, model, initializer,
+                              getattr(torch, cfg.model.dtype), device)
+        plan, record = make_plan(self.ctx, self.offload.plan, None, cfg.train.max_steps if cfg.train.max_steps > 0 else None)
+        (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
+        ckpt = ckpt_io.resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
+        update = UpdateState()
+        if ckpt is not None:
+            state = ckpt_io.read_trainer_state(ckpt)
+            self.resumed_step = state["step"]
+            update = UpdateState(state.get("optimizer_step", ckpt.step), state.get("loss_scale"),
+                                 state.get("good_steps", 0))
+        self.store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
+        self.store.open()
+        units = build_model_map(model).units
+        self.fingerprint = ckpt_io.model_fingerprint(hf_config.to_dict(), units)
+        on_nvme = cfg.offload.engine != "reference" and plan.optimizer == Tier.NVME
+        if ckpt is not None:
+            ckpt_io.drop_checkpoints_after(run_dir, ckpt.step)
+        start = swap.prepare_store(self.store, run_dir, ckpt, units, plan.chunk_numel if on_nvme else None)
+        from cli.train import _make_engine
+
+        self.engine = _make_engine(self.ctx, plan, self.store, start, update, self._closing)
+        self.engine.__enter__()
+        return self
+
+    def close(self, raise_errors: bool = False) -> None:
+        try:
+            if self.engine is not None:
+                self.engine.__exit__(None if raise_errors else RuntimeError)
+        finally:
+            self.engine = None
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+            while self._closing:
+                self._closing.pop().close()
+
+    # ------------------------------------------------------------------------------ training
+    def step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> Any:
+        """One optimizer step (``StreamingExecutor.train_step``): returns its ``StepResult``."""
+        return self._running().train_step(micro_batches, lr)
+
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """(sum of token losses, target tokens) of a forward in eval mode."""
+        return self._running().evaluate(batch)
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """The trained model in the hub layout (a PEFT model: its adapter folder), streamed unit
+        by unit."""
+        from cli.train import write_model
+
+        return write_model(self.ctx.model, self._running(), Path(out_dir), self.ctx.dtype)
+
+    def checkpoint(self, step: int, extra_state: dict[str, Any] | None = None) -> Path:
+        """A resumable checkpoint ``output_dir/checkpoints/step-N`` (the CLI's format)."""
+        from cli import checkpoint as ckpt_io
+        from cli.swap import write_states
+        from cli.train import _resume_keys
+
+        engine = self._running()
+        state = {"step": step, "fingerprint": self.fingerprint, **engine.update_state().to_dict(),
+                 "resume_keys": _resume_keys(self.cfg), "data_position": {"epoch": 0, "batch_index": 0},
+                 **(extra_state or {})}
+        units = engine.optimizer_state_extents()
+        if units is None:
+            units = write_states(self.store, engine.unit_states())
+        return ckpt_io.save_checkpoint(self.ctx.run_dir, step, self.store, units, state, self.ctx.hf_config,
+                                       self.cfg.train.save_total_limit)
+
+    def _running(self) -> Any:
+        if self.engine is None:
+            raise OffloadError("the engine is not open: use `with OffloadEngine(...) as engine:` or call open()")
+        return self.engine

@@ -1,0 +1,171 @@
+"""``OffloadTrainer``: the same Trainer script, one line changed, against ``transformers.Trainer``.
+
+Rows with ``labels`` (masked prompts, variable lengths), a collator that pads them, gradient
+accumulation 2, warm-up, clipping, weight decay and an eval set: per-step losses to Trainer's
+logged precision, final weights elementwise, ``evaluate()`` equal, a callback sees every log; the
+engine's optimizer state goes through the SSD (a plan that puts every tensor group there).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen2Config,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from cli import OffloadArguments, OffloadEngine, OffloadTrainer
+from cli.trainer import CHECKED_TRANSFORMERS
+from runs import PLAN
+from test_trainer_peer import GA, MBS, SETTINGS, STEPS, VOCAB, _Losses, rows
+
+
+def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Right-pads a batch to its longest row (mask 0, label -100): the user's collator."""
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), n, dtype=torch.long)
+    labels = torch.full((len(features), n), -100)
+    mask = torch.zeros(len(features), n, dtype=torch.long)
+    for k, f in enumerate(features):
+        m = len(f["input_ids"])
+        ids[k, :m], labels[k, :m], mask[k, :m] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class _InOrder:
+    """Trainer's sampler in order (the default shuffles with a generator of its own)."""
+
+    def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202 - Trainer's signature
+        return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+
+class InOrderTrainer(_InOrder, Trainer):
+    pass
+
+
+class InOrderOffloadTrainer(_InOrder, OffloadTrainer):
+    pass
+
+
+class _StopAt(TrainerCallback):
+    """Ends training after step ``n`` (as a kill after that step's checkpoint would)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+        if state.global_step >= self.n:
+            control.should_training_stop = True
+
+
+def make_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, pad_token_id=0)
+    path = tmp_path / "ckpt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def arguments(out, **extra) -> TrainingArguments:
+    settings = {"save_strategy": "no", **SETTINGS, **extra}
+    return TrainingArguments(output_dir=str(out), per_device_train_batch_size=MBS, gradient_accumulation_steps=GA,
+                             max_steps=STEPS, optim="adamw_torch", logging_steps=1, report_to="none", use_cpu=True,
+                             seed=0, dataloader_drop_last=True, disable_tqdm=True, per_device_eval_batch_size=4,
+                             **settings)
+
+
+def offload_arguments(tmp_path) -> OffloadArguments:
+    (tmp_path / "plan.json").write_text(PLAN.to_json())  # every tensor group through the SSD
+    return OffloadArguments(cpu_memory_limit="24MB", optimizer_impl="torch", io_backend="posix",
+                            plan=str(tmp_path / "plan.json"))
+
+
+def test_the_transformers_version_was_checked():
+    minor = ".".join(transformers.__version__.split(".")[:2])
+    assert minor in CHECKED_TRANSFORMERS, f"OffloadTrainer's overrides were checked on {CHECKED_TRANSFORMERS}"
+
+
+def test_offload_trainer_matches_trainer(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    data, evals = rows(), rows()[:6]
+    want_log = _Losses()
+    reference = InOrderTrainer(model=AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                               args=arguments(tmp_path / "ref"), train_dataset=data, eval_dataset=evals,
+                               data_collator=collate, callbacks=[want_log])
+    reference.train()
+    want_eval = reference.evaluate()["eval_loss"]
+    want = {k: v.detach().clone() for k, v in reference.model.named_parameters()}
+
+    got_log = _Losses()
+    trainer = InOrderOffloadTrainer(model=str(ckpt), args=arguments(tmp_path / "ours"), train_dataset=data,
+                                    eval_dataset=evals, data_collator=collate, callbacks=[got_log],
+                                    offload=offload_arguments(tmp_path))
+    try:
+        trainer.train()
+        got_eval = trainer.evaluate()["eval_loss"]
+        trainer.save_model(str(tmp_path / "final"))
+    finally:
+        trainer.close()
+    assert len(got_log.losses) == len(want_log.losses) == STEPS
+    assert [round(x, 4) for x in got_log.losses] == [round(x, 4) for x in want_log.losses]
+    assert abs(got_eval - want_eval) <= 1e-4
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32)
+    got = dict(final.named_parameters())
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        bound = 2 * SETTINGS["learning_rate"] * STEPS if name.endswith("k_proj.bias") else 1e-5
+        assert (got[name] - w).abs().max().item() <= bound, name
+    assert (tmp_path / "ours" / "swap").is_dir()  # the state went through the swap store
+
+
+def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    ckpt = make_checkpoint(tmp_path)
+    data = rows()
+
+    def run(out, resume, stop=None) -> dict:
+        log = _Losses()
+        trainer = InOrderOffloadTrainer(model=str(ckpt), args=arguments(out, save_strategy="steps", save_steps=2),
+                                        train_dataset=data, data_collator=collate,
+                                        callbacks=[log] + ([_StopAt(stop)] if stop else []),
+                                        offload=offload_arguments(tmp_path))
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+            trainer.save_model(str(out / "final"))
+        finally:
+            trainer.close()
+        return {"losses": log.losses, "weights": dict(AutoModelForCausalLM.from_pretrained(
+            out / "final", dtype=torch.float32).named_parameters())}
+
+    straight = run(tmp_path / "straight", None)
+    run(tmp_path / "killed", None, stop=2)  # stops after step 2's checkpoint
+    resumed = run(tmp_path / "killed", True)
+    assert resumed["losses"] == straight["losses"][2:]
+    for name, w in straight["weights"].items():
+        assert torch.equal(resumed["weights"][name], w), name
+
+
+def test_the_three_line_api(tmp_path):
+    """The README's OffloadEngine example: a model instance, budgets and AdamW settings once."""
+    ckpt = make_checkpoint(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    batches = [[{"input_ids": torch.randint(0, VOCAB, (2, 12), generator=g)}] for _ in range(3)]
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    for (b,) in batches:
+        ref(input_ids=b["input_ids"], labels=b["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with OffloadEngine(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), output_dir=tmp_path / "api",
+                       offload=offload_arguments(tmp_path)) as engine:
+        for micro_batches in batches:
+            engine.step(micro_batches, lr=1e-3)
+        engine.save(tmp_path / "api-out")
+    got = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "api-out", dtype=torch.float32).named_parameters())
+    for name, w in ref.named_parameters():
+        assert (got[name] - w).abs().max().item() <= 1e-5, name
