@@ -52,7 +52,7 @@ class InOrderOffloadTrainer(_InOrder, OffloadTrainer):
 
 
 class _StopAt(TrainerCallback):
-    """Ends training after step ``n`` (as a kill after that step's checkpoint would)."""
+    """Ends training after step ``n``, as a kill would (nothing saved after the last checkpoint)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -143,8 +143,8 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
             out / "final", dtype=torch.float32).named_parameters())}
 
     straight = run(tmp_path / "straight", None)
-    run(tmp_path / "killed", None, stop=2)  # stops after step 2's checkpoint
-    resumed = run(tmp_path / "killed", True)
+    run(tmp_path / "killed", None, stop=3)  # ends one step past checkpoint-2: the swap holds step 3's state
+    resumed = run(tmp_path / "killed", True)  # the last checkpoint: step 2
     assert resumed["losses"] == straight["losses"][2:]
     for name, w in straight["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name
@@ -169,3 +169,30 @@ def test_the_three_line_api(tmp_path):
     got = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "api-out", dtype=torch.float32).named_parameters())
     for name, w in ref.named_parameters():
         assert (got[name] - w).abs().max().item() <= 1e-5, name
+
+
+def test_the_cli_says_in_one_line_why_it_cannot_resume_a_trainer_run(tmp_path, capsys):
+    """Same engine, same checkpoint format: ``offload-train train`` on an OffloadTrainer run folder
+    finds its checkpoint and names the setting that differs (the data: Trainer's loader is not the
+    CLI's), exit 2."""
+    import yaml
+
+    from cli.main import main
+
+    ckpt = make_checkpoint(tmp_path)
+    out = tmp_path / "run"
+    trainer = InOrderOffloadTrainer(model=str(ckpt), args=arguments(out, save_strategy="steps", save_steps=2),
+                                    train_dataset=rows(), data_collator=collate, offload=offload_arguments(tmp_path))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    (tmp_path / "data.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows()))
+    cfg = {"model": {"name_or_path": str(ckpt)}, "data": {"path": str(tmp_path / "data.jsonl"), "seq_len": 24},
+           "train": {"output_dir": str(out), "max_steps": STEPS, "resume_from_checkpoint": "auto"},
+           "offload": {"io_backend": "posix", "optimizer_impl": "torch"}}
+    (tmp_path / "cli.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "cli.yaml"), "--plan", str(tmp_path / "plan.json")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "checkpoints/step-" in err[0] and "data.path" in err[0], err
