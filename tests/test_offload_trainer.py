@@ -196,3 +196,33 @@ def test_the_cli_says_in_one_line_why_it_cannot_resume_a_trainer_run(tmp_path, c
     assert main(["train", str(tmp_path / "cli.yaml"), "--plan", str(tmp_path / "plan.json")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "checkpoints/step-" in err[0] and "data.path" in err[0], err
+
+
+def test_offload_trainer_trains_a_peft_model_as_trainer_does(tmp_path):
+    """A ``PeftModel`` instance: its adapters train on the frozen, streamed base, ``save_model``
+    writes the adapter folder, equal to Trainer's on the same PEFT model."""
+    import copy
+
+    import peft
+
+    ckpt = make_checkpoint(tmp_path)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(3)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32), lora)
+    twin = copy.deepcopy(model)
+    reference = InOrderTrainer(model=twin, args=arguments(tmp_path / "ref"), train_dataset=rows(),
+                               data_collator=collate)
+    reference.train()
+    want = {k: v.detach().clone() for k, v in twin.named_parameters() if "lora_" in k}
+    trainer = InOrderOffloadTrainer(model=model, args=arguments(tmp_path / "ours"), train_dataset=rows(),
+                                    data_collator=collate, offload=offload_arguments(tmp_path))
+    try:
+        trainer.train()
+        trainer.save_model(str(tmp_path / "adapter"))
+    finally:
+        trainer.close()
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                                            tmp_path / "adapter")
+    got = {k: v for k, v in loaded.named_parameters() if "lora_" in k}
+    assert got.keys() == want.keys()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
