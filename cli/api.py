@@ -92,7 +92,7 @@ class OffloadEngine:
         """Plan, open the swap store (at the checkpoint resumed from, if any), start the engine."""
         from cli import checkpoint as ckpt_io
         from cli import swap
-        from cli.train import RunContext, build_model, load_model_config, make_plan
+        from cli.train import RunContext, build_model, load_model_config, make_engine, make_plan
         from offload import SwapStore, make_backend
         from offload.tiers import Tier
         from scheduler.model_map import build_model_map
@@ -126,9 +126,7 @@ class OffloadEngine:
         if ckpt is not None:
             ckpt_io.drop_checkpoints_after(run_dir, ckpt.step)
         start = swap.prepare_store(self.store, run_dir, ckpt, units, plan.chunk_numel if on_nvme else None)
-        from cli.train import _make_engine
-
-        self.engine = _make_engine(self.ctx, plan, self.store, start, update, self._closing)
+        self.engine = make_engine(self.ctx, plan, self.store, start, update, self._closing)
         self.engine.__enter__()
         return self
 
@@ -164,11 +162,11 @@ class OffloadEngine:
         """A resumable checkpoint ``output_dir/checkpoints/step-N`` (the CLI's format)."""
         from cli import checkpoint as ckpt_io
         from cli.swap import write_states
-        from cli.train import _resume_keys
+        from cli.train import resume_keys
 
         engine = self._running()
         state = {"step": step, "fingerprint": self.fingerprint, **engine.update_state().to_dict(),
-                 "resume_keys": _resume_keys(self.cfg), "data_position": {"epoch": 0, "batch_index": 0},
+                 "resume_keys": resume_keys(self.cfg), "data_position": {"epoch": 0, "batch_index": 0},
                  **(extra_state or {})}
         units = engine.optimizer_state_extents()
         if units is None:

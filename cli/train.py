@@ -189,7 +189,7 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
             ckpt_io.drop_checkpoints_after(run_dir, resume.step)  # a branch abandoned by this resume
         _truncate_metrics(run_dir, resume.step)  # the steps after the checkpoint (all, if none) run again
         start = swap.prepare_store(store, run_dir, resume.ckpt, units, plan.chunk_numel if states_on_nvme else None)
-        engine = _make_engine(ctx, plan, store, start, resume.update, closing)
+        engine = make_engine(ctx, plan, store, start, resume.update, closing)
         with engine:
             versions = swap.checkpoint_versions(resume.step, total_steps, t.save_steps, t.save_total_limit)
             swap.check_checkpoint_room(store, units, versions, states_on_nvme,
@@ -265,7 +265,7 @@ def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoin
     return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update)
 
 
-def _make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
+def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
     """The engine ``offload.engine`` names (a ``scheduler.engine.Engine``); resources it needs
     closed after it are appended to ``closing``."""
     from offload import AdamWConfig, choose_impl, make_adamw
@@ -452,7 +452,7 @@ def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any,
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
              "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
              **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
-             "resume_keys": _resume_keys(ctx.cfg)}
+             "resume_keys": resume_keys(ctx.cfg)}
     t_start_s = time.perf_counter()
     try:
         units = engine.optimizer_state_extents()
@@ -477,14 +477,14 @@ RESUME_KEY_DEFAULTS = {"model.state_dtype": "float32", "data.completion_only_los
 """What a checkpoint written before a resume key existed was made with."""
 
 
-def _resume_keys(cfg: Any) -> dict[str, Any]:
+def resume_keys(cfg: Any) -> dict[str, Any]:
     d = cfg.to_dict()
     return {key: d[key.split(".")[0]].get(key.split(".")[1]) for key in RESUME_KEYS}
 
 
 def _check_resume_keys(cfg: Any, state: dict[str, Any], ckpt_path: Path) -> None:
     saved = state.get("resume_keys") or {}
-    now = _resume_keys(cfg)
+    now = resume_keys(cfg)
     for key, value in now.items():
         if key not in saved and key in RESUME_KEY_DEFAULTS:  # saved before the key existed
             saved = {**saved, key: RESUME_KEY_DEFAULTS[key]}

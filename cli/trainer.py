@@ -158,9 +158,11 @@ class OffloadTrainer(Trainer):
             (out / "offload_checkpoint.json").write_text(json.dumps(
                 {"snapshot": f"../checkpoints/step-{self.state.global_step}"}))
             return
-        if self.offload_engine is None or not self.args.should_save:
-            return super().save_model(output_dir, _internal_call) if self.offload_engine is None else None
-        self.offload_engine.save(output_dir or self.args.output_dir)
+        if self.offload_engine is None:  # neither trained nor evaluated yet: the model is the user's
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.offload_engine.save(output_dir or self.args.output_dir)
+        return None
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         assert self.offload_engine is not None

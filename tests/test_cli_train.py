@@ -197,12 +197,12 @@ def test_shipped_quickstart_runs(tmp_path, monkeypatch):
 
 def test_checkpoints_from_before_state_dtype_resume_only_as_fp32(tmp_path):
     from cli.config import config_from_dict
-    from cli.train import _check_resume_keys, _resume_keys
+    from cli.train import _check_resume_keys, resume_keys
     from offload.errors import OffloadError
 
     base = {"model": {"config": tiny_config(64), "dtype": "bfloat16"}, "data": {"path": "x.jsonl"},
             "train": {"output_dir": str(tmp_path)}}
-    old_keys = {k: v for k, v in _resume_keys(config_from_dict(base)).items() if k != "model.state_dtype"}
+    old_keys = {k: v for k, v in resume_keys(config_from_dict(base)).items() if k != "model.state_dtype"}
     _check_resume_keys(config_from_dict(base), {"resume_keys": old_keys}, tmp_path)  # fp32: fine
     pure = {**base, "model": {**base["model"], "state_dtype": "bfloat16"}}
     with pytest.raises(OffloadError, match="model.state_dtype = 'float32'"):
