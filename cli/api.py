@@ -160,19 +160,11 @@ class OffloadEngine:
 
     def checkpoint(self, step: int, extra_state: dict[str, Any] | None = None) -> Path:
         """A resumable checkpoint ``output_dir/checkpoints/step-N`` (the CLI's format)."""
-        from cli import checkpoint as ckpt_io
-        from cli.swap import write_states
-        from cli.train import resume_keys
+        from cli.train import save_engine_checkpoint
 
-        engine = self._running()
-        state = {"step": step, "fingerprint": self.fingerprint, **engine.update_state().to_dict(),
-                 "resume_keys": resume_keys(self.cfg), "data_position": {"epoch": 0, "batch_index": 0},
+        state = {"step": step, "fingerprint": self.fingerprint, "data_position": {"epoch": 0, "batch_index": 0},
                  **(extra_state or {})}
-        units = engine.optimizer_state_extents()
-        if units is None:
-            units = write_states(self.store, engine.unit_states())
-        return ckpt_io.save_checkpoint(self.ctx.run_dir, step, self.store, units, state, self.ctx.hf_config,
-                                       self.cfg.train.save_total_limit)
+        return save_engine_checkpoint(self.ctx, self._running(), self.store, step, state)
 
     def _running(self) -> Any:
         if self.engine is None:

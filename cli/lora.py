@@ -228,7 +228,6 @@ def _merged_unit(wrapped: nn.Module, u: Unit, base: Callable[[Unit], dict[str, t
                  trained: dict[str, torch.Tensor]) -> tuple[str, list[ParamSlot], torch.Tensor]:
     """One unit's weights under their base names: the base, trained copies of ``modules_to_save``
     in place of their originals, and every LoRA layer merged by PEFT (``LoraLayer.merge``)."""
-    from peft.tuners.lora import LoraLayer
 
     names = [s.name for s in u.all_params]
     copies = {base_name(n) for n in names if ".modules_to_save." in n}
@@ -237,22 +236,46 @@ def _merged_unit(wrapped: nn.Module, u: Unit, base: Callable[[Unit], dict[str, t
         ParamSlot(base_name(s.name), s.shape, s.offset, s.numel) for s in from_base)))
     weights = {base_name(s.name): got[base_name(s.name)] for s in from_base}
     weights.update({base_name(n): trained[n] for n in names if ".modules_to_save." in n})
-    qualified = {id(m): n for n, m in wrapped.named_modules()}
-    for layer in (m for mod in u.modules for m in mod.modules() if isinstance(m, LoraLayer)):
-        prefix = qualified[id(layer)]
-        key = base_name(f"{prefix}.base_layer.weight")
-        holders = [(layer.base_layer, weights[key])] + [
-            (holder[ADAPTER], trained[f"{prefix}.{kind}.{ADAPTER}.weight"])
-            for kind, holder in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))]
-        for module, value in holders:
-            module.weight = nn.Parameter(value.to(torch.float32).clone(), requires_grad=False)
-        layer.merge(adapter_names=[ADAPTER])
-        weights[key] = layer.base_layer.weight.data
-        for module, value in holders:  # back to meta: nothing of this unit stays in memory
-            module.weight = nn.Parameter(torch.empty(value.shape, device="meta"), requires_grad=False)
-        layer.merged_adapters.clear()
+    in_unit = set(names)
+    for prefix, layer in _outermost_lora_layers(wrapped):
+        params = [(f"{prefix}.{n}", n) for n, _ in layer.named_parameters()]
+        if not params or params[0][0] not in in_unit:
+            continue  # another unit's layer
+        # every tensor of the layer (base weights, nested parameter wrappers, adapters) for real
+        for full, local in params:
+            value = trained[full] if is_adapter(full) else weights[base_name(full)]
+            _put(layer, local, value.to(torch.float32).clone())
+        from peft.tuners.lora import LoraLayer
+
+        for sub in reversed(list(layer.modules())):  # nested wrappers (MoE experts) first, each once
+            if isinstance(sub, LoraLayer) and not sub.merged:
+                sub.merge(adapter_names=[ADAPTER])
+        for full, local in params:
+            if not is_adapter(full):
+                weights[base_name(full)] = layer.get_parameter(local).data
+            _put(layer, local, torch.empty(layer.get_parameter(local).shape, device="meta"))  # nothing stays
+        for sub in layer.modules():
+            if hasattr(sub, "merged_adapters"):
+                sub.merged_adapters.clear()
     slots, offset = [], 0
     for name, t in weights.items():
         slots.append(ParamSlot(name, tuple(t.shape), offset, t.numel()))
         offset += t.numel()
     return u.name, slots, torch.cat([t.reshape(-1).to(torch.float32) for t in weights.values()])
+
+
+def _outermost_lora_layers(wrapped: nn.Module) -> list[tuple[str, nn.Module]]:
+    """PEFT's LoRA layers not nested inside another (parameter wrappers of MoE experts nest)."""
+    from peft.tuners.lora import LoraLayer
+
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in wrapped.named_modules():
+        if isinstance(module, LoraLayer) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return found
+
+
+def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter ``name`` (dotted, under ``module``) with ``value``, frozen."""
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, nn.Parameter(value, requires_grad=False))

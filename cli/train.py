@@ -447,11 +447,18 @@ def _metrics_record(engine: Engine, step: int, lr: float, result: Any, losses: l
 
 def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any, scheduler: Any,
           fingerprint: str) -> None:
+    state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
+             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint}
+    save_engine_checkpoint(ctx, engine, store, step, state)
+
+
+def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: int, state: dict[str, Any]) -> Path:
+    """``checkpoints/step-N``: a snapshot of the engine's optimizer state (written into the store
+    first when the engine keeps it in RAM), ``state`` with the engine's counters and the resume
+    keys, the config and the model's extras. A failed write names the step in one line."""
     from cli.swap import write_states
 
-    state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
-             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
-             **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
+    state = {**state, **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
              "resume_keys": resume_keys(ctx.cfg)}
     t_start_s = time.perf_counter()
     try:
@@ -466,6 +473,7 @@ def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any,
                            f"({err.strerror or err}); the previous checkpoints are intact: free space "
                            f"and resume with train.resume_from_checkpoint: auto") from None
     log.info("checkpoint %s written in %.3f s", path, time.perf_counter() - t_start_s)
+    return path
 
 
 RESUME_KEYS = ("data.path", "data.seq_len", "data.packing", "data.shuffle", "data.text_field", "model.dtype",

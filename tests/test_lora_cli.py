@@ -188,3 +188,24 @@ def test_peft_with_bf16_states_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", str(cfg), "--set", "model.dtype=bfloat16", "--set", "model.state_dtype=bfloat16"]) == 2
     assert "model.state_dtype" in one_line_error(capsys)
+
+
+def test_merged_export_of_a_moe_adapter_equals_merge_and_unload(tmp_path):
+    """all-linear on Mixtral: PEFT wraps the fused experts' parameters (nested wrappers) and the
+    router; --merge gives what PEFT's merge_and_unload gives."""
+    from transformers import MixtralConfig
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, pad_token_id=0)
+    base = tmp_path / "moe"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
+    config = run_config(tmp_path, base, {"r": 4, "target_modules": "all-linear"})
+    assert main(["train", str(config), "--plan", str(tmp_path / "plan.json"), "--set", "train.max_steps=2"]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged"), "--merge", "--dtype", "float32"]) == 0
+    want = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          tmp_path / "run" / "final").merge_and_unload()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.tensor([padded(rows()[1])["input_ids"].tolist()])
+    assert torch.allclose(got(input_ids=ids).logits, want(input_ids=ids).logits, atol=1e-5)
