@@ -149,3 +149,13 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
         timing = cached_probe(hf_config, wl, device, vocab)
     choice = choose_plan(shape, wl, budgets, profile, recompute=recompute, prefetch_depth=depth, timing=timing)
     return PlannedJob(choice, shape, wl, budgets, profile, timing)
+
+
+def batch_advice(job: PlannedJob, cfg: Any) -> str:
+    """One line for ``plan``: the tokens per step at which this job turns compute-bound."""
+    from scheduler.batch_advice import advise_batch
+
+    recompute = None if cfg.offload.recompute == "auto" else bool(cfg.offload.recompute)
+    depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
+    return advise_batch(job.shape, job.workload, job.budgets, job.profile, job.choice, recompute=recompute,
+                        prefetch_depth=depth, timing=job.timing).line()

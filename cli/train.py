@@ -548,7 +548,7 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
 
     Needs the model config and the batch shape only: no data, no weights.
     """
-    from cli.budgets import plan_job
+    from cli.budgets import batch_advice, plan_job
     from scheduler.materialize import empty_model
     from scheduler.model_shape import shape_from_model
     from scheduler.plan_report import format_report, plan_record
@@ -564,6 +564,7 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     job = plan_job(cfg, hf_config, shape, device, profile_path)
     choice = job.choice
     print(format_report(choice, shape, job.workload, job.budgets, job.profile, job.timing))
+    print(batch_advice(job, cfg))
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(plan_record(choice), indent=2))

@@ -8,18 +8,23 @@ Two implementations, chosen by ``plan.recompute``:
   large ones are copied into page-aligned buffers as autograd saves them, written after the
   layer's forward and read back one layer ahead in backward (at most two layers' worth in memory).
 
-Both are keyed by decoder layer index and driven the same way: ``enter``/``exit`` from the
-layer's forward hooks, ``replay`` + ``read_ahead`` before its backward, ``release`` after it,
-``drop`` to forget a forward (non-finite loss, error), ``end_backward`` after the last layer.
+Both are keyed by (micro-batch m, decoder layer i) and driven the same way: ``enter``/``exit``
+from the layer's forward hooks, ``replay`` + ``read_ahead`` before its backward, ``release`` after
+it, ``drop`` to forget a step's forwards (non-finite loss, error), ``end_backward`` after the last
+layer. Micro-batch-major steps use m = 0 only; layer-major steps (``scheduler.lockstep``) keep
+every micro-batch's records of a layer until that layer's backward.
 
-Thread: the main thread (autograd's pack/unpack hooks run there too). Sync points: waits on the
-SSD writes and reads of checkpoints and swapped activations (named where they happen).
+Threads: the thread running the forward (the main thread, or the micro-batch thread holding the
+turn in a layer-major step: one at a time) for ``enter``/``exit`` and autograd's pack hook; the
+main thread for the rest. Sync points: waits on the SSD writes and reads of checkpoints and
+swapped activations (named where they happen).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -56,6 +61,7 @@ class _LayerCall:
     saved_bytes: int = 0  # DEVICE bytes of saved activations kept in memory
     swapped: list[_SwappedTensor] = field(default_factory=list)  # saved activations on NVME
     kept_storage: set[int] = field(default_factory=set)  # never swapped (``layer_kept_storages``)
+    thread: int = 0  # the thread whose saved_tensors_hooks stack holds ``saved`` (thread-local)
 
 
 @dataclass
@@ -80,17 +86,18 @@ class _LayerCalls:
         self.store = store
         self.acct = acct
         self.device = device
-        self.calls: dict[int, _LayerCall] = {}
+        self.calls: dict[tuple[int, int], _LayerCall] = {}  # by (micro-batch, layer)
 
-    def _record(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> _LayerCall:
+    def _record(self, i: int, m: int, x: torch.Tensor, args_rest: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> _LayerCall:
         call = _LayerCall(args_rest, kwargs, torch.get_rng_state(),
                           torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                           shape=tuple(x.shape), dtype=x.dtype)
-        self.calls[i] = call
+        self.calls[(m, i)] = call
         return call
 
-    def read_ahead(self, i: int) -> None:
-        """Start bringing layer i's activations back (overlaps the backward of layer i + 1)."""
+    def read_ahead(self, i: int, m: int = 0) -> None:
+        """Start bringing the activations of (m, i) back (overlaps the backward before it)."""
 
     def end_backward(self) -> None:
         """After the last layer's backward."""
@@ -104,21 +111,23 @@ class RecomputeCheckpoints(_LayerCalls):
         self.router = router
         self._grad_mode_stack: list[bool] = []
 
-    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = self._record(i, x, args_rest, kwargs)
-        self._save(i, call, x.detach())
+    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
+        call = self._record(i, m, x, args_rest, kwargs)
+        self._save(i, m, call, x.detach())
+        # one forward at a time runs between enter and exit (lockstep turns only at enter)
         self._grad_mode_stack.append(torch.is_grad_enabled())
         torch.set_grad_enabled(False)  # the layer runs without autograd: recomputed in backward
         return None
 
-    def exit(self, i: int, output: Any) -> None:
+    def exit(self, i: int, output: Any, m: int = 0) -> None:
         torch.set_grad_enabled(self._grad_mode_stack.pop())
 
-    def replay(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recompute layer i from its checkpoint under its forward's RNG state: (input leaf, output)."""
-        call = self.calls.pop(i)
-        x = self._take(i, call).detach().requires_grad_(True)
-        self.router.recompute(i)
+    def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recompute layer i of micro-batch m from its checkpoint under its forward's RNG state:
+        (input leaf, output)."""
+        call = self.calls.pop((m, i))
+        x = self._take(i, m, call).detach().requires_grad_(True)
+        self.router.recompute(i, m)
         try:
             with self._rng_restored(call):
                 out = self.layers[i](x, *call.args_rest, **call.kwargs)
@@ -126,7 +135,7 @@ class RecomputeCheckpoints(_LayerCalls):
             self.router.done()
         return x, out[0] if isinstance(out, tuple) else out
 
-    def release(self, i: int) -> None:
+    def release(self, i: int, m: int = 0) -> None:
         """Nothing left: the checkpoint was freed when it was taken."""
 
     def drop(self) -> None:
@@ -138,11 +147,11 @@ class RecomputeCheckpoints(_LayerCalls):
         self.calls.clear()
         self._grad_mode_stack.clear()
 
-    def _save(self, i: int, call: _LayerCall, x: torch.Tensor) -> None:
+    def _save(self, i: int, m: int, call: _LayerCall, x: torch.Tensor) -> None:
         nbytes = x.numel() * x.element_size()
         tier = self.placement.plan.activations
         if tier == Tier.NVME:
-            name = f"act.{i}.{nbytes}"
+            name = activation_extent(i, m, str(nbytes))
             if name not in self.store:
                 self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
             host = x.contiguous() if x.device.type == "cpu" else x.to("cpu")
@@ -151,14 +160,14 @@ class RecomputeCheckpoints(_LayerCalls):
             call.checkpoint_write = self.store.write(name, host.reshape(-1).view(torch.uint8))
             return
         call.checkpoint = x.to("cpu") if tier == Tier.HOST and x.device.type != "cpu" else x
-        self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i}")
+        self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i} (micro-batch {m})")
 
-    def _take(self, i: int, call: _LayerCall) -> torch.Tensor:
+    def _take(self, i: int, m: int, call: _LayerCall) -> torch.Tensor:
         if call.checkpoint_write is not None:
             call.checkpoint_write.result()  # sync point: written before it is read back
             nbytes = math.prod(call.shape) * itemsize(call.dtype)
             raw = aligned_empty(nbytes)
-            self.store.read(f"act.{i}.{nbytes}", raw).result()  # sync point: read back
+            self.store.read(activation_extent(i, m, str(nbytes)), raw).result()  # sync point: read back
             x = raw.view(call.dtype).view(call.shape)
             return x.to(self.device) if self.device.type != "cpu" else x
         assert call.checkpoint is not None
@@ -183,56 +192,64 @@ class SavedTensors(_LayerCalls):
         super().__init__(placement, store, acct, device)
         self.weights = weights
         self._pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size (accounted)
+        self._last_exit: tuple[int, int] | None = None  # the call whose forward ended last
 
-    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = self._record(i, x, args_rest, kwargs)
+    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
+        call = self._record(i, m, x, args_rest, kwargs)
         call.x_leaf = x.detach().requires_grad_(True)
         if self.placement.swaps_activations(i):
             call.kept_storage = layer_kept_storages(x, args_rest, kwargs)
-        call.saved = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(i, t), self._unpack)
+        call.saved = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(i, m, t), self._unpack)
         call.saved.__enter__()
+        call.thread = threading.get_ident()
         return (call.x_leaf, *args_rest), kwargs
 
-    def exit(self, i: int, output: Any) -> None:
-        call = self.calls[i]
+    def exit(self, i: int, output: Any, m: int = 0) -> None:
+        call = self.calls[(m, i)]
         call.saved.__exit__(None, None, None)
         call.saved = None
         call.output = output[0] if isinstance(output, tuple) else output
         if call.swapped:
             self._swap_out(call)
-        if i >= 1 and self.placement.swaps_activations(i - 1):
-            # at most two layers' saved activations in memory: the previous layer's writes end
-            # here (their buffers serve the next layer, if it swaps)
-            self._drop_buffers(self.calls[i - 1])
-        if not self.placement.swaps_activations(i + 1):
-            self._clear_pool()
+        previous = self.calls.get(self._last_exit) if self._last_exit is not None else None
+        if previous is not None and previous.swapped:
+            # at most two calls' saved activations in memory: the writes of the forward that ended
+            # before this one end here (their buffers serve the next call, if it swaps)
+            self._drop_buffers(previous)
+        self._last_exit = (m, i)
+        if not self.placement.swaps_activations(i):
+            self._clear_pool()  # swapping layers come first: no forward after this one swaps
 
-    def replay(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's kept graph: (input leaf, output); its swapped activations are read back."""
-        call = self.calls[i]
+    def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's kept graph of micro-batch m: (input leaf, output); its swapped activations
+        are read back."""
+        call = self.calls[(m, i)]
         assert call.x_leaf is not None and call.output is not None
         self._swap_in(i, call)
         return call.x_leaf, call.output
 
-    def read_ahead(self, i: int) -> None:
-        self._swap_in(i, self.calls.get(i))
+    def read_ahead(self, i: int, m: int = 0) -> None:
+        self._swap_in(i, self.calls.get((m, i)))
 
-    def release(self, i: int) -> None:
-        """After layer i's backward (also on errors): nothing of its forward stays in memory."""
-        call = self.calls.pop(i, None)
+    def release(self, i: int, m: int = 0) -> None:
+        """After the backward of (m, i) (also on errors): nothing of its forward stays in memory."""
+        call = self.calls.pop((m, i), None)
         if call is not None:
             self._release(call)
 
     def drop(self) -> None:
         for call in self.calls.values():
             if call.saved is not None:  # a layer that raised inside its forward
-                call.saved.__exit__(None, None, None)
+                if call.thread == threading.get_ident():  # else its thread, and its hook stack, ended
+                    call.saved.__exit__(None, None, None)
                 call.saved = None
             self._release(call)
         self.calls.clear()
+        self._last_exit = None
         self._clear_pool()
 
     def end_backward(self) -> None:
+        self._last_exit = None
         self._clear_pool()
 
     def _release(self, call: _LayerCall) -> None:
@@ -246,21 +263,22 @@ class SavedTensors(_LayerCalls):
         call.saved_bytes = 0
 
     # ---------------------------------------------------------------- autograd's hooks
-    def _pack(self, i: int, t: torch.Tensor) -> Any:
+    def _pack(self, i: int, m: int, t: torch.Tensor) -> Any:
         """Saved weights become WeightTokens; with ``activations: nvme`` large activations become
         ``_SwappedTensor`` tokens; the rest stays, accounted."""
         token = self.weights.token(i + 1, t)
         if token is not None:
             return token
         nbytes = t.numel() * t.element_size()
-        call = self.calls[i]
+        call = self.calls[(m, i)]
         if (self.placement.swaps_activations(i)
                 and is_swapped_activation(t, call.kept_storage, placement_rules.SWAP_MIN_BYTES)):
             # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
             # Sync point on a GPU: the D2H copy blocks this thread.
             buf = self._buffer(nbytes, f"saved activations of layer {i} (swapped)")
             buf.view(t.dtype).view(t.shape).copy_(t)
-            swapped = _SwappedTensor(f"act.{i}.{len(call.swapped)}.{nbytes}", tuple(t.shape), t.dtype, nbytes, buf)
+            swapped = _SwappedTensor(activation_extent(i, m, f"{len(call.swapped)}.{nbytes}"), tuple(t.shape),
+                                     t.dtype, nbytes, buf)
             call.swapped.append(swapped)
             return swapped
         self.acct.alloc(Tier.DEVICE, nbytes, f"saved activations of layer {i}")
@@ -327,3 +345,8 @@ class SavedTensors(_LayerCalls):
 
 
 ActivationStore = RecomputeCheckpoints | SavedTensors
+
+
+def activation_extent(i: int, m: int, rest: str) -> str:
+    """The store extent of an activation of layer i, micro-batch m (``rest``: its index, size)."""
+    return f"act.{i}.{rest}" if m == 0 else f"act.{i}.m{m}.{rest}"

@@ -7,6 +7,8 @@ term. Symbols (per optimizer step):
     L  decoder layers          R  resident layers        K  turn layers (kept into backward)
     S  streamed layers = L - R N  all parameters         P  parameters of the largest layer
     M  micro-batches (gradient accumulation)             T  tokens per micro-batch = b * s
+    Mw passes over the weights per step: 1 with layer-major accumulation (``plan.layer_major``),
+       else M (each micro-batch streams every layer and hands its gradients over)
     w  bytes per element of the compute dtype            h, V, H, d  hidden, vocab, heads, head dim
     o  bytes per element of the state dtype (master weights, Adam states, kept gradients):
        4 for mixed precision (fp32 master), 2 for pure bf16 training
@@ -81,11 +83,23 @@ class Workload:
 
     @property
     def grads_kept(self) -> bool:
+        """Whether micro-batch-major accumulation keeps gradients (``grads_kept_by`` for a plan)."""
         return grads_kept(self.grad_accum, self.deferred)
+
+    def grads_kept_by(self, plan: Plan) -> bool:
+        return grads_kept(self.grad_accum, self.deferred, plan.layer_major)
+
+    def layer_major(self, plan: Plan) -> bool:
+        """The step runs its micro-batches layer by layer (the executor's test: M > 1)."""
+        return plan.layer_major and self.grad_accum > 1
+
+    def weight_passes(self, plan: Plan) -> int:
+        """Mw: how often a step streams the layers and hands gradients to the optimizer."""
+        return 1 if self.layer_major(plan) else self.grad_accum
 
     def placement(self, plan: Plan, shape: ModelShape, on_gpu: bool = False) -> Placement:
         """The executor's placement rules for this workload under ``plan``."""
-        return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept, on_gpu)
+        return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept_by(plan), on_gpu)
 
 
 @dataclass(frozen=True)
@@ -157,8 +171,10 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_trainable_unit_numel * w),
         (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
-        (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if wl.grads_kept else 0),
-        *_activation_rows(rules, act),
+        (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if rules.grads_kept else 0),
+        *_activation_rows(rules, act, wl.grad_accum if wl.layer_major(plan) else 1),
+        # layer-major: every micro-batch's layer-0 input and head-input gradient wait for backward
+        ("micro-batch boundary states", Tier.DEVICE, 2 * wl.grad_accum * act.checkpoint if wl.layer_major(plan) else 0),
         # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
         # are written there too when saved (one more copy)
         ("checkpoint versions", Tier.NVME,
@@ -177,18 +193,21 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
     return [r for r in rows if r[2] > 0]
 
 
-def _activation_rows(rules: Placement, act: ActivationBytes) -> list[tuple[str, Tier, int]]:
+def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[tuple[str, Tier, int]]:
+    """``kept``: micro-batches whose activations wait for backward at once (layer-major: M)."""
     plan, L = rules.plan, rules.n_layers
     if plan.recompute:
-        return [("activation checkpoints", plan.activations, L * act.checkpoint)]
+        return [("activation checkpoints", plan.activations, kept * L * act.checkpoint)]
     if plan.activations == Tier.DEVICE:
-        return [("saved activations (no recompute)", Tier.DEVICE, L * (act.saved + act.checkpoint))]
-    # swapped through the SSD (``Placement.swaps_activations``: all layers but those kept over the
-    # turn); at most two layers' worth in memory (one written while the next computes; one read
-    # ahead in backward) besides every layer's input (the previous layer's output: never swapped)
+        return [("saved activations (no recompute)", Tier.DEVICE, kept * L * (act.saved + act.checkpoint))]
+    # swapped through the SSD (``Placement.swaps_activations``: all layers but the last two); in
+    # memory: at most two layers' worth of swapped ones (one written while the next computes; one
+    # read ahead in backward), or the unswapped last layers of every kept micro-batch (at the
+    # turn), besides every layer's input (the previous layer's output: never swapped)
     swapped = rules.swapped_layers
-    return [("saved activations in memory", Tier.DEVICE, min(L, 2) * act.saved + L * act.checkpoint),
-            ("saved activations swapped", Tier.NVME, swapped * act.saved)]
+    return [("saved activations in memory", Tier.DEVICE,
+             max(min(L, 2), kept * (L - swapped)) * act.saved + kept * L * act.checkpoint),
+            ("saved activations swapped", Tier.NVME, kept * swapped * act.saved)]
 
 
 def swapped_activation_bytes(plan: Plan, shape: ModelShape, wl: Workload,
@@ -261,9 +280,10 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     rate_flops = 1e12 * profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.1))
 
     ssd_read = ssd_write = h2d = d2h = 0
-    # ---- layer weights: per micro-batch, S loads in forward and S - K in backward (the turn layers
+    Mw = wl.weight_passes(plan)
+    # ---- layer weights: per pass, S loads in forward and S - K in backward (the turn layers
     # stay; without recompute backward re-fetches the weights its saved tensors refer to)
-    loads = M * (2 * S - K) * w_layer
+    loads = Mw * (2 * S - K) * w_layer
     if plan.weights == Tier.NVME:
         ssd_read += loads
         if not wl.placement(plan, shape).weights_are_master and not shape.frozen:
@@ -275,12 +295,12 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     if plan.optimizer == Tier.NVME:
         ssd_read += wl.optimizer_bytes_per_param * N
         ssd_write += wl.optimizer_bytes_per_param * N
-    # ---- gradients: D2H once per micro-batch (compute dtype); kept ones are written
-    # (M - 1 + deferred) times and read as often, o bytes per parameter each
+    # ---- gradients: D2H once per pass (compute dtype); kept ones are written
+    # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
     if gpu:
-        d2h += M * N * w
-    if wl.grads_kept and plan.grads == Tier.NVME:
-        passes = M - 1 + int(wl.deferred)
+        d2h += Mw * N * w
+    if wl.grads_kept_by(plan) and plan.grads == Tier.NVME:
+        passes = Mw - 1 + int(wl.deferred)
         ssd_write += passes * wl.grad_bytes_per_param * N
         ssd_read += passes * wl.grad_bytes_per_param * N
     # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
@@ -335,7 +355,7 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
                    cpu = adam + checksum;
       CPU only:    the device is the CPU, so compute, Adam and checksums share its cores:
                    cpu = compute + recompute + adam + checksum, ssd = read + write;
-      exposed = the first streamed layer's load at the start of each micro-batch (nothing to
+      exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
                 hide it behind) + the update I/O of ``pre`` after backward (updated last,
                 needed first).
       Deferred updates on a GPU (clipping, fp16, nan skip): the optimizer pass cannot overlap
@@ -373,7 +393,7 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
         rate = profile.ssd_read_gbps if plan.weights == Tier.NVME else (profile.h2d_gbps or 0.0)
         if rate > 0:
-            step += wl.grad_accum * w_layer / (rate * 1e9)
+            step += wl.weight_passes(plan) * w_layer / (rate * 1e9)
     if plan.optimizer == Tier.NVME:
         step += wl.optimizer_bytes_per_param * shape.pre_trainable_numel * (
             1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))

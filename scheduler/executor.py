@@ -14,6 +14,13 @@ runs; hooks on each decoder layer do the streaming:
       embedding backward; G.unit_done(pre)
     P.finish(): immediate updates are already running; deferred ones start now
 
+Layer-major gradient accumulation (``plan.layer_major``, M > 1): every layer is loaded once per
+step. The M forwards run in lockstep (``scheduler.lockstep``: one thread per micro-batch, one
+turn at a time), so layer i computes every micro-batch before layer i + 1; each micro-batch's
+head and loss backward follow its forward. Backward then loads layer i once and back-propagates
+every micro-batch through it, the gradients summing on DEVICE in the state dtype (G.accumulate:
+the same sums, in the same order, as the CPU's accumulation), and hands the layer over once.
+
 The pieces, one job each (their modules say which thread runs what):
     Placement         (``placement``)         where each kind of tensor lives: pure rules
     StateStore        (``state_store``)       master, Adam states, kept gradients, streamed weights
@@ -21,6 +28,8 @@ The pieces, one job each (their modules say which thread runs what):
     WeightStreamer W  (``weight_streamer``)   compute weights on DEVICE: loads, prefetch, bindings
     ActivationStore A (``activations``)       checkpoints and recompute, or kept graphs and swapping
     GradHandoff G     (``grad_handoff``)      each unit's gradients to the optimizer worker
+    LayerHooks        (``layer_hooks``)       the forward hooks above; ``Lockstep`` (``lockstep``)
+                                              runs a layer-major step's forwards in turns
     OptimizerWorker   (``optimizer_worker``)  per chunk: gather gradients, keep them or run AdamW
     UpdatePolicy P    (``update_policy``)     immediate or deferred updates, clipping, fp16, NaN
 
@@ -31,9 +40,9 @@ the calling thread, in the same order, with the same arithmetic: results are bit
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,11 +53,11 @@ from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler.activations import ActivationStore, RecomputeCheckpoints, SavedTensors
 from scheduler.grad_handoff import GradHandoff
+from scheduler.layer_hooks import LayerHooks
 from scheduler.model_map import (
     ModelMap,
     Unit,
     build_model_map,
-    check_layer_arguments,
 )
 from scheduler.optimizer_worker import OptimizerWorker
 from scheduler.placement import Placement, grads_kept, tensor_storages
@@ -108,12 +117,9 @@ class StreamingExecutor(StateExport):
         self.map: ModelMap | None = None
         self._parts: list[Any] = []  # started pieces, closed in reverse
         self._hooks: list[Any] = []
-        self._streaming = False  # inside a training forward: the layer hooks stream and keep
-        self._evaluating = False  # forward only (evaluate): layers stream, nothing is kept
-        self._arguments_checked: set[int] = set()  # layers whose call arguments were checked
-        self._x0: torch.Tensor | None = None  # layer 0's input (the embedding's graph root)
-        self._head_input: torch.Tensor | None = None  # the last layer's output, a leaf
-        self._forward_start_s: dict[int, float] = {}  # tracing: when each layer's forward began
+        self._buffered: list[dict[str, torch.Tensor]] = []  # micro_step, layer-major: batches so far
+        self._head_grad: dict[int, torch.Tensor | None] = {}  # per micro-batch: d loss / d head input
+        self._tied_grad: dict[int, dict[str, torch.Tensor]] = {}  # per micro-batch: the head's part of a tied embedding's gradient
         self._lr = 0.0
         self._step_skipped = False  # a non-finite loss skipped this step: its other micro-batches do nothing
         self._step_start_s: float | None = None  # when the step's first micro-batch began
@@ -136,8 +142,9 @@ class StreamingExecutor(StateExport):
         self.model.train()
         move_buffers(self.model, self.device)
         s = self.settings
+        kept = grads_kept(s.gradient_accumulation_steps, s.deferred, self.plan.layer_major)
         self.placement = p = Placement(self.plan, len(m.layers), dtype_name(s.compute_dtype), dtype_name(s.state_dtype),
-                                       grads_kept(s.gradient_accumulation_steps, s.deferred), self.device.type == "cuda")
+                                       kept, self.device.type == "cuda")
         check_device_fits(p, m)
         self.acct.alloc(Tier.HOST, p.host_bytes((u.numel, u.frozen_numel) for u in m.units), "host-resident tensors of the plan")
         self.state = StateStore(m, p, self.store, s.state_dtype, s.compute_dtype)
@@ -149,7 +156,8 @@ class StreamingExecutor(StateExport):
         self.weights = WeightStreamer(self.state, self.clock, params, self.acct, self.device, self.tracer,
                                       make_room=lambda nbytes: self.handoff.make_room(nbytes))
         self.worker = OptimizerWorker(self.state, self.adamw, s, self.acct, self.tracer, self.weights.publish)
-        self.handoff = GradHandoff(m.units, params, self.worker, self.clock, self.acct, self.plan.job_slots, s.deferred)
+        self.handoff = GradHandoff(m.units, params, self.worker, self.clock, self.acct, self.plan.job_slots, s.deferred,
+                                   s.state_dtype)
         for part in (self.worker, self.weights):
             part.start()
             self._parts.append(part)
@@ -163,7 +171,9 @@ class StreamingExecutor(StateExport):
         self.activations: ActivationStore = (
             RecomputeCheckpoints(p, self.store, self.acct, self.device, m.layers, self.router) if self.plan.recompute
             else SavedTensors(p, self.store, self.acct, self.device, self.weights))
-        self._install_hooks()
+        self.hooks = LayerHooks(self.model, m.layers, p, self.weights, self.activations, self.router, self.tracer)
+        self._hooks.extend(self.router.install())
+        self._hooks.extend(self.hooks.install())
 
     def close(self, raise_job_errors: bool = True) -> None:
         try:
@@ -178,55 +188,6 @@ class StreamingExecutor(StateExport):
             self._hooks.clear()
             while self._parts:
                 self._parts.pop().close()
-
-    # ------------------------------------------------------------------------------ layer hooks
-    def _install_hooks(self) -> None:
-        assert self.map is not None
-        self._hooks.extend(self.router.install())
-        for i, layer in enumerate(self.map.layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._enter_hook(i), with_kwargs=True))
-            self._hooks.append(layer.register_forward_hook(self._exit_hook(i), with_kwargs=True))
-
-    def _enter_hook(self, i: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not (self._streaming or self._evaluating):
-                return None  # a recompute in backward: the driver placed everything
-            if self._streaming and i not in self._arguments_checked:  # a property of the architecture
-                check_layer_arguments(self.model, args[1:], kwargs)
-                self._arguments_checked.add(i)
-            self.weights.acquire(i + 1)
-            self.weights.prefetch(range(i + 1, min(i + 1 + self.plan.prefetch_depth, self._n_layers)))
-            if self._evaluating:
-                return None
-            if i == 0:
-                self._x0 = args[0]
-            self._forward_start_s[i] = self.tracer.clock()
-            self.router.forward(i, keep_graph=not self.plan.recompute)
-            return self.activations.enter(i, args[0], args[1:], kwargs)
-
-        return hook
-
-    def _exit_hook(self, i: int) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            if not (self._streaming or self._evaluating):
-                return None
-            if self._streaming:
-                self.router.done()
-                if self._forward_start_s.get(i):
-                    self.tracer.add("compute", f"forward layer.{i}", self._forward_start_s[i])
-                self.activations.exit(i, output)
-            if self._evaluating or not self.placement.kept_over_turn(i):
-                self.weights.release(i + 1)
-            if i != self._n_layers - 1:
-                return None
-            self.weights.acquire(len(self.units) - 1)  # post
-            if self._evaluating:
-                return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            self._head_input = leaf = hidden.detach().requires_grad_(True)  # loss.backward() stops here
-            return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
-
-        return hook
 
     @property
     def _n_layers(self) -> int:
@@ -260,37 +221,67 @@ class StreamingExecutor(StateExport):
     def micro_step(self, batch: dict[str, torch.Tensor], lr: float, last: bool, n_micro: int) -> float:
         """Forward and backward of one micro-batch of a step (``train_step``'s loop, for loops that
         drive micro-batches themselves: ``last`` marks the step's last one, ``n_micro`` their
-        number). Returns its loss (a host sync point); NaN once the step is skipped."""
+        number). Returns its loss (a host sync point); NaN once the step is skipped.
+
+        Layer-major plans (``plan.layer_major``, ``n_micro`` > 1) keep the batches until the last
+        one, then run them together: the earlier calls return 0.0, the last the step's loss."""
         if self._step_start_s is None:
             self._step_start_s = time.perf_counter()
         if self._step_skipped:
             return float("nan")
-        self.worker.raise_error()
-        self._lr = lr
-        try:
-            loss = self._forward(batch)
-            if "num_items_in_batch" not in batch:
-                loss = loss / n_micro
-            loss_value = float(loss.detach())  # sync point: one per micro-batch
-            if math.isfinite(loss_value):
-                self._backward(loss, last=last)
-        except BaseException:
-            with contextlib.suppress(BaseException):  # the first error is the one to report
-                self._drop_forward_state()
-            raise
-        if not math.isfinite(loss_value):
-            self._drop_forward_state()
-            self._step_skipped = self.policy.non_finite(f"loss is {loss_value}", self.handoff)
-        return loss_value
+        if self.plan.layer_major and n_micro > 1:
+            self._buffered.append(batch)
+            if not last:
+                return 0.0
+            batches, self._buffered = self._buffered, []
+            total = 0.0
+            for loss_value in self._run_micro_batches(batches, lr, n_micro):
+                total += loss_value
+            return total
+        return self._run_micro_batches([batch], lr, n_micro, last)[0]
 
     def finish_step(self, lr: float) -> tuple[float | None, bool]:
         """After the step's last ``micro_step``: (gradient norm or None, skipped)."""
         grad_norm, skipped = (None, True) if self._step_skipped else self.policy.finish(lr, self.handoff)
         self._step_skipped = False
+        self._buffered.clear()
         if self._step_start_s is not None and self.tracer.enabled:
             self.tracer.add("step", f"step {self.optimizer_step}", self._step_start_s)
         self._step_start_s = None
         return grad_norm, skipped
+
+    def _run_micro_batches(self, batches: list[dict[str, torch.Tensor]], lr: float, n_micro: int,
+                           last: bool = True) -> list[float]:
+        """Forward and backward of ``batches``: one (micro-batch-major), or all of a step's in
+        lockstep (layer-major). Returns their losses (NaN for all once the step is skipped)."""
+        self.worker.raise_error()
+        self._lr = lr
+        self.hooks.micro_count = len(batches)
+        bad: float | None = None
+        try:
+            self.hooks.streaming = True
+            try:
+                if len(batches) == 1:
+                    losses = [self._forward_and_head(batches[0], n_micro)]
+                else:  # one thread per micro-batch, in turns: the layer hooks pass them on
+                    losses = self.hooks.lockstep.run([functools.partial(self._forward_and_head, b, n_micro)
+                                                      for b in batches])
+            finally:
+                self.hooks.streaming = False
+            bad = next((v for v in losses if not math.isfinite(v)), None)
+            if bad is None:
+                self._backward(list(range(len(batches))), last)
+        except BaseException:
+            with contextlib.suppress(BaseException):  # the first error is the one to report
+                self._drop_forward_state()
+            raise
+        finally:
+            self.hooks.micro_count = 1
+        if bad is not None:
+            self._drop_forward_state()
+            self._step_skipped = self.policy.non_finite(f"loss is {bad}", self.handoff)
+            return [float("nan")] * len(batches)
+        return losses
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
@@ -299,53 +290,75 @@ class StreamingExecutor(StateExport):
                 kwargs[key] = batch[key].to(self.device)
         return kwargs
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward_and_head(self, batch: dict[str, torch.Tensor], n_micro: int) -> float:
+        """A micro-batch's forward, then its head's backward (final norm + LM head + loss: their
+        gradients add up in the post unit; the head input's gradient waits for the layers).
+        Runs on the calling thread, or on its micro-batch thread in a layer-major step. Returns
+        the loss (a host sync point); nothing is back-propagated from a non-finite one."""
+        m = self.hooks.lockstep.index()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
         kwargs = self._model_inputs(batch)
         kwargs["labels"] = batch.get("labels", batch["input_ids"]).to(self.device)
         if "num_items_in_batch" in batch:
             kwargs["num_items_in_batch"] = batch["num_items_in_batch"]
         self.weights.acquire(0)
         self.weights.prefetch(range(min(self.plan.prefetch_depth, self._n_layers)))
-        self._streaming = True
-        try:
-            with torch.enable_grad(), self.tracer.span("compute", "forward"):
-                out = self.model(**kwargs)
-        finally:
-            self._streaming = False
-        loss = out.loss if hasattr(out, "loss") else out[0]
-        return loss.float()
+        with torch.enable_grad(), self.tracer.span("compute", "forward"):
+            out = self.model(**kwargs)
+        loss = (out.loss if hasattr(out, "loss") else out[0]).float()
+        if "num_items_in_batch" not in batch:
+            loss = loss / n_micro
+        loss_value = float(loss.detach())  # sync point: one per micro-batch
+        if math.isfinite(loss_value):
+            with torch.enable_grad(), self.tracer.span("compute", "backward post"):
+                (loss * self.policy.loss_scale).backward()  # final norm + LM head; fills head_input.grad
+            self._head_grad[m] = self.hooks.head_input.pop(m).grad
+            if self.hooks.micro_count > 1:
+                self.handoff.accumulate(self.units[-1])
+                self._tied_grad[m] = self.handoff.take_other_grads()
+        return loss_value
 
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        assert self._head_input is not None and self._x0 is not None
-        with self.tracer.span("compute", "backward post"):
-            (loss * self.policy.loss_scale).backward()  # final norm + LM head; fills head_input.grad
-        grad = self._head_input.grad
-        self._head_input = None
+    def _backward(self, micros: list[int], last: bool) -> None:
+        """The layers' and embeddings' backward of the micro-batches ``micros`` (their heads'
+        already ran), layer by layer: each layer once for all of them."""
+        summed = len(micros) > 1  # layer-major: gradients add up on DEVICE until the layer is done
+        grads = [self._head_grad.pop(m) for m in micros]
         self._unit_done(len(self.units) - 1, last)
         for i in reversed(range(self._n_layers)):
             self.weights.acquire(i + 1)
             self.weights.prefetch(range(i - 1, max(i - 1 - self.plan.prefetch_depth, -1), -1))
-            try:
-                grad = self._layer_backward(i, grad)
-            finally:  # also on errors: nothing of this layer's forward stays in memory
-                self.activations.release(i)
+            for k, m in enumerate(micros):
+                ahead = (i, micros[k + 1]) if k + 1 < len(micros) else (i - 1, micros[0])
+                try:
+                    grads[k] = self._layer_backward(i, m, grads[k], ahead)
+                finally:  # also on errors: nothing of this layer's forward stays in memory
+                    self.activations.release(i, m)
+                if summed:
+                    self.handoff.accumulate(self.units[i + 1])
             self._unit_done(i + 1, last)
             self.weights.release(i + 1)
         self.activations.end_backward()
-        if self._x0.requires_grad:  # else nothing before layer 0 trains (frozen embeddings)
-            with self.tracer.span("compute", "backward pre"):
-                self._x0.backward(grad)  # embeddings (and anything before layer 0)
-        self._x0 = None
+        for k, m in enumerate(micros):
+            self.handoff.put_back(self._tied_grad.pop(m, {}))
+            x0 = self.hooks.x0.pop(m)
+            if x0.requires_grad:  # else nothing before layer 0 trains (frozen embeddings)
+                with self.tracer.span("compute", "backward pre"):
+                    x0.backward(grads[k])  # embeddings (and anything before layer 0)
+            if summed:
+                self.handoff.accumulate(self.units[0])
         self._unit_done(0, last)
 
-    def _layer_backward(self, i: int, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """Layer i's backward (recomputed, or from its kept graph); returns its input's gradient."""
+    def _layer_backward(self, i: int, m: int, grad: torch.Tensor | None,
+                        ahead: tuple[int, int]) -> torch.Tensor | None:
+        """Layer i's backward for micro-batch m (recomputed, or from its kept graph); returns its
+        input's gradient. ``ahead``: the (layer, micro-batch) whose activations to read next."""
         traced = self.tracer.span("compute", f"recompute layer.{i}") if self.plan.recompute else contextlib.nullcontext()
         with traced:
-            x, hidden = self.activations.replay(i)
-        self.activations.read_ahead(i - 1)  # overlaps this layer's backward
+            x, hidden = self.activations.replay(i, m)
+        self.activations.read_ahead(*ahead)  # overlaps this layer's backward
         # MoE routers: d loss / d logits from the head's backward joins this layer's (aux loss)
-        router_out, router_grad = self.router.backward_terms(i)
+        router_out, router_grad = self.router.backward_terms(i, m)
         with self.tracer.span("compute", f"backward layer.{i}"):
             torch.autograd.backward([hidden, *router_out], [grad, *router_grad])
         return x.grad
@@ -354,11 +367,15 @@ class StreamingExecutor(StateExport):
         self.handoff.unit_done(self.units[unit_index], last, self.policy.next_step, self._lr, self.policy.loss_scale)
 
     def _drop_forward_state(self) -> None:
-        """Forget a forward (non-finite loss, or an error): every byte it holds is released."""
+        """Forget the forwards of a step (non-finite loss, or an error): every byte they hold is
+        released."""
         self.activations.drop()
         self.weights.release_layers()
         self.router.clear()
-        self._x0 = self._head_input = None
+        self.hooks.clear()
+        self._head_grad.clear()
+        self._tied_grad.clear()
+        self.handoff.drop_sums()
         for p in self.weights.params.values():
             p.grad = None
 
@@ -378,7 +395,7 @@ class StreamingExecutor(StateExport):
         labels = batch.get("labels", batch["input_ids"]).to(self.device)
         was_training = self.model.training
         self.model.eval()
-        self._evaluating = True
+        self.hooks.evaluating = True
         try:
             self.weights.acquire(0)
             self.weights.prefetch(range(min(self.plan.prefetch_depth, self._n_layers)))
@@ -388,7 +405,7 @@ class StreamingExecutor(StateExport):
             loss_sum = torch.nn.functional.cross_entropy(
                 logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
         finally:
-            self._evaluating = False
+            self.hooks.evaluating = False
             self.weights.release_layers()
             self.model.train(was_training)
         return float(loss_sum), int(targets.ne(-100).sum()), logits

@@ -1,9 +1,12 @@
 """GradHandoff: takes each unit's gradients as soon as its backward ends and hands them to the
 optimizer worker.
 
-Owns what gradient accumulation needs between micro-batches (whether a unit has a gradient kept
-in the grads tier, and which of its parameters had one) and bounds the gradients waiting for the
-worker (they hold DEVICE memory): at most ``plan.job_slots`` jobs, and only while DEVICE has room.
+Owns what gradient accumulation needs between micro-batches: in micro-batch-major steps whether
+a unit has a gradient kept in the grads tier and which of its parameters had one; in layer-major
+steps the per-unit sums on DEVICE (``accumulate``: in the state dtype, each micro-batch's gradient
+added in order, as the worker adds a fresh gradient to a kept one: the same values bit for bit).
+Bounds the gradients waiting for the worker (they hold DEVICE memory): at most ``plan.job_slots``
+jobs, and only while DEVICE has room.
 
 Thread: the main thread only. Sync points: waits on the oldest pending job (``make_room``,
 ``drain``).
@@ -25,7 +28,8 @@ from scheduler.unit_clock import NormParts, UnitClock
 
 class GradHandoff:
     def __init__(self, units: tuple[Unit, ...], params: dict[str, nn.Parameter], worker: OptimizerWorker,
-                 clock: UnitClock, acct: Accountant, job_slots: int, deferred: bool) -> None:
+                 clock: UnitClock, acct: Accountant, job_slots: int, deferred: bool,
+                 sum_dtype: torch.dtype = torch.float32) -> None:
         self.units = units
         self.params = params
         self.worker = worker
@@ -36,6 +40,40 @@ class GradHandoff:
         self._pending: deque[Future[NormParts]] = deque()  # jobs whose gradients hold DEVICE memory
         self._stored = [False] * len(units)  # a gradient of this step is kept in the grads tier
         self._seen: list[list[bool] | None] = [None] * len(units)  # per parameter: had a gradient this step
+        self.sum_dtype = sum_dtype  # layer-major sums: the state dtype (the worker's accumulation dtype)
+        self._sums: dict[int, list[torch.Tensor | None]] = {}  # layer-major: per unit, per parameter
+
+    def accumulate(self, u: Unit) -> None:
+        """Layer-major steps: add unit ``u``'s fresh gradients (``p.grad``, cleared) to its sums."""
+        if u.numel == 0:
+            return
+        sums = self._sums.setdefault(u.index, [None] * len(u.params))
+        for k, s in enumerate(u.params):
+            p = self.params[s.name]
+            g, p.grad = p.grad, None
+            if g is None:
+                continue
+            if sums[k] is None:
+                sums[k] = g.to(self.sum_dtype)  # (the tensor itself when its dtype already is)
+            else:
+                sums[k].add_(g)  # type: ignore[union-attr]
+
+    def drop_sums(self) -> None:
+        self._sums.clear()
+
+    def take_other_grads(self) -> dict[str, torch.Tensor]:
+        """Layer-major steps, after a micro-batch's head backward (its post unit accumulated): the
+        gradients it left on parameters of other units (a tied embedding), taken off until that
+        unit's backward of the same micro-batch (``put_back``): each micro-batch's gradient is then
+        summed whole, as in micro-batch order."""
+        taken = {name: p.grad for name, p in self.params.items() if p.grad is not None}
+        for name in taken:
+            self.params[name].grad = None
+        return taken
+
+    def put_back(self, grads: dict[str, torch.Tensor]) -> None:
+        for name, g in grads.items():
+            self.params[name].grad = g
 
     def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float) -> None:
         """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
@@ -50,6 +88,8 @@ class GradHandoff:
             p = self.params[s.name]
             fresh.append(p.grad)
             p.grad = None
+        if u.index in self._sums:  # a layer-major step: every micro-batch's gradient, summed
+            fresh = self._sums.pop(u.index)
         grad_bytes = sum(g.numel() * g.element_size() for g in fresh if g is not None)
         while self._pending and (len(self._pending) >= self.job_slots or not self.acct.fits(Tier.DEVICE, grad_bytes)):
             self._pending.popleft().result()  # sync point: the oldest job has taken its gradients

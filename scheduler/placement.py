@@ -34,10 +34,11 @@ SWAP_MIN_BYTES = 1 << 20
 statistics, masks: not worth a request)."""
 
 
-def grads_kept(grad_accum: int, deferred: bool) -> bool:
-    """Gradients outlive a backward only when accumulated or when updates are deferred;
-    otherwise the grads tier holds nothing and gets no space."""
-    return grad_accum > 1 or deferred
+def grads_kept(grad_accum: int, deferred: bool, layer_major: bool = False) -> bool:
+    """Gradients outlive a backward only when accumulated micro-batch by micro-batch or when
+    updates are deferred; otherwise the grads tier holds nothing and gets no space (layer-major
+    accumulation sums a unit's micro-batches on DEVICE and hands the unit over once)."""
+    return (grad_accum > 1 and not layer_major) or deferred
 
 
 def tensor_storages(*objs: Any) -> set[int]:

@@ -38,6 +38,13 @@ class Plan:
     keep the layer's saved activations (weights inside them are re-fetched, not kept) on DEVICE
     (``activations: device``), or swap them through the SSD (``activations: nvme``: written after
     each layer's forward, read back one layer ahead in backward; two layers' worth in memory)."""
+    layer_major: bool = False
+    """Gradient accumulation (M > 1 micro-batches per step) layer by layer: each layer is loaded
+    once per step and runs every micro-batch, forward and backward, its gradients summing on
+    DEVICE; none are kept in a tier between micro-batches. Weight and gradient traffic no longer
+    grow with M; every micro-batch's activations (checkpoints, or saved tensors) are kept until
+    backward. Same sums as micro-batch order; dropout draws its masks in layer order (another
+    valid draw, not the same one). False: one micro-batch after the other, gradients kept."""
     overlap: bool = True
     """False: synchronous reference mode, same math, no prefetch and no concurrent optimizer."""
     device_budget_bytes: int = 1 << 62
@@ -91,6 +98,8 @@ class Plan:
              else f"{self.activations.value} (saved activations, no recompute)"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),
             ("prefetch depth", str(self.prefetch_depth)),
+            ("accumulation", "layer-major (each layer loaded once per step)" if self.layer_major
+             else "micro-batch by micro-batch"),
             ("overlap", "on" if self.overlap else "off (reference)"),
             ("device budget", _budget(self.device_budget_bytes)),
             ("host budget", _budget(self.host_budget_bytes)),

@@ -71,7 +71,8 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
     layers = (f"resident layers 0-{len(plan.resident_layers) - 1}" if plan.resident_layers else "no resident layers")
     out.append(f"placement: {layers}, {plan.turn_keep} turn layer{'' if plan.turn_keep == 1 else 's'} kept into backward, prefetch depth "
                f"{plan.prefetch_depth}, {_activations(plan)}; "
-               f"optimizer chunks of {plan.chunk_numel} elements")
+               f"optimizer chunks of {plan.chunk_numel} elements"
+               f"{'; layer-major accumulation (each layer loaded once per step)' if wl.layer_major(plan) else ''}")
     out.append("")
     link_rows = []
     for r in RESOURCES:

@@ -25,6 +25,7 @@ from scheduler.cost_model import (
     peak_memory,
 )
 from scheduler.model_shape import ModelShape
+from scheduler.placement import grads_kept
 from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
@@ -97,19 +98,23 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     if recompute is not None:
         acts = [a for a in acts if a[0] == recompute]
     depths = [prefetch_depth] if prefetch_depth is not None else ([1, 2, 3] if overlap else [0])
-    grads_tiers = (Tier.HOST, Tier.NVME) if wl.grads_kept else (None,)
+    # accumulation: micro-batch by micro-batch (gradients kept in a tier), or layer-major (each
+    # layer loaded once per step; every micro-batch's activations kept): the estimate decides
+    orders = (False, True) if wl.grad_accum > 1 else (False,)
     # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
     # DEVICE memory but makes backward wait for each update
     slots = (2, 1) if overlap else (1,)
-    for weights, optimizer, grads, (rec, act_tier), depth, job_slots in itertools.product(
-            (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), grads_tiers, acts, depths, slots):
-        base = Plan(weights=weights, optimizer=optimizer, grads=grads or optimizer, activations=act_tier,
-                    recompute=rec, prefetch_depth=depth, turn_keep=0, resident_layers=(), overlap=overlap,
-                    device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
-                    job_slots=job_slots, chunk_numel=chunk)
-        plan = _fill_device(base, shape, wl, timing)
-        if plan is not None:
-            yield plan
+    for layer_major, weights, optimizer, (rec, act_tier), depth, job_slots in itertools.product(
+            orders, (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), acts, depths, slots):
+        kept = grads_kept(wl.grad_accum, wl.deferred, layer_major)
+        for grads in (Tier.HOST, Tier.NVME) if kept else (optimizer,):
+            base = Plan(weights=weights, optimizer=optimizer, grads=grads, activations=act_tier,
+                        recompute=rec, prefetch_depth=depth, turn_keep=0, resident_layers=(), overlap=overlap,
+                        layer_major=layer_major, device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
+                        job_slots=job_slots, chunk_numel=chunk)
+            plan = _fill_device(base, shape, wl, timing)
+            if plan is not None:
+                yield plan
 
 
 def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan | None:
@@ -151,15 +156,16 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
                 f"lower train.micro_batch_size / data.seq_len")
     # The state that must live somewhere off the device: optimizer, kept gradients, weights.
     n = shape.trainable_numel
-    state = wl.optimizer_bytes_per_param * n + (wl.grad_bytes_per_param * n if wl.grads_kept else 0)
+    kept = wl.deferred  # layer-major accumulation keeps gradients only for deferred updates
+    state = wl.optimizer_bytes_per_param * n + (wl.grad_bytes_per_param * n if kept else 0)
     if wl.state_dtype != wl.compute_dtype or shape.frozen:  # else the weights are the master weights
         state += shape.n_layers * shape.streamed_layer_numel * wl.itemsize
     versions = wl.checkpoint_versions * wl.optimizer_bytes_per_param * n
     room = budgets.nvme_bytes + max(host_total - STAGING_ARRAYS * wl.state_itemsize * MAX_CHUNK_NUMEL, 0)
     if state > room:
         kind = "fp32" if wl.state_dtype == "float32" else wl.state_dtype
-        grads = (f" and {kind} gradients ({wl.grad_bytes_per_param} B/param, kept for accumulation or clipping)"
-                 if wl.grads_kept else "")
+        grads = (f" and {kind} gradients ({wl.grad_bytes_per_param} B/param, kept for clipping)"
+                 if kept else "")
         weights = ", plus the layer weights" if wl.state_dtype != wl.compute_dtype else ""
         pure = ("; or train in pure bfloat16 (model.dtype and model.state_dtype: bfloat16, 6 B/param)"
                 if wl.state_dtype == "float32" and wl.compute_dtype == "bfloat16" else "")

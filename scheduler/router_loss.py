@@ -42,10 +42,11 @@ class RouterLogits:
             [m for m in layer.modules() if target is not None and isinstance(m, target)] for layer in layers]
         self.active = wants and any(self.routers)
         self._layer: int | None = None
+        self._micro = 0  # the micro-batch whose layer runs (layer-major steps keep several)
         self._recomputing = False
         self._keep_graph = False
-        self._leaves: dict[int, list[torch.Tensor]] = {}
-        self._outputs: dict[int, list[torch.Tensor]] = {}
+        self._leaves: dict[tuple[int, int], list[torch.Tensor]] = {}  # by (micro-batch, layer)
+        self._outputs: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     def install(self) -> list[Any]:
         """Forward hooks on the routers, ahead of transformers' recorder hooks."""
@@ -54,23 +55,24 @@ class RouterLogits:
         return [m.register_forward_hook(self._hook(i), prepend=True)
                 for i, modules in enumerate(self.routers) for m in modules]
 
-    def forward(self, i: int, keep_graph: bool) -> None:
-        """Layer i's forward begins (main thread); ``keep_graph``: no recompute, the logits'
-        graph is back-propagated later as it is."""
-        self._layer, self._recomputing, self._keep_graph = i, False, keep_graph
-        self._leaves[i], self._outputs[i] = [], []
+    def forward(self, i: int, keep_graph: bool, m: int = 0) -> None:
+        """Layer i's forward of micro-batch m begins (the thread running the forward; one at a
+        time); ``keep_graph``: no recompute, the logits' graph is back-propagated later as it is."""
+        self._layer, self._micro, self._recomputing, self._keep_graph = i, m, False, keep_graph
+        self._leaves[(m, i)], self._outputs[(m, i)] = [], []
 
-    def recompute(self, i: int) -> None:
+    def recompute(self, i: int, m: int = 0) -> None:
         """Layer i is recomputed for its backward: its logits are collected again, with graph."""
-        self._layer, self._recomputing = i, True
-        self._outputs[i] = []
+        self._layer, self._micro, self._recomputing = i, m, True
+        self._outputs[(m, i)] = []
 
     def done(self) -> None:
         self._layer = None
 
-    def backward_terms(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(logits of layer i, d loss / d logits) for its ``autograd.backward``; forgets them."""
-        leaves, outputs = self._leaves.pop(i, []), self._outputs.pop(i, [])
+    def backward_terms(self, i: int, m: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(logits of layer i, d loss / d logits) for its ``autograd.backward`` of micro-batch m;
+        forgets them."""
+        leaves, outputs = self._leaves.pop((m, i), []), self._outputs.pop((m, i), [])
         if len(outputs) != len(leaves):
             raise RuntimeError(f"layer {i} ran {len(outputs)} routers in backward but {len(leaves)} in forward")
         pairs = [(out, leaf.grad) for out, leaf in zip(outputs, leaves, strict=True)
@@ -86,14 +88,15 @@ class RouterLogits:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if self._layer != i:
                 return None
+            key = (self._micro, i)
             out = output[self.index] if isinstance(output, tuple) else output
             if self._recomputing:
-                self._outputs[i].append(out)
+                self._outputs[key].append(out)
                 return None
             leaf = out.detach().requires_grad_(True)
-            self._leaves[i].append(leaf)
+            self._leaves[key].append(leaf)
             if self._keep_graph:
-                self._outputs[i].append(out)
+                self._outputs[key].append(out)
             if isinstance(output, tuple):
                 return (*output[: self.index], leaf, *output[self.index + 1 :])
             return leaf

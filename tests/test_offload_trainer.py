@@ -8,6 +8,9 @@ engine's optimizer state goes through the SSD (a plan that puts every tensor gro
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 import transformers
 from transformers import (
@@ -80,8 +83,9 @@ def arguments(out, **extra) -> TrainingArguments:
                              **settings)
 
 
-def offload_arguments(tmp_path) -> OffloadArguments:
-    (tmp_path / "plan.json").write_text(PLAN.to_json())  # every tensor group through the SSD
+def offload_arguments(tmp_path, layer_major: bool = False) -> OffloadArguments:
+    plan = dataclasses.replace(PLAN, layer_major=layer_major)
+    (tmp_path / "plan.json").write_text(plan.to_json())  # every tensor group through the SSD
     return OffloadArguments(cpu_memory_limit="24MB", optimizer_impl="torch", io_backend="posix",
                             plan=str(tmp_path / "plan.json"))
 
@@ -91,7 +95,8 @@ def test_the_transformers_version_was_checked():
     assert minor in CHECKED_TRANSFORMERS, f"OffloadTrainer's overrides were checked on {CHECKED_TRANSFORMERS}"
 
 
-def test_offload_trainer_matches_trainer(tmp_path):
+@pytest.mark.parametrize("layer_major", [False, True], ids=["micro-batch-major", "layer-major"])
+def test_offload_trainer_matches_trainer(tmp_path, layer_major):
     ckpt = make_checkpoint(tmp_path)
     data, evals = rows(), rows()[:6]
     want_log = _Losses()
@@ -105,7 +110,7 @@ def test_offload_trainer_matches_trainer(tmp_path):
     got_log = _Losses()
     trainer = InOrderOffloadTrainer(model=str(ckpt), args=arguments(tmp_path / "ours"), train_dataset=data,
                                     eval_dataset=evals, data_collator=collate, callbacks=[got_log],
-                                    offload=offload_arguments(tmp_path))
+                                    offload=offload_arguments(tmp_path, layer_major))
     try:
         trainer.train()
         got_eval = trainer.evaluate()["eval_loss"]

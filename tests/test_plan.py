@@ -180,11 +180,16 @@ PLANS = {
     "turn-and-resident": dataclasses.replace(ALL_NVME, turn_keep=1, resident_layers=(0,), prefetch_depth=2),
     "host-weights-nvme-state": Plan(weights=Tier.HOST, optimizer=Tier.NVME, grads=Tier.HOST, activations=Tier.HOST),
     "no-recompute": dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE),
+    "layer-major": dataclasses.replace(ALL_NVME, layer_major=True),
+    "layer-major-turn-and-resident": dataclasses.replace(ALL_NVME, turn_keep=1, resident_layers=(0,), prefetch_depth=2,
+                                                         layer_major=True),
+    "layer-major-no-recompute": dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE,
+                                                    layer_major=True),
 }
 
 
 @pytest.mark.parametrize("plan_name", sorted(PLANS))
-@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
+@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0), (3, 0.0)])
 def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
     """The cost model's byte equations, term by term, against a real run's counters."""
     model, cfg = _tiny_llama()
@@ -197,13 +202,13 @@ def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
     assert nvme_bytes <= est.memory.nvme_bytes
 
 
-@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
-def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip):
+@pytest.mark.parametrize("ga, clip, layer_major", [(1, 0.0, False), (2, 1.0, False), (2, 1.0, True), (3, 0.0, True)])
+def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip, layer_major):
     """Saved activations swapped through the SSD: the probe's measured size per layer gives the
     executor's extra SSD bytes exactly (every tensor swapped: the model is tiny)."""
     monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
     model, cfg = _tiny_llama()
-    plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192)
+    plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192, layer_major=layer_major)
     wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga, deferred=clip > 0)
     timing = probe_layer(cfg, wl, torch.device("cpu"))
     assert timing.layer_saved_bytes > 0
@@ -216,7 +221,7 @@ def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkey
     assert after["peak_device_bytes"] <= est.memory.device_bytes
 
 
-@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
+@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0), (4, 0.0)])
 def test_planned_memory_holds_in_the_executor(tmp_path, ga, clip):
     """A plan chosen under tight budgets runs, and its accounted peaks stay within the prediction."""
     model, cfg = _tiny_llama()

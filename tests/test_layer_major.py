@@ -1,0 +1,183 @@
+"""Layer-major gradient accumulation: every layer loaded once per step, the same weights.
+
+``plan.layer_major`` runs a step's micro-batches layer by layer (``scheduler.lockstep``), summing
+each unit's gradients on DEVICE. The reference is today's micro-batch-by-micro-batch accumulation
+(itself checked against plain PyTorch in test_executor_parity): the sums are the same additions in
+the same order, so weights and losses must be bitwise equal, under every plan, with clipping,
+with swapped activations, with MoE router losses and in mixed precision.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+
+import pytest
+import torch
+from test_executor_parity import (
+    ALL_NVME,
+    LR,
+    PLANS,
+    WD,
+    make_batches,
+    max_diff,
+    tiny_model,
+    train_engine,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+from offload import AdamWConfig, SwapStore, make_adamw
+from offload.io import PosixBackend
+from offload.tiers import Tier
+from scheduler import placement as placement_rules
+from scheduler.executor import NonFiniteError, StreamingExecutor, TrainSettings
+from scheduler.plan import Plan
+
+
+def layer_major(plan: Plan) -> Plan:
+    return dataclasses.replace(plan, layer_major=True)
+
+
+def assert_same_training(model, batches, plan: Plan, tmp_path, **kw) -> dict:
+    """Micro-batch order and layer-major order from the same start: bitwise equal weights and
+    losses. Returns the layer-major run's metrics."""
+    twin = copy.deepcopy(model)
+    losses, weights, _ = train_engine(model, batches, plan, tmp_path / "micro-batch-major", **kw)
+    lm_losses, lm_weights, metrics = train_engine(twin, batches, layer_major(plan), tmp_path / "layer-major", **kw)
+    assert lm_losses == losses
+    assert max_diff(lm_weights, weights) == 0.0
+    return metrics
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_layer_major_equals_micro_batch_order_bit_for_bit(plan_name, clip, tmp_path):
+    assert_same_training(tiny_model("llama"), make_batches(3, 3), PLANS[plan_name], tmp_path, clip=clip)
+
+
+def test_tied_embeddings_and_swapped_activations(tmp_path, monkeypatch):
+    """GPT-2 (tied head: the embedding's gradient comes from both ends of every micro-batch),
+    every saved activation swapped through the SSD."""
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # dropout draws masks in another order
+    model = AutoModelForCausalLM.from_config(cfg)
+    metrics = assert_same_training(model, make_batches(2, 4), PLANS["swapped-activations"], tmp_path, clip=1.0)
+    assert metrics["io_write_bytes"] > 0
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16], ids=["mixed", "pure-bf16"])
+def test_low_precision_sums_in_the_state_dtype(state_dtype, tmp_path):
+    """bf16 compute: gradients add up in the state dtype (fp32 for mixed precision), as the
+    optimizer worker adds them; not in bf16."""
+    plan = PLANS["small-chunks"]
+    assert_same_training(tiny_model("llama"), make_batches(2, 4), plan, tmp_path, clip=1.0, dtype=torch.bfloat16,
+                         state_dtype=state_dtype)
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "kept-graph"])
+@pytest.mark.parametrize("family", ["mixtral", "dbrx"])
+def test_moe_router_losses_follow_each_micro_batch(family, recompute, tmp_path):
+    """``output_router_logits``: each micro-batch's load-balancing loss reaches its routers."""
+    torch.manual_seed(0)
+    if family == "dbrx":
+        cfg = AutoConfig.for_model("dbrx", d_model=32, n_heads=4, n_layers=3, max_seq_len=64, vocab_size=128,
+                                   attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                   ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2},
+                                   output_router_logits=True, router_aux_loss_coef=0.5)
+    else:
+        cfg = AutoConfig.for_model("mixtral", vocab_size=128, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                                   router_aux_loss_coef=0.5)
+    plan = dataclasses.replace(ALL_NVME, recompute=recompute, activations=Tier.NVME if recompute else Tier.DEVICE)
+    assert_same_training(AutoModelForCausalLM.from_config(cfg), make_batches(2, 3), plan, tmp_path)
+
+
+def _read_per_step(tmp_path, ga: int) -> int:
+    """SSD bytes read by the second step (the first one also writes the initial state)."""
+    plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
+                layer_major=True, chunk_numel=8192)
+    settings = TrainSettings(gradient_accumulation_steps=ga)
+    batches = make_batches(2, ga)
+    with SwapStore(tmp_path / f"swap-{ga}", PosixBackend()) as store, \
+         StreamingExecutor(tiny_model("llama"), plan, store, make_adamw("torch", AdamWConfig()), settings) as ex:
+        ex.train_step(batches[0], LR)
+        ex.synchronize()
+        before = ex.metrics()["io_read_bytes"]
+        ex.train_step(batches[1], LR)
+        ex.synchronize()
+        return ex.metrics()["io_read_bytes"] - before
+
+
+def test_ssd_reads_per_step_do_not_grow_with_accumulation(tmp_path):
+    """Weights and optimizer states on the SSD: GA 4 reads what GA 1 reads (within 1.2x), where
+    micro-batch order would read the layers four times and park gradients between."""
+    one, four = _read_per_step(tmp_path, 1), _read_per_step(tmp_path, 4)
+    assert 0 < one <= four <= 1.2 * one
+
+
+def test_micro_step_keeps_batches_until_the_last(tmp_path):
+    """Loops that drive micro-batches themselves (OffloadTrainer): the earlier calls return 0.0,
+    the last one the step's loss, and the weights equal train_step's."""
+    batches = make_batches(2, 3)
+    plan = layer_major(ALL_NVME)
+    _, want, _ = train_engine(tiny_model("llama"), batches, plan, tmp_path / "train-step")
+    settings = TrainSettings(weight_decay=WD, gradient_accumulation_steps=3)
+    torch.manual_seed(123)
+    with SwapStore(tmp_path / "swap", PosixBackend()) as store, \
+         StreamingExecutor(tiny_model("llama"), plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)),
+                           settings) as ex:
+        for micro in batches:
+            returned = [ex.micro_step(b, LR, last=k == 2, n_micro=3) for k, b in enumerate(micro)]
+            assert returned[:2] == [0.0, 0.0] and returned[2] > 0
+            ex.finish_step(LR)
+        got = ex.master_state_dict()
+    assert max_diff(got, want) == 0.0
+
+
+def _executor(tmp_path, name: str, nan_policy: str, plan: Plan = ALL_NVME) -> StreamingExecutor:
+    settings = TrainSettings(gradient_accumulation_steps=3, nan_policy=nan_policy)
+    store = SwapStore(tmp_path / name, PosixBackend()).open()
+    return StreamingExecutor(tiny_model("llama"), layer_major(plan), store, make_adamw("torch", AdamWConfig()), settings)
+
+
+def _nan_micro_batches(batches: list[dict]) -> list[dict]:
+    """The middle micro-batch has no target: its loss is NaN."""
+    return [batches[0], {"input_ids": batches[1]["input_ids"], "labels": torch.full((2, 16), -100)}, batches[2]]
+
+
+@pytest.mark.parametrize("plan_name", ["all-nvme", "swapped-activations"])
+def test_a_non_finite_micro_batch_skips_the_step_and_frees_everything(plan_name, tmp_path, monkeypatch):
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
+    batches = make_batches(2, 3)
+    plan = ALL_NVME if plan_name == "all-nvme" else PLANS[plan_name]
+    with _executor(tmp_path, "skip", "skip", plan) as ex:
+        held = dict(ex.acct.used_bytes)
+        before = ex.master_state_dict()
+        result = ex.train_step(_nan_micro_batches(batches[0]), LR)
+        assert result.skipped and ex.optimizer_step == 0
+        assert dict(ex.acct.used_bytes) == held
+        assert all(torch.equal(before[k], v) for k, v in ex.master_state_dict().items())
+        assert not ex.train_step(batches[1], LR).skipped
+    with _executor(tmp_path, "stop", "stop") as ex, pytest.raises(NonFiniteError, match="loss is nan at optimizer step 1"):
+        ex.train_step(_nan_micro_batches(batches[0]), LR)
+
+
+def test_an_error_in_one_forward_stops_the_others_and_leaves_nothing(tmp_path):
+    """A micro-batch whose ids do not fit the embedding: its error reaches the caller, the other
+    micro-batches' forwards unwind, every byte is given back, and the next step trains."""
+    batches = make_batches(2, 3)
+    bad = [batches[0][0], {"input_ids": torch.full((2, 16), 10_000)}, batches[0][2]]
+    with _executor(tmp_path, "error", "stop") as ex:
+        held = dict(ex.acct.used_bytes)
+        with pytest.raises(IndexError):
+            ex.train_step(bad, LR)
+        assert not ex.activations.calls
+        assert not [t for t in threading.enumerate() if t.name.startswith("micro-batch-")]
+        assert not ex.train_step(batches[1], LR).skipped  # (it uses the layer prefetched before the error)
+        assert ex.optimizer_step == 1
+        ex.synchronize()
+        assert dict(ex.acct.used_bytes) == held
