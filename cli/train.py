@@ -462,9 +462,13 @@ def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: in
              "resume_keys": resume_keys(ctx.cfg)}
     t_start_s = time.perf_counter()
     try:
-        units = engine.optimizer_state_extents()
-        if units is None:  # the engine keeps them in RAM: write them into the store first
-            units = write_states(store, engine.unit_states())
+        extents = engine.optimizer_state_extents()
+        # states the engine keeps in RAM (all, or the units the plan keeps there) are written
+        # into the store first
+        in_ram = None if extents is None else {u.name for u, kinds in extents if kinds is None}
+        written = {u.name: (u, kinds) for u, kinds in write_states(store, engine.unit_states(in_ram))}
+        units = list(written.values()) if extents is None else [
+            (u, kinds) if kinds is not None else written[u.name] for u, kinds in extents]
         path = ckpt_io.save_checkpoint(ctx.run_dir, step, store, units, state, ctx.hf_config,
                                        ctx.cfg.train.save_total_limit,
                                        write_extras=lambda d: write_model_extras(ctx.model, d))

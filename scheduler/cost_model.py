@@ -102,6 +102,29 @@ class Workload:
         return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept_by(plan), on_gpu)
 
 
+def host_state_numel(plan: Plan, shape: ModelShape) -> int:
+    """Trainable parameters whose master + Adam states live in RAM: all (``optimizer: host``), or
+    those of the first ``plan.optimizer_host_units`` units."""
+    if plan.optimizer == Tier.HOST:
+        return shape.trainable_numel
+    return shape.first_units_trainable_numel(plan.optimizer_host_units)
+
+
+def ssd_layer_loads(plan: Plan, shape: ModelShape, rules: Placement) -> int:
+    """Layer loads per pass that read the SSD: S in forward, S - K in backward (streamed layers
+    R..L-1, turn layers the last K), less those whose weights are master weights kept in RAM."""
+    L, R = shape.n_layers, len(plan.resident_layers)
+    K = min(plan.turn_keep, L - R)
+    if plan.weights != Tier.NVME:
+        return 0
+    in_ram = set()
+    if rules.weights_are_master and not shape.frozen:  # a layer's master lives where its unit's state does
+        in_ram = {i for i in range(R, L) if rules.optimizer_tier(i + 1) == Tier.HOST}
+    forward = [i for i in range(R, L) if i not in in_ram]
+    backward = [i for i in range(R, L - K) if i not in in_ram]
+    return len(forward) + len(backward)
+
+
 @dataclass(frozen=True)
 class LayerTiming:
     """Measured on the compute device for this shape and batch (``scheduler.layer_probe``)."""
@@ -158,6 +181,7 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
     R = len(plan.resident_layers)
     K = min(plan.turn_keep, L - R)
     n = shape.trainable_numel  # gradients and optimizer state: trainable parameters only
+    n_host = host_state_numel(plan, shape)  # ... of which in RAM
     rows: list[tuple[str, Tier, int]] = [
         # DEVICE: embeddings and head stay; (1 + prefetch) layers in flight; resident + turn layers
         ("embeddings + head weights", Tier.DEVICE, (shape.pre_numel + shape.post_numel) * w),
@@ -170,7 +194,8 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         ("adapter weights", Tier.DEVICE, (L - R) * shape.layer_trainable_numel * w if shape.frozen else 0),
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_trainable_unit_numel * w),
-        (f"{_state_name(wl)} master + Adam states", plan.optimizer, wl.optimizer_bytes_per_param * n),
+        (f"{_state_name(wl)} master + Adam states", Tier.HOST, wl.optimizer_bytes_per_param * n_host),
+        (f"{_state_name(wl)} master + Adam states", Tier.NVME, wl.optimizer_bytes_per_param * (n - n_host)),
         (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if rules.grads_kept else 0),
         *_activation_rows(rules, act, wl.grad_accum if wl.layer_major(plan) else 1),
         # layer-major: every micro-batch's layer-0 input and head-input gradient wait for backward
@@ -178,8 +203,7 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         # checkpoints pin versions of the optimizer state in the swap store; states kept in RAM
         # are written there too when saved (one more copy)
         ("checkpoint versions", Tier.NVME,
-         (wl.checkpoint_versions + (plan.optimizer != Tier.NVME)) * wl.optimizer_bytes_per_param * n
-         if wl.checkpoint_versions else 0),
+         wl.optimizer_bytes_per_param * (wl.checkpoint_versions * n + n_host) if wl.checkpoint_versions else 0),
         # transient compute memory of one layer or the LM head (largest)
         (WORKING_MEMORY, Tier.DEVICE, act.work),
         # optimizer worker: double-buffered chunk-wide rows (grad, stored grad, master, m, v)
@@ -281,20 +305,22 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
 
     ssd_read = ssd_write = h2d = d2h = 0
     Mw = wl.weight_passes(plan)
+    rules = wl.placement(plan, shape)
     # ---- layer weights: per pass, S loads in forward and S - K in backward (the turn layers
-    # stay; without recompute backward re-fetches the weights its saved tensors refer to)
+    # stay; without recompute backward re-fetches the weights its saved tensors refer to); from
+    # the SSD unless they are master weights the plan keeps in RAM (``ssd_layer_loads``)
     loads = Mw * (2 * S - K) * w_layer
     if plan.weights == Tier.NVME:
-        ssd_read += loads
-        if not wl.placement(plan, shape).weights_are_master and not shape.frozen:
+        ssd_read += Mw * ssd_layer_loads(plan, shape, rules) * w_layer
+        if not rules.weights_are_master and not shape.frozen:
             ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
     if gpu:  # + updated weights of resident units (every trainable one beside a frozen base)
         h2d += loads + (N - (0 if shape.frozen else S * shape.layer_numel)) * w
     # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
-    # step, 3 o bytes each way
-    if plan.optimizer == Tier.NVME:
-        ssd_read += wl.optimizer_bytes_per_param * N
-        ssd_write += wl.optimizer_bytes_per_param * N
+    # step, 3 o bytes each way (those not kept in RAM)
+    ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
+    ssd_read += ssd_state
+    ssd_write += ssd_state
     # ---- gradients: D2H once per pass (compute dtype); kept ones are written
     # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
     if gpu:
@@ -390,11 +416,14 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
         if serial > step:
             step, bottleneck = serial, "backward waiting for the optimizer (job_slots 1)"
     w_layer = shape.streamed_layer_numel * wl.itemsize
+    rules = wl.placement(plan, shape)
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
-        rate = profile.ssd_read_gbps if plan.weights == Tier.NVME else (profile.h2d_gbps or 0.0)
+        from_ssd = plan.weights == Tier.NVME and not (
+            rules.weights_are_master and not shape.frozen and rules.optimizer_tier(1) == Tier.HOST)
+        rate = profile.ssd_read_gbps if from_ssd else (profile.h2d_gbps or 0.0)
         if rate > 0:
             step += wl.weight_passes(plan) * w_layer / (rate * 1e9)
-    if plan.optimizer == Tier.NVME:
+    if rules.optimizer_tier(0) == Tier.NVME:
         step += wl.optimizer_bytes_per_param * shape.pre_trainable_numel * (
             1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))
     return step, bottleneck
@@ -404,9 +433,9 @@ def _optimizer_ssd_s(plan: Plan, shape: ModelShape, wl: Workload, profile: Hardw
     """SSD time of a deferred optimizer pass alone: master + Adam states read and written, the
     kept gradients read (trainable parameters only)."""
     n = shape.trainable_numel
-    read = (wl.optimizer_bytes_per_param * n if plan.optimizer == Tier.NVME else 0) + (
-        wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0)
-    write = wl.optimizer_bytes_per_param * n if plan.optimizer == Tier.NVME else 0
+    state = wl.optimizer_bytes_per_param * (n - host_state_numel(plan, shape))
+    read = state + (wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0)
+    write = state
     return read / (profile.ssd_read_gbps * 1e9) + write / (profile.ssd_write_gbps * 1e9)
 
 

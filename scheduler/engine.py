@@ -6,7 +6,7 @@ implement it; ``cli.train`` drives either through it alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 import torch
@@ -15,8 +15,9 @@ from scheduler.model_map import ParamSlot, Unit
 from scheduler.settings import StepResult, UpdateState
 from scheduler.trace import Tracer
 
-StateExtents = list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]]
-"""Per unit: kind -> [(store extent, first element, end element)] of its optimizer state."""
+StateExtents = list[tuple[Unit, dict[str, list[tuple[str, int, int]]] | None]]
+"""Per unit: kind -> [(store extent, first element, end element)] of its optimizer state, or None
+for a unit whose state is in memory (``unit_states`` has it)."""
 
 
 class Engine(Protocol):
@@ -45,7 +46,10 @@ class Engine(Protocol):
         """Wait for every pending update (sync point)."""
         ...
 
-    def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    def unit_states(self, names: Collection[str] | None = None
+                    ) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each unit's flat (master, exp_avg, exp_avg_sq), one at a time (``names``: these units only)."""
+        ...
 
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]: ...
 

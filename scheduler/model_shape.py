@@ -72,6 +72,12 @@ class ModelShape:
         pre, layer, post = self._trainable
         return pre + self.n_layers * layer + post
 
+    def first_units_trainable_numel(self, k: int) -> int:
+        """Trainable parameters of the first ``k`` units in forward order (pre, layers, post)."""
+        pre, layer, post = self._trainable
+        k = max(k, 0)
+        return (pre if k else 0) + layer * min(max(k - 1, 0), self.n_layers) + (post if k >= self.n_layers + 2 else 0)
+
     @property
     def largest_trainable_unit_numel(self) -> int:
         return max(self._trainable)

@@ -123,13 +123,18 @@ class Placement:
         return i >= self.n_layers - self.plan.turn_keep
 
     # ---------------------------------------------------------------- unit state
+    def optimizer_tier(self, unit_index: int) -> Tier:
+        """Where a unit's master + Adam states live: the plan's tier, or HOST for the first
+        ``plan.optimizer_host_units`` units."""
+        return Tier.HOST if unit_index < self.plan.optimizer_host_units else self.plan.optimizer
+
     def kinds(self, unit_index: int, tier: Tier, trainable: bool = True, frozen: bool = False) -> list[tuple[str, str]]:
         """(kind, dtype name) of a unit's state held in ``tier`` (HOST or NVME); ``trainable``,
         ``frozen``: whether the unit has parameters of each part. Frozen parameters have one
         kind, ``frozen`` (compute dtype, written once)."""
         out: list[tuple[str, str]] = []
         if trainable:
-            if self.plan.optimizer == tier:
+            if self.optimizer_tier(unit_index) == tier:
                 out += [(kind, self.state_dtype) for kind in STATE_KINDS]
             if self.plan.grads == tier and self.grads_kept:
                 out.append(("grad", self.state_dtype))

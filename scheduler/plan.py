@@ -33,6 +33,10 @@ class Plan:
     """Last layers of forward kept on DEVICE into backward (they are needed first there)."""
     resident_layers: tuple[int, ...] = ()
     """Layers whose weights never leave DEVICE (the first ones: needed first by the next step)."""
+    optimizer_host_units: int = 0
+    """With ``optimizer: nvme``: the master + Adam states of the first units in forward order
+    (``pre``, then layers 0, 1, ...) stay in RAM instead, whatever RAM the budgets leave: their
+    updates move no SSD bytes (``pre`` first: it is updated last and needed first)."""
     recompute: bool = True
     """True: keep each layer's input and recompute the layer in backward. False: no recompute:
     keep the layer's saved activations (weights inside them are re-fetched, not kept) on DEVICE
@@ -59,8 +63,8 @@ class Plan:
         for name in ("weights", "optimizer", "grads"):
             if getattr(self, name) == Tier.DEVICE:
                 raise ValueError(f"plan.{name} must be host or nvme")
-        if self.prefetch_depth < 0 or self.turn_keep < 0 or self.job_slots < 1:
-            raise ValueError("prefetch_depth and turn_keep must be >= 0, job_slots >= 1")
+        if self.prefetch_depth < 0 or self.turn_keep < 0 or self.job_slots < 1 or self.optimizer_host_units < 0:
+            raise ValueError("prefetch_depth, turn_keep and optimizer_host_units must be >= 0, job_slots >= 1")
         if not self.recompute and self.activations == Tier.HOST:
             raise ValueError("recompute: false keeps saved activations on device or swaps them through nvme: "
                              "set activations: device or nvme")
@@ -92,7 +96,8 @@ class Plan:
     def __str__(self) -> str:
         rows = [
             ("layer weights", self.weights.value),
-            ("master + Adam states", self.optimizer.value),
+            ("master + Adam states", self.optimizer.value if not self.optimizer_host_units or self.optimizer == Tier.HOST
+             else f"host for the first {self.optimizer_host_units} units, then nvme"),
             ("gradients", self.grads.value),
             ("activations", f"{self.activations.value} (checkpoints, recompute)" if self.recompute
              else f"{self.activations.value} (saved activations, no recompute)"),

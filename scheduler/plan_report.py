@@ -22,6 +22,17 @@ def _activations(plan: Plan) -> str:
     return "no recompute"
 
 
+def _host_units(plan: Plan, shape: ModelShape) -> str:
+    k = plan.optimizer_host_units
+    if not k or plan.optimizer != Tier.NVME:
+        return ""
+    n = min(k - 1, shape.n_layers)
+    what = "embeddings" + ("" if n == 0 else " and layer 0" if n == 1 else f" and layers 0-{n - 1}")
+    if k >= shape.n_layers + 2:
+        what = "every unit"
+    return f"; master + Adam states of the first {k} units in RAM ({what}), the rest on the SSD"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -72,7 +83,8 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
     out.append(f"placement: {layers}, {plan.turn_keep} turn layer{'' if plan.turn_keep == 1 else 's'} kept into backward, prefetch depth "
                f"{plan.prefetch_depth}, {_activations(plan)}; "
                f"optimizer chunks of {plan.chunk_numel} elements"
-               f"{'; layer-major accumulation (each layer loaded once per step)' if wl.layer_major(plan) else ''}")
+               f"{'; layer-major accumulation (each layer loaded once per step)' if wl.layer_major(plan) else ''}"
+               f"{_host_units(plan, shape)}")
     out.append("")
     link_rows = []
     for r in RESOURCES:

@@ -114,7 +114,7 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
                         job_slots=job_slots, chunk_numel=chunk)
             plan = _fill_device(base, shape, wl, timing)
             if plan is not None:
-                yield plan
+                yield _fill_host(plan, shape, wl, timing)
 
 
 def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan | None:
@@ -130,6 +130,20 @@ def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTimin
     free -= turn * w_layer
     resident = min(L - turn, free // w_layer)
     return replace(plan, turn_keep=int(turn), resident_layers=tuple(range(int(resident))))
+
+
+def _fill_host(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan:
+    """Spend the HOST memory left on the optimizer states of the first units (``pre`` first):
+    each unit kept in RAM takes its state's SSD reads and writes off every step."""
+    if plan.optimizer != Tier.NVME:
+        return plan
+    free = plan.host_budget_bytes - peak_memory(plan, shape, wl, timing).host_bytes
+    units = shape.n_layers + 2
+    k = 0
+    while k < units and wl.optimizer_bytes_per_param * shape.first_units_trainable_numel(k + 1) <= free:
+        k += 1
+    # a unit with nothing trainable (frozen) holds no state: counting it changes nothing
+    return replace(plan, optimizer_host_units=k) if k else plan
 
 
 def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: bool,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -131,10 +131,13 @@ class ReferenceEngine:
             logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
         return float(loss_sum), int(targets.ne(-100).sum())
 
-    def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def unit_states(self, names: Collection[str] | None = None
+                    ) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
         assert self.opt is not None
         params = self._params()
         for u in self.units:
+            if names is not None and u.name not in names:
+                continue
             flats = [torch.zeros(u.numel, dtype=self.settings.state_dtype) for _ in range(3)]
             for s in u.params:
                 p = params[s.name]

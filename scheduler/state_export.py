@@ -4,7 +4,7 @@ read first waits for the pending updates (``synchronize``, a sync point)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,15 +48,18 @@ class StateExport:
         for u, master in self.unit_masters():
             yield u, *with_frozen(u, master, self.weights.frozen_weights(u) if u.frozen else None)
 
-    def unit_states(self) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time."""
+    def unit_states(self, names: Collection[str] | None = None
+                    ) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time
+        (``names``: these units only)."""
         self.synchronize()
         for u in self.units:
-            yield u, *self.state.unit_state(u)
+            if names is None or u.name in names:
+                yield u, *self.state.unit_state(u)
 
     def optimizer_state_extents(self) -> StateExtents | None:
         """Where the optimizer states live in the store once every update has landed (``None``:
-        in host memory, ``unit_states()`` has them)."""
+        in host memory, ``unit_states()`` has them; per unit for units the plan keeps in RAM)."""
         self.synchronize()
         return self.state.extents()
 

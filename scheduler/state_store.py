@@ -78,7 +78,7 @@ class StateStore:
 
     def tier(self, kind: str, unit: Unit) -> Tier:
         if kind in STATE_KINDS:
-            return self.placement.plan.optimizer
+            return self.placement.optimizer_tier(unit.index)
         if kind == "grad":
             return self.placement.plan.grads
         if kind == "frozen":
@@ -110,7 +110,7 @@ class StateStore:
         sd, n = self.state_dtype, u.numel
         if n == 0:
             return  # nothing trainable: no state
-        if self.placement.plan.optimizer == Tier.HOST:
+        if self.tier("master", u) == Tier.HOST:
             self._host[u.index].update(
                 master=master, exp_avg=torch.zeros(n, dtype=sd) if exp_avg is None else exp_avg.clone(),
                 exp_avg_sq=torch.zeros(n, dtype=sd) if exp_avg_sq is None else exp_avg_sq.clone())
@@ -210,11 +210,13 @@ class StateStore:
         name = extent_name(u, kind, c)
         return [self.store.write(name, tensor) if write else self.store.read(name, tensor)]
 
-    def extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]]]] | None:
-        """Where each unit's master and Adam states live in the store; ``None`` when in RAM."""
+    def extents(self) -> list[tuple[Unit, dict[str, list[tuple[str, int, int]]] | None]] | None:
+        """Where each unit's master and Adam states live in the store: ``None`` for a unit that
+        keeps them in RAM, and ``None`` overall when every unit does."""
         if self.placement.plan.optimizer != Tier.NVME:
             return None
-        return state_extents(self.map.units, self.placement.plan.chunk_numel)
+        return [(u, kinds if self.tier("master", u) == Tier.NVME else None)
+                for u, kinds in state_extents(self.map.units, self.placement.plan.chunk_numel)]
 
 
 def _wait_all(futures: list[Future[Any]]) -> None:

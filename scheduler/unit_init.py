@@ -81,7 +81,9 @@ def initialize_unit(u: Unit, start: StartingState, state: StateStore, weights: W
     if start.state_in_store:
         if state.placement.plan.optimizer != Tier.NVME:
             raise ValueError("state_in_store needs a plan with the optimizer states on NVME")
-        master = state.read_unit(u, "master")
+        master = state.read_unit(u, "master")  # (from the store: nothing is in RAM yet)
+        if state.tier("master", u) == Tier.HOST:  # a unit the plan keeps in RAM: copy it there
+            state.init_state(u, master, state.read_unit(u, "exp_avg"), state.read_unit(u, "exp_avg_sq"))
     else:
         if start.resume is not None:
             master, exp_avg, exp_avg_sq = start.resume(u)

@@ -129,6 +129,8 @@ PLANS = {
                                           activations=Tier.NVME, recompute=False, overlap=False),
     "small-chunks": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
                          activations=Tier.NVME, chunk_numel=2048, job_slots=1),
+    "state-of-first-units-in-ram": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
+                                        optimizer_host_units=2, turn_keep=1),
     "deep-prefetch": Plan(weights=Tier.NVME, optimizer=Tier.HOST, grads=Tier.NVME,
                           activations=Tier.NVME, prefetch_depth=3, turn_keep=2, job_slots=3),
 }

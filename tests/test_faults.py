@@ -153,7 +153,8 @@ def test_disk_full_stops_cleanly_and_the_last_checkpoint_resumes(tmp_path, strai
     assert_same_run(tmp_path / "run", straight)
 
 
-@pytest.mark.parametrize("plan_change", [{"chunk_numel": 8192}, {"optimizer": "host"}])
+@pytest.mark.parametrize("plan_change", [{"chunk_numel": 8192}, {"optimizer": "host"},
+                                         {"optimizer_host_units": 2}])  # the last: from the snapshot, in place
 def test_resume_under_another_plan_copies_the_states_and_still_matches(tmp_path, straight, plan_change):
     """A checkpoint whose extents the new plan does not use is read back and written anew."""
     cfg = write_run_config(tmp_path, "run")
@@ -161,6 +162,20 @@ def test_resume_under_another_plan_copies_the_states_and_still_matches(tmp_path,
     (tmp_path / "run" / "checkpoints" / "step-3").rename(tmp_path / "step-3-aside")  # resume from step-2
     plan = json.loads((tmp_path / "plan.json").read_text())
     (tmp_path / "plan.json").write_text(json.dumps({**plan, **plan_change}))
+    assert main(train_args(cfg)) == 0
+    assert_same_run(tmp_path / "run", straight)
+
+
+@pytest.mark.parametrize("then", [{}, {"optimizer_host_units": 0}], ids=["same-plan", "all-on-the-ssd"])
+def test_states_partly_in_ram_checkpoint_and_resume_exactly(tmp_path, straight, then):
+    """The first units' states in RAM, the rest on the SSD: a checkpoint holds both (the RAM ones
+    copied into the store), and a resume, under the same plan or another, matches the straight run."""
+    cfg = write_run_config(tmp_path, "run")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "optimizer_host_units": 2}))
+    assert main(train_args(cfg, "--set", "train.max_steps=3")) == 0
+    (tmp_path / "run" / "checkpoints" / "step-3").rename(tmp_path / "step-3-aside")
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "optimizer_host_units": 2, **then}))
     assert main(train_args(cfg)) == 0
     assert_same_run(tmp_path / "run", straight)
 

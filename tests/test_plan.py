@@ -181,6 +181,10 @@ PLANS = {
     "host-weights-nvme-state": Plan(weights=Tier.HOST, optimizer=Tier.NVME, grads=Tier.HOST, activations=Tier.HOST),
     "no-recompute": dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE),
     "layer-major": dataclasses.replace(ALL_NVME, layer_major=True),
+    # the first units' master + Adam states in RAM: their updates and (master weights) loads skip the SSD
+    "state-of-first-units-in-ram": dataclasses.replace(ALL_NVME, optimizer_host_units=3, turn_keep=1),
+    "state-of-first-units-in-ram-resident": dataclasses.replace(ALL_NVME, optimizer_host_units=2, resident_layers=(0,),
+                                                                grads=Tier.HOST),
     "layer-major-turn-and-resident": dataclasses.replace(ALL_NVME, turn_keep=1, resident_layers=(0,), prefetch_depth=2,
                                                          layer_major=True),
     "layer-major-no-recompute": dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE,
