@@ -15,22 +15,24 @@ __all__ = ["ALIGN_BYTES", "BACKEND_NAMES", "IOBackend", "PosixBackend", "align_u
            "make_backend", "select_backend"]
 
 
+AUTO_REASON = ("the store moves host buffers only (no device buffer reaches it yet): posix reads them with "
+               "O_DIRECT, past the page cache, where kvikio's host-buffer path goes through it")
+
+
 def select_backend(requested: str = "auto") -> tuple[str, str]:
-    """Resolve ``auto`` to a concrete backend name; returns (name, reason)."""
+    """Resolve ``auto`` to a concrete backend name; returns (name, reason).
+
+    ``auto`` is posix on every machine until device buffers are read and written directly
+    (GPUDirect Storage through kvikio); ``kvikio`` stays available by name."""
     if requested not in BACKEND_NAMES:
         raise ValueError(f"unknown io_backend {requested!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if requested != "auto":
         return requested, "requested"
-    from offload.io.kvikio_backend import kvikio_usable
-
-    usable, why = kvikio_usable()
-    if usable:
-        return "kvikio", why
-    return "posix", f"kvikio not usable: {why}"
+    return "posix", AUTO_REASON
 
 
 def make_backend(requested: str = "auto", num_threads: int = 8, task_bytes: int = 8 << 20) -> IOBackend:
-    """Build the backend named ``requested`` (``auto``: kvikio with CUDA, else posix), logged."""
+    """Build the backend named ``requested`` (``auto``: posix, see ``select_backend``), logged."""
     name, why = select_backend(requested)
     log.info("I/O backend: %s (%s)", name, why)
     if name == "posix":
