@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a suite: every engine, fio, matmul; report and plots")
     run.add_argument("--suite", choices=sorted(SUITES), default="quick",
-                     help="quick: 187M parameters, 4-7 minutes on 2 CPU cores; full: 374M; "
+                     help="quick: 187M parameters, 4-7 minutes on 2 CPU cores; small: 134M, 512 tokens per "
+                          "step, 32k vocabulary; full: 374M; "
                           "tiny: seconds, to try the harness (default quick)")
     run.add_argument("--path", type=Path, default=Path("runs/bench"),
                      help="directory on the SSD under test: swap files and fio's file (default runs/bench)")

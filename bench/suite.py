@@ -41,6 +41,10 @@ SUITES = {
     # 374M parameters (Llama-2 vocabulary), fp32 training state 6.0 GB.
     "full": Suite("full", hidden=1024, intermediate=2816, layers=24, heads=16, vocab=32000,
                   batch=4, seq_len=512, steps=4),
+    # 134M parameters, a 32k vocabulary and 512 tokens per step: the head is a quarter of the
+    # compute and the optimizer state is amortised over few tokens (the small-batch regime).
+    "small": Suite("small", hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000,
+                   batch=1, seq_len=512, steps=4),
     # A few seconds per engine: for trying the harness itself.
     "tiny": Suite("tiny", hidden=256, intermediate=688, layers=4, heads=4, vocab=2048,
                   batch=2, seq_len=128, steps=3, fio_size_bytes=64 << 20,
