@@ -143,13 +143,13 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()  # sync point: the write holds the host copy
             elif call.checkpoint is not None:
-                self.acct.free(self.placement.plan.activations, call.checkpoint.numel() * call.checkpoint.element_size())
+                self.acct.free(self.placement.checkpoint_tier(), call.checkpoint.numel() * call.checkpoint.element_size())
         self.calls.clear()
         self._grad_mode_stack.clear()
 
     def _save(self, i: int, m: int, call: _LayerCall, x: torch.Tensor) -> None:
         nbytes = x.numel() * x.element_size()
-        tier = self.placement.plan.activations
+        tier = self.placement.checkpoint_tier()
         if tier == Tier.NVME:
             name = activation_extent(i, m, str(nbytes))
             if name not in self.store:
@@ -172,7 +172,7 @@ class RecomputeCheckpoints(_LayerCalls):
             return x.to(self.device) if self.device.type != "cpu" else x
         assert call.checkpoint is not None
         x = call.checkpoint
-        self.acct.free(self.placement.plan.activations, x.numel() * x.element_size())
+        self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
         call.checkpoint = None
         return x.to(self.device) if x.device != self.device else x
 
@@ -344,7 +344,47 @@ class SavedTensors(_LayerCalls):
             t.read = self.store.read(t.name, t.buf)
 
 
-ActivationStore = RecomputeCheckpoints | SavedTensors
+class SelectiveRecompute:
+    """Selective recompute: the layers ``Placement.recomputes`` names go to a
+    ``RecomputeCheckpoints``, the others to a ``SavedTensors`` (kept graphs, swapped)."""
+
+    def __init__(self, placement: Placement, recompute: RecomputeCheckpoints, saved: SavedTensors) -> None:
+        self.placement = placement
+        self.recompute = recompute
+        self.saved = saved
+
+    def _store(self, i: int) -> RecomputeCheckpoints | SavedTensors:
+        return self.recompute if self.placement.recomputes(i) else self.saved
+
+    @property
+    def calls(self) -> dict[tuple[int, int], _LayerCall]:
+        return {**self.recompute.calls, **self.saved.calls}
+
+    def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
+        return self._store(i).enter(i, x, args_rest, kwargs, m)
+
+    def exit(self, i: int, output: Any, m: int = 0) -> None:
+        self._store(i).exit(i, output, m)
+
+    def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._store(i).replay(i, m)
+
+    def read_ahead(self, i: int, m: int = 0) -> None:
+        self._store(i).read_ahead(i, m)
+
+    def release(self, i: int, m: int = 0) -> None:
+        self._store(i).release(i, m)
+
+    def drop(self) -> None:
+        self.recompute.drop()
+        self.saved.drop()
+
+    def end_backward(self) -> None:
+        self.recompute.end_backward()
+        self.saved.end_backward()
+
+
+ActivationStore = RecomputeCheckpoints | SavedTensors | SelectiveRecompute
 
 
 def activation_extent(i: int, m: int, rest: str) -> str:

@@ -224,13 +224,14 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
         return [("activation checkpoints", plan.activations, kept * L * act.checkpoint)]
     if plan.activations == Tier.DEVICE:
         return [("saved activations (no recompute)", Tier.DEVICE, kept * L * (act.saved + act.checkpoint))]
-    # swapped through the SSD (``Placement.swaps_activations``: all layers but the last two); in
-    # memory: at most two layers' worth of swapped ones (one written while the next computes; one
-    # read ahead in backward), or the unswapped last layers of every kept micro-batch (at the
-    # turn), besides every layer's input (the previous layer's output: never swapped)
-    swapped = rules.swapped_layers
+    # swapped through the SSD (``Placement.swaps_activations``: all layers but the last two and
+    # the recomputed ones); in memory: at most two layers' worth of swapped ones (one written
+    # while the next computes; one read ahead in backward), or the unswapped graphs of the last
+    # layers of every kept micro-batch (at the turn), besides every layer's input (the previous
+    # layer's output, never swapped; a recomputed layer's checkpoint)
+    swapped, recomputed = rules.swapped_layers, rules.recomputed_layers
     return [("saved activations in memory", Tier.DEVICE,
-             max(min(L, 2), kept * (L - swapped)) * act.saved + kept * L * act.checkpoint),
+             max(min(L, 2), kept * (L - swapped - recomputed)) * act.saved + kept * L * act.checkpoint),
             ("saved activations swapped", Tier.NVME, kept * swapped * act.saved)]
 
 
@@ -300,7 +301,8 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     # ---- compute: forward F = L * layer + head; backward = 2 F; recompute = L * layer
     f_layer, f_head = layer_flops(shape, wl)
     model_flops = 3.0 * M * (L * f_layer + f_head)
-    recompute_flops = M * L * f_layer if plan.recompute else 0.0
+    n_recomputed = wl.placement(plan, shape).recomputed_layers  # L, or selective: recompute_layers
+    recompute_flops = M * n_recomputed * f_layer
     rate_flops = 1e12 * profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.1))
 
     ssd_read = ssd_write = h2d = d2h = 0
@@ -349,9 +351,9 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
 
     adam_rate = profile.cpu_adam_params_per_s.get(wl.optimizer_impl) or max(profile.cpu_adam_params_per_s.values())
     if timing is not None:
-        # compute = M * (L * (forward + backward) + head); recompute = M * L * forward
+        # compute = M * (L * (forward + backward) + head); recompute = M * (recomputed layers) * forward
         compute_s = M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s)
-        recompute_s = M * L * timing.layer_forward_s if plan.recompute else 0.0
+        recompute_s = M * n_recomputed * timing.layer_forward_s
     else:
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
     time_s = {

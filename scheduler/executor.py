@@ -51,7 +51,12 @@ from torch import nn
 from offload.optim import FlatAdamW
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
-from scheduler.activations import ActivationStore, RecomputeCheckpoints, SavedTensors
+from scheduler.activations import (
+    ActivationStore,
+    RecomputeCheckpoints,
+    SavedTensors,
+    SelectiveRecompute,
+)
 from scheduler.grad_handoff import GradHandoff
 from scheduler.layer_hooks import LayerHooks
 from scheduler.model_map import (
@@ -168,12 +173,18 @@ class StreamingExecutor(StateExport):
         self.weights.bind_resident()
         self.store.flush()
         self.router = RouterLogits(self.model, m.layers)
-        self.activations: ActivationStore = (
-            RecomputeCheckpoints(p, self.store, self.acct, self.device, m.layers, self.router) if self.plan.recompute
-            else SavedTensors(p, self.store, self.acct, self.device, self.weights))
+        self.activations = self._activation_store(p, m)
         self.hooks = LayerHooks(self.model, m.layers, p, self.weights, self.activations, self.router, self.tracer)
         self._hooks.extend(self.router.install())
         self._hooks.extend(self.hooks.install())
+
+    def _activation_store(self, p: Placement, m: ModelMap) -> ActivationStore:
+        """Checkpoints and recompute, kept graphs, or both by layer (selective recompute)."""
+        recompute = RecomputeCheckpoints(p, self.store, self.acct, self.device, m.layers, self.router)
+        if self.plan.recompute:
+            return recompute
+        saved = SavedTensors(p, self.store, self.acct, self.device, self.weights)
+        return SelectiveRecompute(p, recompute, saved) if self.plan.recompute_layers else saved
 
     def close(self, raise_job_errors: bool = True) -> None:
         try:
@@ -353,7 +364,8 @@ class StreamingExecutor(StateExport):
                         ahead: tuple[int, int]) -> torch.Tensor | None:
         """Layer i's backward for micro-batch m (recomputed, or from its kept graph); returns its
         input's gradient. ``ahead``: the (layer, micro-batch) whose activations to read next."""
-        traced = self.tracer.span("compute", f"recompute layer.{i}") if self.plan.recompute else contextlib.nullcontext()
+        recomputed = self.placement.recomputes(i)
+        traced = self.tracer.span("compute", f"recompute layer.{i}") if recomputed else contextlib.nullcontext()
         with traced:
             x, hidden = self.activations.replay(i, m)
         self.activations.read_ahead(*ahead)  # overlaps this layer's backward

@@ -87,7 +87,7 @@ class LayerHooks:
             if i == 0:
                 self.x0[m] = args[0]
             self._forward_start_s[i] = self.tracer.clock()
-            self.router.forward(i, keep_graph=not plan.recompute, m=m)
+            self.router.forward(i, keep_graph=not self.placement.recomputes(i), m=m)
             return self.activations.enter(i, args[0], args[1:], kwargs, m)
 
         return hook

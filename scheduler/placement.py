@@ -163,11 +163,25 @@ class Placement:
         return (fixed_numel + largest_layer_numel + largest_unit_numel) * self.compute_itemsize
 
     # ---------------------------------------------------------------- activations
+    def recomputes(self, i: int) -> bool:
+        """Layer i keeps its input and is recomputed in backward: every layer with
+        ``recompute``, else the first ``recompute_layers`` (selective recompute)."""
+        return self.plan.recompute or i < self.plan.recompute_layers
+
+    @property
+    def recomputed_layers(self) -> int:
+        return sum(1 for i in range(self.n_layers) if self.recomputes(i))
+
     def swaps_activations(self, i: int) -> bool:
         """Layer i's saved activations go through the SSD: all layers but the last two, which
-        backward needs first (they stay in memory over the turn)."""
-        return (not self.plan.recompute and self.plan.activations == Tier.NVME
+        backward needs first (they stay in memory over the turn), and those recomputed."""
+        return (not self.recomputes(i) and self.plan.activations == Tier.NVME
                 and i < self.n_layers - 2)
+
+    def checkpoint_tier(self) -> Tier:
+        """Where recomputed layers keep their inputs: the plan's tier, or with selective
+        recompute DEVICE (a layer's input is a small part of what it would swap)."""
+        return self.plan.activations if self.plan.recompute else Tier.DEVICE
 
     @property
     def swapped_layers(self) -> int:

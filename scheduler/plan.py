@@ -49,6 +49,11 @@ class Plan:
     grow with M; every micro-batch's activations (checkpoints, or saved tensors) are kept until
     backward. Same sums as micro-batch order; dropout draws its masks in layer order (another
     valid draw, not the same one). False: one micro-batch after the other, gradients kept."""
+    recompute_layers: int = 0
+    """Selective recompute, with ``recompute: false`` and ``activations: nvme``: layers 0 ..
+    recompute_layers - 1 keep only their input (in memory) and are recomputed in backward; the
+    others swap their saved activations as above. Trades SSD traffic for compute, layer by layer,
+    so a slow or busy disk does not force a switch between the two whole modes."""
     overlap: bool = True
     """False: synchronous reference mode, same math, no prefetch and no concurrent optimizer."""
     device_budget_bytes: int = 1 << 62
@@ -63,8 +68,13 @@ class Plan:
         for name in ("weights", "optimizer", "grads"):
             if getattr(self, name) == Tier.DEVICE:
                 raise ValueError(f"plan.{name} must be host or nvme")
-        if self.prefetch_depth < 0 or self.turn_keep < 0 or self.job_slots < 1 or self.optimizer_host_units < 0:
-            raise ValueError("prefetch_depth, turn_keep and optimizer_host_units must be >= 0, job_slots >= 1")
+        if min(self.prefetch_depth, self.turn_keep, self.optimizer_host_units, self.recompute_layers) < 0 \
+                or self.job_slots < 1:
+            raise ValueError("prefetch_depth, turn_keep, optimizer_host_units and recompute_layers must be >= 0, "
+                             "job_slots >= 1")
+        if self.recompute_layers and (self.recompute or self.activations != Tier.NVME):
+            raise ValueError("recompute_layers selects layers to recompute among swapped ones: it needs "
+                             "recompute: false and activations: nvme")
         if not self.recompute and self.activations == Tier.HOST:
             raise ValueError("recompute: false keeps saved activations on device or swaps them through nvme: "
                              "set activations: device or nvme")
@@ -100,7 +110,8 @@ class Plan:
              else f"host for the first {self.optimizer_host_units} units, then nvme"),
             ("gradients", self.grads.value),
             ("activations", f"{self.activations.value} (checkpoints, recompute)" if self.recompute
-             else f"{self.activations.value} (saved activations, no recompute)"),
+             else f"{self.activations.value} (saved activations, no recompute"
+                  f"{f'; layers 0-{self.recompute_layers - 1} recomputed' if self.recompute_layers else ''})"),
             ("resident layers", ",".join(map(str, self.resident_layers)) or "-"),
             ("prefetch depth", str(self.prefetch_depth)),
             ("accumulation", "layer-major (each layer loaded once per step)" if self.layer_major

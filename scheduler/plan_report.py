@@ -17,6 +17,10 @@ from scheduler.profile import HardwareProfile
 def _activations(plan: Plan) -> str:
     if plan.recompute:
         return "recompute from layer inputs"
+    if plan.activations == Tier.NVME and plan.recompute_layers:
+        r = plan.recompute_layers
+        return (f"selective recompute: layer{' 0' if r == 1 else f's 0-{r - 1}'} recomputed from the layer input, "
+                f"the other layers' saved activations swapped through the SSD")
     if plan.activations == Tier.NVME:
         return "no recompute, saved activations swapped through the SSD"
     return "no recompute"

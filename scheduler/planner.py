@@ -92,11 +92,13 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     chunk = _chunk_numel(host_bytes, wl.state_itemsize)
     if chunk < 2048:
         return
-    acts = [(True, Tier.DEVICE), (True, Tier.HOST), (True, Tier.NVME), (False, Tier.DEVICE)]
+    # (recompute, activations tier, layers recomputed among swapped ones: selective recompute)
+    acts = [(True, Tier.DEVICE, 0), (True, Tier.HOST, 0), (True, Tier.NVME, 0), (False, Tier.DEVICE, 0)]
     if not gpu:  # swapped activations: measured on CPU-only machines only so far
-        acts.append((False, Tier.NVME))
-    if recompute is not None:
-        acts = [a for a in acts if a[0] == recompute]
+        L = shape.n_layers
+        acts += [(False, Tier.NVME, r) for r in sorted({0, L // 4, L // 2, 3 * L // 4}) if r == 0 or r <= L - 3]
+    if recompute is not None:  # a fixed choice: selective recompute is neither
+        acts = [a for a in acts if a[0] == recompute and a[2] == 0]
     depths = [prefetch_depth] if prefetch_depth is not None else ([1, 2, 3] if overlap else [0])
     # accumulation: micro-batch by micro-batch (gradients kept in a tier), or layer-major (each
     # layer loaded once per step; every micro-batch's activations kept): the estimate decides
@@ -104,12 +106,13 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
     # DEVICE memory but makes backward wait for each update
     slots = (2, 1) if overlap else (1,)
-    for layer_major, weights, optimizer, (rec, act_tier), depth, job_slots in itertools.product(
+    for layer_major, weights, optimizer, (rec, act_tier, rec_layers), depth, job_slots in itertools.product(
             orders, (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), acts, depths, slots):
         kept = grads_kept(wl.grad_accum, wl.deferred, layer_major)
         for grads in (Tier.HOST, Tier.NVME) if kept else (optimizer,):
             base = Plan(weights=weights, optimizer=optimizer, grads=grads, activations=act_tier,
-                        recompute=rec, prefetch_depth=depth, turn_keep=0, resident_layers=(), overlap=overlap,
+                        recompute=rec, recompute_layers=rec_layers, prefetch_depth=depth, turn_keep=0,
+                        resident_layers=(), overlap=overlap,
                         layer_major=layer_major, device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
                         job_slots=job_slots, chunk_numel=chunk)
             plan = _fill_device(base, shape, wl, timing)

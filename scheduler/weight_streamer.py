@@ -7,7 +7,9 @@ resident layers, and the trainable part beside a frozen one, e.g. LoRA adapters)
 or earlier by ``prefetch``, released after use). The optimizer publishes the new weights of
 resident trainable parts; frozen parts never change, so their loads wait for nothing.
 
-Threads: ``acquire``, ``release``, ``prefetch``, ``token`` and ``view`` run on the main thread;
+Threads: ``acquire``, ``release``, ``prefetch``, ``token`` and ``view`` run on the thread driving
+the step (the main thread, or in a layer-major forward the micro-batch thread holding the turn:
+one at a time, ``scheduler.lockstep``);
 loads run on the ``loader`` thread (``overlap: false``: inline); ``publish`` runs on the optimizer
 worker. A load first waits on the unit's UnitClock (its pending update must have landed). DEVICE
 bytes of a load are reserved on the main thread when it is requested, so prefetch decisions that

@@ -127,6 +127,8 @@ PLANS = {
                                 activations=Tier.NVME, recompute=False),
     "swapped-activations-reference": Plan(weights=Tier.HOST, optimizer=Tier.HOST, grads=Tier.HOST,
                                           activations=Tier.NVME, recompute=False, overlap=False),
+    "selective-recompute": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
+                                recompute=False, recompute_layers=1),
     "small-chunks": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
                          activations=Tier.NVME, chunk_numel=2048, job_slots=1),
     "state-of-first-units-in-ram": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
@@ -170,16 +172,19 @@ def test_swapped_activations_go_through_the_ssd_bit_for_bit(kind, clip, tmp_path
     kept = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
                 recompute=False)
     base_losses, base_w, base_m = train_engine(deep_model(kind, 5), batches, kept, tmp_path / "kept", clip)
-    for name in ("swapped-activations", "swapped-activations-reference"):
+    extra = {}
+    for name in ("swapped-activations", "selective-recompute", "swapped-activations-reference"):
         losses, w, m = train_engine(deep_model(kind, 5), batches, PLANS[name], tmp_path / name, clip)
         assert losses == base_losses, name
         for k in base_w:
             assert torch.equal(w[k], base_w[k]), (name, k)
-        if name == "swapped-activations":  # same tiers as the baseline but for the activations
-            extra_write = m["io_write_bytes"] - base_m["io_write_bytes"]
-            assert extra_write > 0 and m["io_read_bytes"] - base_m["io_read_bytes"] == extra_write
+        if name != "swapped-activations-reference":  # same tiers as the baseline but for the activations
+            extra[name] = m["io_write_bytes"] - base_m["io_write_bytes"]
+            assert extra[name] > 0 and m["io_read_bytes"] - base_m["io_read_bytes"] == extra[name]
         else:  # HOST tiers, synchronous: the activations are all the SSD traffic
             assert m["io_write_bytes"] == m["io_read_bytes"] > 0
+    # selective recompute: layer 0 recomputed, layers 1-2 swapped: two thirds of the traffic
+    assert 3 * extra["selective-recompute"] == 2 * extra["swapped-activations"]
 
 
 def test_swapped_activations_hold_two_layers_whatever_the_depth(tmp_path, monkeypatch):

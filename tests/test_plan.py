@@ -206,13 +206,17 @@ def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
     assert nvme_bytes <= est.memory.nvme_bytes
 
 
-@pytest.mark.parametrize("ga, clip, layer_major", [(1, 0.0, False), (2, 1.0, False), (2, 1.0, True), (3, 0.0, True)])
-def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip, layer_major):
+@pytest.mark.parametrize("ga, clip, layer_major, recompute_layers", [
+    (1, 0.0, False, 0), (2, 1.0, False, 0), (2, 1.0, True, 0), (3, 0.0, True, 0),
+    (1, 0.0, False, 1), (2, 1.0, True, 1)])  # the last two: layer 0 recomputed, layer 1 swapped
+def test_predicted_swapped_activation_bytes_equal_the_executors(tmp_path, monkeypatch, ga, clip, layer_major,
+                                                                recompute_layers):
     """Saved activations swapped through the SSD: the probe's measured size per layer gives the
     executor's extra SSD bytes exactly (every tensor swapped: the model is tiny)."""
     monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
     model, cfg = _tiny_llama()
-    plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192, layer_major=layer_major)
+    plan = dataclasses.replace(ALL_NVME, recompute=False, chunk_numel=8192, layer_major=layer_major,
+                               recompute_layers=recompute_layers)
     wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga, deferred=clip > 0)
     timing = probe_layer(cfg, wl, torch.device("cpu"))
     assert timing.layer_saved_bytes > 0
