@@ -52,8 +52,18 @@ class Lockstep:
                    for m, task in enumerate(tasks)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()  # sync point: every micro-batch's forward has ended
+        try:
+            for t in threads:
+                t.join()  # sync point: every micro-batch's forward has ended
+        except BaseException as err:  # (KeyboardInterrupt): stop the tasks before anything is freed
+            with self._cond:
+                if self._error is None:
+                    self._error = err
+                self._cond.notify_all()
+            for t in threads:
+                t.join()  # the running task stops at its next turn
+            self._error = None
+            raise
         if self._error is not None:
             err, self._error = self._error, None
             raise err

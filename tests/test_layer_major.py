@@ -181,3 +181,37 @@ def test_an_error_in_one_forward_stops_the_others_and_leaves_nothing(tmp_path):
         assert ex.optimizer_step == 1
         ex.synchronize()
         assert dict(ex.acct.used_bytes) == held
+
+
+def test_lockstep_runs_tasks_in_turns_and_stops_them_on_an_error():
+    from scheduler.lockstep import Lockstep
+
+    lockstep, order = Lockstep(), []
+
+    def task(steps: int):  # noqa: ANN202
+        def run() -> int:
+            m = lockstep.index()
+            for k in range(steps):
+                order.append((k, m))
+                lockstep.turn()
+            return m
+        return run
+
+    assert lockstep.run([task(3), task(3), task(2)]) == [0, 1, 2]
+    # stage by stage (all tasks' step k before any step k + 1); a finished task leaves the ring
+    assert order == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)]
+    reached = []
+
+    def failing() -> None:
+        lockstep.turn()
+        raise RuntimeError("micro-batch 1 failed")
+
+    def waiting() -> None:
+        for _ in range(3):
+            lockstep.turn()
+            reached.append(lockstep.index())
+
+    with pytest.raises(RuntimeError, match="micro-batch 1 failed"):
+        lockstep.run([waiting, failing, waiting])
+    assert reached == [0]  # task 0 ran to its next turn before task 1 failed; the others stopped there
+    assert not lockstep.active

@@ -101,15 +101,15 @@ def _frozen(ex):
 BASE_ON_SSD = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE, turn_keep=0)
 
 
-@pytest.mark.parametrize(("ga", "clip"), [(1, 0.0), (2, 1.0)])
+@pytest.mark.parametrize(("ga", "clip", "layer_major"), [(1, 0.0, False), (2, 1.0, False), (3, 1.0, True)])
 @pytest.mark.parametrize("recompute", [True, False])
-def test_lora_on_a_streamed_base_matches_peft(tmp_path, ga, clip, recompute):
+def test_lora_on_a_streamed_base_matches_peft(tmp_path, ga, clip, layer_major, recompute):
     base = base_model()
     path = adapter_dir(tmp_path, base)
     data = batches(4, ga)
     ref_losses, ref = train_peft(peft_model(base, path), data, clip)
     plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE, turn_keep=0,
-                recompute=recompute)
+                recompute=recompute, layer_major=layer_major)
     losses, got, (before, after), swap_bytes, units = train_engine(peft_model(base, path), data, plan, tmp_path, clip)
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     trainable = [n for n in ref if "lora_" in n]
