@@ -116,7 +116,7 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
 
     from cli.budgets import probe_budget_bytes
     from scheduler.cost_model import Workload
-    from scheduler.layer_probe import cached_probe, probe_vocab
+    from scheduler.layer_probe import budget_probe
     from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
     from scheduler.profile import load_or_measure
@@ -132,8 +132,7 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     device = torch.device("cuda" if gpu else "cpu")
     # what `offload-train train` probes with: the run's budget (the probe runs here, in the
     # harness, before any engine starts)
-    vocab = probe_vocab(shape, wl, probe_budget_bytes(budgets, device))
-    timing = cached_probe(config, wl, device, vocab) if vocab is not None else None
+    timing = budget_probe(config, shape, wl, device, probe_budget_bytes(budgets, device))
     return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing).plan
 
 

@@ -133,7 +133,7 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
     On this machine, one layer of the real shape is timed when it fits easily (layer_probe);
     for another machine the cost model counts FLOPs against the profile's matmul rate.
     """
-    from scheduler.layer_probe import cached_probe, probe_vocab
+    from scheduler.layer_probe import budget_probe
 
     profile = profile_for(cfg, profile_path)
     if profile_path is not None:
@@ -143,10 +143,8 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
     recompute = None if cfg.offload.recompute == "auto" else bool(cfg.offload.recompute)
     depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
     wl, budgets = workload_for(cfg, total_steps), budgets_for(cfg, mem)
-    timing = None
-    vocab = probe_vocab(shape, wl, probe_budget_bytes(budgets, device)) if profile_path is None else None
-    if vocab is not None:
-        timing = cached_probe(hf_config, wl, device, vocab)
+    timing = None if profile_path is not None else budget_probe(
+        hf_config, shape, wl, device, probe_budget_bytes(budgets, device))
     choice = choose_plan(shape, wl, budgets, profile, recompute=recompute, prefetch_depth=depth, timing=timing)
     return PlannedJob(choice, shape, wl, budgets, profile, timing)
 

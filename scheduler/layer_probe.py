@@ -5,10 +5,12 @@ activation functions really cost; the probe measures them for the shape being pl
 the model with one and with two decoder layers (random weights, the run's batch shape), times
 forward and forward + backward of each, and takes the difference as one layer.
 
-It runs inside the run's memory budget (``probe_vocab``): when two layers with the embeddings and
+It runs inside the run's memory budget (``budget_probe``): when two layers with the embeddings and
 head of the real vocabulary do not fit, the vocabulary is halved until they do (the head's time
 is then scaled up by the vocabulary ratio: the LM head matmul and the loss are linear in it);
-when not even that fits, the cost model falls back to FLOPs.
+when no vocabulary fits, the micro-batch is halved too (times and saved bytes are then scaled up
+by the batch ratio: at a fixed sequence length every tensor and kernel is linear in the batch);
+when not even one sequence fits, the cost model falls back to FLOPs.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ PROBE_MARGIN = 1.25  # allocator rounding and the temporaries of random init
 def probe_bytes(shape: ModelShape, wl: Workload, vocab: int) -> int:
     """Peak memory of the probe at ``vocab``: two layers, the embeddings and head (their
     vocabulary rows at ``vocab``), each as weights, gradients and init temporaries; fp32 logits and
-    their gradients; two layers' saved activations (16 tensors of tokens x width, an upper bound;
-    with eager attention three score-sized tensors per layer besides)."""
+    their gradients; two layers' saved activations (the cost model's estimate, tokens x (11 h +
+    6 i); with eager attention three score-sized tensors per layer besides)."""
     vocab_mats = min(2, (shape.pre_numel + shape.post_numel) // max(shape.vocab * shape.hidden, 1))
     other = shape.pre_numel + shape.post_numel - vocab_mats * shape.vocab * shape.hidden
     params = 2 * shape.layer_numel + other + vocab_mats * vocab * shape.hidden
     itemsize = ITEMSIZE[wl.compute_dtype]
     logits = 3 * wl.tokens * vocab * 4
-    saved = 2 * 16 * wl.tokens * max(shape.hidden, shape.intermediate) * itemsize
+    saved = 2 * wl.tokens * (11 * shape.hidden + 6 * shape.intermediate) * itemsize
     if not shape.fused_attention:  # eager attention: scores, probabilities and their dropout mask
         saved += 2 * 3 * wl.micro_batch * shape.n_heads * wl.seq_len**2 * itemsize
     return int(PROBE_MARGIN * (3 * params * itemsize + logits + saved))
@@ -61,6 +63,36 @@ def probe_vocab(shape: ModelShape, wl: Workload, budget_bytes: int) -> int | Non
             return None
         vocab //= 2
     return vocab
+
+
+def probe_size(shape: ModelShape, wl: Workload, budget_bytes: int) -> tuple[int, int] | None:
+    """(vocabulary, micro-batch) the probe runs with inside ``budget_bytes``: the run's
+    micro-batch, halved while two layers do not fit at any vocabulary; None when one sequence
+    does not fit either."""
+    batch = wl.micro_batch
+    while True:
+        vocab = probe_vocab(shape, dataclasses.replace(wl, micro_batch=batch), budget_bytes)
+        if vocab is not None:
+            return vocab, batch
+        if batch == 1:
+            return None
+        batch = max(1, batch // 2)
+
+
+def budget_probe(hf_config: Any, shape: ModelShape, wl: Workload, device: torch.device,
+                 budget_bytes: int) -> LayerTiming | None:
+    """The probe for ``wl`` sized to ``budget_bytes`` (``probe_size``; None: nothing fits, the
+    cost model counts FLOPs), cached; measured at a smaller micro-batch, scaled to ``wl``'s."""
+    size = probe_size(shape, wl, budget_bytes)
+    if size is None:
+        return None
+    vocab, batch = size
+    timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=batch), device, vocab)
+    scale = wl.micro_batch / batch
+    if scale == 1:
+        return timing
+    return LayerTiming(layer_forward_s=timing.layer_forward_s * scale, layer_backward_s=timing.layer_backward_s * scale,
+                       head_s=timing.head_s * scale, layer_saved_bytes=int(timing.layer_saved_bytes * scale))
 
 
 def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None) -> LayerTiming:

@@ -86,3 +86,25 @@ def test_plan_probes_inside_cpu_memory_limit(tmp_path, monkeypatch):
         if not seen:
             raise err
     assert seen and seen[0] is not None and seen[0] < shape.vocab
+
+
+def test_a_budget_below_one_batch_probes_a_smaller_batch_and_scales_it(tmp_path, monkeypatch):
+    """When no vocabulary fits two layers at the run's micro-batch, the probe halves the batch and
+    scales its measurement: saved bytes are linear in the batch at a fixed sequence length."""
+    import dataclasses
+
+    import scheduler.layer_probe as layer_probe
+    from scheduler.layer_probe import budget_probe, probe_size
+
+    monkeypatch.setattr(layer_probe, "CACHE_DIR", tmp_path / "cache")
+    cfg = big_vocab_config()
+    shape = shape_from_config(cfg)
+    wl = dataclasses.replace(WL, micro_batch=4)
+    budget = probe_bytes(shape, dataclasses.replace(wl, micro_batch=2), MIN_PROBE_VOCAB)
+    assert probe_size(shape, wl, budget - 1) == (MIN_PROBE_VOCAB, 1)
+    assert probe_size(shape, wl, budget)[1] == 2
+    assert probe_size(shape, dataclasses.replace(wl, micro_batch=1), probe_bytes(shape, WL, MIN_PROBE_VOCAB) - 1) is None
+    scaled = budget_probe(cfg, shape, wl, torch.device("cpu"), budget)
+    direct = probe_layer(cfg, wl, torch.device("cpu"), vocab=MIN_PROBE_VOCAB)
+    assert scaled is not None and scaled.layer_saved_bytes == direct.layer_saved_bytes
+    assert scaled.layer_forward_s > 0 and scaled.head_s > 0
