@@ -82,9 +82,21 @@ def run_case(case: Case, root: Path, steps: int, warmup: int) -> dict[str, Any]:
     params = _params(case)
     return {"case": case.name, "params": params, "tiers": f"w:{saved['weights']} opt:{saved['optimizer']} "
             f"act:{saved['activations'] if saved['recompute'] else 'no-recompute'} "
-            f"res:{len(saved['resident_layers'])}",
+            f"res:{len(saved['resident_layers'])}{_extras(saved, case)}",
             "predicted_s": predicted, "measured_s": measured, "error": (predicted - measured) / measured,
             "bottleneck": saved["predicted"]["bottleneck"], "steps": [round(m["step_time_s"], 3) for m in metrics]}
+
+
+def _extras(saved: dict[str, Any], case: Case) -> str:
+    """The plan's newer choices, when made: layer-major accumulation, states in RAM, recompute."""
+    out = ""
+    if saved.get("layer_major") and case.grad_accum > 1:
+        out += " layer-major"
+    if saved.get("optimizer_host_units"):
+        out += f" opt-in-ram:{saved['optimizer_host_units']}"
+    if saved.get("recompute_layers"):
+        out += f" recomputed:{saved['recompute_layers']}"
+    return out
 
 
 def _params(case: Case) -> int:
