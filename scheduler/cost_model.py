@@ -81,11 +81,6 @@ class Workload:
         """Gradients kept between micro-batches or until a deferred update: o."""
         return self.state_itemsize
 
-    @property
-    def grads_kept(self) -> bool:
-        """Whether micro-batch-major accumulation keeps gradients (``grads_kept_by`` for a plan)."""
-        return grads_kept(self.grad_accum, self.deferred)
-
     def grads_kept_by(self, plan: Plan) -> bool:
         return grads_kept(self.grad_accum, self.deferred, plan.layer_major)
 
@@ -367,13 +362,13 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         # checksum (xxh3_64) of every byte the store reads or writes, on the CPU
         "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
     }
-    step_s, bottleneck = _step_time(plan, shape, wl, profile, time_s, gpu)
+    step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, gpu)
     return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
                     time_s=time_s, step_s=step_s, bottleneck=bottleneck,
                     memory=peak_memory(plan, shape, wl, timing), model_flops=model_flops)
 
 
-def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile,
+def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,
                t: dict[str, float], gpu: bool) -> tuple[float, str]:
     """Step time from busy times.
 
@@ -392,6 +387,7 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
       One job slot on a GPU (immediate updates): backward hands over one unit at a time and
       waits, so the optimizer's share during backward (2/3 of it) adds to compute.
     """
+    plan = rules.plan
     if not plan.overlap:
         return sum(t.values()), "serial (overlap off)"
     ssd = t["ssd_read"] + t["ssd_write"]
@@ -418,7 +414,6 @@ def _step_time(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwarePro
         if serial > step:
             step, bottleneck = serial, "backward waiting for the optimizer (job_slots 1)"
     w_layer = shape.streamed_layer_numel * wl.itemsize
-    rules = wl.placement(plan, shape)
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
         from_ssd = plan.weights == Tier.NVME and not (
             rules.weights_are_master and not shape.frozen and rules.optimizer_tier(1) == Tier.HOST)

@@ -139,14 +139,3 @@ class KvikioBackend:
             self._waiters = None
         for handle in list(self._files):
             self.close_file(handle)
-
-
-def kvikio_usable() -> tuple[bool, str]:
-    """Whether kvikio can do I/O here, and why not. Needs CUDA (libcuda.so.1) and the package."""
-    if not torch.cuda.is_available():
-        return False, "no CUDA device (kvikio cannot do any I/O without libcuda)"
-    try:
-        import kvikio  # noqa: F401
-    except ImportError as err:
-        return False, f"kvikio is not installed ({err}); pip install 'offload-train[gpu-cu12]'"
-    return True, "CUDA device present and kvikio imports"
