@@ -35,6 +35,9 @@ class Case:
     max_grad_norm: float
     cpu_memory_limit: str
     gpu_memory_limit: str = "auto"
+    resume_at: int = 0
+    """> 0: train that many steps, checkpoint, and measure the run resumed from that checkpoint
+    (the swap store reopened at a snapshot: the first writes go to new extents)."""
 
 
 CASES = {
@@ -49,16 +52,25 @@ CASES = {
               "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16,
               "num_key_value_heads": 16, "max_position_embeddings": 512, "tie_word_embeddings": False},
               micro_batch=2, seq_len=512, grad_accum=1, max_grad_norm=1.0, cpu_memory_limit="3GB"),
+    "d": Case("llama 8 x h512, resumed from a checkpoint", {"model_type": "llama", "vocab_size": 4096,
+              "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "max_position_embeddings": 512, "tie_word_embeddings": False},
+              micro_batch=4, seq_len=256, grad_accum=1, max_grad_norm=0.0, cpu_memory_limit="160MB", resume_at=2),
+    "e": Case("llama 6 x h768, 32k vocab, 256 tokens/step", {"model_type": "llama", "vocab_size": 32000,
+              "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 12,
+              "num_key_value_heads": 12, "max_position_embeddings": 512, "tie_word_embeddings": False},
+              micro_batch=1, seq_len=256, grad_accum=1, max_grad_norm=1.0, cpu_memory_limit="500MB"),
 }
 
 
-def write_config(case: Case, run_dir: Path, steps: int) -> Path:
+def write_config(case: Case, run_dir: Path, steps: int, save_steps: int = 0, resume: bool = False) -> Path:
     cfg = {
         "model": {"config": case.model, "dtype": "float32"},
         "data": {"path": str(ROOT / "cli" / "assets" / "corpus.txt"), "seq_len": case.seq_len},
         "train": {"output_dir": str(run_dir), "max_steps": steps, "micro_batch_size": case.micro_batch,
                   "gradient_accumulation_steps": case.grad_accum, "learning_rate": 1e-4,
-                  "max_grad_norm": case.max_grad_norm, "logging_steps": 1, "save_steps": 0, "seed": 1},
+                  "max_grad_norm": case.max_grad_norm, "logging_steps": 1, "save_steps": save_steps, "seed": 1,
+                  **({"resume_from_checkpoint": "auto"} if resume else {})},
         "offload": {"cpu_memory_limit": case.cpu_memory_limit, "gpu_memory_limit": case.gpu_memory_limit,
                     "io_backend": "posix", "optimizer_impl": "torch"},
     }
@@ -70,13 +82,13 @@ def write_config(case: Case, run_dir: Path, steps: int) -> Path:
 def run_case(case: Case, root: Path, steps: int, warmup: int) -> dict[str, Any]:
     run_dir = root / case.name.split()[0] / f"run-{int(time.time())}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = write_config(case, run_dir, steps)
-    proc = subprocess.run([sys.executable, "-m", "cli", "train", str(config)], capture_output=True, text=True,
-                          cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{case.name}: train failed:\n{proc.stderr[-2000:]}")
-    saved = json.loads((run_dir / "plan.json").read_text())
+    if case.resume_at:  # a first run leaves the checkpoint the measured run starts from
+        _train(case, write_config(case, run_dir, case.resume_at, save_steps=case.resume_at))
+    # the measured run saves no checkpoint of its own (what resuming costs, not checkpointing)
+    _train(case, write_config(case, run_dir, case.resume_at + steps, resume=case.resume_at > 0))
+    saved = json.loads((run_dir / "plan.json").read_text())  # the measured run's plan
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "step_time_s" in m and m["step"] > case.resume_at]
     measured = statistics.median(m["step_time_s"] for m in metrics[warmup:])
     predicted = saved["predicted"]["step_s"]
     params = _params(case)
@@ -85,6 +97,13 @@ def run_case(case: Case, root: Path, steps: int, warmup: int) -> dict[str, Any]:
             f"res:{len(saved['resident_layers'])}{_extras(saved, case)}",
             "predicted_s": predicted, "measured_s": measured, "error": (predicted - measured) / measured,
             "bottleneck": saved["predicted"]["bottleneck"], "steps": [round(m["step_time_s"], 3) for m in metrics]}
+
+
+def _train(case: Case, config: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cli", "train", str(config)], capture_output=True, text=True,
+                          cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{case.name}: train failed:\n{proc.stderr[-2000:]}")
 
 
 def _extras(saved: dict[str, Any], case: Case) -> str:

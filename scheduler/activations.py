@@ -55,6 +55,8 @@ class _LayerCall:
     dtype: torch.dtype
     checkpoint: torch.Tensor | None = None  # recompute, DEVICE/HOST tier: the layer's input
     checkpoint_write: Future[None] | None = None  # recompute, NVME tier
+    checkpoint_read: Future[Any] | None = None  # recompute, NVME tier: read ahead in backward
+    checkpoint_buf: torch.Tensor | None = None  # ... into this page-aligned host buffer
     x_leaf: torch.Tensor | None = None  # kept graph: the layer's input leaf
     output: torch.Tensor | None = None  # kept graph: the layer's output (graph root)
     saved: Any = None  # kept graph: the saved_tensors_hooks context while the layer runs
@@ -140,6 +142,9 @@ class RecomputeCheckpoints(_LayerCalls):
 
     def drop(self) -> None:
         for call in self.calls.values():
+            if call.checkpoint_read is not None:
+                with contextlib.suppress(Exception):  # a failed read: not the error being handled
+                    call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()  # sync point: the write holds the host copy
             elif call.checkpoint is not None:
@@ -162,13 +167,26 @@ class RecomputeCheckpoints(_LayerCalls):
         call.checkpoint = x.to("cpu") if tier == Tier.HOST and x.device.type != "cpu" else x
         self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i} (micro-batch {m})")
 
+    def read_ahead(self, i: int, m: int = 0) -> None:
+        """Start reading layer i's NVMe checkpoint back (overlaps the backward before it)."""
+        call = self.calls.get((m, i))
+        if call is not None and call.checkpoint_write is not None and call.checkpoint_read is None:
+            self._start_read(i, m, call)
+
+    def _start_read(self, i: int, m: int, call: _LayerCall) -> None:
+        assert call.checkpoint_write is not None
+        call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
+        nbytes = math.prod(call.shape) * itemsize(call.dtype)
+        call.checkpoint_buf = aligned_empty(nbytes)
+        call.checkpoint_read = self.store.read(activation_extent(i, m, str(nbytes)), call.checkpoint_buf)
+
     def _take(self, i: int, m: int, call: _LayerCall) -> torch.Tensor:
         if call.checkpoint_write is not None:
-            call.checkpoint_write.result()  # sync point: written before it is read back
-            nbytes = math.prod(call.shape) * itemsize(call.dtype)
-            raw = aligned_empty(nbytes)
-            self.store.read(activation_extent(i, m, str(nbytes)), raw).result()  # sync point: read back
-            x = raw.view(call.dtype).view(call.shape)
+            if call.checkpoint_read is None:
+                self._start_read(i, m, call)
+            assert call.checkpoint_read is not None and call.checkpoint_buf is not None
+            call.checkpoint_read.result()  # sync point: read back
+            x = call.checkpoint_buf.view(call.dtype).view(call.shape)
             return x.to(self.device) if self.device.type != "cpu" else x
         assert call.checkpoint is not None
         x = call.checkpoint

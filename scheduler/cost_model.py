@@ -30,7 +30,7 @@ IN_FLIGHT = "layer weights in flight"
 WORKING_MEMORY = "working memory"
 STAGING_ARRAYS = STAGING_SETS * len(STAGING_ROWS)  # optimizer worker: chunk-wide state-dtype arrays
 EXTENT_ALIGN_BYTES = 4096
-RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum")
+RESOURCES = ("compute", "recompute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam", "checksum", "io_cpu")
 
 
 @dataclass(frozen=True)
@@ -361,6 +361,9 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         "cpu_adam": N / adam_rate,
         # checksum (xxh3_64) of every byte the store reads or writes, on the CPU
         "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
+        # CPU only: compute lost to the store's threads moving these bytes (checksums included)
+        "io_cpu": (ssd_read + ssd_write) / 1e9 * profile.io_compute_s_per_gb
+        if not gpu and profile.io_compute_s_per_gb else 0.0,
     }
     step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, gpu)
     return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
@@ -372,39 +375,42 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
                t: dict[str, float], gpu: bool) -> tuple[float, str]:
     """Step time from busy times.
 
-    overlap off:  step = sum of every resource's time (one thing at a time).
+    overlap off:  step = sum of every resource's time (one thing at a time; io_cpu includes the
+                  checksums, counted once).
     overlap on:   resources run concurrently in lanes; step = max(lane) + exposed, where
       GPU machine: lanes gpu = compute + recompute, h2d, d2h, ssd = read + write,
                    cpu = adam + checksum;
-      CPU only:    the device is the CPU, so compute, Adam and checksums share its cores:
-                   cpu = compute + recompute + adam + checksum, ssd = read + write;
+      CPU only:    the device is the CPU, so compute, Adam and the store's threads share its
+                   cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
+                   io_cpu = the compute the profile saw lost per GB moved (checksums included)
+                   x the bytes moved; ssd = read + write;
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
                 hide it behind) + the update I/O of ``pre`` after backward (updated last,
                 needed first).
-      Deferred updates on a GPU (clipping, fp16, nan skip): the optimizer pass cannot overlap
-      backward, only the next forward: step >= max(forward, optimizer) + backward + recompute,
-      with forward = compute / 3 and optimizer = max(cpu lane, ssd lane).
+      Deferred updates (clipping, fp16, nan skip): the optimizer pass cannot overlap backward,
+      only the next forward: step >= max(forward, optimizer) + backward + recompute, with
+      forward = compute / 3 and optimizer = max(Adam (+ checksums on a GPU machine), ssd lane).
       One job slot on a GPU (immediate updates): backward hands over one unit at a time and
       waits, so the optimizer's share during backward (2/3 of it) adds to compute.
     """
     plan = rules.plan
-    if not plan.overlap:
-        return sum(t.values()), "serial (overlap off)"
+    if not plan.overlap:  # (io_cpu includes the checksums: counted once)
+        return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
     ssd = t["ssd_read"] + t["ssd_write"]
     if gpu:
         lanes = {"compute": t["compute"] + t["recompute"], "h2d": t["h2d"], "d2h": t["d2h"],
                  "ssd (read + write)": ssd, "cpu_adam": t["cpu_adam"] + t["checksum"]}
     else:
-        lanes = {"cpu (compute + adam)": t["compute"] + t["recompute"] + t["cpu_adam"] + t["checksum"],
+        lanes = {"cpu (compute + adam)": t["compute"] + t["recompute"] + t["cpu_adam"] + max(t["checksum"], t["io_cpu"]),
                  "ssd (read + write)": ssd}
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]
-    if gpu and wl.deferred:
+    if wl.deferred:
         forward_s = t["compute"] / 3
         # a frozen base streams during forward and backward: the optimizer pass moves only the
         # adapters' state and kept gradients
         optimizer_ssd_s = _optimizer_ssd_s(plan, shape, wl, profile) if shape.frozen else ssd
-        optimizer_s = max(lanes["cpu_adam"], optimizer_ssd_s)
+        optimizer_s = max(lanes["cpu_adam"] if gpu else t["cpu_adam"], optimizer_ssd_s)
         serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
         if serial > step:
             step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"

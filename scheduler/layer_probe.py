@@ -2,13 +2,15 @@
 
 FLOP counts divided by a peak matmul rate miss what small matrices, attention kernels, norms and
 activation functions really cost; the probe measures them for the shape being planned. It builds
-the model with one and with two decoder layers (random weights, the run's batch shape), times
-forward and forward + backward of each, and takes the difference as one layer.
+the model with two decoder layers (random weights, the run's batch shape) and times forward and
+forward + backward with its first layer only and with both, alternating, round after round; the
+median difference is one layer.
 
 It runs inside the run's memory budget (``budget_probe``): when two layers with the embeddings and
 head of the real vocabulary do not fit, the vocabulary is halved until they do (the head's time
 is then scaled up by the vocabulary ratio: the LM head matmul and the loss are linear in it);
-when no vocabulary fits, the micro-batch is halved too (times and saved bytes are then scaled up
+when no vocabulary fits two layers, one layer is timed against none; when that does not fit
+either, the micro-batch is halved too (times and saved bytes are then scaled up
 by the batch ratio: at a fixed sequence length every tensor and kernel is linear in the batch);
 when not even one sequence fits, the cost model falls back to FLOPs.
 """
@@ -21,59 +23,77 @@ import gc
 import hashlib
 import json
 import platform
+import statistics
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from scheduler.cost_model import ITEMSIZE, LayerTiming, Workload
 from scheduler.model_shape import ModelShape
 from scheduler.profile import CACHE_DIR
 
-REPEATS = 3
-PROBE_FORMAT = 3  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables)
+REPEATS = 4
+PROBE_FORMAT = 4  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables);
+# 4: median of interleaved one- and two-layer rounds on one model (3: minimum, two models)
 
+
+T = TypeVar("T")
 
 MIN_PROBE_VOCAB = 1024
 PROBE_MARGIN = 1.25  # allocator rounding and the temporaries of random init
 
 
-def probe_bytes(shape: ModelShape, wl: Workload, vocab: int) -> int:
-    """Peak memory of the probe at ``vocab``: two layers, the embeddings and head (their
-    vocabulary rows at ``vocab``), each as weights, gradients and init temporaries; fp32 logits and
-    their gradients; two layers' saved activations (the cost model's estimate, tokens x (11 h +
-    6 i); with eager attention three score-sized tensors per layer besides)."""
+def probe_bytes(shape: ModelShape, wl: Workload, vocab: int, layers: int = 2) -> int:
+    """Peak memory of the probe at ``vocab`` with a model of ``layers`` decoder layers (2, or 1
+    when two do not fit): the layers, the embeddings and head (their vocabulary rows at
+    ``vocab``), each as weights, gradients and init temporaries; fp32 logits and their gradients;
+    the layers' saved activations (the cost model's estimate, tokens x (11 h + 6 i); with eager
+    attention three score-sized tensors per layer besides)."""
     vocab_mats = min(2, (shape.pre_numel + shape.post_numel) // max(shape.vocab * shape.hidden, 1))
     other = shape.pre_numel + shape.post_numel - vocab_mats * shape.vocab * shape.hidden
-    params = 2 * shape.layer_numel + other + vocab_mats * vocab * shape.hidden
+    params = layers * shape.layer_numel + other + vocab_mats * vocab * shape.hidden
     itemsize = ITEMSIZE[wl.compute_dtype]
     logits = 3 * wl.tokens * vocab * 4
-    saved = 2 * wl.tokens * (11 * shape.hidden + 6 * shape.intermediate) * itemsize
+    saved = layers * wl.tokens * (11 * shape.hidden + 6 * shape.intermediate) * itemsize
     if not shape.fused_attention:  # eager attention: scores, probabilities and their dropout mask
-        saved += 2 * 3 * wl.micro_batch * shape.n_heads * wl.seq_len**2 * itemsize
+        saved += layers * 3 * wl.micro_batch * shape.n_heads * wl.seq_len**2 * itemsize
     return int(PROBE_MARGIN * (3 * params * itemsize + logits + saved))
 
 
-def probe_vocab(shape: ModelShape, wl: Workload, budget_bytes: int) -> int | None:
+def probe_vocab(shape: ModelShape, wl: Workload, budget_bytes: int, layers: int = 2) -> int | None:
     """The vocabulary the probe runs with inside ``budget_bytes``: the model's, else halved until it
-    fits (not below MIN_PROBE_VOCAB); None when two layers do not fit at all."""
+    fits (not below MIN_PROBE_VOCAB); None when ``layers`` layers do not fit at all."""
     vocab = shape.vocab
-    while probe_bytes(shape, wl, vocab) > budget_bytes:
+    while probe_bytes(shape, wl, vocab, layers) > budget_bytes:
         if vocab // 2 < min(MIN_PROBE_VOCAB, shape.vocab):
             return None
         vocab //= 2
     return vocab
 
 
-def probe_size(shape: ModelShape, wl: Workload, budget_bytes: int) -> tuple[int, int] | None:
-    """(vocabulary, micro-batch) the probe runs with inside ``budget_bytes``: the run's
-    micro-batch, halved while two layers do not fit at any vocabulary; None when one sequence
-    does not fit either."""
+@dataclasses.dataclass(frozen=True)
+class ProbeSize:
+    """What the probe runs inside the budget: a vocabulary, a micro-batch and 2 or 1 layers."""
+
+    vocab: int
+    micro_batch: int
+    layers: int
+
+
+def probe_size(shape: ModelShape, wl: Workload, budget_bytes: int) -> ProbeSize | None:
+    """The probe inside ``budget_bytes``, closest to the run first: the run's micro-batch with two
+    layers, else with one (timed against none), else the micro-batch halved (its scaling is the
+    least exact: per-token time grows with the batch where large tensors get fresh pages); None
+    when one sequence does not fit one layer."""
     batch = wl.micro_batch
     while True:
-        vocab = probe_vocab(shape, dataclasses.replace(wl, micro_batch=batch), budget_bytes)
-        if vocab is not None:
-            return vocab, batch
+        for layers in (2, 1):
+            vocab = probe_vocab(shape, dataclasses.replace(wl, micro_batch=batch), budget_bytes, layers)
+            if vocab is not None:
+                return ProbeSize(vocab, batch, layers)
         if batch == 1:
             return None
         batch = max(1, batch // 2)
@@ -86,16 +106,17 @@ def budget_probe(hf_config: Any, shape: ModelShape, wl: Workload, device: torch.
     size = probe_size(shape, wl, budget_bytes)
     if size is None:
         return None
-    vocab, batch = size
-    timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=batch), device, vocab)
-    scale = wl.micro_batch / batch
+    timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=size.micro_batch), device, size.vocab,
+                          size.layers)
+    scale = wl.micro_batch / size.micro_batch
     if scale == 1:
         return timing
     return LayerTiming(layer_forward_s=timing.layer_forward_s * scale, layer_backward_s=timing.layer_backward_s * scale,
                        head_s=timing.head_s * scale, layer_saved_bytes=int(timing.layer_saved_bytes * scale))
 
 
-def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None) -> LayerTiming:
+def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None,
+                 layers: int = 2) -> LayerTiming:
     """``probe_layer``, cached per machine, model config, batch shape and dtype (a resumed or
     repeated run starts without probing again; ``offload-train profile`` clears the cache)."""
     from offload.hostmem import malloc_settings
@@ -103,14 +124,14 @@ def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int 
     # the allocator's settings change compute time (fresh pages for every large tensor): a probe
     # counts only for processes set up like the one that took it
     key = json.dumps([PROBE_FORMAT, malloc_settings(), platform.node(), torch.__version__, str(device),
-                      hf_config.to_dict(), vocab,
+                      hf_config.to_dict(), vocab, layers,
                       wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
     path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
         return LayerTiming(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         pass
-    timing = probe_layer(hf_config, wl, device, vocab)
+    timing = probe_layer(hf_config, wl, device, vocab, layers)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dataclasses.asdict(timing)))
     return timing
@@ -121,17 +142,48 @@ def clear_probe_cache() -> None:
         path.unlink(missing_ok=True)
 
 
-def probe_layer(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None) -> LayerTiming:
-    """``vocab``: run with this vocabulary instead of the model's (see ``probe_vocab``)."""
+def probe_layer(hf_config: Any, wl: Workload, device: torch.device, vocab: int | None = None,
+                layers: int = 2) -> LayerTiming:
+    """``vocab``: run with this vocabulary instead of the model's (see ``probe_vocab``);
+    ``layers``: build 2 layers and time 1 against 2, or build 1 and time none against 1."""
     cfg = _probe_config(hf_config, vocab)
-    one = _time_model(cfg, 1, wl, device)
-    two = _time_model(cfg, 2, wl, device)
-    fwd_layer = max(two[0] - one[0], 1e-6)
-    step_layer = max(two[1] - one[1], fwd_layer)
-    head_scale = hf_config.vocab_size / cfg.vocab_size  # the head matmul and the loss are linear in it
+    cfg.num_hidden_layers = layers
+    with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs: no host copy
+        torch.manual_seed(0)
+        model = _build(cfg, wl)
+        ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
+    model.train()
+    fewer = layers - 1
+    try:
+        # the whole model first: its layers' arguments are checked before anything else runs
+        # (an architecture the layer-by-layer cut cannot take stops here with one line)
+        saved_all = _saved_bytes(model, ids)
+        rounds = []
+        for r in range(REPEATS + 1):
+            one = _with_layers(model, fewer, lambda m: _time_round(m, ids, device))
+            two = _with_layers(model, layers, lambda m: _time_round(m, ids, device))
+            if r:  # the first round warms up kernels and allocators
+                rounds.append((*one, *two))
+        saved = [_with_layers(model, fewer, lambda m: _saved_bytes(m, ids)) if fewer else 0, saved_all]
+    finally:
+        del model
+        gc.collect()  # the next probe, or the run, gets this memory back
+    return layer_timing(rounds, saved[1] - saved[0], hf_config.vocab_size / cfg.vocab_size, head_layers=fewer)
+
+
+def layer_timing(rounds: list[tuple[float, float, float, float]], saved_bytes: int,
+                 head_scale: float = 1.0, head_layers: int = 1) -> LayerTiming:
+    """One layer and the head from timed rounds (forward s and forward + backward s of the model
+    with ``head_layers`` layers, then with one more): the median over rounds of each round's
+    differences; the head is the smaller model less its layers. The two
+    models of a round run back to back, so a slow spell of the machine shifts both; a minimum
+    over rounds would predict for a machine quieter than the run's. ``head_scale``: the model's
+    vocabulary over the probe's (the head matmul and the loss are linear in it)."""
+    fwd_layer = max(statistics.median(f2 - f1 for f1, _, f2, _ in rounds), 1e-6)
+    step_layer = max(statistics.median(b2 - b1 for _, b1, _, b2 in rounds), fwd_layer)
+    head = max(statistics.median(b1 for _, b1, _, _ in rounds) - head_layers * step_layer, 0.0)
     return LayerTiming(layer_forward_s=fwd_layer, layer_backward_s=step_layer - fwd_layer,
-                       head_s=max(one[1] - step_layer, 0.0) * head_scale,
-                       layer_saved_bytes=max(two[2] - one[2], 0))
+                       head_s=head * head_scale, layer_saved_bytes=max(saved_bytes, 0))
 
 
 def _probe_config(hf_config: Any, vocab: int | None) -> Any:
@@ -145,39 +197,49 @@ def _probe_config(hf_config: Any, vocab: int | None) -> Any:
     return cfg
 
 
-def _time_model(hf_config: Any, n_layers: int, wl: Workload, device: torch.device) -> tuple[float, float, int]:
-    """(forward s, forward + backward s, bytes autograd saves) of a model with ``n_layers``
-    layers: the fastest of REPEATS (other work on the machine only ever slows a run down)."""
+def _build(cfg: Any, wl: Workload) -> Any:
     from transformers import AutoModelForCausalLM
 
-    cfg = copy.deepcopy(hf_config)
-    cfg.num_hidden_layers = n_layers
-    with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs: no host copy
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, wl.compute_dtype))
-        ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
-    model.train()
-    fwd, both = [], []
+    return AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, wl.compute_dtype))
+
+
+def _with_layers(model: Any, n_layers: int, run: Callable[[Any], T]) -> T:
+    """``run(model)`` with the model cut to its first ``n_layers`` decoder layers (the module list and
+    the config's layer count, as a model built with that many would have them; none: the
+    embeddings and the head alone, without an MoE router loss)."""
+    from scheduler.model_map import find_decoder_layers
+
+    path, layers = find_decoder_layers(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    configured = model.config.num_hidden_layers
+    router_logits = getattr(model.config, "output_router_logits", None)
+    setattr(parent, attr, nn.ModuleList(list(layers)[:n_layers]))
+    model.config.num_hidden_layers = n_layers
+    if not n_layers and router_logits:
+        model.config.output_router_logits = False  # an MoE router loss needs one layer's logits
     try:
-        for i in range(REPEATS + 1):
-            _sync(device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model(input_ids=ids, labels=ids)
-            _sync(device)
-            t1 = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
-            _sync(device)
-            t2 = time.perf_counter()
-            model.zero_grad(set_to_none=True)
-            if i:  # the first round warms up kernels and allocators
-                fwd.append(t1 - t0)
-                both.append(t2 - t1)
-        saved = _saved_bytes(model, ids)
+        return run(model)
     finally:
-        del model
-        gc.collect()  # the next probe, or the run, gets this memory back
-    return min(fwd), min(both), saved
+        setattr(parent, attr, layers)
+        model.config.num_hidden_layers = configured
+        if router_logits is not None:
+            model.config.output_router_logits = router_logits
+
+
+def _time_round(model: Any, ids: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(forward s without autograd, forward + backward s) of one batch."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    _sync(device)
+    t1 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    _sync(device)
+    t2 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    return t1 - t0, t2 - t1
 
 
 def _saved_bytes(model: Any, ids: torch.Tensor) -> int:

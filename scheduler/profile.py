@@ -11,7 +11,9 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
+import threading
 import time
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
@@ -48,6 +50,10 @@ class HardwareProfile:
     """The store's checksum (``offload.checksum``, xxh3_64) of host bytes on one core (the store
     checks every byte it moves); None: not measured (a hand-written profile may leave it out),
     checksums then cost nothing."""
+    io_compute_s_per_gb: float | None = None
+    """Machines without a GPU: seconds of compute lost per GB the store reads or writes at the
+    same time (its I/O threads, checksums and copies take turns on the compute's cores, and a
+    parallel kernel waits for its slowest thread); None: a GPU computes, or not measured."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -77,6 +83,8 @@ class HardwareProfile:
             ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
             ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
             ("checksum", "not measured" if self.checksum_gbps is None else f"{self.checksum_gbps:.1f} GB/s"),
+            ("compute lost to I/O", "-" if self.io_compute_s_per_gb is None
+             else f"{self.io_compute_s_per_gb:.2f} s per GB moved"),
             ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
             ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
             ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
@@ -97,6 +105,9 @@ def _check_values(fields: dict[str, object]) -> None:
     for key in ("h2d_gbps", "d2h_gbps", "checksum_gbps"):
         if fields.get(key) is not None and not _positive(fields[key]):
             raise ValueError(f"{key} must be a positive number or null, not {fields[key]!r}")
+    value = fields.get("io_compute_s_per_gb")
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"io_compute_s_per_gb must be a number >= 0 or null, not {value!r}")
     for key in ("cpu_adam_params_per_s", "matmul_tflops"):
         table = fields[key]
         if not isinstance(table, dict) or not table or not all(_positive(v) for v in table.values()):
@@ -117,7 +128,7 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
-PROFILE_FORMAT = 2  # 2: checksum_gbps measures xxh3_64 (1: CRC32)
+PROFILE_FORMAT = 3  # 2: checksum_gbps measures xxh3_64 (1: CRC32); 3: io_compute_s_per_gb, overwrite rate
 
 
 def cache_path(nvme_path: str | Path) -> Path:
@@ -163,13 +174,15 @@ def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = 
         nvme_path=str(nvme_path), io_backend=backend_name, ssd_read_gbps=read_gbps, ssd_write_gbps=write_gbps,
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, matmul_tflops=_matmul(),
         checksum_gbps=_checksum(),
+        io_compute_s_per_gb=None if torch.cuda.is_available() else _io_interference(nvme_path, io_backend),
         ram_available_bytes=psutil.virtual_memory().available, vram_free_bytes=vram,
         disk_free_bytes=shutil.disk_usage(nvme_path).free, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 
 
 def _ssd(root: Path, size_bytes: int, io_backend: str) -> tuple[float, float, str]:
-    """Write then read ``size_bytes`` as 64 MiB tensors through the store (O_DIRECT)."""
+    """Write (twice: the second pass is timed), then read ``size_bytes`` as 64 MiB tensors through
+    the store (O_DIRECT)."""
     piece = 64 << 20
     n = max(1, size_bytes // piece)
     work = Path(tempfile.mkdtemp(prefix=".profile-", dir=root))
@@ -179,6 +192,11 @@ def _ssd(root: Path, size_bytes: int, io_backend: str) -> tuple[float, float, st
             store.reserve([TensorSpec(f"p{i}", torch.uint8, (piece,)) for i in range(n)])
             buf = aligned_empty(piece)
             buf.random_(0, 255)
+            # a first pass lets the filesystem allocate the blocks, untimed: training overwrites
+            # extents it reserved (writing fresh blocks measured up to 2x slower on a virtual disk)
+            for f in [store.write(f"p{i}", buf) for i in range(n)]:
+                f.result()
+            os.sync()
             t0 = time.perf_counter()
             for f in [store.write(f"p{i}", buf) for i in range(n)]:
                 f.result()
@@ -245,3 +263,63 @@ def _checksum() -> float:
     for _ in range(3):
         checksum(data)
     return 3 * data.nbytes / (time.perf_counter() - t0) / 1e9
+
+
+def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float = 0.5) -> float:
+    """Seconds of CPU compute lost per GB that the store moves alongside (median of ``trials``).
+
+    A layer-like kernel mix (a 512 x 1024 by 1024 x 2816 matmul and a GELU, the compute's own
+    threads) runs for about ``work_s`` alone, then again while one thread keeps the store writing
+    and reading 4 MiB extents through ``io_backend`` (checksummed, as training does); the time it
+    loses over the bytes moved meanwhile is the cost. Separate buffers for reads and writes, so
+    every checksum holds."""
+    a, b = torch.randn(512, 1024), torch.randn(1024, 2816)
+
+    def work(reps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.nn.functional.gelu(a @ b)
+        return time.perf_counter() - t0
+
+    work(2)  # warm-up
+    reps = max(1, int(work_s / max(work(3) / 3, 1e-6)))
+    piece, n = 4 << 20, 32
+    work_dir = Path(tempfile.mkdtemp(prefix=".profile-io-", dir=root))
+    try:
+        with SwapStore(work_dir, make_backend(io_backend)) as store:
+            store.reserve([TensorSpec(f"p{i}", torch.uint8, (piece,)) for i in range(n)])
+            sources = [aligned_empty(piece) for _ in range(4)]
+            for buf in sources:
+                buf.random_(0, 255)
+            targets = [aligned_empty(piece) for _ in range(4)]
+            for f in [store.write(f"p{i}", sources[i % 4]) for i in range(n)]:
+                f.result()
+            stop = threading.Event()
+            moved_bytes = [0]
+
+            def io() -> None:  # the I/O thread: half the extents written, the other half read
+                while not stop.is_set():
+                    futs = [store.write(f"p{i}", sources[i % 4]) for i in range(0, n, 2)]
+                    futs += [store.read(f"p{i}", targets[i % 4]) for i in range(1, n, 2)]
+                    for f in futs:
+                        f.result()
+                        moved_bytes[0] += piece
+
+            costs = []
+            for _ in range(trials):
+                alone_s = work(reps)
+                stop.clear()
+                moved_bytes[0] = 0
+                thread = threading.Thread(target=io, name="profile-io")
+                thread.start()
+                try:
+                    with_io_s = work(reps)
+                    moved = moved_bytes[0]
+                finally:
+                    stop.set()
+                    thread.join()
+                if moved:
+                    costs.append(max(with_io_s - alone_s, 0.0) / (moved / 1e9))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return statistics.median(costs) if costs else 0.0

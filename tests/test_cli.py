@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
@@ -37,6 +39,21 @@ def test_help_lists_commands():
         assert command in proc.stdout
 
 
+def test_profile_values_are_checked():
+    from scheduler.profile import HardwareProfile
+
+    good = {"machine": "m", "nvme_path": "/s", "io_backend": "posix", "ssd_read_gbps": 1.0, "ssd_write_gbps": 1.0,
+            "h2d_gbps": None, "d2h_gbps": None, "cpu_adam_params_per_s": {"torch": 1e8},
+            "matmul_tflops": {"float32": 0.1}, "ram_available_bytes": 1, "vram_free_bytes": None,
+            "disk_free_bytes": 1, "measured_at": "t", "io_compute_s_per_gb": 0.2}
+    import json
+
+    assert HardwareProfile.from_json(json.dumps(good)).io_compute_s_per_gb == 0.2
+    assert HardwareProfile.from_json(json.dumps({**good, "io_compute_s_per_gb": None})).io_compute_s_per_gb is None
+    with pytest.raises(ValueError, match="io_compute_s_per_gb"):
+        HardwareProfile.from_json(json.dumps({**good, "io_compute_s_per_gb": -1}))
+
+
 def test_profile_measures_and_caches(tmp_path):
     import json
     import os
@@ -53,4 +70,6 @@ def test_profile_measures_and_caches(tmp_path):
     assert profile["ssd_read_gbps"] > 0 and profile["ssd_write_gbps"] > 0
     assert profile["cpu_adam_params_per_s"]["torch"] > 0
     assert profile["matmul_tflops"]["float32"] > 0 and profile["checksum_gbps"] > 0
+    if profile["h2d_gbps"] is None:  # no GPU: the compute the store's threads take is measured
+        assert profile["io_compute_s_per_gb"] >= 0
     assert not any(p.name.startswith(".profile-") for p in (tmp_path / "ssd").iterdir())  # cleaned up

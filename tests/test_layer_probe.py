@@ -11,7 +11,13 @@ from transformers import LlamaConfig
 
 from cli.budgets import plan_job
 from scheduler.cost_model import Workload
-from scheduler.layer_probe import MIN_PROBE_VOCAB, probe_bytes, probe_layer, probe_vocab
+from scheduler.layer_probe import (
+    MIN_PROBE_VOCAB,
+    layer_timing,
+    probe_bytes,
+    probe_layer,
+    probe_vocab,
+)
 from scheduler.model_shape import shape_from_config
 
 WL = Workload(micro_batch=1, seq_len=64)
@@ -48,17 +54,53 @@ def test_probe_leaves_no_tensor_alive():
     assert cfg.vocab_size == 32768  # the probe works on a copy
 
 
-def test_probe_scales_the_head_by_the_vocabulary_ratio(monkeypatch):
-    """The arithmetic from the timed models to one layer and the head (the timings themselves are
-    noisy under load: fixed ones here)."""
-    import scheduler.layer_probe as layer_probe
-
-    timed = {1: (0.3, 1.0, 100), 2: (0.5, 1.6, 180)}  # (forward s, forward + backward s, saved bytes)
-    monkeypatch.setattr(layer_probe, "_time_model", lambda cfg, n, wl, device: timed[n])
-    t = probe_layer(big_vocab_config(), WL, torch.device("cpu"), vocab=4096)
+def test_probe_arithmetic_takes_the_median_round_and_scales_the_head():
+    """From timed rounds to one layer and the head (the timings themselves are noisy under load:
+    fixed ones here). Each round: (forward, forward + backward) with one layer, then with two."""
+    rounds = [(0.3, 1.0, 0.5, 1.6),
+              (0.6, 2.0, 0.8, 2.6),  # a slow spell: both models slower, the differences as before
+              (0.3, 1.0, 0.5, 1.6),
+              (0.3, 1.0, 0.9, 3.0)]  # an outlier in one model: the median ignores it
+    t = layer_timing(rounds, saved_bytes=80, head_scale=32768 / 4096)
     assert t.layer_forward_s == pytest.approx(0.2) and t.layer_backward_s == pytest.approx(0.4)
-    assert t.head_s == pytest.approx((1.0 - 0.6) * 32768 / 4096)  # measured at 4096, scaled
+    # head: the one-layer model's median forward + backward (1.0 among 1.0, 1.0, 1.0, 2.0) less a
+    # layer's, measured at 4096 and scaled to 32768
+    assert t.head_s == pytest.approx((1.0 - 0.6) * 32768 / 4096)
     assert t.layer_saved_bytes == 80
+
+
+@pytest.mark.parametrize("model_type,fields", [
+    ("llama", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}),
+    ("gpt2", {"n_embd": 64, "n_head": 4}),
+    ("gpt_neox", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}),
+    ("mixtral", {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                 "num_local_experts": 4, "num_experts_per_tok": 2, "output_router_logits": True}),
+])
+def test_the_probe_cut_to_one_layer_is_a_one_layer_model(model_type, fields):
+    """The probe times one model cut to its first layer and whole (two layers), or cut to none and
+    whole (one): cut, it computes what a model built with fewer layers computes, and saves as much
+    for backward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scheduler.layer_probe import _saved_bytes, _with_layers
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, num_hidden_layers=2, **fields)
+    torch.manual_seed(0)
+    two = AutoModelForCausalLM.from_config(cfg)
+    one_cfg = AutoConfig.for_model(model_type, vocab_size=256, num_hidden_layers=1, **fields)
+    one = AutoModelForCausalLM.from_config(one_cfg)
+    one.load_state_dict({k: v for k, v in two.state_dict().items() if k in one.state_dict()})
+    two.eval()  # no dropout: the losses compare exactly
+    one.eval()
+    ids = torch.randint(0, 256, (2, 16))
+    cut = _with_layers(two, 1, lambda m: m(input_ids=ids, labels=ids).loss)
+    assert torch.equal(cut, one(input_ids=ids, labels=ids).loss)
+    assert _with_layers(two, 1, lambda m: _saved_bytes(m, ids)) == _saved_bytes(one, ids)
+    assert _with_layers(two, 2, lambda m: _saved_bytes(m, ids)) > _saved_bytes(one, ids)
+    # cut to none: the embeddings and head alone (an MoE router loss left out), and back-propagates
+    _with_layers(one, 0, lambda m: m(input_ids=ids, labels=ids).loss).backward()
+    assert one.config.num_hidden_layers == 1 and len(list(two.parameters())) > len(list(one.parameters()))
+    assert two.config.num_hidden_layers == 2
 
 
 def test_plan_probes_inside_cpu_memory_limit(tmp_path, monkeypatch):
@@ -75,7 +117,7 @@ def test_plan_probes_inside_cpu_memory_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(layer_probe, "CACHE_DIR", tmp_path / "cache")
     real = layer_probe.probe_layer
     monkeypatch.setattr(layer_probe, "probe_layer",
-                        lambda c, w, d, vocab=None: seen.append(vocab) or real(c, w, d, vocab))
+                        lambda c, w, d, vocab=None, layers=2: seen.append(vocab) or real(c, w, d, vocab, layers))
     cfg_path = tmp_path / "run.yaml"
     hf = big_vocab_config()
     shape = shape_from_config(hf)
@@ -100,23 +142,32 @@ def test_plan_probes_inside_cpu_memory_limit(tmp_path, monkeypatch):
     assert seen and seen[0] is not None and seen[0] < shape.vocab
 
 
-def test_a_budget_below_one_batch_probes_a_smaller_batch_and_scales_it(tmp_path, monkeypatch):
-    """When no vocabulary fits two layers at the run's micro-batch, the probe halves the batch and
-    scales its measurement: saved bytes are linear in the batch at a fixed sequence length."""
+def test_a_budget_below_two_layers_probes_one_then_a_smaller_batch(tmp_path, monkeypatch):
+    """When no vocabulary fits two layers at the run's micro-batch, the probe times one layer against
+    none at that batch; only when that does not fit either does it halve the batch and scale its
+    measurement (saved bytes are linear in the batch at a fixed sequence length)."""
     import dataclasses
 
     import scheduler.layer_probe as layer_probe
-    from scheduler.layer_probe import budget_probe, probe_size
+    from scheduler.layer_probe import ProbeSize, budget_probe, probe_size
 
     monkeypatch.setattr(layer_probe, "CACHE_DIR", tmp_path / "cache")
     cfg = big_vocab_config()
     shape = shape_from_config(cfg)
     wl = dataclasses.replace(WL, micro_batch=4)
-    budget = probe_bytes(shape, dataclasses.replace(wl, micro_batch=2), MIN_PROBE_VOCAB)
-    assert probe_size(shape, wl, budget - 1) == (MIN_PROBE_VOCAB, 1)
-    assert probe_size(shape, wl, budget)[1] == 2
-    assert probe_size(shape, dataclasses.replace(wl, micro_batch=1), probe_bytes(shape, WL, MIN_PROBE_VOCAB) - 1) is None
-    scaled = budget_probe(cfg, shape, wl, torch.device("cpu"), budget)
+    two_layers = probe_bytes(shape, wl, MIN_PROBE_VOCAB)
+    one_layer = probe_bytes(shape, wl, MIN_PROBE_VOCAB, layers=1)
+    assert one_layer < two_layers
+    assert probe_size(shape, wl, two_layers) == ProbeSize(MIN_PROBE_VOCAB, 4, 2)
+    assert probe_size(shape, wl, two_layers - 1) == ProbeSize(MIN_PROBE_VOCAB, 4, 1)
+    halved = probe_bytes(shape, dataclasses.replace(wl, micro_batch=2), MIN_PROBE_VOCAB)
+    assert halved < one_layer  # this shape: two layers at batch 2 fit below one at batch 4
+    assert probe_size(shape, wl, one_layer - 1) == ProbeSize(MIN_PROBE_VOCAB, 2, 2)
+    tiny = probe_bytes(shape, WL, MIN_PROBE_VOCAB, layers=1)
+    assert probe_size(shape, dataclasses.replace(wl, micro_batch=1), tiny - 1) is None
+    one = budget_probe(cfg, shape, wl, torch.device("cpu"), two_layers - 1)
     direct = probe_layer(cfg, wl, torch.device("cpu"), vocab=MIN_PROBE_VOCAB)
+    assert one is not None and one.layer_saved_bytes == direct.layer_saved_bytes  # one layer's, either way
+    assert one.layer_forward_s > 0 and one.head_s > 0
+    scaled = budget_probe(cfg, shape, wl, torch.device("cpu"), one_layer - 1)
     assert scaled is not None and scaled.layer_saved_bytes == direct.layer_saved_bytes
-    assert scaled.layer_forward_s > 0 and scaled.head_s > 0

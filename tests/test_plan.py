@@ -31,13 +31,13 @@ from scheduler.profile import HardwareProfile
 GB = 10**9
 
 
-def profile(gpu: bool, ssd_gbps: float = 3.0) -> HardwareProfile:
+def profile(gpu: bool, ssd_gbps: float = 3.0, io_compute_s_per_gb: float | None = None) -> HardwareProfile:
     return HardwareProfile(
         machine="test", nvme_path="/swap", io_backend="posix", ssd_read_gbps=ssd_gbps, ssd_write_gbps=ssd_gbps,
         h2d_gbps=20.0 if gpu else None, d2h_gbps=20.0 if gpu else None,
         cpu_adam_params_per_s={"torch": 1e9}, matmul_tflops={"float32": 50.0 if gpu else 0.2, "bfloat16": 100.0},
         checksum_gbps=5.0, ram_available_bytes=64 * GB, vram_free_bytes=24 * GB if gpu else None,
-        disk_free_bytes=2000 * GB, measured_at="test")
+        disk_free_bytes=2000 * GB, measured_at="test", io_compute_s_per_gb=io_compute_s_per_gb)
 
 
 def test_plan_round_trips_through_json_dict():
@@ -77,11 +77,33 @@ def test_estimate_is_pure_and_accounts_every_resource():
     a = estimate(ALL_NVME, SHAPE, wl, profile(gpu=True))
     b = estimate(ALL_NVME, SHAPE, wl, profile(gpu=True))
     assert a == b
-    assert all(a.time_s[k] > 0 for k in a.time_s)
+    assert all(a.time_s[k] > 0 for k in a.time_s if k != "io_cpu")  # io_cpu: CPU-only machines
+    assert a.time_s["io_cpu"] == 0
     assert a.step_s >= max(a.time_s["compute"] + a.time_s["recompute"], a.time_s["ssd_read"] + a.time_s["ssd_write"])
     serial = estimate(dataclasses.replace(ALL_NVME, overlap=False, prefetch_depth=0), SHAPE, wl, profile(gpu=True))
     assert serial.step_s == pytest.approx(sum(serial.time_s.values()))
     assert serial.step_s > a.step_s
+
+
+def test_cpu_only_compute_pays_for_the_bytes_the_store_moves():
+    """Without a GPU the store's threads take compute time: the profile's cost per GB moved
+    (checksums included), on the CPU lane; nothing without SSD traffic or where a GPU computes."""
+    wl = Workload(micro_batch=2, seq_len=512)
+    plain = estimate(ALL_NVME, SHAPE, wl, profile(gpu=False))
+    costly = estimate(ALL_NVME, SHAPE, wl, profile(gpu=False, io_compute_s_per_gb=0.25))
+    moved_gb = (costly.link_bytes["ssd_read"] + costly.link_bytes["ssd_write"]) / 1e9
+    assert costly.time_s["io_cpu"] == pytest.approx(0.25 * moved_gb)
+    assert costly.time_s["io_cpu"] > costly.time_s["checksum"] > 0
+    cpu_lane = lambda e: e.time_s["compute"] + e.time_s["recompute"] + e.time_s["cpu_adam"]  # noqa: E731
+    assert costly.step_s >= cpu_lane(costly) + costly.time_s["io_cpu"]
+    assert costly.step_s - plain.step_s == pytest.approx(costly.time_s["io_cpu"] - plain.time_s["checksum"])
+    host = Plan(weights=Tier.HOST, optimizer=Tier.HOST, grads=Tier.HOST, activations=Tier.HOST)
+    assert estimate(host, SHAPE, wl, profile(gpu=False, io_compute_s_per_gb=0.25)).time_s["io_cpu"] == 0
+    assert estimate(ALL_NVME, SHAPE, wl, profile(gpu=True, io_compute_s_per_gb=0.25)).time_s["io_cpu"] == 0
+    serial = estimate(dataclasses.replace(ALL_NVME, overlap=False), SHAPE, wl,
+                      profile(gpu=False, io_compute_s_per_gb=0.25))
+    # serial: every resource once, the checksums counted inside io_cpu only
+    assert serial.step_s == pytest.approx(sum(serial.time_s.values()) - serial.time_s["checksum"])
 
 
 def test_host_placement_moves_no_ssd_bytes_and_faster_ssd_is_never_slower():
