@@ -48,14 +48,14 @@ def run_worker(engine: str, suite: Suite, root: Path, out_dir: Path
     cmd = [sys.executable, "-m", "bench", "worker", "--engine", engine, "--suite", suite.name,
            "--swap", str(swap), "--out", str(result)]
     if engine.startswith("offload-train"):
-        from bench.workers import native_plan
+        from bench.workers import native_plan_dict
         from offload.hostmem import tune_malloc
 
         # the layer probe runs here: with the allocator settings of the engines it predicts
         tune_malloc()
         # planned here, not in the measured worker (the layer probe builds a small model)
         plan_path = out_dir / f"plan-{engine}.json"
-        plan_path.write_text(native_plan(suite, engine == "offload-train", swap).to_json())
+        plan_path.write_text(json.dumps(native_plan_dict(suite, engine == "offload-train", swap), indent=2))
         cmd += ["--trace", str(out_dir / trace_name(engine)), "--plan", str(plan_path)]
     print(f"== {engine}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()

@@ -107,6 +107,19 @@ def run_pytorch(suite: Suite, swap_dir: Path, trace_path: Path | None) -> Engine
 
 
 def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: ANN401 - a Plan
+    """``native_choice``'s plan."""
+    return native_choice(suite, overlap, swap_dir).plan
+
+
+def native_plan_dict(suite: Suite, overlap: bool, swap_dir: Path) -> dict[str, Any]:
+    """``native_choice`` as ``plan.json`` holds it: the plan and, under ``predicted``, the cost
+    model's step time and bottleneck."""
+    choice = native_choice(suite, overlap, swap_dir)
+    return {**choice.plan.to_dict(),
+            "predicted": {"step_s": choice.estimate.step_s, "bottleneck": choice.estimate.bottleneck}}
+
+
+def native_choice(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: ANN401 - a PlanChoice
     """The plan ``offload-train train`` would choose: the planner, with DEVICE + HOST budgets
     summing to ``ram_budget_share`` of the fp32 training state (16 bytes per parameter; one RAM
     pool on a CPU-only machine), this machine's profile and a probe of the layer shape.
@@ -133,7 +146,7 @@ def native_plan(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: AN
     # what `offload-train train` probes with: the run's budget (the probe runs here, in the
     # harness, before any engine starts)
     timing = budget_probe(config, shape, wl, device, probe_budget_bytes(budgets, device))
-    return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing).plan
+    return choose_plan(shape, wl, budgets, profile, overlap=overlap, timing=timing)
 
 
 def run_native(suite: Suite, swap_dir: Path, trace_path: Path | None, overlap: bool = True,
@@ -153,12 +166,13 @@ def run_native(suite: Suite, swap_dir: Path, trace_path: Path | None, overlap: b
     torch.manual_seed(0)
     model = empty_model(llama_config(suite))
     n_params = sum(p.numel() for p in model.parameters())
-    if plan_path is not None:
-        plan = Plan.from_dict(json.loads(plan_path.read_text()))
-    else:
-        plan = native_plan(suite, overlap, swap_dir)
+    saved = json.loads(plan_path.read_text()) if plan_path is not None else native_plan_dict(suite, overlap, swap_dir)
+    plan = Plan.from_dict(saved)
     run = EngineRun(name, n_params, recompute=plan.recompute)
     run.notes.append(f"plan of {name}: {json.dumps(plan.to_dict())}")
+    if "predicted" in saved:
+        p = saved["predicted"]
+        run.notes.append(f"predicted by the cost model for {name}: {p['step_s']:.2f} s/step ({p['bottleneck']})")
     tracer = Tracer(enabled=trace_path is not None)
     adamw = make_adamw("torch", AdamWConfig(betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0))
     settings = TrainSettings(adam_beta1=ADAM_BETAS[0], adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS)

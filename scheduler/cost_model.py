@@ -120,6 +120,14 @@ def ssd_layer_loads(plan: Plan, shape: ModelShape, rules: Placement) -> int:
     return len(forward) + len(backward)
 
 
+def lent_master_layers(shape: ModelShape, wl: Workload, rules: Placement) -> int:
+    """Layers whose update takes the master from the weights loaded for their backward
+    (``Placement.master_from_loads``): no SSD read of their master."""
+    if shape.frozen:  # trainable weights beside a frozen base stay on DEVICE: nothing is loaded
+        return 0
+    return sum(1 for i in range(shape.n_layers) if rules.master_from_loads(i + 1, immediate=not wl.deferred))
+
+
 @dataclass(frozen=True)
 class LayerTiming:
     """Measured on the compute device for this shape and batch (``scheduler.layer_probe``)."""
@@ -189,6 +197,9 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         ("adapter weights", Tier.DEVICE, (L - R) * shape.layer_trainable_numel * w if shape.frozen else 0),
         # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
         ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_trainable_unit_numel * w),
+        # ... and with them the weights loaded for their backward, when the update takes its master there
+        ("layer weights lent to the optimizer", Tier.DEVICE,
+         plan.job_slots * w_layer if lent_master_layers(shape, wl, rules) else 0),
         (f"{_state_name(wl)} master + Adam states", Tier.HOST, wl.optimizer_bytes_per_param * n_host),
         (f"{_state_name(wl)} master + Adam states", Tier.NVME, wl.optimizer_bytes_per_param * (n - n_host)),
         (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if rules.grads_kept else 0),
@@ -302,7 +313,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
 
     ssd_read = ssd_write = h2d = d2h = 0
     Mw = wl.weight_passes(plan)
-    rules = wl.placement(plan, shape)
+    rules = wl.placement(plan, shape, on_gpu=gpu)
     # ---- layer weights: per pass, S loads in forward and S - K in backward (the turn layers
     # stay; without recompute backward re-fetches the weights its saved tensors refer to); from
     # the SSD unless they are master weights the plan keeps in RAM (``ssd_layer_loads``)
@@ -316,7 +327,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
     # step, 3 o bytes each way (those not kept in RAM)
     ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
-    ssd_read += ssd_state
+    ssd_read += ssd_state - lent_master_layers(shape, wl, rules) * shape.layer_numel * wl.state_itemsize
     ssd_write += ssd_state
     # ---- gradients: D2H once per pass (compute dtype); kept ones are written
     # (Mw - 1 + deferred) times and read as often, o bytes per parameter each

@@ -10,7 +10,8 @@ runs; hooks on each decoder layer do the streaming:
       loss.backward()  (final norm + LM head); G.unit_done(post)
       for i = L-1..0:  W.acquire(layer i); W.prefetch(previous layers); x, out = A.replay(i)
                        A.read_ahead(i - 1); backward(out, grad); A.release(i)
-                       G.unit_done(layer i); W.release(layer i)
+                       G.unit_done(layer i, with W.lend(layer i) where the update takes the
+                       master from these loaded weights); W.release(layer i)
       embedding backward; G.unit_done(pre)
     P.finish(): immediate updates are already running; deferred ones start now
 
@@ -376,7 +377,9 @@ class StreamingExecutor(StateExport):
         return x.grad
 
     def _unit_done(self, unit_index: int, last: bool) -> None:
-        self.handoff.unit_done(self.units[unit_index], last, self.policy.next_step, self._lr, self.policy.loss_scale)
+        lend = self.placement.master_from_loads(unit_index, self.handoff.immediate(last))
+        self.handoff.unit_done(self.units[unit_index], last, self.policy.next_step, self._lr, self.policy.loss_scale,
+                               master=self.weights.lend(unit_index) if lend else None)
 
     def _drop_forward_state(self) -> None:
         """Forget the forwards of a step (non-finite loss, or an error): every byte they hold is

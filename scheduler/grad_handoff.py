@@ -75,12 +75,25 @@ class GradHandoff:
         for name, g in grads.items():
             self.params[name].grad = g
 
-    def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float) -> None:
+    def immediate(self, last: bool) -> bool:
+        """The job of a unit's backward updates it at once (the step's last micro-batch, updates
+        not deferred)."""
+        return last and not self.deferred
+
+    def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float,
+                  master: tuple[torch.Tensor, int] | None = None) -> None:
         """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
         gradient (accumulating, or deferred updates), or update now (the step's last micro-batch
-        in immediate mode). ``step``: the optimizer step being taken. A unit with nothing
-        trainable (frozen) has no job."""
-        self.worker.raise_error()
+        in immediate mode). ``step``: the optimizer step being taken; ``master``: the unit's
+        master weights as loaded for this backward and the DEVICE bytes they hold
+        (``WeightStreamer.lend``: the job frees them). A unit with nothing trainable (frozen)
+        has no job."""
+        try:
+            self.worker.raise_error()
+        except BaseException:
+            if master is not None:
+                self.acct.free(Tier.DEVICE, master[1])  # no job will take them
+            raise
         if u.numel == 0:
             return
         fresh: list[torch.Tensor | None] = []
@@ -94,14 +107,15 @@ class GradHandoff:
         while self._pending and (len(self._pending) >= self.job_slots or not self.acct.fits(Tier.DEVICE, grad_bytes)):
             self._pending.popleft().result()  # sync point: the oldest job has taken its gradients
         self.acct.alloc(Tier.DEVICE, grad_bytes, f"gradients of {u.name}")
-        immediate = last and not self.deferred
+        immediate = self.immediate(last)
         seen = [g is not None for g in fresh]
         previous = self._seen[u.index]
         if self._stored[u.index] and previous is not None:
             seen = [a or b for a, b in zip(seen, previous, strict=True)]
         self._seen[u.index] = seen
         job = Job(u, fresh, grad_bytes, add_stored=self._stored[u.index], update=immediate,
-                  norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen))
+                  norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen),
+                  master=master[0] if master else None, master_bytes=master[1] if master else 0)
         self._stored[u.index] = not immediate
         updated = self.worker.submit(job)
         self.clock.set(u.index, updated)

@@ -6,6 +6,8 @@ state is shared with the main thread but the job itself and the unit's state in 
 
 Per chunk of a unit, over one staging set (rows named by ``placement.STAGING_ROWS``):
     gather   grad = fresh gradients (copied D2H and cast to the state dtype) [+ the kept gradient]
+             (an update reads master, exp_avg, exp_avg_sq; the master is copied instead from the
+             weights loaded for backward when the job carries them: ``Job.master``)
     keep     (accumulating, or a deferred update's first pass) unscale, record the norm part,
              store the gradient in the grads tier
     update   AdamW on master, exp_avg, exp_avg_sq; write them back; publish the new compute
@@ -57,6 +59,8 @@ class Job:
     loss_scale: float = 1.0  # fp16: the loss was multiplied by this
     coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
     seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
+    master: torch.Tensor | None = None  # the unit's master as loaded for its backward (lent: no SSD read)
+    master_bytes: int = 0  # DEVICE bytes of ``master``, released once its last chunk is copied
 
     @property
     def fresh_any(self) -> bool:
@@ -91,6 +95,7 @@ class OptimizerWorker:
         self._pool: ThreadPoolExecutor | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
+        self._lent = 0  # DEVICE bytes of the running job's lent master not yet freed (worker thread)
 
     def start(self) -> None:
         staging_bytes = self.state.placement.staging_bytes(self._width)
@@ -137,6 +142,7 @@ class OptimizerWorker:
         slot = self._arena.acquire(STAGING_SETS * len(STAGING_ROWS) * itemsize(self.settings.state_dtype) * width)
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         parts: NormParts = []
+        self._lent = job.master_bytes
         try:
             rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
@@ -158,7 +164,8 @@ class OptimizerWorker:
         finally:
             wait(issued)  # also on errors: no read may land in a slot another job owns
             self._arena.release(slot)
-            self.acct.free(Tier.DEVICE, job.grad_bytes)
+            self.acct.free(Tier.DEVICE, job.grad_bytes + self._lent)
+            self._lent = 0
         return parts
 
     def _issue_reads(self, job: Job, c: int, staging: _Staging) -> tuple[AdamRows | None, list[Future[Any]]]:
@@ -171,7 +178,10 @@ class OptimizerWorker:
         if not job.update:
             return None, futs
         rows, adam_reads = self.state.adam_rows(job.unit, c, AdamRows(
-            staging.master[:n], staging.exp_avg[:n], staging.exp_avg_sq[:n]))
+            staging.master[:n], staging.exp_avg[:n], staging.exp_avg_sq[:n]), master_from=job.master)
+        if job.master is not None and c == len(self.state.chunks[job.unit.index]) - 1:
+            self.acct.free(Tier.DEVICE, self._lent)  # every chunk of the lent master is copied
+            self._lent = 0
         return rows, futs + adam_reads
 
     def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
@@ -221,7 +231,7 @@ class OptimizerWorker:
         u = job.unit
         if job.coef is not None:
             grad.mul_(job.coef)
-        if not self.settings.deferred and not bool(torch.isfinite(grad).all()):
+        if not self.settings.deferred and not all_finite(grad):
             raise NonFiniteError(
                 f"non-finite gradients in {u.name} at optimizer step {job.step}: the loss was finite, "
                 f"so some weights may already be updated; resume from the last checkpoint with a "
@@ -268,6 +278,13 @@ def updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int,
         else:
             runs.append((lo, hi, decays[k]))
     return runs
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite. A finite sum proves it (NaN and inf propagate
+    through a sum) in one pass; only a non-finite sum (non-finite elements, or finite ones whose
+    sum overflows) is checked element by element (``isfinite().all()``: five passes on a CPU)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _wait_all(futures: list[Future[Any]]) -> None:

@@ -118,6 +118,16 @@ class Placement:
         """On a CPU device, HOST-home weights are used in place: no copy, no DEVICE bytes."""
         return self.plan.weights == Tier.HOST and not self.on_gpu
 
+    def master_from_loads(self, unit_index: int, immediate: bool) -> bool:
+        """A unit's update takes its master from the weights loaded for its backward (no SSD read
+        of it): with ``plan.master_from_loads``, on a CPU device (the loaded buffer is host
+        memory), for a streamed layer whose weights are its master and whose state is on the
+        SSD, when the update follows the backward at once (``immediate``: the step's last
+        micro-batch, no deferred update: the buffer is still the master of this step)."""
+        return (self.plan.master_from_loads and immediate and not self.on_gpu and self.weights_are_master
+                and self.plan.weights == Tier.NVME and not self.resident(unit_index)
+                and self.optimizer_tier(unit_index) == Tier.NVME)
+
     def kept_over_turn(self, i: int) -> bool:
         """Decoder layer i stays on DEVICE from its forward into backward (needed first there)."""
         return i >= self.n_layers - self.plan.turn_keep

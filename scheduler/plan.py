@@ -54,6 +54,12 @@ class Plan:
     recompute_layers - 1 keep only their input (in memory) and are recomputed in backward; the
     others swap their saved activations as above. Trades SSD traffic for compute, layer by layer,
     so a slow or busy disk does not force a switch between the two whole modes."""
+    master_from_loads: bool = False
+    """On a CPU device, with weights that are the master weights on the SSD and immediate updates
+    (``Placement.master_from_loads``): each streamed layer's update takes its master from the
+    weights just loaded for its backward instead of reading it from the SSD again (4 B per
+    parameter per step less read); the buffer waits for the optimizer (DEVICE memory of up to
+    ``job_slots`` layers more)."""
     overlap: bool = True
     """False: synchronous reference mode, same math, no prefetch and no concurrent optimizer."""
     device_budget_bytes: int = 1 << 62
@@ -106,8 +112,9 @@ class Plan:
     def __str__(self) -> str:
         rows = [
             ("layer weights", self.weights.value),
-            ("master + Adam states", self.optimizer.value if not self.optimizer_host_units or self.optimizer == Tier.HOST
-             else f"host for the first {self.optimizer_host_units} units, then nvme"),
+            ("master + Adam states", (self.optimizer.value if not self.optimizer_host_units or self.optimizer == Tier.HOST
+             else f"host for the first {self.optimizer_host_units} units, then nvme")
+             + ("; layers' master taken from their backward's load" if self.master_from_loads else "")),
             ("gradients", self.grads.value),
             ("activations", f"{self.activations.value} (checkpoints, recompute)" if self.recompute
              else f"{self.activations.value} (saved activations, no recompute"

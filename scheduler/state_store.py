@@ -168,13 +168,20 @@ class StateStore:
         return self._host[u.index][kind]
 
     # ---------------------------------------------------------------- chunks (optimizer worker)
-    def adam_rows(self, u: Unit, c: int, staging: AdamRows) -> tuple[AdamRows, list[Future[Any]]]:
-        """Chunk c's AdamW state: HOST views (updated in place), or ``staging`` with its reads issued."""
+    def adam_rows(self, u: Unit, c: int, staging: AdamRows,
+                  master_from: torch.Tensor | None = None) -> tuple[AdamRows, list[Future[Any]]]:
+        """Chunk c's AdamW state: HOST views (updated in place), or ``staging`` with its reads
+        issued; ``master_from``: the unit's whole master, already in memory (the weights loaded
+        for its backward): chunk c is copied from it, not read."""
         a, b = self.chunks[u.index][c]
         host = self._host[u.index]
         if "master" in host:
             return AdamRows(*(host[kind][a:b] for kind in STATE_KINDS)), []
-        futs = [self.store.read(extent_name(u, kind, c), getattr(staging, kind)) for kind in STATE_KINDS]
+        kinds = STATE_KINDS
+        if master_from is not None:
+            staging.master.copy_(master_from[a:b])
+            kinds = tuple(k for k in STATE_KINDS if k != "master")
+        futs = [self.store.read(extent_name(u, kind, c), getattr(staging, kind)) for kind in kinds]
         return staging, futs
 
     def write_adam(self, u: Unit, c: int, rows: AdamRows) -> list[Future[None]]:

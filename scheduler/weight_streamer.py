@@ -136,6 +136,17 @@ class WeightStreamer:
                 self.acct.free(Tier.DEVICE, part.flat.numel() * part.flat.element_size())
             part.flat = None
 
+    def lend(self, unit_index: int) -> tuple[torch.Tensor, int] | None:
+        """A unit's streamed trainable buffer, loaded and holding its master weights, handed to
+        the optimizer (``Placement.master_from_loads``) instead of released: (buffer, DEVICE
+        bytes the borrower frees); None if the unit has no such buffer on DEVICE."""
+        part = self._parts[unit_index][0] if self._parts[unit_index] else None
+        if part is None or part.resident or part.kind != "master" or part.flat is None or self.placement.aliases_home:
+            return None
+        flat, part.flat = part.flat, None
+        self._unbind(part)
+        return flat, flat.numel() * flat.element_size()
+
     def release_layers(self) -> None:
         for u in self.state.map.layer_units:
             self.release(u.index)

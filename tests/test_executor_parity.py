@@ -135,6 +135,14 @@ PLANS = {
                                         optimizer_host_units=2, turn_keep=1),
     "deep-prefetch": Plan(weights=Tier.NVME, optimizer=Tier.HOST, grads=Tier.NVME,
                           activations=Tier.NVME, prefetch_depth=3, turn_keep=2, job_slots=3),
+    # updates take the master from the weights loaded for backward (several chunks per unit)
+    "master-from-loads": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
+                              master_from_loads=True, chunk_numel=4096),
+    "master-from-loads-swapped": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
+                                      activations=Tier.NVME, recompute=False, master_from_loads=True, turn_keep=1,
+                                      optimizer_host_units=2, job_slots=1),
+    "master-from-loads-reference": Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
+                                        activations=Tier.NVME, master_from_loads=True, overlap=False),
 }
 
 
@@ -391,3 +399,17 @@ def test_other_families_match_pytorch(family, tmp_path):
     losses, w, _ = train_engine(model, batches, ALL_NVME, tmp_path, 1.0)
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     assert max_diff(w, ref_w) <= 1e-5
+
+
+def test_the_finiteness_check_is_exact():
+    """The optimizer's gradient check takes a sum first: NaN, inf and inf - inf are caught, and a
+    sum that overflows from finite elements is not taken for a non-finite gradient."""
+    from scheduler.optimizer_worker import all_finite
+
+    assert all_finite(torch.randn(10_000))
+    assert all_finite(torch.full((8,), 3e38))  # sum overflows to inf; every element is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = torch.randn(10_000)
+        g[1234] = bad
+        assert not all_finite(g)
+    assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # sums to NaN

@@ -7,6 +7,7 @@ and budgets), and the cost model's byte and memory equations must match what the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -211,6 +212,10 @@ PLANS = {
                                                          layer_major=True),
     "layer-major-no-recompute": dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE,
                                                     layer_major=True),
+    # updates take the master from the weights loaded for backward (immediate updates only)
+    "master-from-loads": dataclasses.replace(ALL_NVME, master_from_loads=True, turn_keep=1),
+    "master-from-loads-layer-major-resident": dataclasses.replace(ALL_NVME, master_from_loads=True, layer_major=True,
+                                                                  resident_layers=(0,), optimizer_host_units=3),
 }
 
 
@@ -226,6 +231,30 @@ def test_predicted_ssd_bytes_equal_the_executors(tmp_path, plan_name, ga, clip):
     assert after["io_read_bytes"] - before["io_read_bytes"] == est.link_bytes["ssd_read"]
     assert after["io_write_bytes"] - before["io_write_bytes"] == est.link_bytes["ssd_write"]
     assert nvme_bytes <= est.memory.nvme_bytes
+
+
+@pytest.mark.parametrize("ga", [1, 3])
+def test_updates_taking_the_master_from_loaded_weights_read_a_master_less(tmp_path, ga):
+    """``master_from_loads``: per step, the SSD reads fall by exactly every streamed layer's
+    master (fp32), the writes stay, and the accounted DEVICE peak stays within the prediction
+    (the lent weights wait for the optimizer)."""
+    model, cfg = _tiny_llama()
+    shape = shape_from_model(model, cfg)
+    wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga)
+    plain = dataclasses.replace(ALL_NVME, chunk_numel=8192, resident_layers=(0,))
+    lent = dataclasses.replace(plain, master_from_loads=True)
+    reads, writes = {}, {}
+    for name, plan in (("plain", plain), ("lent", lent)):
+        before, after, _ = _run_two_steps(tmp_path / name, copy.deepcopy(model), plan, ga, 0.0)
+        reads[name] = after["io_read_bytes"] - before["io_read_bytes"]
+        writes[name] = after["io_write_bytes"] - before["io_write_bytes"]
+        assert after["peak_device_bytes"] <= estimate(plan, shape, wl, profile(gpu=False)).memory.device_bytes
+    streamed = shape.n_layers - 1  # layer 0 is resident: its weights are not loaded
+    assert reads["plain"] - reads["lent"] == streamed * shape.layer_numel * 4
+    assert writes["plain"] == writes["lent"]
+    # on a GPU the loaded weights are device memory: the rule does not apply, nothing is predicted
+    gpu_est = estimate(lent, shape, wl, profile(gpu=True))
+    assert gpu_est.link_bytes["ssd_read"] == estimate(plain, shape, wl, profile(gpu=True)).link_bytes["ssd_read"]
 
 
 @pytest.mark.parametrize("ga, clip, layer_major, recompute_layers", [
