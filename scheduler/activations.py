@@ -37,7 +37,14 @@ from offload.io.posix import aligned_empty
 from offload.store import TensorSpec
 from offload.tiers import Accountant, Tier
 from scheduler import placement as placement_rules
-from scheduler.placement import Placement, is_swapped_activation, layer_kept_storages
+from scheduler.placement import (
+    Placement,
+    SavedOnce,
+    contiguous_strides,
+    dense_strides,
+    is_swapped_activation,
+    layer_kept_storages,
+)
 from scheduler.router_loss import RouterLogits
 from scheduler.settings import itemsize
 from scheduler.weight_streamer import WeightStreamer, WeightToken
@@ -62,22 +69,32 @@ class _LayerCall:
     saved: Any = None  # kept graph: the saved_tensors_hooks context while the layer runs
     saved_bytes: int = 0  # DEVICE bytes of saved activations kept in memory
     swapped: list[_SwappedTensor] = field(default_factory=list)  # saved activations on NVME
+    swapped_once: SavedOnce = field(default_factory=SavedOnce)  # ... by memory, while the forward runs
     kept_storage: set[int] = field(default_factory=set)  # never swapped (``layer_kept_storages``)
     thread: int = 0  # the thread whose saved_tensors_hooks stack holds ``saved`` (thread-local)
 
 
 @dataclass
 class _SwappedTensor:
-    """A saved activation swapped through the SSD."""
+    """The memory of saved activations swapped through the SSD (one or more saves: ``_SwappedView``)."""
 
     name: str  # store extent
-    shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
     buf: torch.Tensor | None = None  # host copy: from saving until the next layer's forward
     # ends (its write done), and from reading back until its layer's backward ends
     write: Future[None] | None = None
     read: Future[Any] | None = None
+
+
+@dataclass(frozen=True)
+class _SwappedView:
+    """What autograd keeps for one save: the swapped memory, and the tensor's shape and strides
+    over it (its own when it is dense, contiguous ones if it had gaps)."""
+
+    swapped: _SwappedTensor
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
 
 
 class _LayerCalls:
@@ -226,6 +243,7 @@ class SavedTensors(_LayerCalls):
         call = self.calls[(m, i)]
         call.saved.__exit__(None, None, None)
         call.saved = None
+        call.swapped_once.clear()  # the saved tensors themselves may go now
         call.output = output[0] if isinstance(output, tuple) else output
         if call.swapped:
             self._swap_out(call)
@@ -277,6 +295,7 @@ class SavedTensors(_LayerCalls):
             t.read = None
         self._drop_buffers(call)
         call.swapped.clear()
+        call.swapped_once.clear()
         self.acct.free(Tier.DEVICE, call.saved_bytes)
         call.saved_bytes = 0
 
@@ -291,14 +310,19 @@ class SavedTensors(_LayerCalls):
         call = self.calls[(m, i)]
         if (self.placement.swaps_activations(i)
                 and is_swapped_activation(t, call.kept_storage, placement_rules.SWAP_MIN_BYTES)):
-            # A copy in a page-aligned buffer (O_DIRECT, no bounce); autograd drops ``t``.
-            # Sync point on a GPU: the D2H copy blocks this thread.
-            buf = self._buffer(nbytes, f"saved activations of layer {i} (swapped)")
-            buf.view(t.dtype).view(t.shape).copy_(t)
-            swapped = _SwappedTensor(activation_extent(i, m, f"{len(call.swapped)}.{nbytes}"), tuple(t.shape),
-                                     t.dtype, nbytes, buf)
-            call.swapped.append(swapped)
-            return swapped
+            stride = tuple(t.stride()) if dense_strides(t) else contiguous_strides(t.shape)
+            swapped = call.swapped_once.get(t)
+            if swapped is None:  # else saved before (by another node, or as another view): one copy
+                # A copy in a page-aligned buffer (O_DIRECT, no bounce), with the tensor's own
+                # strides where it has no gaps; autograd drops ``t`` (``swapped_once`` holds it
+                # until the forward ends). Sync point on a GPU: the D2H copy blocks this thread.
+                buf = self._buffer(nbytes, f"saved activations of layer {i} (swapped)")
+                buf.view(t.dtype).as_strided(t.shape, stride).copy_(t)
+                swapped = _SwappedTensor(activation_extent(i, m, f"{len(call.swapped)}.{nbytes}"), t.dtype,
+                                         nbytes, buf)
+                call.swapped.append(swapped)
+                call.swapped_once.add(t, swapped)
+            return _SwappedView(swapped, tuple(t.shape), stride)
         self.acct.alloc(Tier.DEVICE, nbytes, f"saved activations of layer {i}")
         call.saved_bytes += nbytes
         return t
@@ -306,14 +330,15 @@ class SavedTensors(_LayerCalls):
     def _unpack(self, packed: Any) -> torch.Tensor:
         if isinstance(packed, WeightToken):
             return self.weights.view(packed)
-        if not isinstance(packed, _SwappedTensor):
+        if not isinstance(packed, _SwappedView):
             return packed
-        assert packed.read is not None or packed.buf is not None, "activations must be swapped in first"
-        if packed.read is not None:
-            packed.read.result()  # sync point: the read of this activation has landed
-        assert packed.buf is not None
-        x = packed.buf.view(packed.dtype).view(packed.shape)
-        return x if self.device.type == "cpu" else x.to(self.device)
+        swapped = packed.swapped
+        assert swapped.read is not None or swapped.buf is not None, "activations must be swapped in first"
+        if swapped.read is not None:
+            swapped.read.result()  # sync point: the read of this activation has landed
+        assert swapped.buf is not None
+        x = swapped.buf.view(swapped.dtype).as_strided(packed.shape, packed.stride)
+        return x if self.device.type == "cpu" else x.to(self.device)  # (dense: strides preserved)
 
     # ---------------------------------------------------------------- swap buffers and I/O
     def _buffer(self, nbytes: int, what: str) -> torch.Tensor:

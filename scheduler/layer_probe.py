@@ -36,8 +36,9 @@ from scheduler.model_shape import ModelShape
 from scheduler.profile import CACHE_DIR
 
 REPEATS = 4
-PROBE_FORMAT = 4  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables);
-# 4: median of interleaved one- and two-layer rounds on one model (3: minimum, two models)
+PROBE_FORMAT = 5  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables);
+# 4: median of interleaved one- and two-layer rounds on one model (3: minimum, two models);
+# 5: a tensor saved by several nodes of a layer counted once (the executor swaps it once)
 
 
 T = TypeVar("T")
@@ -249,10 +250,11 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
     swaps when activations go through the SSD. Counted while a layer runs, as the executor packs
     them (the tensors passed to it are alive then: their addresses identify them)."""
     from scheduler.model_map import build_model_map, check_layer_arguments
-    from scheduler.placement import is_swapped_activation, layer_kept_storages
+    from scheduler.placement import SavedOnce, is_swapped_activation, layer_kept_storages
 
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     passed: set[int] | None = None  # inside a layer: the storages of what it was given
+    once = SavedOnce()  # inside a layer: a tensor saved by several nodes counts once, as swapped
     total = 0
 
     def enter(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -263,10 +265,13 @@ def _saved_bytes(model: Any, ids: torch.Tensor) -> int:
     def leave(*_: Any) -> None:
         nonlocal passed
         passed = None
+        once.clear()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
-        if passed is not None and is_swapped_activation(t, passed, min_bytes=0):  # the executor's rule, all sizes
+        if (passed is not None and is_swapped_activation(t, passed, min_bytes=0)  # the executor's rule, all sizes
+                and once.get(t) is None):
+            once.add(t, True)
             total += t.numel() * t.element_size()
         # Detached: a node that saves its own output would otherwise hold itself through the
         # hook's return value, a cycle inside autograd that keeps the whole graph (logits

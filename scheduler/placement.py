@@ -66,6 +66,61 @@ def is_swapped_activation(t: torch.Tensor, kept: set[int], min_bytes: int = SWAP
     return t.numel() * t.element_size() >= min_bytes and t.untyped_storage().data_ptr() not in kept
 
 
+class SavedOnce:
+    """The swapped saves of one layer call, by the memory they cover: a tensor saved by several
+    autograd nodes (a layer's normed input, read by its q, k and v projections), or saved again
+    as another view of the same bytes (reshaped, transposed), is copied and swapped once. Two
+    saves share a copy when both are dense over one span of memory (same address, same bytes,
+    same dtype) at one version (no in-place change between them). The tensors saved are held
+    until the layer's forward ends (``clear``), so no address is reused meanwhile; tensors with
+    gaps never share."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, ...], tuple[torch.Tensor, Any]] = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple[Any, ...] | None:
+        if not dense_strides(t):
+            return None
+        return (t.data_ptr(), t.numel(), t.dtype, t._version)
+
+    def get(self, t: torch.Tensor) -> Any:
+        """What ``add`` recorded for an earlier save of the same memory, or None."""
+        key = self._key(t)
+        hit = self._seen.get(key) if key is not None else None
+        return hit[1] if hit is not None else None
+
+    def add(self, t: torch.Tensor, packed: Any) -> None:
+        key = self._key(t)
+        if key is not None:
+            self._seen[key] = (t, packed)
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+def dense_strides(t: torch.Tensor) -> bool:
+    """``t`` covers its memory without gaps or overlaps in some order of its dimensions (a
+    contiguous tensor, or a transposed or permuted one): a buffer of ``numel`` elements holds
+    it with the same strides."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def contiguous_strides(shape: Iterable[int]) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides: list[int] = []
+    step = 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 @dataclass(frozen=True)
 class Placement:
     """The placement rules of one run: a plan, the model's depth and the precision."""
