@@ -439,7 +439,7 @@ class StreamingExecutor(StateExport):
         """Wait for every pending optimizer job (sync point)."""
         if self.map is None or not self._parts:
             return
-        self.handoff.forget_pending()
+        self.handoff.wait_all()
         self.clock.wait_all()
         self.worker.raise_error()
 

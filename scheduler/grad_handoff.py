@@ -14,6 +14,7 @@ Thread: the main thread only. Sync points: waits on the oldest pending job (``ma
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from concurrent.futures import Future
 
@@ -23,6 +24,7 @@ from torch import nn
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import Unit
 from scheduler.optimizer_worker import Job, OptimizerWorker
+from scheduler.state_store import done
 from scheduler.unit_clock import NormParts, UnitClock
 
 
@@ -38,6 +40,10 @@ class GradHandoff:
         self.job_slots = job_slots
         self.deferred = deferred
         self._pending: deque[Future[NormParts]] = deque()  # jobs whose gradients hold DEVICE memory
+        # per unit: its newest job that keeps a gradient ("gradients stored"; its result: the norm
+        # parts before a deferred update). Update jobs go to the UnitClock ("weights ready")
+        # instead: a forward waits for updates only, never for gradients being stored.
+        self._kept: list[Future[NormParts]] = [done([]) for _ in units]
         self._stored = [False] * len(units)  # a gradient of this step is kept in the grads tier
         self._seen: list[list[bool] | None] = [None] * len(units)  # per parameter: had a gradient this step
         self.sum_dtype = sum_dtype  # layer-major sums: the state dtype (the worker's accumulation dtype)
@@ -117,9 +123,12 @@ class GradHandoff:
                   norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen),
                   master=master[0] if master else None, master_bytes=master[1] if master else 0)
         self._stored[u.index] = not immediate
-        updated = self.worker.submit(job)
-        self.clock.set(u.index, updated)
-        self._pending.append(updated)
+        fut = self.worker.submit(job)
+        if immediate:
+            self.clock.set(u.index, fut)
+        else:
+            self._kept[u.index] = fut
+        self._pending.append(fut)
 
     def make_room(self, nbytes: int) -> None:
         """Wait for pending jobs (oldest first) until DEVICE has ``nbytes`` free or none is left."""
@@ -135,7 +144,7 @@ class GradHandoff:
     def norm_parts(self) -> NormParts:
         """After ``drain``: the kept gradients' norm parts, in unit then chunk order (one order
         for every plan, so the global norm is bitwise the same)."""
-        return [part for u in self.units for part in self.clock.wait(u.index)]
+        return [part for u in self.units for part in self._kept[u.index].result()]
 
     def submit_updates(self, step: int, lr: float, coef: torch.Tensor | None) -> None:
         """Deferred mode: update every unit from its kept gradient, in forward order (the next
@@ -153,6 +162,10 @@ class GradHandoff:
         self.drain()
         self._stored = [False] * len(self.units)
 
-    def forget_pending(self) -> None:
-        """``synchronize``: the UnitClock waits for everything; nothing pending stays counted."""
+    def wait_all(self) -> None:
+        """``synchronize``: wait for every job that keeps a gradient (the UnitClock waits for the
+        updates); errors are the worker's to report; nothing pending stays counted."""
+        for fut in self._kept:
+            with contextlib.suppress(BaseException):
+                fut.result()
         self._pending.clear()

@@ -1,9 +1,11 @@
 """UnitClock: the one handshake between the optimizer and the weights.
 
-Each unit has one ``updated`` future: the last optimizer job submitted for it (its result is the
-job's gradient-norm parts). The main thread sets it when it submits a job (GradHandoff,
-UpdatePolicy); the loader thread and the main thread wait on it before they read or bind the
-unit's weights, so a forward never sees weights older than the last update. Sync point: ``wait``.
+Each unit has one ``updated`` future ("weights ready"): the last optimizer job submitted for it
+that updates its weights. The main thread sets it when it submits an update (GradHandoff); the
+loader thread and the main thread wait on it before they read or bind the unit's weights, so a
+forward never sees weights older than the last update. Jobs that only keep a gradient
+("gradients stored") are not on the clock (``GradHandoff``): the next micro-batch's forward does
+not wait for them. Sync point: ``wait``.
 """
 
 from __future__ import annotations

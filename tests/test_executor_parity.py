@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -413,3 +414,41 @@ def test_the_finiteness_check_is_exact():
         g[1234] = bad
         assert not all_finite(g)
     assert not all_finite(torch.tensor([float("inf"), -float("inf")]))  # sums to NaN
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_the_next_micro_batch_does_not_wait_for_gradients_being_stored(tmp_path, monkeypatch, clip):
+    """Micro-batch by micro-batch: the jobs that store micro-batch 0's gradients may still run
+    when micro-batch 1's forward starts (only updates hold a forward back). Here they cannot
+    finish before it starts: each waits until layer 0 runs micro-batch 1 (at most 5 s)."""
+    from scheduler.state_store import StateStore
+
+    second_forward = threading.Event()
+    waited_in_vain = []
+    write_grad = StateStore.write_grad
+
+    def held_write_grad(self, u, c, grad):  # noqa: ANN001, ANN202 - the optimizer worker's call
+        if not second_forward.wait(5):
+            waited_in_vain.append(u.name)
+        return write_grad(self, u, c, grad)
+
+    monkeypatch.setattr(StateStore, "write_grad", held_write_grad)
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    calls = []
+
+    def count_forwards(*_: object) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            second_forward.set()
+
+    # inside layer 0, after the executor's own hook has made its weights usable
+    model.model.layers[0].input_layernorm.register_forward_pre_hook(count_forwards)
+    batches = make_batches(1, 2)
+    # no recompute (layer 0 runs once per micro-batch); every kept gradient may wait for the worker
+    plan = dataclasses.replace(ALL_NVME, recompute=False, activations=Tier.DEVICE, job_slots=8)
+    ref_losses, ref_w = train_reference(ref_model, batches, clip)
+    losses, w, _ = train_engine(model, batches, plan, tmp_path, clip)
+    assert waited_in_vain == []
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
+    assert max_diff(w, ref_w) <= 1e-5
