@@ -8,6 +8,7 @@ RAM (pinned where CUDA exists). NVME is files on an SSD (``offload.store``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -34,12 +35,21 @@ class Accountant:
 
     ``alloc`` raises ``BudgetError`` when a tier would go over its budget; ``peak_bytes`` keeps the
     high-water mark per tier (what the metrics report).
+
+    Cached bytes: buffers no longer in use, kept for reuse (``cache``; a later ``uncache`` takes
+    them back into use, or gives them up). They count toward no budget check, but memory in use
+    and cached together never exceed a budget: an ``alloc`` that would go past it first has the
+    ``reclaim`` callback give up cached buffers (called outside the lock, from the allocating
+    thread).
     """
 
     budgets: dict[Tier, int]
     used_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
     peak_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
+    cached_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
     links: LinkCounters = field(default_factory=LinkCounters)
+    reclaim: Callable[[Tier, int], None] | None = None
+    """Give up cached buffers of a tier until at least this many bytes are freed (or none is left)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def fits(self, tier: Tier, nbytes: int) -> bool:
@@ -50,17 +60,41 @@ class Accountant:
         with self._lock:
             budget = self.budgets.get(tier, 1 << 62)
             if self.used_bytes[tier] + nbytes > budget:
-                raise BudgetError(
-                    f"{what} ({format_bytes(nbytes)}) does not fit the {tier.value} budget of "
-                    f"{format_bytes(budget)} ({format_bytes(self.used_bytes[tier])} in use); "
-                    f"raise the {tier.value} memory limit or lower the prefetch depth"
-                )
+                raise self._over_budget(tier, nbytes, what)
+            over = self.used_bytes[tier] + self.cached_bytes[tier] + nbytes - budget
             self.used_bytes[tier] += nbytes
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.used_bytes[tier])
+        if over > 0 and self.reclaim is not None:
+            self.reclaim(tier, over)  # outside the lock: the callback calls ``uncache``
 
     def free(self, tier: Tier, nbytes: int) -> None:
         with self._lock:
             self.used_bytes[tier] -= nbytes
+
+    def cache(self, tier: Tier, nbytes: int) -> None:
+        """Bytes in use become cached (kept for reuse)."""
+        with self._lock:
+            self.used_bytes[tier] -= nbytes
+            self.cached_bytes[tier] += nbytes
+
+    def uncache(self, tier: Tier, nbytes: int, reuse: bool, what: str = "a cached buffer") -> None:
+        """Cached bytes are taken back into use (``reuse``: counted, and checked, as ``alloc``
+        would) or given up."""
+        with self._lock:
+            self.cached_bytes[tier] -= nbytes
+            if reuse:
+                budget = self.budgets.get(tier, 1 << 62)
+                if self.used_bytes[tier] + nbytes > budget:
+                    self.cached_bytes[tier] += nbytes
+                    raise self._over_budget(tier, nbytes, what)
+                self.used_bytes[tier] += nbytes
+                self.peak_bytes[tier] = max(self.peak_bytes[tier], self.used_bytes[tier])
+
+    def _over_budget(self, tier: Tier, nbytes: int, what: str) -> BudgetError:
+        budget = self.budgets.get(tier, 1 << 62)
+        return BudgetError(f"{what} ({format_bytes(nbytes)}) does not fit the {tier.value} budget of "
+                           f"{format_bytes(budget)} ({format_bytes(self.used_bytes[tier])} in use); "
+                           f"raise the {tier.value} memory limit or lower the prefetch depth")
 
     def count(self, link: str, nbytes: int) -> None:
         with self._lock:

@@ -161,7 +161,8 @@ class StreamingExecutor(StateExport):
         params = replace_parameters(self.model, m, s.compute_dtype, self.device)
         self.weights = WeightStreamer(self.state, self.clock, params, self.acct, self.device, self.tracer,
                                       make_room=lambda nbytes: self.handoff.make_room(nbytes))
-        self.worker = OptimizerWorker(self.state, self.adamw, s, self.acct, self.tracer, self.weights.publish)
+        self.worker = OptimizerWorker(self.state, self.adamw, s, self.acct, self.tracer, self.weights.publish,
+                                      self.weights.recycle)
         self.handoff = GradHandoff(m.units, params, self.worker, self.clock, self.acct, self.plan.job_slots, s.deferred,
                                    s.state_dtype)
         for part in (self.worker, self.weights):

@@ -87,18 +87,17 @@ class GradHandoff:
         return last and not self.deferred
 
     def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float,
-                  master: tuple[torch.Tensor, int] | None = None) -> None:
+                  master: torch.Tensor | None = None) -> None:
         """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
         gradient (accumulating, or deferred updates), or update now (the step's last micro-batch
         in immediate mode). ``step``: the optimizer step being taken; ``master``: the unit's
-        master weights as loaded for this backward and the DEVICE bytes they hold
-        (``WeightStreamer.lend``: the job frees them). A unit with nothing trainable (frozen)
-        has no job."""
+        master weights as loaded for this backward (``WeightStreamer.lend``: the job gives the
+        buffer back). A unit with nothing trainable (frozen) has no job."""
         try:
             self.worker.raise_error()
         except BaseException:
             if master is not None:
-                self.acct.free(Tier.DEVICE, master[1])  # no job will take them
+                self.acct.free(Tier.DEVICE, master.numel() * master.element_size())  # no job will take it
             raise
         if u.numel == 0:
             return
@@ -121,7 +120,7 @@ class GradHandoff:
         self._seen[u.index] = seen
         job = Job(u, fresh, grad_bytes, add_stored=self._stored[u.index], update=immediate,
                   norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen),
-                  master=master[0] if master else None, master_bytes=master[1] if master else 0)
+                  master=master)
         self._stored[u.index] = not immediate
         fut = self.worker.submit(job)
         if immediate:

@@ -42,6 +42,8 @@ from scheduler.unit_clock import NormParts
 
 Publish = Callable[[Unit, int, int, torch.Tensor], None]
 """Copies a DEVICE-resident unit's new weights [a, b) into place (``WeightStreamer.publish``)."""
+Recycle = Callable[[torch.Tensor], None]
+"""Takes back a buffer lent with a job (``WeightStreamer.recycle``: kept for reuse, or freed)."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class Job:
     loss_scale: float = 1.0  # fp16: the loss was multiplied by this
     coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
     seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
-    master: torch.Tensor | None = None  # the unit's master as loaded for its backward (lent: no SSD read)
-    master_bytes: int = 0  # DEVICE bytes of ``master``, released once its last chunk is copied
+    master: torch.Tensor | None = None  # the unit's master as loaded for its backward (lent: no SSD
+    # read), given back (``Recycle``) once its last chunk is copied
 
     @property
     def fresh_any(self) -> bool:
@@ -83,19 +85,20 @@ class _Staging:
 
 class OptimizerWorker:
     def __init__(self, state: StateStore, adamw: FlatAdamW, settings: TrainSettings, acct: Accountant,
-                 tracer: Tracer, publish: Publish) -> None:
+                 tracer: Tracer, publish: Publish, recycle: Recycle) -> None:
         self.state = state
         self.adamw = adamw
         self.settings = settings
         self.acct = acct
         self.tracer = tracer
         self.publish = publish
+        self.recycle = recycle
         self._width = min(state.placement.plan.chunk_numel, max(max(u.numel for u in state.map.units), 1))
         self._arena: HostArena | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
-        self._lent = 0  # DEVICE bytes of the running job's lent master not yet freed (worker thread)
+        self._lent: torch.Tensor | None = None  # the running job's lent master, until copied (worker thread)
 
     def start(self) -> None:
         staging_bytes = self.state.placement.staging_bytes(self._width)
@@ -142,7 +145,7 @@ class OptimizerWorker:
         slot = self._arena.acquire(STAGING_SETS * len(STAGING_ROWS) * itemsize(self.settings.state_dtype) * width)
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         parts: NormParts = []
-        self._lent = job.master_bytes
+        self._lent = job.master
         try:
             rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
@@ -164,8 +167,8 @@ class OptimizerWorker:
         finally:
             wait(issued)  # also on errors: no read may land in a slot another job owns
             self._arena.release(slot)
-            self.acct.free(Tier.DEVICE, job.grad_bytes + self._lent)
-            self._lent = 0
+            self.acct.free(Tier.DEVICE, job.grad_bytes)
+            self._give_back_lent()
         return parts
 
     def _issue_reads(self, job: Job, c: int, staging: _Staging) -> tuple[AdamRows | None, list[Future[Any]]]:
@@ -180,9 +183,13 @@ class OptimizerWorker:
         rows, adam_reads = self.state.adam_rows(job.unit, c, AdamRows(
             staging.master[:n], staging.exp_avg[:n], staging.exp_avg_sq[:n]), master_from=job.master)
         if job.master is not None and c == len(self.state.chunks[job.unit.index]) - 1:
-            self.acct.free(Tier.DEVICE, self._lent)  # every chunk of the lent master is copied
-            self._lent = 0
+            self._give_back_lent()  # every chunk of the lent master is copied
         return rows, futs + adam_reads
+
+    def _give_back_lent(self) -> None:
+        if self._lent is not None:
+            self.recycle(self._lent)
+            self._lent = None
 
     def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
                parts: NormParts) -> list[Future[None]]:
