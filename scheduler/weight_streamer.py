@@ -85,7 +85,8 @@ class WeightStreamer:
         # released CPU buffers by size, for the next loads (main, loader and worker threads)
         self._spare: dict[int, list[torch.Tensor]] = {}
         self._spare_lock = threading.Lock()
-        self._spare_max = 2 + self.placement.plan.prefetch_depth + self.placement.plan.job_slots
+        # the loads in flight in one phase, and the buffers lent to the optimizer meanwhile
+        self._spare_max = 1 + self.placement.plan.prefetch_depth + self.placement.plan.job_slots
 
     def _unit_parts(self, u: Unit) -> list[_Part]:
         trainable = _Part(self.placement.weights_kind, u.params, u.numel,
