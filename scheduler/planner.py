@@ -22,6 +22,7 @@ from scheduler.cost_model import (
     Workload,
     activation_bytes,
     estimate,
+    lent_master_layers,
     peak_memory,
 )
 from scheduler.model_shape import ModelShape
@@ -106,19 +107,20 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
     # DEVICE memory but makes backward wait for each update
     slots = (2, 1) if overlap else (1,)
-    # CPU only, master weights streamed from the SSD, immediate updates: the update may take the
-    # master from the weights loaded for backward (fewer SSD reads, more DEVICE memory)
-    lend = not gpu and wl.compute_dtype == wl.state_dtype and not wl.deferred and not shape.frozen
     for layer_major, weights, optimizer, (rec, act_tier, rec_layers), depth, job_slots in itertools.product(
             orders, (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), acts, depths, slots):
         kept = grads_kept(wl.grad_accum, wl.deferred, layer_major)
-        masters = (False, True) if lend and weights == optimizer == Tier.NVME else (False,)
-        for grads, master_from_loads in itertools.product((Tier.HOST, Tier.NVME) if kept else (optimizer,), masters):
+        # updates taking the master from the weights loaded for backward: fewer SSD reads, more
+        # DEVICE memory (tried wherever ``Placement.master_from_loads`` applies)
+        for grads, master_from_loads in itertools.product((Tier.HOST, Tier.NVME) if kept else (optimizer,),
+                                                          (False, True)):
             base = Plan(weights=weights, optimizer=optimizer, grads=grads, activations=act_tier,
                         recompute=rec, recompute_layers=rec_layers, prefetch_depth=depth, turn_keep=0,
                         resident_layers=(), overlap=overlap, master_from_loads=master_from_loads,
                         layer_major=layer_major, device_budget_bytes=device_bytes, host_budget_bytes=host_bytes,
                         job_slots=job_slots, chunk_numel=chunk)
+            if master_from_loads and not lent_master_layers(shape, wl, wl.placement(base, shape, on_gpu=gpu)):
+                continue  # the rule does not apply here: the same plan as without it
             plan = _fill_device(base, shape, wl, timing)
             if plan is not None:
                 yield _fill_host(plan, shape, wl, timing)
