@@ -128,6 +128,17 @@ def lent_master_layers(shape: ModelShape, wl: Workload, rules: Placement) -> int
     return sum(1 for i in range(shape.n_layers) if rules.master_from_loads(i + 1, immediate=not wl.deferred))
 
 
+def masters_in_memory_numel(shape: ModelShape, wl: Workload, rules: Placement) -> int:
+    """Trainable parameters whose update copies the master from memory instead of reading it
+    from the SSD: the layers lent their loaded weights (``lent_master_layers``) and the units
+    whose DEVICE-resident weights hold it (``Placement.master_on_device``)."""
+    L = shape.n_layers
+    pre, layer = shape.pre_trainable_numel, shape.layer_trainable_numel
+    per_unit = [pre, *[layer] * L, shape.trainable_numel - pre - L * layer]
+    resident = sum(n for i, n in enumerate(per_unit) if n and rules.master_on_device(i, shape.frozen))
+    return lent_master_layers(shape, wl, rules) * shape.layer_numel + resident
+
+
 @dataclass(frozen=True)
 class LayerTiming:
     """Measured on the compute device for this shape and batch (``scheduler.layer_probe``)."""
@@ -327,7 +338,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
     # step, 3 o bytes each way (those not kept in RAM)
     ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
-    ssd_read += ssd_state - lent_master_layers(shape, wl, rules) * shape.layer_numel * wl.state_itemsize
+    ssd_read += ssd_state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
     ssd_write += ssd_state
     # ---- gradients: D2H once per pass (compute dtype); kept ones are written
     # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
@@ -420,7 +431,7 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         forward_s = t["compute"] / 3
         # a frozen base streams during forward and backward: the optimizer pass moves only the
         # adapters' state and kept gradients
-        optimizer_ssd_s = _optimizer_ssd_s(plan, shape, wl, profile) if shape.frozen else ssd
+        optimizer_ssd_s = _optimizer_ssd_s(rules, shape, wl, profile) if shape.frozen else ssd
         optimizer_s = max(lanes["cpu_adam"] if gpu else t["cpu_adam"], optimizer_ssd_s)
         serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
         if serial > step:
@@ -438,17 +449,19 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         if rate > 0:
             step += wl.weight_passes(plan) * w_layer / (rate * 1e9)
     if rules.optimizer_tier(0) == Tier.NVME:
-        step += wl.optimizer_bytes_per_param * shape.pre_trainable_numel * (
-            1 / (profile.ssd_read_gbps * 1e9) + 1 / (profile.ssd_write_gbps * 1e9))
+        read_bytes = wl.optimizer_bytes_per_param - (wl.state_itemsize if rules.master_on_device(0, shape.frozen) else 0)
+        step += shape.pre_trainable_numel * (read_bytes / (profile.ssd_read_gbps * 1e9)
+                                             + wl.optimizer_bytes_per_param / (profile.ssd_write_gbps * 1e9))
     return step, bottleneck
 
 
-def _optimizer_ssd_s(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile) -> float:
-    """SSD time of a deferred optimizer pass alone: master + Adam states read and written, the
-    kept gradients read (trainable parameters only)."""
-    n = shape.trainable_numel
+def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile) -> float:
+    """SSD time of a deferred optimizer pass alone: master + Adam states read (less the masters
+    in memory) and written, the kept gradients read (trainable parameters only)."""
+    plan, n = rules.plan, shape.trainable_numel
     state = wl.optimizer_bytes_per_param * (n - host_state_numel(plan, shape))
-    read = state + (wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0)
+    read = state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
+    read += wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0
     write = state
     return read / (profile.ssd_read_gbps * 1e9) + write / (profile.ssd_write_gbps * 1e9)
 

@@ -12,6 +12,7 @@ runs; hooks on each decoder layer do the streaming:
                        A.read_ahead(i - 1); backward(out, grad); A.release(i)
                        G.unit_done(layer i, with W.lend(layer i) where the update takes the
                        master from these loaded weights); W.release(layer i)
+      (updates of DEVICE-resident units on a CPU take their master from the resident weights)
       embedding backward; G.unit_done(pre)
     P.finish(): immediate updates are already running; deferred ones start now
 
@@ -164,7 +165,7 @@ class StreamingExecutor(StateExport):
         self.worker = OptimizerWorker(self.state, self.adamw, s, self.acct, self.tracer, self.weights.publish,
                                       self.weights.recycle)
         self.handoff = GradHandoff(m.units, params, self.worker, self.clock, self.acct, self.plan.job_slots, s.deferred,
-                                   s.state_dtype)
+                                   s.state_dtype, resident_master=self.weights.resident_master)
         for part in (self.worker, self.weights):
             part.start()
             self._parts.append(part)
@@ -380,7 +381,7 @@ class StreamingExecutor(StateExport):
     def _unit_done(self, unit_index: int, last: bool) -> None:
         lend = self.placement.master_from_loads(unit_index, self.handoff.immediate(last))
         self.handoff.unit_done(self.units[unit_index], last, self.policy.next_step, self._lr, self.policy.loss_scale,
-                               master=self.weights.lend(unit_index) if lend else None)
+                               lent=self.weights.lend(unit_index) if lend else None)
 
     def _drop_forward_state(self) -> None:
         """Forget the forwards of a step (non-finite loss, or an error): every byte they hold is

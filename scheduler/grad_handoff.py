@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +33,8 @@ from scheduler.unit_clock import NormParts, UnitClock
 class GradHandoff:
     def __init__(self, units: tuple[Unit, ...], params: dict[str, nn.Parameter], worker: OptimizerWorker,
                  clock: UnitClock, acct: Accountant, job_slots: int, deferred: bool,
-                 sum_dtype: torch.dtype = torch.float32) -> None:
+                 sum_dtype: torch.dtype = torch.float32,
+                 resident_master: Callable[[int], torch.Tensor | None] = lambda unit_index: None) -> None:
         self.units = units
         self.params = params
         self.worker = worker
@@ -48,6 +51,8 @@ class GradHandoff:
         self._seen: list[list[bool] | None] = [None] * len(units)  # per parameter: had a gradient this step
         self.sum_dtype = sum_dtype  # layer-major sums: the state dtype (the worker's accumulation dtype)
         self._sums: dict[int, list[torch.Tensor | None]] = {}  # layer-major: per unit, per parameter
+        # a unit's master held by its DEVICE-resident weights, or None (``WeightStreamer.resident_master``)
+        self.resident_master = resident_master
 
     def accumulate(self, u: Unit) -> None:
         """Layer-major steps: add unit ``u``'s fresh gradients (``p.grad``, cleared) to its sums."""
@@ -87,17 +92,17 @@ class GradHandoff:
         return last and not self.deferred
 
     def unit_done(self, u: Unit, last: bool, step: int, lr: float, loss_scale: float,
-                  master: torch.Tensor | None = None) -> None:
+                  lent: torch.Tensor | None = None) -> None:
         """Take unit ``u``'s fresh gradients (``p.grad``, cleared) and submit its job: keep the
         gradient (accumulating, or deferred updates), or update now (the step's last micro-batch
-        in immediate mode). ``step``: the optimizer step being taken; ``master``: the unit's
+        in immediate mode). ``step``: the optimizer step being taken; ``lent``: the unit's
         master weights as loaded for this backward (``WeightStreamer.lend``: the job gives the
         buffer back). A unit with nothing trainable (frozen) has no job."""
         try:
             self.worker.raise_error()
         except BaseException:
-            if master is not None:
-                self.acct.free(Tier.DEVICE, master.numel() * master.element_size())  # no job will take it
+            if lent is not None:
+                self.acct.free(Tier.DEVICE, lent.numel() * lent.element_size())  # no job will take it
             raise
         if u.numel == 0:
             return
@@ -120,7 +125,7 @@ class GradHandoff:
         self._seen[u.index] = seen
         job = Job(u, fresh, grad_bytes, add_stored=self._stored[u.index], update=immediate,
                   norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen),
-                  master=master)
+                  **(self._master(u, lent) if immediate else {}))
         self._stored[u.index] = not immediate
         fut = self.worker.submit(job)
         if immediate:
@@ -128,6 +133,13 @@ class GradHandoff:
         else:
             self._kept[u.index] = fut
         self._pending.append(fut)
+
+    def _master(self, u: Unit, lent: torch.Tensor | None) -> dict[str, Any]:
+        """An update job's master already in memory: ``lent``, else the unit's resident weights
+        where they hold it (no SSD read of either)."""
+        if lent is not None:
+            return {"master": lent, "lent": True}
+        return {"master": self.resident_master(u.index)}
 
     def make_room(self, nbytes: int) -> None:
         """Wait for pending jobs (oldest first) until DEVICE has ``nbytes`` free or none is left."""
@@ -152,7 +164,7 @@ class GradHandoff:
             if u.numel == 0:
                 continue
             job = Job(u, [None] * len(u.params), 0, add_stored=True, update=True, norms=False, step=step,
-                      lr=lr, coef=coef, seen=self._seen[u.index])
+                      lr=lr, coef=coef, seen=self._seen[u.index], **self._master(u, None))
             self._stored[u.index] = False
             self.clock.set(u.index, self.worker.submit(job))
 

@@ -61,8 +61,9 @@ class Job:
     loss_scale: float = 1.0  # fp16: the loss was multiplied by this
     coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
     seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
-    master: torch.Tensor | None = None  # the unit's master as loaded for its backward (lent: no SSD
-    # read), given back (``Recycle``) once its last chunk is copied
+    master: torch.Tensor | None = None  # the unit's master already in memory (no SSD read of it):
+    # its DEVICE-resident weights, or the buffer loaded for its backward (``lent``)
+    lent: bool = False  # ``master`` is lent: given back (``Recycle``) once its last chunk is copied
 
     @property
     def fresh_any(self) -> bool:
@@ -145,7 +146,7 @@ class OptimizerWorker:
         slot = self._arena.acquire(STAGING_SETS * len(STAGING_ROWS) * itemsize(self.settings.state_dtype) * width)
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         parts: NormParts = []
-        self._lent = job.master
+        self._lent = job.master if job.lent else None
         try:
             rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
@@ -182,7 +183,7 @@ class OptimizerWorker:
             return None, futs
         rows, adam_reads = self.state.adam_rows(job.unit, c, AdamRows(
             staging.master[:n], staging.exp_avg[:n], staging.exp_avg_sq[:n]), master_from=job.master)
-        if job.master is not None and c == len(self.state.chunks[job.unit.index]) - 1:
+        if job.lent and c == len(self.state.chunks[job.unit.index]) - 1:
             self._give_back_lent()  # every chunk of the lent master is copied
         return rows, futs + adam_reads
 

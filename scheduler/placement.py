@@ -183,6 +183,15 @@ class Placement:
                 and self.plan.weights == Tier.NVME and not self.resident(unit_index)
                 and self.optimizer_tier(unit_index) == Tier.NVME)
 
+    def master_on_device(self, unit_index: int, has_frozen: bool) -> bool:
+        """A unit's update copies its master from its DEVICE-resident trainable weights (no SSD
+        read of it): on a CPU device, when compute and state share one dtype (every update
+        publishes the new master into that buffer, bit for bit) and the unit's state is on the
+        SSD. Holds for deferred updates too: the buffer changes only when the unit is updated."""
+        return (not self.on_gpu and self.compute_dtype == self.state_dtype
+                and self.trainable_home(unit_index, has_frozen) == Tier.DEVICE
+                and self.optimizer_tier(unit_index) == Tier.NVME)
+
     def kept_over_turn(self, i: int) -> bool:
         """Decoder layer i stays on DEVICE from its forward into backward (needed first there)."""
         return i >= self.n_layers - self.plan.turn_keep

@@ -165,6 +165,16 @@ class WeightStreamer:
         self._unbind(part)
         return flat
 
+    def resident_master(self, unit_index: int) -> torch.Tensor | None:
+        """A unit's DEVICE-resident trainable buffer when it holds the unit's master
+        (``Placement.master_on_device``): the optimizer copies each chunk from it before
+        publishing that chunk's new values (not lent: it stays the unit's); else None."""
+        u, parts = self.units[unit_index], self._parts[unit_index]
+        part = parts[0] if parts and parts[0].kind != "frozen" else None
+        if part is None or not part.resident or part.flat is None:
+            return None
+        return part.flat if self.placement.master_on_device(unit_index, u.frozen_numel > 0) else None
+
     def release_layers(self) -> None:
         for u in self.state.map.layer_units:
             self.release(u.index)

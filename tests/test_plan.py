@@ -182,8 +182,10 @@ def _tiny_llama() -> tuple[torch.nn.Module, LlamaConfig]:
     return AutoModelForCausalLM.from_config(cfg), cfg
 
 
-def _run_two_steps(tmp_path, model, plan: Plan, ga: int, clip: float) -> tuple[dict, dict, int]:
-    """Executor metrics after step 1 and after step 2, and the store's allocated bytes."""
+def _run_two_steps(tmp_path, model, plan: Plan, ga: int, clip: float,
+                   weights: dict | None = None) -> tuple[dict, dict, int]:
+    """Executor metrics after step 1 and after step 2, and the store's allocated bytes;
+    ``weights``: filled with the master weights after step 2."""
     settings_ = TrainSettings(gradient_accumulation_steps=ga, max_grad_norm=clip)
     g = torch.Generator().manual_seed(1)
     batches = [[{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(ga)] for _ in range(2)]
@@ -195,6 +197,8 @@ def _run_two_steps(tmp_path, model, plan: Plan, ga: int, clip: float) -> tuple[d
         before = ex.metrics()
         ex.train_step(batches[1], lr=1e-3)
         ex.synchronize()
+        if weights is not None:
+            weights.update(ex.master_state_dict())
         return before, ex.metrics(), store.allocated_bytes
 
 
@@ -255,6 +259,33 @@ def test_updates_taking_the_master_from_loaded_weights_read_a_master_less(tmp_pa
     # on a GPU the loaded weights are device memory: the rule does not apply, nothing is predicted
     gpu_est = estimate(lent, shape, wl, profile(gpu=True))
     assert gpu_est.link_bytes["ssd_read"] == estimate(plain, shape, wl, profile(gpu=True)).link_bytes["ssd_read"]
+
+
+@pytest.mark.parametrize("ga, clip", [(1, 0.0), (2, 1.0)])
+def test_updates_of_resident_units_take_the_master_from_their_weights(tmp_path, monkeypatch, ga, clip):
+    """On a CPU in fp32 a DEVICE-resident unit's weights are its master: its update (immediate or
+    deferred) copies the master from them. Per step the SSD reads fall by exactly the masters of
+    ``pre``, ``post`` and the resident layer against the same run reading them, the writes stay,
+    and the weights are bitwise the same."""
+    model, cfg = _tiny_llama()
+    shape = shape_from_model(model, cfg)
+    plan = dataclasses.replace(ALL_NVME, chunk_numel=8192, resident_layers=(0,))
+    reads, writes, weights = {}, {}, {}
+    for name in ("from memory", "from the ssd"):
+        if name == "from the ssd":
+            monkeypatch.setattr(placement_rules.Placement, "master_on_device", lambda self, i, frozen: False)
+        weights[name] = {}
+        before, after, _ = _run_two_steps(tmp_path / name.replace(" ", "-"), copy.deepcopy(model), plan, ga, clip,
+                                          weights[name])
+        reads[name] = after["io_read_bytes"] - before["io_read_bytes"]
+        writes[name] = after["io_write_bytes"] - before["io_write_bytes"]
+    resident_numel = shape.pre_numel + shape.post_numel + shape.layer_numel
+    assert reads["from the ssd"] - reads["from memory"] == resident_numel * 4
+    assert writes["from the ssd"] == writes["from memory"]
+    assert weights["from memory"].keys() == {n for n, _ in model.named_parameters()}
+    for n, w in weights["from memory"].items():
+        assert not torch.equal(w, dict(model.named_parameters())[n].detach()), n  # trained
+        assert torch.equal(w, weights["from the ssd"][n]), n
 
 
 @pytest.mark.parametrize("ga, clip, layer_major, recompute_layers", [
