@@ -85,13 +85,22 @@ def run_suite(suite: Suite, root: Path, out_dir: Path, engines: list[str], plots
     rates = measure_rates(root, suite.fio_size_bytes, "cuda" if torch.cuda.is_available() else "cpu")
     runs: dict[str, EngineRun] = {}
     summaries: list[EngineSummary] = []
+    failed: list[str] = []
     for engine in engines:
-        run, monitor, wall_s = run_worker(engine, suite, root, out_dir)
+        try:
+            run, monitor, wall_s = run_worker(engine, suite, root, out_dir)
+        except RuntimeError as err:  # one engine's failure (a missing op, a crash): the others still run
+            print(f"{err}; going on without it", file=sys.stderr, flush=True)
+            failed.append(f"{engine} failed: {err}")
+            continue
         runs[engine] = run
         summaries.append(summarize(run, suite, rates, monitor.peak_rss_bytes, wall_s,
                                    (monitor.read_bytes, monitor.write_bytes)))
+    if not summaries:
+        print(f"suite {suite.name}: every engine failed, no report", file=sys.stderr)
+        return 1
     n_params = llama_param_count(suite)
-    notes = sorted({n for r in runs.values() for n in r.notes if not n.startswith("plan of")})
+    notes = failed + sorted({n for r in runs.values() for n in r.notes if not n.startswith("plan of")})
     notes += [n for r in runs.values() for n in r.notes if n.startswith("plan of")]
     notes.append("glibc malloc tuned identically in every engine process (offload.hostmem.tune_malloc: "
                  "1 MiB mmap threshold, 2 MiB trim threshold, 2 arenas)")
@@ -99,7 +108,7 @@ def run_suite(suite: Suite, root: Path, out_dir: Path, engines: list[str], plots
               "Date": f"{started} (took {time.perf_counter() - t_start:.0f} s)",
               "Machine": (f"{machine}, at the end {psutil.getloadavg()[0]:.1f} "
                           f"({psutil.cpu_count()} = every core busy)")}
-    timelines = {e: _traced_busy(out_dir / trace_name(e)) for e in engines if (out_dir / trace_name(e)).exists()}
+    timelines = {e: _traced_busy(out_dir / trace_name(e)) for e in runs if (out_dir / trace_name(e)).exists()}
     report = format_report(suite, n_params, rates, summaries, header, notes, timelines)
     (out_dir / "report.md").write_text(report)
     (out_dir / "results.json").write_text(json.dumps({
@@ -109,7 +118,7 @@ def run_suite(suite: Suite, root: Path, out_dir: Path, engines: list[str], plots
         _plots(out_dir, summaries)
     print(report)
     print(f"report, results.json, trace and plots in {out_dir}")
-    return 0
+    return 1 if failed else 0
 
 
 def trace_name(engine: str) -> str:

@@ -171,6 +171,9 @@ def format_report(suite: Suite, n_params: int, rates: PeakRates, summaries: list
                   "| resource | busy s | share of the step |", "|---|---:|---:|"]
         lines += [f"| {r} | {t:.2f} | {t / traced_step_s:.0%} |" for r, t in busy_s.items()]
         lines.append("")
+        if "gpu" in busy_s:
+            lines += [f"GPU busy (CUDA events around {engine}'s compute): {busy_s['gpu'] / traced_step_s:.0%} "
+                      f"of the step.", ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -189,6 +192,8 @@ def _targets(ours: EngineSummary, by_name: dict[str, EngineSummary], state_bytes
         r = ours.median_step_s / zi.median_step_s
         out.append(f"- faster than ZeRO-Infinity per step: {r:.2f}x its step time "
                    f"({'met' if r < 1 else 'missed'})")
+        if ours.peak_gpu_bytes is not None:  # a GPU run: the GPU check's goal
+            out.append(f"- >= 3x ZeRO-Infinity's tokens/s on a GPU: {1 / r:.2f}x ({'met' if 1 / r >= 3 else 'missed'})")
     return [*out, ""]
 
 

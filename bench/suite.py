@@ -46,6 +46,11 @@ SUITES = {
     # (a quarter of the state leaves no room for the head's working memory at this vocabulary)
     "small": Suite("small", hidden=768, intermediate=2048, layers=12, heads=12, vocab=32000,
                    batch=1, seq_len=512, steps=4, ram_budget_share=0.35),
+    # The GPU check (bench/gpu_check.sh): 704M parameters (fp32 weights 2.8 GB, training state
+    # 11.3 GB) against a GPU memory budget of a quarter of the weights (DEVICE = 1/16 of the
+    # state), the rest of the budget in RAM: states and most layers on the SSD.
+    "gpu": Suite("gpu", hidden=1536, intermediate=4096, layers=24, heads=12, vocab=8000,
+                 batch=2, seq_len=512, steps=4, ram_budget_share=0.25, device_share=0.25),
     # A few seconds per engine: for trying the harness itself.
     "tiny": Suite("tiny", hidden=256, intermediate=688, layers=4, heads=4, vocab=2048,
                   batch=2, seq_len=128, steps=3, fio_size_bytes=64 << 20,

@@ -146,6 +146,7 @@ class StreamingExecutor(StateExport):
 
     def start(self) -> None:
         self.map = m = build_model_map(self.model)
+        self.tracer.watch_device(self.device)
         self.model.train()
         move_buffers(self.model, self.device)
         s = self.settings

@@ -4,7 +4,9 @@ One track (``tid``) per resource: ``compute`` (forward, recompute and backward p
 ``h2d`` and ``d2h`` (copies to and from DEVICE), ``ssd_read`` and ``ssd_write`` (each store
 request, from submission to completion, so queueing in the I/O pool is included), ``cpu_adam``
 (AdamW per chunk), ``wait`` (the compute thread blocked on weights still loading, or on a
-resident unit's optimizer update) and ``step``.
+resident unit's optimizer update) and ``step``. On a CUDA device (``watch_device``) the compute
+spans are also timed with CUDA events on the compute stream: track ``gpu``, when the GPU ran
+them (its busy time over the step's is the GPU-busy fraction); converted when recording stops.
 Open ``trace.json`` in https://ui.perfetto.dev or chrome://tracing.
 
 Cost when not recording: one attribute test per hook; a tracer built with ``enabled=False`` never
@@ -21,7 +23,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-RESOURCES = ("step", "compute", "wait", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam")
+RESOURCES = ("step", "compute", "gpu", "wait", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam")
 """Track names, in display order; the track id is the index + 1."""
 
 _PID = 1
@@ -29,17 +31,21 @@ _NULL_SPAN = contextlib.nullcontext()
 
 
 class _Span:
-    __slots__ = ("_tracer", "_resource", "_name", "_start_s")
+    __slots__ = ("_tracer", "_resource", "_name", "_start_s", "_gpu_start")
 
     def __init__(self, tracer: Tracer, resource: str, name: str) -> None:
         self._tracer, self._resource, self._name = tracer, resource, name
         self._start_s = 0.0
+        self._gpu_start: Any = None
 
     def __enter__(self) -> None:
         self._start_s = time.perf_counter()
+        self._gpu_start = self._tracer._gpu_event() if self._resource == "compute" else None
 
     def __exit__(self, *exc: object) -> None:
         self._tracer.add(self._resource, self._name, self._start_s)
+        if self._gpu_start is not None:
+            self._tracer._gpu_spans.append((self._name, self._gpu_start, self._tracer._gpu_event()))
 
 
 class Tracer:
@@ -50,16 +56,53 @@ class Tracer:
         self.recording = False
         self.events: list[dict[str, Any]] = []
         self._origin_s = time.perf_counter()
+        self._gpu_device: Any = None  # a CUDA torch.device whose compute spans get CUDA events
+        self._gpu_origin: tuple[float, Any] | None = None  # (perf_counter s, event) at start()
+        self._gpu_spans: list[tuple[str, Any, Any]] = []  # (name, start event, end event)
+
+    def watch_device(self, device: Any) -> None:
+        """Time compute spans on ``device`` with CUDA events too (track ``gpu``); a CPU device:
+        nothing more."""
+        self._gpu_device = device if getattr(device, "type", "cpu") == "cuda" else None
 
     def start(self) -> None:
         """Start recording (no-op when disabled); earlier events are dropped."""
         if self.enabled:
             self.events = []
+            self._gpu_spans = []
             self._origin_s = time.perf_counter()
             self.recording = True
+            if self._gpu_device is not None:
+                import torch
+
+                torch.cuda.synchronize(self._gpu_device)  # sync point: the origin event runs now
+                self._gpu_origin = (time.perf_counter(), self._gpu_event())
 
     def stop(self) -> None:
+        """Stop recording; CUDA-event spans become ``gpu`` events (a device sync)."""
         self.recording = False
+        if self._gpu_origin is None:
+            return
+        import torch
+
+        torch.cuda.synchronize(self._gpu_device)  # sync point: every recorded event has run
+        origin_s, origin = self._gpu_origin
+        for name, begin, end in self._gpu_spans:
+            start_s = origin_s + origin.elapsed_time(begin) / 1e3  # elapsed_time: milliseconds
+            self.events.append({"name": name, "cat": "gpu", "ph": "X", "pid": _PID, "tid": _tid("gpu"),
+                                "ts": (start_s - self._origin_s) * 1e6, "dur": max(begin.elapsed_time(end), 0.0) * 1e3})
+        self._gpu_spans, self._gpu_origin = [], None
+
+    def _gpu_event(self) -> Any:
+        """A CUDA event recorded now on the current stream of the watched device (recording on a
+        CUDA device only), else None."""
+        if self._gpu_device is None or not self.recording:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self._gpu_device))
+        return event
 
     def clock(self) -> float:
         """``time.perf_counter()`` while recording, else 0.0 (start of a span closed by ``add``)."""
@@ -78,7 +121,8 @@ class Tracer:
         self.events.append(event)
 
     def span(self, resource: str, name: str) -> contextlib.AbstractContextManager[None]:
-        """Context manager recording its body as one event (a shared no-op when not recording)."""
+        """Context manager recording its body as one event (a shared no-op when not recording);
+        a ``compute`` span on a watched CUDA device also as a ``gpu`` event."""
         if not self.recording:
             return _NULL_SPAN
         return _Span(self, resource, name)

@@ -123,3 +123,60 @@ def test_a_machine_without_fio_gets_a_report_without_the_ssd_bound(tmp_path, mon
     assert s.bound.ssd_read_s == s.bound.ssd_write_s == 0.0 and s.bound.limiter == "compute"
     text = format_report(SUITE, 1000, rates, [s], {"Command": "c"}, [], {})
     assert "fio not installed" in text
+
+
+def test_an_engine_that_fails_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys) -> None:
+    """A worker that fails (a missing op, a crash) is named in the report's notes and the exit
+    status; the engines after it still run and are reported."""
+    from bench import harness
+
+    monkeypatch.setattr(harness, "measure_rates", lambda root, size, device: RATES)
+
+    def worker(engine, suite, root, out_dir):
+        if engine == "zero-infinity":
+            raise RuntimeError("the zero-infinity worker failed (exit status 1); its output is above")
+        return _run(engine, [9.0, 2.0, 4.0], [3.0, 2.0, 1.0], engine == "offload-train"), _Monitor(), 20.0
+
+    monkeypatch.setattr(harness, "run_worker", worker)
+    out = tmp_path / "report"
+    rc = harness.run_suite(SUITE, tmp_path, out, ["zero-infinity", "offload-train", "pytorch"], plots=False)
+    assert rc == 1
+    text = (out / "report.md").read_text()
+    assert "zero-infinity failed: the zero-infinity worker failed (exit status 1)" in text
+    assert "| offload-train |" in text and "| pytorch |" in text
+    assert "going on without it" in capsys.readouterr().err
+
+
+class _Monitor:
+    peak_rss_bytes, read_bytes, write_bytes = 1 << 30, 0, 0
+
+
+def test_the_gpu_suite_streams_a_model_four_times_its_gpu_budget() -> None:
+    """bench/gpu_check.sh's suite: the fp32 weights are at least 4x the GPU memory budget, and
+    the planner finds a plan for it on a GPU machine."""
+    from bench.suite import llama_config
+    from scheduler.cost_model import Workload
+    from scheduler.model_shape import shape_from_config
+    from scheduler.planner import Budgets, choose_plan
+    from scheduler.profile import HardwareProfile
+
+    suite = SUITES["gpu"]
+    shape = shape_from_config(llama_config(suite))
+    budget = int(16 * shape.total_numel * suite.ram_budget_share)
+    device = int(budget * suite.device_share)
+    assert 4 * shape.total_numel >= 4 * device
+    gpu = HardwareProfile(machine="gpu", nvme_path="/swap", io_backend="posix", ssd_read_gbps=3.0,
+                          ssd_write_gbps=3.0, h2d_gbps=25.0, d2h_gbps=25.0, cpu_adam_params_per_s={"torch": 1e9},
+                          matmul_tflops={"float32": 50.0}, ram_available_bytes=128 << 30,
+                          vram_free_bytes=80 << 30, disk_free_bytes=60 << 30, measured_at="test")
+    choice = choose_plan(shape, Workload(micro_batch=suite.batch, seq_len=suite.seq_len),
+                         Budgets(device, budget - device, 60 << 30), gpu)
+    assert choice.estimate.memory.device_bytes <= device
+
+
+def test_the_report_gives_the_gpu_busy_fraction_from_cuda_events() -> None:
+    s = summarize(_run("offload-train", [9.0, 2.0, 4.0], [3.0, 2.0, 1.0], True), SUITE, RATES,
+                  peak_rss_bytes=123, wall_s=20.0)
+    text = format_report(SUITE, 1000, RATES, [s], {"Command": "c"}, [],
+                         {"offload-train": ({"compute": 1.5, "gpu": 1.8}, 2.0)})
+    assert "GPU busy (CUDA events around offload-train's compute): 90% of the step." in text

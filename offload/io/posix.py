@@ -26,7 +26,16 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def aligned_empty(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
-    """A uint8 host tensor of ``n_bytes`` whose first byte is page aligned."""
+    """A uint8 host tensor of ``n_bytes`` whose first byte is page aligned.
+
+    Pinned: the exact size first (CUDA's pinned blocks start on a page, and the caching host
+    allocator rounds a request up to a power of two: one page more would double a power-of-two
+    request); pageable, or a pinned block that is not aligned: one page more, cut to alignment."""
+    if pin_memory:
+        raw = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+        if raw.data_ptr() % ALIGN_BYTES == 0:
+            return raw
+        del raw
     raw = torch.empty(n_bytes + ALIGN_BYTES, dtype=torch.uint8, pin_memory=pin_memory)
     shift = (-raw.data_ptr()) % ALIGN_BYTES
     return raw[shift : shift + n_bytes]
