@@ -7,6 +7,11 @@ resident layers, and the trainable part beside a frozen one, e.g. LoRA adapters)
 or earlier by ``prefetch``, released after use). The optimizer publishes the new weights of
 resident trainable parts; frozen parts never change, so their loads wait for nothing.
 
+CUDA streams: every host-to-device copy runs on ``copy_stream``, compute on the caller's stream
+(``compute_stream``, captured at start). A load allocates its buffer on the copy stream and the
+compute stream is recorded on it when acquired, so loads never wait for queued compute; a
+resident unit's new weights wait for the compute queued before them (it may still read them).
+
 Threads: ``acquire``, ``release``, ``prefetch``, ``token`` and ``view`` run on the thread driving
 the step (the main thread, or in a layer-major forward the micro-batch thread holding the turn:
 one at a time, ``scheduler.lockstep``);
@@ -80,7 +85,8 @@ class WeightStreamer:
         self.dtype = state.compute_dtype
         self._parts = [self._unit_parts(u) for u in self.units]
         self._loader: ThreadPoolExecutor | None = None
-        self.copy_stream: Any = None
+        self.copy_stream: Any = None  # CUDA: the stream of every host-to-device copy
+        self.compute_stream: Any = None  # CUDA: the caller's current stream at start (compute runs on it)
         self._grad_reserve_bytes = max(u.numel for u in state.map.layer_units) * self._itemsize
         # released CPU buffers by size, for the next loads (main, loader and worker threads)
         self._spare: dict[int, list[torch.Tensor]] = {}
@@ -103,6 +109,7 @@ class WeightStreamer:
             self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         if self.device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.current_stream(self.device)
         elif not self.placement.aliases_home:
             self.acct.reclaim = self._reclaim
 
@@ -141,6 +148,10 @@ class WeightStreamer:
                     assert p.load is not None
                     p.flat = p.load.result()  # sync point: the load has finished
                     p.load = None
+                    if self.compute_stream is not None:
+                        # allocated on the copy stream, read by compute: its block is not reused
+                        # before the compute stream has passed this point of its queue
+                        p.flat.record_stream(self.compute_stream)
         self._bind(u, resident=False)
 
     def release(self, unit_index: int) -> None:
@@ -260,7 +271,15 @@ class WeightStreamer:
             self.clock.wait(u.index)  # sync point: the worker has written this unit's new weights
         if self.placement.aliases_home:
             return self.state.host(u, part.kind)  # DEVICE is host memory: use the home copy in place
-        flat = spare if spare is not None else self._alloc(u, part, accounted=True)
+        if self.device.type == "cuda":
+            # allocated on the copy stream: the block comes from that stream's pool, where a
+            # buffer the compute read returns only once the compute queued on it has run
+            # (``record_stream`` in ``acquire``): the copy needs no wait on the compute stream
+            # and overlaps it (the caller's own host sync below ends it, on this thread)
+            with torch.cuda.stream(self.copy_stream):
+                flat = torch.empty(part.numel, dtype=self.dtype, device=self.device)
+        else:
+            flat = spare if spare is not None else self._alloc(u, part, accounted=True)
         if self.placement.plan.weights == Tier.HOST:
             self._h2d(flat, self.state.host(u, part.kind))
         elif self.device.type == "cpu":
@@ -310,15 +329,16 @@ class WeightStreamer:
         """A resident trainable part's new weights [a, b) into its DEVICE buffer."""
         flat = self._parts[u.index][0].flat
         assert flat is not None
-        self._h2d(flat[a:b], weights)
+        self._h2d(flat[a:b], weights, after_compute=True)
 
-    def _h2d(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, after_compute: bool = False) -> None:
+        """Copy to DEVICE on the copy stream; ``after_compute``: ``dst`` is read by kernels already
+        queued on the compute stream (a resident unit's weights), so the copy waits for them."""
         nbytes = src.numel() * src.element_size()
         t_start_s = self.tracer.clock()
         if self.device.type == "cuda":
-            # The destination may be memory the compute stream just released (caching
-            # allocator): order the copy after all work queued on the compute stream so far.
-            self.copy_stream.wait_stream(torch.cuda.default_stream(self.device))
+            if after_compute:
+                self.copy_stream.wait_stream(self.compute_stream)
             with torch.cuda.stream(self.copy_stream):
                 dst.copy_(src, non_blocking=True)
             self.copy_stream.synchronize()  # sync point: this thread only, never the compute stream
