@@ -125,6 +125,7 @@ class GradHandoff:
         self._seen[u.index] = seen
         job = Job(u, fresh, grad_bytes, add_stored=self._stored[u.index], update=immediate,
                   norms=last and self.deferred, step=step, lr=lr, loss_scale=loss_scale, seen=list(seen),
+                  ready=_backward_done(fresh),
                   **(self._master(u, lent) if immediate else {}))
         self._stored[u.index] = not immediate
         fut = self.worker.submit(job)
@@ -180,3 +181,14 @@ class GradHandoff:
             with contextlib.suppress(BaseException):
                 fut.result()
         self._pending.clear()
+
+
+def _backward_done(fresh: list[torch.Tensor | None]) -> torch.cuda.Event | None:
+    """CUDA gradients: an event recorded on the compute stream now, after the kernels that make
+    them were queued (the worker's copy waits on it); else None."""
+    g = next((g for g in fresh if g is not None), None)
+    if g is None or g.device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(g.device))
+    return event

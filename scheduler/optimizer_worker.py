@@ -15,6 +15,11 @@ Per chunk of a unit, over one staging set (rows named by ``placement.STAGING_ROW
 Chunks are double-buffered: the reads of chunk c+1 are in flight while chunk c computes, and the
 writes of chunk c while chunk c+1 computes.
 
+CUDA: a job's gradients are copied on the worker's own ``d2h`` stream, after the event recorded on
+the compute stream when the unit's backward was queued (``Job.ready``), never on the compute
+stream; they land in the pinned ``stored_grad`` row in their own dtype and are cast (and added to
+the kept gradient, which is then read into ``grad``) on the CPU. The staging arena is pinned.
+
 Threads: ``submit`` is called by the main thread; jobs run one at a time, in submission order,
 on the ``optimizer`` thread (``overlap: false``: inline on the caller). Sync points: the waits on
 reads before a chunk computes, and on every I/O of a staging set before it is reused.
@@ -61,6 +66,7 @@ class Job:
     loss_scale: float = 1.0  # fp16: the loss was multiplied by this
     coef: torch.Tensor | None = None  # clipping coefficient (deferred updates)
     seen: list[bool] | None = None  # update jobs: parameters that had a gradient (others keep still)
+    ready: Any = None  # CUDA: an event on the compute stream after the unit's backward (its gradients exist)
     master: torch.Tensor | None = None  # the unit's master already in memory (no SSD read of it):
     # its DEVICE-resident weights, or the buffer loaded for its backward (``lent``)
     lent: bool = False  # ``master`` is lent: given back (``Recycle``) once its last chunk is copied
@@ -100,11 +106,14 @@ class OptimizerWorker:
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
         self._lent: torch.Tensor | None = None  # the running job's lent master, until copied (worker thread)
+        self._d2h: Any = None  # CUDA: the stream gradients are copied on (worker thread)
 
     def start(self) -> None:
         staging_bytes = self.state.placement.staging_bytes(self._width)
         self.acct.alloc(Tier.HOST, staging_bytes, "optimizer staging buffers")
-        self._arena = HostArena(staging_bytes).open()
+        self._arena = HostArena(staging_bytes).open()  # pinned where CUDA is available
+        if self.state.placement.on_gpu:
+            self._d2h = torch.cuda.Stream()
         if self.state.placement.plan.overlap:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
 
@@ -176,8 +185,8 @@ class OptimizerWorker:
         a, b = self.state.chunks[job.unit.index][c]
         n = b - a
         futs: list[Future[Any]] = []
-        if job.add_stored:
-            target = staging.stored_grad[:n] if job.fresh_any else staging.grad[:n]
+        if job.add_stored:  # (CUDA: fresh gradients land in ``stored_grad``, the kept one in ``grad``)
+            target = staging.stored_grad[:n] if job.fresh_any and job.ready is None else staging.grad[:n]
             futs += self.state.read_grad(job.unit, c, target)
         if not job.update:
             return None, futs
@@ -205,6 +214,9 @@ class OptimizerWorker:
         """grad = this job's fresh gradients of chunk [a, b) (D2H + cast) + the stored gradient."""
         if not job.fresh_any:
             return  # the stored gradient was read into ``grad`` itself
+        if job.ready is not None:
+            self._gather_from_cuda(job, c, a, b, staging)
+            return
         t_start_s = self.tracer.clock()
         d2h_bytes = 0
         for s, g in zip(job.unit.params, job.fresh, strict=True):
@@ -224,6 +236,37 @@ class OptimizerWorker:
             self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
         if job.add_stored:
             staging.grad.add_(staging.stored_grad)
+
+    def _gather_from_cuda(self, job: Job, c: int, a: int, b: int, staging: _Staging) -> None:
+        """CUDA: chunk [a, b) of the fresh gradients copied on the d2h stream into the pinned
+        ``stored_grad`` row (their dtype), then cast into ``grad`` on the CPU, or added to the kept
+        gradient already there: stored + fresh, the same sum as fresh + stored."""
+        dtype = next(g.dtype for g in job.fresh if g is not None)
+        width_bytes = staging.stored_grad.numel() * staging.stored_grad.element_size()
+        if (b - a) * itemsize(dtype) > width_bytes:
+            raise ValueError(f"gradients in {dtype} do not fit the {self.settings.state_dtype} staging row")
+        landing = staging.stored_grad.view(torch.uint8)[: (b - a) * itemsize(dtype)].view(dtype)
+        t_start_s = self.tracer.clock()
+        d2h_bytes = 0
+        with torch.cuda.stream(self._d2h):
+            self._d2h.wait_event(job.ready)  # the unit's backward has run on the compute stream
+            for s, g in zip(job.unit.params, job.fresh, strict=True):
+                lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
+                if lo >= hi:
+                    continue
+                if g is None:
+                    landing[lo - a : hi - a].zero_()
+                else:
+                    landing[lo - a : hi - a].copy_(g.reshape(-1)[lo - s.offset : hi - s.offset], non_blocking=True)
+                    d2h_bytes += (hi - lo) * g.element_size()
+        self._d2h.synchronize()  # sync point: this worker thread only, never the compute stream
+        self.acct.count("d2h_bytes", d2h_bytes)
+        if t_start_s:
+            self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
+        if job.add_stored:
+            staging.grad.add_(landing)  # fp32 += bf16: computed in fp32, exact upcast
+        else:
+            staging.grad.copy_(landing)
 
     def _keep(self, job: Job, c: int, grad: torch.Tensor, parts: NormParts) -> list[Future[None]]:
         """Store the (accumulated) gradient; before a deferred update, unscaled, with its norm part."""
