@@ -64,6 +64,8 @@ class _LayerCall:
     checkpoint_write: Future[None] | None = None  # recompute, NVME tier
     checkpoint_read: Future[Any] | None = None  # recompute, NVME tier: read ahead in backward
     checkpoint_buf: torch.Tensor | None = None  # ... into this page-aligned host buffer
+    checkpoint_host: torch.Tensor | None = None  # CUDA, NVME tier: the pinned copy until its write starts
+    d2h_done: Any = None  # CUDA, HOST/NVME tiers: event after the checkpoint's copy to the host
     x_leaf: torch.Tensor | None = None  # kept graph: the layer's input leaf
     output: torch.Tensor | None = None  # kept graph: the layer's output (graph root)
     saved: Any = None  # kept graph: the saved_tensors_hooks context while the layer runs
@@ -129,10 +131,13 @@ class RecomputeCheckpoints(_LayerCalls):
         self.layers = layers
         self.router = router
         self._grad_mode_stack: list[bool] = []
+        self._d2h_stream: Any = None  # CUDA: checkpoints leave DEVICE on it, never on the compute stream
+        self._unwritten: list[tuple[int, int]] = []  # CUDA, NVME tier: copies whose write is not started
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
         call = self._record(i, m, x, args_rest, kwargs)
         self._save(i, m, call, x.detach())
+        self._start_writes(keep=1)  # the copies queued before this layer's forward
         # one forward at a time runs between enter and exit (lockstep turns only at enter)
         self._grad_mode_stack.append(torch.is_grad_enabled())
         torch.set_grad_enabled(False)  # the layer runs without autograd: recomputed in backward
@@ -159,6 +164,8 @@ class RecomputeCheckpoints(_LayerCalls):
 
     def drop(self) -> None:
         for call in self.calls.values():
+            if call.d2h_done is not None:
+                call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
             if call.checkpoint_read is not None:
                 with contextlib.suppress(Exception):  # a failed read: not the error being handled
                     call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
@@ -168,6 +175,7 @@ class RecomputeCheckpoints(_LayerCalls):
                 self.acct.free(self.placement.checkpoint_tier(), call.checkpoint.numel() * call.checkpoint.element_size())
         self.calls.clear()
         self._grad_mode_stack.clear()
+        self._unwritten.clear()
 
     def _save(self, i: int, m: int, call: _LayerCall, x: torch.Tensor) -> None:
         nbytes = x.numel() * x.element_size()
@@ -176,16 +184,50 @@ class RecomputeCheckpoints(_LayerCalls):
             name = activation_extent(i, m, str(nbytes))
             if name not in self.store:
                 self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
-            host = x.contiguous() if x.device.type == "cpu" else x.to("cpu")
-            self.acct.count("d2h_bytes", nbytes if x.device.type != "cpu" else 0)
-            # The write holds ``host`` until done; backward waits on it before reading.
-            call.checkpoint_write = self.store.write(name, host.reshape(-1).view(torch.uint8))
+            if x.device.type == "cuda":  # written once the copy has run (``_start_writes``)
+                call.checkpoint_host = self._to_host(call, x)
+                self.acct.count("d2h_bytes", nbytes)
+                self._unwritten.append((m, i))
+                return
+            # The write holds the tensor until done; backward waits on it before reading.
+            call.checkpoint_write = self.store.write(name, x.contiguous().reshape(-1).view(torch.uint8))
             return
-        call.checkpoint = x.to("cpu") if tier == Tier.HOST and x.device.type != "cpu" else x
+        call.checkpoint = self._to_host(call, x) if tier == Tier.HOST and x.device.type == "cuda" else x
         self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i} (micro-batch {m})")
+
+    def _to_host(self, call: _LayerCall, x: torch.Tensor) -> torch.Tensor:
+        """CUDA: a pinned host copy of ``x``, queued on the d2h stream after the compute queued so
+        far (which writes ``x``); ``call.d2h_done`` marks its end. The compute thread never waits."""
+        if self._d2h_stream is None:
+            self._d2h_stream = torch.cuda.Stream(x.device)
+        host = aligned_empty(x.numel() * x.element_size(), pin_memory=True).view(x.dtype).view(x.shape)
+        self._d2h_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self._d2h_stream):
+            host.copy_(x, non_blocking=True)
+        x.record_stream(self._d2h_stream)  # compute may free x before the copy has run
+        call.d2h_done = torch.cuda.Event()
+        call.d2h_done.record(self._d2h_stream)
+        return host
+
+    def _start_writes(self, keep: int = 0) -> None:
+        """CUDA, NVME tier: start the store writes of the checkpoints copied to the host, all but
+        the newest ``keep`` (a layer's copy ends while the next layer computes: waiting for it one
+        layer later leaves the GPU that layer's work queued)."""
+        while len(self._unwritten) > keep:
+            m, i = self._unwritten.pop(0)
+            call = self.calls.get((m, i))
+            if call is None or call.checkpoint_host is None:
+                continue
+            call.d2h_done.synchronize()  # sync point: the copy has landed in the pinned buffer
+            nbytes = call.checkpoint_host.numel() * call.checkpoint_host.element_size()
+            # The write holds the buffer until done; backward waits on it before reading.
+            call.checkpoint_write = self.store.write(activation_extent(i, m, str(nbytes)),
+                                                     call.checkpoint_host.reshape(-1).view(torch.uint8))
+            call.checkpoint_host = None
 
     def read_ahead(self, i: int, m: int = 0) -> None:
         """Start reading layer i's NVMe checkpoint back (overlaps the backward before it)."""
+        self._start_writes()
         call = self.calls.get((m, i))
         if call is not None and call.checkpoint_write is not None and call.checkpoint_read is None:
             self._start_read(i, m, call)
@@ -194,21 +236,27 @@ class RecomputeCheckpoints(_LayerCalls):
         assert call.checkpoint_write is not None
         call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
         nbytes = math.prod(call.shape) * itemsize(call.dtype)
-        call.checkpoint_buf = aligned_empty(nbytes)
+        call.checkpoint_buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
         call.checkpoint_read = self.store.read(activation_extent(i, m, str(nbytes)), call.checkpoint_buf)
 
     def _take(self, i: int, m: int, call: _LayerCall) -> torch.Tensor:
+        self._start_writes()
         if call.checkpoint_write is not None:
             if call.checkpoint_read is None:
                 self._start_read(i, m, call)
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
             call.checkpoint_read.result()  # sync point: read back
             x = call.checkpoint_buf.view(call.dtype).view(call.shape)
-            return x.to(self.device) if self.device.type != "cpu" else x
+            # pinned: queued on the compute stream (the caching host allocator keeps the buffer
+            # until the copy has run)
+            return x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x
         assert call.checkpoint is not None
         x = call.checkpoint
         self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
         call.checkpoint = None
+        if call.d2h_done is not None:  # CUDA, HOST tier: the compute stream waits for the copy out
+            torch.cuda.current_stream(self.device).wait_event(call.d2h_done)
+            return x.to(self.device, non_blocking=True)
         return x.to(self.device) if x.device != self.device else x
 
     @contextlib.contextmanager
@@ -226,8 +274,12 @@ class SavedTensors(_LayerCalls):
                  weights: WeightStreamer) -> None:
         super().__init__(placement, store, acct, device)
         self.weights = weights
-        self._pool: dict[int, list[torch.Tensor]] = {}  # released swap buffers by size (accounted)
+        # released swap buffers by size (accounted), each with the CUDA event after which nothing
+        # reads it any more (its copies back to DEVICE), or None
+        self._pool: dict[int, list[tuple[torch.Tensor, Any]]] = {}
         self._last_exit: tuple[int, int] | None = None  # the call whose forward ended last
+        self._d2h_stream: Any = None  # CUDA: saved activations leave DEVICE on it
+        self._copying: list[_LayerCall] = []  # CUDA: calls whose copies out may run, writes not started
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
         call = self._record(i, m, x, args_rest, kwargs)
@@ -274,6 +326,9 @@ class SavedTensors(_LayerCalls):
             self._release(call)
 
     def drop(self) -> None:
+        for call in self._copying:
+            call.d2h_done.synchronize()  # sync point: no copy may land in a buffer handed on
+        self._copying.clear()
         for call in self.calls.values():
             if call.saved is not None:  # a layer that raised inside its forward
                 if call.thread == threading.get_ident():  # else its thread, and its hook stack, ended
@@ -293,7 +348,11 @@ class SavedTensors(_LayerCalls):
             if t.read is not None:
                 t.read.result()  # sync point: no read may land in a buffer handed on
             t.read = None
-        self._drop_buffers(call)
+        read_until = None
+        if self._d2h_stream is not None and call.swapped:  # CUDA: after the copies back queued so far
+            read_until = torch.cuda.Event()
+            read_until.record(torch.cuda.current_stream(self.device))
+        self._drop_buffers(call, read_until)
         call.swapped.clear()
         call.swapped_once.clear()
         self.acct.free(Tier.DEVICE, call.saved_bytes)
@@ -315,9 +374,9 @@ class SavedTensors(_LayerCalls):
             if swapped is None:  # else saved before (by another node, or as another view): one copy
                 # A copy in a page-aligned buffer (O_DIRECT, no bounce), with the tensor's own
                 # strides where it has no gaps; autograd drops ``t`` (``swapped_once`` holds it
-                # until the forward ends). Sync point on a GPU: the D2H copy blocks this thread.
+                # until the forward ends). On a GPU the copy is queued on the d2h stream.
                 buf = self._buffer(nbytes, f"saved activations of layer {i} (swapped)")
-                buf.view(t.dtype).as_strided(t.shape, stride).copy_(t)
+                self._copy_out(buf.view(t.dtype).as_strided(t.shape, stride), t)
                 swapped = _SwappedTensor(activation_extent(i, m, f"{len(call.swapped)}.{nbytes}"), t.dtype,
                                          nbytes, buf)
                 call.swapped.append(swapped)
@@ -338,7 +397,22 @@ class SavedTensors(_LayerCalls):
             swapped.read.result()  # sync point: the read of this activation has landed
         assert swapped.buf is not None
         x = swapped.buf.view(swapped.dtype).as_strided(packed.shape, packed.stride)
-        return x if self.device.type == "cpu" else x.to(self.device)  # (dense: strides preserved)
+        # (dense: strides preserved) a GPU copy is queued on the backward's stream; the buffer is
+        # not reused before it has run (the event ``_release`` records)
+        return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
+
+    def _copy_out(self, dst: torch.Tensor, t: torch.Tensor) -> None:
+        """Copy saved tensor ``t`` into host buffer ``dst``: on a GPU queued on the d2h stream after
+        the compute queued so far (the compute thread does not wait; ``_swap_out`` records its end)."""
+        if t.device.type != "cuda":
+            dst.copy_(t)
+            return
+        if self._d2h_stream is None:
+            self._d2h_stream = torch.cuda.Stream(t.device)
+        self._d2h_stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self._d2h_stream):
+            dst.copy_(t, non_blocking=True)
+        t.record_stream(self._d2h_stream)  # its memory is not reused before the copy has run
 
     # ---------------------------------------------------------------- swap buffers and I/O
     def _buffer(self, nbytes: int, what: str) -> torch.Tensor:
@@ -346,38 +420,63 @@ class SavedTensors(_LayerCalls):
         save the same shapes, so buffers are reused, not faulted in anew), else a new one."""
         pooled = self._pool.get(nbytes)
         if pooled:
-            return pooled.pop()
+            buf, read_until = pooled.pop()
+            if read_until is not None:
+                read_until.synchronize()  # sync point: its copies back to DEVICE have run
+            return buf
         self.acct.alloc(self.placement.swap_tier, nbytes, what)
         return aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
 
     def _clear_pool(self) -> None:
-        """Give the released swap buffers back (end of forward, of backward, of a dropped step)."""
+        """Give the released swap buffers back (end of forward, of backward, of a dropped step;
+        the caching host allocator keeps a pinned one until the copies recorded on it have run)."""
         for nbytes, bufs in self._pool.items():
             self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
         self._pool.clear()
 
     def _swap_out(self, call: _LayerCall) -> None:
-        """After a layer's forward: write its swapped activations (extents reserved once)."""
+        """After a layer's forward: write its swapped activations (extents reserved once); on a
+        GPU once their copies out have run, from the next layer's end on (``_start_writes``)."""
+        if self._d2h_stream is not None:
+            call.d2h_done = torch.cuda.Event()
+            call.d2h_done.record(self._d2h_stream)
+            self._copying.append(call)
+            self._start_writes(keep=1)
+            return
+        self._write_swapped(call)
+
+    def _start_writes(self, keep: int = 0, through: _LayerCall | None = None) -> None:
+        """CUDA: start the writes of the calls whose copies out were queued, oldest first, all but
+        the newest ``keep``, and at least up to ``through``."""
+        while len(self._copying) > keep or any(c is through for c in self._copying):
+            call = self._copying.pop(0)
+            call.d2h_done.synchronize()  # sync point: the layer's copies have landed
+            self._write_swapped(call)
+
+    def _write_swapped(self, call: _LayerCall) -> None:
         self.store.reserve([TensorSpec(t.name, torch.uint8, (t.nbytes,)) for t in call.swapped
                             if t.name not in self.store])
         for t in call.swapped:
             assert t.buf is not None
             t.write = self.store.write(t.name, t.buf)  # holds ``buf`` until done
 
-    def _drop_buffers(self, call: _LayerCall) -> None:
+    def _drop_buffers(self, call: _LayerCall, read_until: Any = None) -> None:
         """Wait for the writes of a layer's swapped activations, then hand their buffers to the
-        pool (still accounted; ``_clear_pool`` frees them)."""
+        pool (still accounted; ``_clear_pool`` frees them); ``read_until``: CUDA event after the
+        copies that read them."""
+        self._start_writes(through=call)
         for t in call.swapped:
             if t.write is not None:
                 t.write.result()  # sync point: the write of this activation has ended
             if t.buf is not None:
-                self._pool.setdefault(t.nbytes, []).append(t.buf)
+                self._pool.setdefault(t.nbytes, []).append((t.buf, read_until))
                 t.buf = None
 
     def _swap_in(self, i: int, call: _LayerCall | None) -> None:
         """Read layer i's swapped activations back into buffers, unless still in memory."""
         if call is None:
             return
+        self._start_writes(through=call)  # CUDA: its copies out have landed (buffers still held, or written)
         for t in call.swapped:
             if t.buf is not None or t.read is not None:
                 continue

@@ -185,11 +185,12 @@ class MemoryPeak:
     nvme_bytes: int
 
 
-def placement(plan: Plan, shape: ModelShape, wl: Workload,
-              timing: LayerTiming | None = None) -> list[tuple[str, Tier, int]]:
-    """(tensor group, tier, bytes at peak) of everything the executor holds under ``plan``."""
+def placement(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None,
+              gpu: bool = False) -> list[tuple[str, Tier, int]]:
+    """(tensor group, tier, bytes at peak) of everything the executor holds under ``plan``
+    (``gpu``: DEVICE is a GPU, host buffers of its copies are page-locked)."""
     w, L = wl.itemsize, shape.n_layers
-    rules = wl.placement(plan, shape)
+    rules = wl.placement(plan, shape, on_gpu=gpu)
     act = activation_bytes(shape, wl, timing)
     w_layer = shape.layer_numel * w
     R = len(plan.resident_layers)
@@ -225,6 +226,9 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload,
         (WORKING_MEMORY, Tier.DEVICE, act.work),
         # optimizer worker: double-buffered chunk-wide rows (grad, stored grad, master, m, v)
         ("optimizer staging", Tier.HOST, rules.staging_bytes(shape.largest_trainable_unit_numel)),
+        # GPU: every load from the SSD lands in one page-locked buffer of a layer, then copies over
+        ("pinned staging of weight loads", Tier.HOST,
+         shape.streamed_layer_numel * w if gpu and plan.weights == Tier.NVME and (R < L or shape.frozen) else 0),
     ]
     if plan.weights == Tier.NVME or plan.optimizer == Tier.NVME or plan.grads == Tier.NVME:
         # every unit's chunks become 4 KiB-aligned extents: at most one block lost per extent
@@ -261,7 +265,8 @@ def swapped_activation_bytes(plan: Plan, shape: ModelShape, wl: Workload,
     return wl.grad_accum * swapped * activation_bytes(shape, wl, timing).saved if swapped else 0
 
 
-def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> MemoryPeak:
+def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None,
+                gpu: bool = False) -> MemoryPeak:
     """Bytes per tier at peak: the sums of ``placement``, except that on DEVICE the layer phase
     and the head phase do not overlap:
         device = everything else + max(layer weights in flight + layer work, head work)
@@ -269,7 +274,7 @@ def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming
     forward, backward's loads start after the head's backward)."""
     total = {t: 0 for t in Tier}
     in_flight = 0
-    for group, tier, nbytes in placement(plan, shape, wl, timing):
+    for group, tier, nbytes in placement(plan, shape, wl, timing, gpu):
         total[tier] += nbytes
         in_flight += nbytes if group == IN_FLIGHT else 0
     act = activation_bytes(shape, wl, timing)
@@ -390,7 +395,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, gpu)
     return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
                     time_s=time_s, step_s=step_s, bottleneck=bottleneck,
-                    memory=peak_memory(plan, shape, wl, timing), model_flops=model_flops)
+                    memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)
 
 
 def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,

@@ -156,6 +156,7 @@ class StreamingExecutor(StateExport):
         check_device_fits(p, m)
         self.acct.alloc(Tier.HOST, p.host_bytes((u.numel, u.frozen_numel) for u in m.units), "host-resident tensors of the plan")
         self.state = StateStore(m, p, self.store, s.state_dtype, s.compute_dtype)
+        self._parts.append(self.state)  # closed last: its page-locked HOST tensors
         self.clock = UnitClock(len(m.units))
         # Without an initializer the model's own tensors are the start: keep them until written.
         originals = {n: q.detach() for n, q in self.model.named_parameters()} if self._start.initializer is None else {}

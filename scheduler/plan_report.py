@@ -72,7 +72,7 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
         "",
     ]
     rows = []
-    for group, tier, nbytes in placement(plan, shape, wl, choice.timing):
+    for group, tier, nbytes in placement(plan, shape, wl, choice.timing, gpu=profile.h2d_gbps is not None):
         rows.append([group] + [_size(nbytes) if tier == t else "" for t in Tier])
     # the device peak: the layer and the head phases do not overlap (cost_model.peak_memory)
     mem = choice.estimate.memory

@@ -121,14 +121,15 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
                         job_slots=job_slots, chunk_numel=chunk)
             if master_from_loads and not lent_master_layers(shape, wl, wl.placement(base, shape, on_gpu=gpu)):
                 continue  # the rule does not apply here: the same plan as without it
-            plan = _fill_device(base, shape, wl, timing)
+            plan = _fill_device(base, shape, wl, timing, gpu)
             if plan is not None:
-                yield _fill_host(plan, shape, wl, timing)
+                yield _fill_host(plan, shape, wl, timing, gpu)
 
 
-def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan | None:
+def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None,
+                 gpu: bool = False) -> Plan | None:
     """Spend the DEVICE memory left on turn layers, then resident layers; None if none fits."""
-    free = plan.device_budget_bytes - peak_memory(plan, shape, wl, timing).device_bytes
+    free = plan.device_budget_bytes - peak_memory(plan, shape, wl, timing, gpu).device_bytes
     if free < 0:
         return None
     w_layer = shape.layer_numel * wl.itemsize
@@ -141,12 +142,13 @@ def _fill_device(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTimin
     return replace(plan, turn_keep=int(turn), resident_layers=tuple(range(int(resident))))
 
 
-def _fill_host(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None) -> Plan:
+def _fill_host(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None = None,
+               gpu: bool = False) -> Plan:
     """Spend the HOST memory left on the optimizer states of the first units (``pre`` first):
     each unit kept in RAM takes its state's SSD reads and writes off every step."""
     if plan.optimizer != Tier.NVME:
         return plan
-    free = plan.host_budget_bytes - peak_memory(plan, shape, wl, timing).host_bytes
+    free = plan.host_budget_bytes - peak_memory(plan, shape, wl, timing, gpu).host_bytes
     units = shape.n_layers + 2
     k = 0
     while k < units and wl.optimizer_bytes_per_param * shape.first_units_trainable_numel(k + 1) <= free:

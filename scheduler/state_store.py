@@ -9,6 +9,10 @@ Threads: ``init_unit`` and the whole-unit reads run on the main thread (start-up
 ``host`` and ``read_unit`` on the loader thread (weights); the chunk reads and writes on the optimizer worker. A
 unit's HOST tensors are touched by one thread at a time: the UnitClock orders the worker's
 writes before the loader's next read of the same unit.
+
+On a GPU the HOST tensors the weight loader copies to DEVICE (streamed weights, frozen parts) are
+page-locked in place (``offload.pinned``: exactly their bytes, already counted in HOST), so their
+copies are asynchronous; ``close()`` unlocks them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 
+from offload.pinned import PinnedBuffers
 from offload.store import SwapStore, TensorSpec
 from offload.tiers import Tier
 from scheduler.model_map import ModelMap, Unit
@@ -75,6 +80,21 @@ class StateStore:
         self.chunks = [chunk_ranges(u.numel, chunk_numel) for u in model_map.units]  # trainable kinds
         self.frozen_chunks = [chunk_ranges(u.frozen_numel, chunk_numel) for u in model_map.units]
         self._host: list[dict[str, torch.Tensor]] = [{} for _ in model_map.units]  # HOST kinds per unit
+        self._pinned = PinnedBuffers() if placement.on_gpu else None  # loader homes on a GPU machine
+
+    def close(self) -> None:
+        """Unlock the page-locked HOST tensors (they stay usable, pageable)."""
+        if self._pinned is not None:
+            self._pinned.close()
+
+    def _keep_host(self, u: Unit, kind: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the HOST home of a kind: page-locked on a GPU when the weight loader
+        copies it to DEVICE (a streamed unit's weights, or its frozen part)."""
+        loaded = kind == "frozen" or (kind == self.placement.weights_kind and self.tier("weight", u) == Tier.HOST)
+        if self._pinned is not None and loaded and kind in ("frozen", "weight", "master"):
+            tensor = self._pinned.copy_of(tensor)
+        self._host[u.index][kind] = tensor
+        return tensor
 
     def tier(self, kind: str, unit: Unit) -> Tier:
         if kind in STATE_KINDS:
@@ -111,8 +131,9 @@ class StateStore:
         if n == 0:
             return  # nothing trainable: no state
         if self.tier("master", u) == Tier.HOST:
+            self._keep_host(u, "master", master)
             self._host[u.index].update(
-                master=master, exp_avg=torch.zeros(n, dtype=sd) if exp_avg is None else exp_avg.clone(),
+                exp_avg=torch.zeros(n, dtype=sd) if exp_avg is None else exp_avg.clone(),
                 exp_avg_sq=torch.zeros(n, dtype=sd) if exp_avg_sq is None else exp_avg_sq.clone())
             return
         zeros = torch.zeros(min(n, self.placement.plan.chunk_numel), dtype=sd)
@@ -143,7 +164,7 @@ class StateStore:
     def _put(self, u: Unit, kind: str, flat: torch.Tensor) -> None:
         """A whole kind of a unit into its HOST or NVME home (blocking)."""
         if self.tier(kind, u) == Tier.HOST:
-            self._host[u.index][kind] = flat
+            self._keep_host(u, kind, flat)
             return
         _wait_all([self.store.write(extent_name(u, kind, c), flat[a:b]) for c, (a, b) in enumerate(self._chunks(u, kind))])
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from offload.io.posix import aligned_empty
+from offload.pinned import PinnedBuffers
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import ParamSlot, Unit
 from scheduler.state_store import StateStore, done
@@ -87,6 +88,8 @@ class WeightStreamer:
         self._loader: ThreadPoolExecutor | None = None
         self.copy_stream: Any = None  # CUDA: the stream of every host-to-device copy
         self.compute_stream: Any = None  # CUDA: the caller's current stream at start (compute runs on it)
+        self._pinned: PinnedBuffers | None = None  # CUDA: owns ``_staging``
+        self._staging: torch.Tensor | None = None  # CUDA, NVMe loads: page-locked landing of one part
         self._grad_reserve_bytes = max(u.numel for u in state.map.layer_units) * self._itemsize
         # released CPU buffers by size, for the next loads (main, loader and worker threads)
         self._spare: dict[int, list[torch.Tensor]] = {}
@@ -110,13 +113,31 @@ class WeightStreamer:
         if self.device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(self.device)
             self.compute_stream = torch.cuda.current_stream(self.device)
+            self._start_staging()
         elif not self.placement.aliases_home:
             self.acct.reclaim = self._reclaim
+
+    def _start_staging(self) -> None:
+        """CUDA, weights on NVMe: one page-locked buffer the size of the largest streamed part,
+        counted in HOST: every load lands there, then copies to DEVICE (loads run one at a time,
+        on the loader thread, and each copy ends before the next load starts)."""
+        streamed = [p.numel for parts in self._parts for p in parts if not p.resident]
+        if self.placement.plan.weights != Tier.NVME or not streamed:
+            return
+        numel = max(streamed)
+        self.acct.alloc(Tier.HOST, numel * self._itemsize, "pinned staging of weight loads")
+        self._pinned = PinnedBuffers()
+        self._staging = self._pinned.empty(numel, self.dtype)
 
     def close(self) -> None:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
+        if self._pinned is not None:
+            self._pinned.close()
+            self._pinned = None
+            self.acct.free(Tier.HOST, self._staging.numel() * self._itemsize)
+            self._staging = None
         self._spare_max = 0  # buffers given back from now on (jobs still running) are freed
         self._reclaim(Tier.DEVICE, 1 << 62)
         if self.acct.reclaim == self._reclaim:
@@ -285,9 +306,10 @@ class WeightStreamer:
         elif self.device.type == "cpu":
             self.state.read_unit(u, part.kind, flat)
         else:
-            staging = torch.empty(part.numel, dtype=flat.dtype, pin_memory=True)
+            assert self._staging is not None, "a load from the SSD on CUDA needs the pinned staging"
+            staging = self._staging[: part.numel]
             self.state.read_unit(u, part.kind, staging)
-            self._h2d(flat, staging)
+            self._h2d(flat, staging)  # ends (host sync) before the next load reuses the staging
         return flat
 
     # ---------------------------------------------------------------- spare buffers (CPU device)

@@ -194,3 +194,40 @@ def test_pinned_aligned_buffers_take_no_extra_page():
     assert buf.numel() == 1 << 20 and buf.data_ptr() % ALIGN_BYTES == 0
     if DEVICE == "cuda":
         assert buf.is_pinned() and buf.untyped_storage().nbytes() == 1 << 20
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="page-locking needs CUDA")
+def test_pinned_buffers_are_page_locked_exactly_and_unlocked_on_close():
+    from offload.pinned import PinnedBuffers
+
+    pinned = PinnedBuffers()
+    buf = pinned.empty(3 * 1024 * 1024 + 5, torch.float32)  # not a power of two: no rounding up
+    copy_ = pinned.copy_of(torch.arange(10, dtype=torch.bfloat16).view(2, 5))
+    assert buf.is_pinned() and copy_.is_pinned()
+    assert pinned.nbytes == (3 * 1024 * 1024 + 5) * 4 + 20
+    assert torch.equal(copy_, torch.arange(10, dtype=torch.bfloat16).view(2, 5))
+    dev = torch.empty(buf.numel(), device="cuda")
+    buf.fill_(2.0)
+    dev.copy_(buf, non_blocking=True)
+    torch.cuda.synchronize()
+    assert bool((dev == 2.0).all())
+    pinned.close()
+    assert not buf.is_pinned() and pinned.nbytes == 0
+
+
+def test_host_memory_of_a_gpu_run_stays_within_the_prediction(tmp_path):
+    """The accounted HOST peak (optimizer staging, the loads' pinned staging) within the cost
+    model's prediction for this device; DEVICE likewise."""
+    from test_plan import profile
+
+    from scheduler.cost_model import Workload, estimate
+    from scheduler.model_shape import shape_from_model
+
+    model = tiny_model("llama")
+    shape = shape_from_model(model, model.config)
+    plan = dataclasses.replace(ALL_NVME, chunk_numel=8192)
+    wl = Workload(micro_batch=2, seq_len=16)
+    _, _, metrics = train_engine(model, make_batches(2, 1), plan, tmp_path, 0.0, torch.float32)
+    mem = estimate(plan, shape, wl, profile(gpu=DEVICE == "cuda")).memory
+    assert metrics["peak_host_bytes"] <= mem.host_bytes
+    assert metrics["peak_device_bytes"] <= mem.device_bytes

@@ -334,3 +334,22 @@ def test_workload_rejects_nonsense():
         Workload(micro_batch=0, seq_len=16)
     with pytest.raises(ValueError):
         Workload(micro_batch=1, seq_len=16, compute_dtype="int8")
+
+
+def test_a_gpu_plan_counts_the_pinned_staging_of_weight_loads():
+    """On a GPU every load from the SSD lands in one page-locked buffer of a layer (counted in
+    HOST); on a CPU loads read straight into their DEVICE buffer (no such row)."""
+    from scheduler.cost_model import placement as placement_rows
+
+    model, cfg = _tiny_llama()
+    shape = shape_from_model(model, cfg)
+    wl = Workload(micro_batch=2, seq_len=16)
+    plan = dataclasses.replace(ALL_NVME, chunk_numel=8192)
+    gpu_rows = {g: (t, n) for g, t, n in placement_rows(plan, shape, wl, gpu=True)}
+    cpu_rows = {g: (t, n) for g, t, n in placement_rows(plan, shape, wl)}
+    assert gpu_rows["pinned staging of weight loads"] == (Tier.HOST, shape.layer_numel * 4)
+    assert "pinned staging of weight loads" not in cpu_rows
+    host = dataclasses.replace(plan, weights=Tier.HOST)
+    assert all(g != "pinned staging of weight loads" for g, _, _ in placement_rows(host, shape, wl, gpu=True))
+    assert (peak_memory(plan, shape, wl, gpu=True).host_bytes - peak_memory(plan, shape, wl).host_bytes
+            == shape.layer_numel * 4)
