@@ -132,7 +132,7 @@ class RecomputeCheckpoints(_LayerCalls):
         self.router = router
         self._grad_mode_stack: list[bool] = []
         self._d2h_stream: Any = None  # CUDA: checkpoints leave DEVICE on it, never on the compute stream
-        self._unwritten: list[tuple[int, int]] = []  # CUDA, NVME tier: copies whose write is not started
+        self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
         call = self._record(i, m, x, args_rest, kwargs)
@@ -163,6 +163,8 @@ class RecomputeCheckpoints(_LayerCalls):
         """Nothing left: the checkpoint was freed when it was taken."""
 
     def drop(self) -> None:
+        for _, _, call in self._unwritten:  # (a call replay took, and an error left unwritten)
+            call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
         for call in self.calls.values():
             if call.d2h_done is not None:
                 call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
@@ -187,7 +189,7 @@ class RecomputeCheckpoints(_LayerCalls):
             if x.device.type == "cuda":  # written once the copy has run (``_start_writes``)
                 call.checkpoint_host = self._to_host(call, x)
                 self.acct.count("d2h_bytes", nbytes)
-                self._unwritten.append((m, i))
+                self._unwritten.append((m, i, call))
                 return
             # The write holds the tensor until done; backward waits on it before reading.
             call.checkpoint_write = self.store.write(name, x.contiguous().reshape(-1).view(torch.uint8))
@@ -214,9 +216,8 @@ class RecomputeCheckpoints(_LayerCalls):
         the newest ``keep`` (a layer's copy ends while the next layer computes: waiting for it one
         layer later leaves the GPU that layer's work queued)."""
         while len(self._unwritten) > keep:
-            m, i = self._unwritten.pop(0)
-            call = self.calls.get((m, i))
-            if call is None or call.checkpoint_host is None:
+            m, i, call = self._unwritten.pop(0)  # (replay may have taken the call off ``calls``)
+            if call.checkpoint_host is None:
                 continue
             call.d2h_done.synchronize()  # sync point: the copy has landed in the pinned buffer
             nbytes = call.checkpoint_host.numel() * call.checkpoint_host.element_size()
