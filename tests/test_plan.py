@@ -140,7 +140,7 @@ def test_planner_never_exceeds_a_budget(shape, wl, b, gpu, recompute):
         assert "\n" not in text and ("short" in text or "raise" in text), text
         return
     plan, mem = choice.plan, choice.estimate.memory
-    assert mem == peak_memory(plan, shape, wl)
+    assert mem == peak_memory(plan, shape, wl, gpu=gpu)
     if b.shared:  # one RAM: the planner may move the split, never the total
         assert plan.device_budget_bytes + plan.host_budget_bytes <= b.device_bytes + b.host_bytes
     else:
