@@ -447,9 +447,9 @@ class SavedTensors(_LayerCalls):
         self._write_swapped(call)
 
     def _start_writes(self, keep: int = 0, through: _LayerCall | None = None) -> None:
-        """CUDA: start the writes of the calls whose copies out were queued, oldest first, all but
-        the newest ``keep``, and at least up to ``through``."""
-        while len(self._copying) > keep or any(c is through for c in self._copying):
+        """CUDA: start the writes of the calls whose copies out were queued, oldest first: all but
+        the newest ``keep``, or (``through`` given) up to and including ``through`` only."""
+        while (through is None and len(self._copying) > keep) or any(c is through for c in self._copying):
             call = self._copying.pop(0)
             call.d2h_done.synchronize()  # sync point: the layer's copies have landed
             self._write_swapped(call)

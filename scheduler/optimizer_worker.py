@@ -112,8 +112,6 @@ class OptimizerWorker:
         staging_bytes = self.state.placement.staging_bytes(self._width)
         self.acct.alloc(Tier.HOST, staging_bytes, "optimizer staging buffers")
         self._arena = HostArena(staging_bytes).open()  # pinned where CUDA is available
-        if self.state.placement.on_gpu:
-            self._d2h = torch.cuda.Stream()
         if self.state.placement.plan.overlap:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="optimizer")
 
@@ -241,13 +239,16 @@ class OptimizerWorker:
         """CUDA: chunk [a, b) of the fresh gradients copied on the d2h stream into the pinned
         ``stored_grad`` row (their dtype), then cast into ``grad`` on the CPU, or added to the kept
         gradient already there: stored + fresh, the same sum as fresh + stored."""
-        dtype = next(g.dtype for g in job.fresh if g is not None)
+        first = next(g for g in job.fresh if g is not None)
+        dtype = first.dtype
         width_bytes = staging.stored_grad.numel() * staging.stored_grad.element_size()
         if (b - a) * itemsize(dtype) > width_bytes:
             raise ValueError(f"gradients in {dtype} do not fit the {self.settings.state_dtype} staging row")
         landing = staging.stored_grad.view(torch.uint8)[: (b - a) * itemsize(dtype)].view(dtype)
         t_start_s = self.tracer.clock()
         d2h_bytes = 0
+        if self._d2h is None:
+            self._d2h = torch.cuda.Stream(first.device)  # the gradients' device, not the current one
         with torch.cuda.stream(self._d2h):
             self._d2h.wait_event(job.ready)  # the unit's backward has run on the compute stream
             for s, g in zip(job.unit.params, job.fresh, strict=True):
