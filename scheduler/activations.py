@@ -108,6 +108,7 @@ class _LayerCalls:
         self.acct = acct
         self.device = device
         self.calls: dict[tuple[int, int], _LayerCall] = {}  # by (micro-batch, layer)
+        self._d2h_stream: Any = None  # CUDA: activations leave DEVICE on it, never on the compute stream
 
     def _record(self, i: int, m: int, x: torch.Tensor, args_rest: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> _LayerCall:
@@ -120,6 +121,22 @@ class _LayerCalls:
     def read_ahead(self, i: int, m: int = 0) -> None:
         """Start bringing the activations of (m, i) back (overlaps the backward before it)."""
 
+    def _queue_d2h(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """CUDA: copy ``src`` into host ``dst`` on the d2h stream, after the compute queued so far
+        (which writes ``src``); the compute thread does not wait (``_d2h_event`` marks the end)."""
+        if self._d2h_stream is None:
+            self._d2h_stream = torch.cuda.Stream(src.device)
+        self._d2h_stream.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self._d2h_stream):
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self._d2h_stream)  # compute may free src before the copy has run
+
+    def _d2h_event(self) -> Any:
+        """A CUDA event after every copy queued on the d2h stream so far."""
+        event = torch.cuda.Event()
+        event.record(self._d2h_stream)
+        return event
+
     def end_backward(self) -> None:
         """After the last layer's backward."""
 
@@ -131,7 +148,6 @@ class RecomputeCheckpoints(_LayerCalls):
         self.layers = layers
         self.router = router
         self._grad_mode_stack: list[bool] = []
-        self._d2h_stream: Any = None  # CUDA: checkpoints leave DEVICE on it, never on the compute stream
         self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
@@ -198,17 +214,10 @@ class RecomputeCheckpoints(_LayerCalls):
         self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i} (micro-batch {m})")
 
     def _to_host(self, call: _LayerCall, x: torch.Tensor) -> torch.Tensor:
-        """CUDA: a pinned host copy of ``x``, queued on the d2h stream after the compute queued so
-        far (which writes ``x``); ``call.d2h_done`` marks its end. The compute thread never waits."""
-        if self._d2h_stream is None:
-            self._d2h_stream = torch.cuda.Stream(x.device)
+        """CUDA: a pinned host copy of ``x``, queued on the d2h stream; ``call.d2h_done`` marks its end."""
         host = aligned_empty(x.numel() * x.element_size(), pin_memory=True).view(x.dtype).view(x.shape)
-        self._d2h_stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(self._d2h_stream):
-            host.copy_(x, non_blocking=True)
-        x.record_stream(self._d2h_stream)  # compute may free x before the copy has run
-        call.d2h_done = torch.cuda.Event()
-        call.d2h_done.record(self._d2h_stream)
+        self._queue_d2h(host, x)
+        call.d2h_done = self._d2h_event()
         return host
 
     def _start_writes(self, keep: int = 0) -> None:
@@ -279,7 +288,6 @@ class SavedTensors(_LayerCalls):
         # reads it any more (its copies back to DEVICE), or None
         self._pool: dict[int, list[tuple[torch.Tensor, Any]]] = {}
         self._last_exit: tuple[int, int] | None = None  # the call whose forward ended last
-        self._d2h_stream: Any = None  # CUDA: saved activations leave DEVICE on it
         self._copying: list[_LayerCall] = []  # CUDA: calls whose copies out may run, writes not started
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
@@ -403,17 +411,12 @@ class SavedTensors(_LayerCalls):
         return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
 
     def _copy_out(self, dst: torch.Tensor, t: torch.Tensor) -> None:
-        """Copy saved tensor ``t`` into host buffer ``dst``: on a GPU queued on the d2h stream after
-        the compute queued so far (the compute thread does not wait; ``_swap_out`` records its end)."""
-        if t.device.type != "cuda":
+        """Copy saved tensor ``t`` into host buffer ``dst`` (on a GPU queued on the d2h stream;
+        ``_swap_out`` records its end)."""
+        if t.device.type == "cuda":
+            self._queue_d2h(dst, t)
+        else:
             dst.copy_(t)
-            return
-        if self._d2h_stream is None:
-            self._d2h_stream = torch.cuda.Stream(t.device)
-        self._d2h_stream.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(self._d2h_stream):
-            dst.copy_(t, non_blocking=True)
-        t.record_stream(self._d2h_stream)  # its memory is not reused before the copy has run
 
     # ---------------------------------------------------------------- swap buffers and I/O
     def _buffer(self, nbytes: int, what: str) -> torch.Tensor:
@@ -439,8 +442,7 @@ class SavedTensors(_LayerCalls):
         """After a layer's forward: write its swapped activations (extents reserved once); on a
         GPU once their copies out have run, from the next layer's end on (``_start_writes``)."""
         if self._d2h_stream is not None:
-            call.d2h_done = torch.cuda.Event()
-            call.d2h_done.record(self._d2h_stream)
+            call.d2h_done = self._d2h_event()
             self._copying.append(call)
             self._start_writes(keep=1)
             return

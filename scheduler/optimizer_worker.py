@@ -212,62 +212,56 @@ class OptimizerWorker:
         """grad = this job's fresh gradients of chunk [a, b) (D2H + cast) + the stored gradient."""
         if not job.fresh_any:
             return  # the stored gradient was read into ``grad`` itself
-        if job.ready is not None:
-            self._gather_from_cuda(job, c, a, b, staging)
-            return
         t_start_s = self.tracer.clock()
+        if job.ready is None:
+            d2h_bytes = self._copy_fresh(job, a, b, staging.grad)  # (D2H and) cast to the state dtype
+            landing = None
+        else:
+            landing, d2h_bytes = self._land_from_cuda(job, a, b, staging)
+        if d2h_bytes:
+            self.acct.count("d2h_bytes", d2h_bytes)
+        if t_start_s:
+            self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
+        if landing is None:
+            if job.add_stored:
+                staging.grad.add_(staging.stored_grad)
+        elif job.add_stored:  # the kept gradient was read into ``grad``: stored + fresh, the same sum
+            staging.grad.add_(landing)  # fp32 += bf16: computed in fp32, exact upcast
+        else:
+            staging.grad.copy_(landing)
+
+    @staticmethod
+    def _copy_fresh(job: Job, a: int, b: int, dst: torch.Tensor, non_blocking: bool = False) -> int:
+        """Chunk [a, b) of the job's fresh gradients into ``dst`` (zeros where a parameter had
+        none); returns the bytes copied from a GPU."""
         d2h_bytes = 0
         for s, g in zip(job.unit.params, job.fresh, strict=True):
             lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
             if lo >= hi:
                 continue
-            dst = staging.grad[lo - a : hi - a]
             if g is None:
-                dst.zero_()
+                dst[lo - a : hi - a].zero_()
             else:
-                dst.copy_(g.reshape(-1)[lo - s.offset : hi - s.offset])  # D2H + cast to state dtype
+                dst[lo - a : hi - a].copy_(g.reshape(-1)[lo - s.offset : hi - s.offset], non_blocking=non_blocking)
                 if g.device.type == "cuda":
                     d2h_bytes += (hi - lo) * g.element_size()
-        if d2h_bytes:
-            self.acct.count("d2h_bytes", d2h_bytes)
-        if t_start_s:
-            self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
-        if job.add_stored:
-            staging.grad.add_(staging.stored_grad)
+        return d2h_bytes
 
-    def _gather_from_cuda(self, job: Job, c: int, a: int, b: int, staging: _Staging) -> None:
+    def _land_from_cuda(self, job: Job, a: int, b: int, staging: _Staging) -> tuple[torch.Tensor, int]:
         """CUDA: chunk [a, b) of the fresh gradients copied on the d2h stream into the pinned
-        ``stored_grad`` row (their dtype), then cast into ``grad`` on the CPU, or added to the kept
-        gradient already there: stored + fresh, the same sum as fresh + stored."""
+        ``stored_grad`` row, in their dtype (cast on the CPU by the caller); (that row, bytes)."""
         first = next(g for g in job.fresh if g is not None)
-        dtype = first.dtype
         width_bytes = staging.stored_grad.numel() * staging.stored_grad.element_size()
-        if (b - a) * itemsize(dtype) > width_bytes:
-            raise ValueError(f"gradients in {dtype} do not fit the {self.settings.state_dtype} staging row")
-        landing = staging.stored_grad.view(torch.uint8)[: (b - a) * itemsize(dtype)].view(dtype)
-        t_start_s = self.tracer.clock()
-        d2h_bytes = 0
+        if (b - a) * first.element_size() > width_bytes:
+            raise ValueError(f"gradients in {first.dtype} do not fit the {self.settings.state_dtype} staging row")
+        landing = staging.stored_grad.view(torch.uint8)[: (b - a) * first.element_size()].view(first.dtype)
         if self._d2h is None:
             self._d2h = torch.cuda.Stream(first.device)  # the gradients' device, not the current one
         with torch.cuda.stream(self._d2h):
             self._d2h.wait_event(job.ready)  # the unit's backward has run on the compute stream
-            for s, g in zip(job.unit.params, job.fresh, strict=True):
-                lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
-                if lo >= hi:
-                    continue
-                if g is None:
-                    landing[lo - a : hi - a].zero_()
-                else:
-                    landing[lo - a : hi - a].copy_(g.reshape(-1)[lo - s.offset : hi - s.offset], non_blocking=True)
-                    d2h_bytes += (hi - lo) * g.element_size()
+            d2h_bytes = self._copy_fresh(job, a, b, landing, non_blocking=True)
         self._d2h.synchronize()  # sync point: this worker thread only, never the compute stream
-        self.acct.count("d2h_bytes", d2h_bytes)
-        if t_start_s:
-            self.tracer.add("d2h", f"gradients of {job.unit.name}.{c}", t_start_s)
-        if job.add_stored:
-            staging.grad.add_(landing)  # fp32 += bf16: computed in fp32, exact upcast
-        else:
-            staging.grad.copy_(landing)
+        return landing, d2h_bytes
 
     def _keep(self, job: Job, c: int, grad: torch.Tensor, parts: NormParts) -> list[Future[None]]:
         """Store the (accumulated) gradient; before a deferred update, unscaled, with its norm part."""
