@@ -128,15 +128,20 @@ def lent_master_layers(shape: ModelShape, wl: Workload, rules: Placement) -> int
     return sum(1 for i in range(shape.n_layers) if rules.master_from_loads(i + 1, immediate=not wl.deferred))
 
 
-def masters_in_memory_numel(shape: ModelShape, wl: Workload, rules: Placement) -> int:
-    """Trainable parameters whose update copies the master from memory instead of reading it
-    from the SSD: the layers lent their loaded weights (``lent_master_layers``) and the units
-    whose DEVICE-resident weights hold it (``Placement.master_on_device``)."""
+def masters_on_device_numel(shape: ModelShape, rules: Placement) -> int:
+    """Trainable parameters of the units whose DEVICE-resident weights hold their master
+    (``Placement.master_on_device``): their updates neither read nor write it on the SSD."""
     L = shape.n_layers
     pre, layer = shape.pre_trainable_numel, shape.layer_trainable_numel
     per_unit = [pre, *[layer] * L, shape.trainable_numel - pre - L * layer]
-    resident = sum(n for i, n in enumerate(per_unit) if n and rules.master_on_device(i, shape.frozen))
-    return lent_master_layers(shape, wl, rules) * shape.layer_numel + resident
+    return sum(n for i, n in enumerate(per_unit) if n and rules.master_on_device(i, shape.frozen))
+
+
+def masters_in_memory_numel(shape: ModelShape, wl: Workload, rules: Placement) -> int:
+    """Trainable parameters whose update copies the master from memory instead of reading it
+    from the SSD: the layers lent their loaded weights (``lent_master_layers``) and the units
+    whose DEVICE-resident weights hold it (``masters_on_device_numel``)."""
+    return lent_master_layers(shape, wl, rules) * shape.layer_numel + masters_on_device_numel(shape, rules)
 
 
 @dataclass(frozen=True)
@@ -341,10 +346,10 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     if gpu:  # + updated weights of resident units (every trainable one beside a frozen base)
         h2d += loads + (N - (0 if shape.frozen else S * shape.layer_numel)) * w
     # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
-    # step, 3 o bytes each way (those not kept in RAM)
+    # step, 3 o bytes each way (those not kept in RAM), less the masters held in memory
     ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
     ssd_read += ssd_state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
-    ssd_write += ssd_state
+    ssd_write += ssd_state - masters_on_device_numel(shape, rules) * wl.state_itemsize
     # ---- gradients: D2H once per pass (compute dtype); kept ones are written
     # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
     if gpu:
@@ -454,9 +459,10 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         if rate > 0:
             step += wl.weight_passes(plan) * w_layer / (rate * 1e9)
     if rules.optimizer_tier(0) == Tier.NVME:
-        read_bytes = wl.optimizer_bytes_per_param - (wl.state_itemsize if rules.master_on_device(0, shape.frozen) else 0)
-        step += shape.pre_trainable_numel * (read_bytes / (profile.ssd_read_gbps * 1e9)
-                                             + wl.optimizer_bytes_per_param / (profile.ssd_write_gbps * 1e9))
+        # (without its master when its resident weights hold it: neither read nor written)
+        moved_bytes = wl.optimizer_bytes_per_param - (wl.state_itemsize if rules.master_on_device(0, shape.frozen) else 0)
+        step += shape.pre_trainable_numel * (moved_bytes / (profile.ssd_read_gbps * 1e9)
+                                             + moved_bytes / (profile.ssd_write_gbps * 1e9))
     return step, bottleneck
 
 
@@ -467,7 +473,7 @@ def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile:
     state = wl.optimizer_bytes_per_param * (n - host_state_numel(plan, shape))
     read = state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
     read += wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0
-    write = state
+    write = state - masters_on_device_numel(shape, rules) * wl.state_itemsize
     return read / (profile.ssd_read_gbps * 1e9) + write / (profile.ssd_write_gbps * 1e9)
 
 

@@ -193,7 +193,9 @@ class StreamingExecutor(StateExport):
 
     def close(self, raise_job_errors: bool = True) -> None:
         try:
-            if raise_job_errors:
+            if raise_job_errors and self._parts:
+                self.settle()  # the store then holds every unit's state
+            elif raise_job_errors:
                 self.synchronize()
             else:
                 with contextlib.suppress(BaseException):

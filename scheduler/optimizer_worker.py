@@ -10,7 +10,8 @@ Per chunk of a unit, over one staging set (rows named by ``placement.STAGING_ROW
              weights loaded for backward when the job carries them: ``Job.master``)
     keep     (accumulating, or a deferred update's first pass) unscale, record the norm part,
              store the gradient in the grads tier
-    update   AdamW on master, exp_avg, exp_avg_sq; write them back; publish the new compute
+    update   AdamW on master, exp_avg, exp_avg_sq; write them back (not the master copied from
+             a unit's resident weights: publishing puts it back there); publish the new compute
              weights where the next forward reads them
 Chunks are double-buffered: the reads of chunk c+1 are in flight while chunk c computes, and the
 writes of chunk c while chunk c+1 computes.
@@ -206,7 +207,11 @@ class OptimizerWorker:
             return self._keep(job, c, staging.grad, parts)
         assert adam is not None
         self._adam(job, c, a, b, staging.grad, adam)
-        return self.state.write_adam(job.unit, c, adam) + self._publish(job.unit, c, a, b, adam.master, staging)
+        # a master copied from the unit's resident weights goes back there (``_publish``): its
+        # extent is not written each step
+        in_weights = job.master is not None and not job.lent
+        return (self.state.write_adam(job.unit, c, adam, with_master=not in_weights)
+                + self._publish(job.unit, c, a, b, adam.master, staging))
 
     def _gather(self, job: Job, c: int, a: int, b: int, staging: _Staging) -> None:
         """grad = this job's fresh gradients of chunk [a, b) (D2H + cast) + the stored gradient."""

@@ -1,6 +1,7 @@
 """Reading the trained state back out of a streaming run: master weights, Adam states, frozen
 weights and where they live in the store (export, checkpoints, ``final/``). Main thread; every
-read first waits for the pending updates (``synchronize``, a sync point)."""
+read first waits for the pending updates (``synchronize``, a sync point) and writes the masters
+that live in DEVICE-resident weights into their extents (their updates skip that write)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,19 @@ class StateExport:
         return {s.name: flat[s.offset : s.offset + s.numel].view(s.shape).clone()
                 for _, slots, flat in self.unit_weights() for s in slots}
 
+    def settle(self) -> None:
+        """Wait for every pending update (sync point), then bring the master extents the updates
+        left behind their resident weights up to date (``StateStore.stale_masters``)."""
+        self.synchronize()
+        for u in self.state.stale_masters():
+            master = self.weights.resident_master(u.index)
+            if master is None:
+                raise RuntimeError(f"the master of {u.name} is neither in its extents nor on DEVICE")
+            self.state.put_master(u, master)
+
     def unit_masters(self) -> Iterator[tuple[Unit, torch.Tensor]]:
         """Each unit's flat master weights, one unit in memory at a time (Adam states not read)."""
-        self.synchronize()
+        self.settle()
         for u in self.units:
             yield u, self.state.read_unit(u, "master")
 
@@ -52,7 +63,7 @@ class StateExport:
                     ) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Each unit's flat (master, exp_avg, exp_avg_sq), one unit in memory at a time
         (``names``: these units only)."""
-        self.synchronize()
+        self.settle()
         for u in self.units:
             if names is None or u.name in names:
                 yield u, *self.state.unit_state(u)
@@ -60,6 +71,6 @@ class StateExport:
     def optimizer_state_extents(self) -> StateExtents | None:
         """Where the optimizer states live in the store once every update has landed (``None``:
         in host memory, ``unit_states()`` has them; per unit for units the plan keeps in RAM)."""
-        self.synchronize()
+        self.settle()
         return self.state.extents()
 

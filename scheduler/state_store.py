@@ -81,6 +81,10 @@ class StateStore:
         self.frozen_chunks = [chunk_ranges(u.frozen_numel, chunk_numel) for u in model_map.units]
         self._host: list[dict[str, torch.Tensor]] = [{} for _ in model_map.units]  # HOST kinds per unit
         self._pinned = PinnedBuffers() if placement.on_gpu else None  # loader homes on a GPU machine
+        # units whose master extents are older than their DEVICE-resident weights (updates that
+        # skip the master write: ``write_adam(with_master=False)``; optimizer worker adds, main
+        # thread clears in ``put_master`` after a sync point)
+        self._stale_masters: set[int] = set()
 
     def close(self) -> None:
         """Unlock the page-locked HOST tensors (they stay usable, pageable)."""
@@ -205,11 +209,28 @@ class StateStore:
         futs = [self.store.read(extent_name(u, kind, c), getattr(staging, kind)) for kind in kinds]
         return staging, futs
 
-    def write_adam(self, u: Unit, c: int, rows: AdamRows) -> list[Future[None]]:
-        """Write back chunk c's updated AdamW state (nothing to do for HOST views)."""
+    def write_adam(self, u: Unit, c: int, rows: AdamRows, with_master: bool = True) -> list[Future[None]]:
+        """Write back chunk c's updated AdamW state (nothing to do for HOST views). ``with_master``
+        False: the unit's DEVICE-resident weights hold its master (``Placement.master_on_device``):
+        only exp_avg and exp_avg_sq are written; the master extents are brought up to date when
+        the state is read out (``stale_masters``, ``put_master``)."""
         if "master" in self._host[u.index]:
             return []
-        return [self.store.write(extent_name(u, kind, c), getattr(rows, kind)) for kind in STATE_KINDS]
+        kinds = STATE_KINDS
+        if not with_master:
+            self._stale_masters.add(u.index)
+            kinds = tuple(k for k in STATE_KINDS if k != "master")
+        return [self.store.write(extent_name(u, kind, c), getattr(rows, kind)) for kind in kinds]
+
+    def stale_masters(self) -> list[Unit]:
+        """Units whose master extents are older than their resident weights (main thread, after
+        every update has landed)."""
+        return [u for u in self.map.units if u.index in self._stale_masters]
+
+    def put_master(self, u: Unit, master: torch.Tensor) -> None:
+        """Write a unit's whole master into its extents (blocking; main thread, every update landed)."""
+        self._put(u, "master", master)
+        self._stale_masters.discard(u.index)
 
     def read_grad(self, u: Unit, c: int, out: torch.Tensor) -> list[Future[Any]]:
         """Chunk c of a unit's kept gradient into ``out``."""
