@@ -325,6 +325,7 @@ class StreamingExecutor(StateExport):
         with torch.enable_grad(), self.tracer.span("compute", "forward"):
             out = self.model(**kwargs)
         loss = (out.loss if hasattr(out, "loss") else out[0]).float()
+        del out  # the logits (tokens x vocabulary): backward does not need them, freed before it
         if "num_items_in_batch" not in batch:
             loss = loss / n_micro
         loss_value = float(loss.detach())  # sync point: one per micro-batch
