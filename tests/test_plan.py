@@ -290,6 +290,29 @@ def test_updates_of_resident_units_take_the_master_from_their_weights(tmp_path, 
         assert torch.equal(w, weights["from the ssd"][n]), n
 
 
+def test_masters_resident_weights_hold_reach_their_extents_when_the_executor_closes(tmp_path):
+    """The updates leave the master extents of ``pre``, ``post`` and resident layers behind their
+    weights (stale after a step); closing the executor writes them, so the store it leaves
+    holds every unit's master."""
+    model, _ = _tiny_llama()
+    plan = dataclasses.replace(ALL_NVME, chunk_numel=8192, resident_layers=(0,))
+    batch = {"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))}
+    adamw = make_adamw("torch", AdamWConfig())
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store:
+        with StreamingExecutor(model, plan, store, adamw, TrainSettings(),
+                               device=torch.device("cpu")) as ex:
+            ex.train_step([batch], lr=1e-3)
+            ex.synchronize()
+            stale = ex.state.stale_masters()
+            assert [u.name for u in stale] == ["pre", "layer.0", "post"]
+            resident = {u.name: ex.weights.resident_master(u.index).clone() for u in stale}
+            for u in stale:  # the extents still hold the masters from before the step
+                assert not torch.equal(ex.state.read_unit(u, "master"), resident[u.name]), u.name
+        for u in stale:
+            assert torch.equal(ex.state.read_unit(u, "master"), resident[u.name]), u.name
+        assert ex.state.stale_masters() == []
+
+
 @pytest.mark.parametrize("ga, clip, layer_major, recompute_layers", [
     (1, 0.0, False, 0), (2, 1.0, False, 0), (2, 1.0, True, 0), (3, 0.0, True, 0),
     (1, 0.0, False, 1), (2, 1.0, True, 1)])  # the last two: layer 0 recomputed, layer 1 swapped
