@@ -20,6 +20,8 @@ CUDA: a job's gradients are copied on the worker's own ``d2h`` stream, after the
 the compute stream when the unit's backward was queued (``Job.ready``), never on the compute
 stream; they land in the pinned ``stored_grad`` row in their own dtype and are cast (and added to
 the kept gradient, which is then read into ``grad``) on the CPU. The staging arena is pinned.
+A job drops its fresh gradients (and frees their DEVICE bytes) once its last chunk is copied,
+before its last writes end.
 
 Threads: ``submit`` is called by the main thread; jobs run one at a time, in submission order,
 on the ``optimizer`` thread (``overlap: false``: inline on the caller). Sync points: the waits on
@@ -107,6 +109,7 @@ class OptimizerWorker:
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
         self._lent: torch.Tensor | None = None  # the running job's lent master, until copied (worker thread)
+        self._fresh_bytes: int | None = None  # the running job's fresh gradients' DEVICE bytes, until released
         self._d2h: Any = None  # CUDA: the stream gradients are copied on (worker thread)
 
     def start(self) -> None:
@@ -155,6 +158,7 @@ class OptimizerWorker:
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         parts: NormParts = []
         self._lent = job.master if job.lent else None
+        self._fresh_bytes = job.grad_bytes
         try:
             rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
@@ -176,7 +180,7 @@ class OptimizerWorker:
         finally:
             wait(issued)  # also on errors: no read may land in a slot another job owns
             self._arena.release(slot)
-            self.acct.free(Tier.DEVICE, job.grad_bytes)
+            self._release_fresh(job)
             self._give_back_lent()
         return parts
 
@@ -195,6 +199,15 @@ class OptimizerWorker:
             self._give_back_lent()  # every chunk of the lent master is copied
         return rows, futs + adam_reads
 
+    def _release_fresh(self, job: Job) -> None:
+        """Drop the job's fresh gradients and free their DEVICE bytes (once per job: after its
+        last chunk's gather, or at its end on errors)."""
+        if self._fresh_bytes is None:
+            return
+        job.fresh[:] = [None] * len(job.fresh)  # the job held the only references (GradHandoff took p.grad)
+        self.acct.free(Tier.DEVICE, self._fresh_bytes)
+        self._fresh_bytes = None
+
     def _give_back_lent(self) -> None:
         if self._lent is not None:
             self.recycle(self._lent)
@@ -203,6 +216,8 @@ class OptimizerWorker:
     def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
                parts: NormParts) -> list[Future[None]]:
         self._gather(job, c, a, b, staging)
+        if c == len(self.state.chunks[job.unit.index]) - 1:
+            self._release_fresh(job)  # every chunk's share is copied out: not held while writes end
         if not job.update:
             return self._keep(job, c, staging.grad, parts)
         assert adam is not None

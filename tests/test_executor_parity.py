@@ -452,3 +452,42 @@ def test_the_next_micro_batch_does_not_wait_for_gradients_being_stored(tmp_path,
     assert waited_in_vain == []
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
     assert max_diff(w, ref_w) <= 1e-5
+
+
+def test_a_job_drops_its_fresh_gradients_before_its_last_writes(tmp_path, monkeypatch):
+    """An update job holds a unit's fresh gradients only until its last chunk is gathered: when
+    that chunk's state is written back they are gone (weak references to them are dead), and
+    the training still matches PyTorch."""
+    import weakref
+
+    from scheduler.grad_handoff import GradHandoff
+    from scheduler.state_store import StateStore
+
+    fresh: dict[str, list[weakref.ref]] = {}
+    unit_done, write_adam = GradHandoff.unit_done, StateStore.write_adam
+    alive_at_last_write: list[str] = []
+    last_writes: list[str] = []
+
+    def watch_unit_done(self, u, *args, **kwargs):  # noqa: ANN001, ANN202 - the main thread's call
+        fresh[u.name] = [weakref.ref(self.params[s.name].grad) for s in u.params
+                         if self.params[s.name].grad is not None]
+        return unit_done(self, u, *args, **kwargs)
+
+    def watch_write_adam(self, u, c, rows, *args, **kwargs):  # noqa: ANN001, ANN202 - the worker's call
+        if c == len(self.chunks[u.index]) - 1:
+            last_writes.append(u.name)
+            alive_at_last_write.extend(u.name for ref in fresh[u.name] if ref() is not None)
+        return write_adam(self, u, c, rows, *args, **kwargs)
+
+    monkeypatch.setattr(GradHandoff, "unit_done", watch_unit_done)
+    monkeypatch.setattr(StateStore, "write_adam", watch_write_adam)
+    model = tiny_model("llama")
+    ref_model = copy.deepcopy(model)
+    batches = make_batches(2, 1)
+    plan = dataclasses.replace(ALL_NVME, chunk_numel=4096)  # several chunks per unit
+    ref_losses, ref_w = train_reference(ref_model, batches, 0.0)
+    losses, w, _ = train_engine(model, batches, plan, tmp_path)
+    assert len(last_writes) == 2 * (len(model.model.layers) + 2)  # every unit, both steps
+    assert alive_at_last_write == []
+    assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) <= 1e-5
+    assert max_diff(w, ref_w) <= 1e-5
