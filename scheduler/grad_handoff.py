@@ -14,7 +14,6 @@ Thread: the main thread only. Sync points: waits on the oldest pending job (``ma
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -27,7 +26,7 @@ from offload.tiers import Accountant, Tier
 from scheduler.model_map import Unit
 from scheduler.optimizer_worker import Job, OptimizerWorker
 from scheduler.state_store import done
-from scheduler.unit_clock import NormParts, UnitClock
+from scheduler.unit_clock import NormParts, UnitClock, wait_quietly
 
 
 class GradHandoff:
@@ -177,9 +176,7 @@ class GradHandoff:
     def wait_all(self) -> None:
         """``synchronize``: wait for every job that keeps a gradient (the UnitClock waits for the
         updates); errors are the worker's to report; nothing pending stays counted."""
-        for fut in self._kept:
-            with contextlib.suppress(BaseException):
-                fut.result()
+        wait_quietly(self._kept)
         self._pending.clear()
 
 

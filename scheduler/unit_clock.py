@@ -11,7 +11,9 @@ not wait for them. Sync point: ``wait``.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -35,6 +37,12 @@ class UnitClock:
 
     def wait_all(self) -> None:
         """Block until every unit's newest job has ended; errors are the worker's to report."""
-        for fut in self._updated:
-            with contextlib.suppress(BaseException):
-                fut.result()
+        wait_quietly(self._updated)
+
+
+def wait_quietly(futures: Iterable[Future[Any]]) -> None:
+    """Block until every future has ended (sync point); their errors are not raised here: the
+    optimizer worker reports its first one (``OptimizerWorker.raise_error``)."""
+    for fut in futures:
+        with contextlib.suppress(BaseException):
+            fut.result()
