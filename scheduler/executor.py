@@ -193,13 +193,11 @@ class StreamingExecutor(StateExport):
 
     def close(self, raise_job_errors: bool = True) -> None:
         try:
-            if raise_job_errors and self._parts:
-                self.settle()  # the store then holds every unit's state
-            elif raise_job_errors:
-                self.synchronize()
-            else:
+            if not raise_job_errors:
                 with contextlib.suppress(BaseException):
                     self.synchronize()
+            elif self._parts:  # (nothing started: nothing to wait for)
+                self.settle()  # the store then holds every unit's state
         finally:
             for h in self._hooks:
                 h.remove()

@@ -109,7 +109,6 @@ class OptimizerWorker:
         self._error: BaseException | None = None
         self._lock = threading.Lock()  # guards ``_error`` (worker writes, main reads)
         self._lent: torch.Tensor | None = None  # the running job's lent master, until copied (worker thread)
-        self._fresh_bytes: int | None = None  # the running job's fresh gradients' DEVICE bytes, until released
         self._d2h: Any = None  # CUDA: the stream gradients are copied on (worker thread)
 
     def start(self) -> None:
@@ -158,7 +157,6 @@ class OptimizerWorker:
         issued: list[Future[Any]] = []  # every I/O on this slot: all must end before it is reused
         parts: NormParts = []
         self._lent = job.master if job.lent else None
-        self._fresh_bytes = job.grad_bytes
         try:
             rows = slot.view(self.settings.state_dtype, STAGING_SETS * len(STAGING_ROWS) * width)
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
@@ -200,13 +198,12 @@ class OptimizerWorker:
         return rows, futs + adam_reads
 
     def _release_fresh(self, job: Job) -> None:
-        """Drop the job's fresh gradients and free their DEVICE bytes (once per job: after its
-        last chunk's gather, or at its end on errors)."""
-        if self._fresh_bytes is None:
+        """Drop the job's fresh gradients and free their DEVICE bytes (``grad_bytes`` is their
+        sum): after its last chunk's gather, or at its end on errors; nothing left the second time."""
+        if all(g is None for g in job.fresh):
             return
         job.fresh[:] = [None] * len(job.fresh)  # the job held the only references (GradHandoff took p.grad)
-        self.acct.free(Tier.DEVICE, self._fresh_bytes)
-        self._fresh_bytes = None
+        self.acct.free(Tier.DEVICE, job.grad_bytes)
 
     def _give_back_lent(self) -> None:
         if self._lent is not None:

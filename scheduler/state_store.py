@@ -30,6 +30,8 @@ from scheduler.model_map import ModelMap, Unit
 from scheduler.placement import STATE_KINDS, Placement
 
 Chunk = tuple[int, int]  # [a, b) element range of a unit's flat buffer
+MOMENT_KINDS = tuple(k for k in STATE_KINDS if k != "master")
+"""What an update reads and writes on the SSD when the unit's master is already in memory."""
 
 
 def chunk_ranges(numel: int, chunk_numel: int) -> list[Chunk]:
@@ -205,7 +207,7 @@ class StateStore:
         kinds = STATE_KINDS
         if master_from is not None:
             staging.master.copy_(master_from[a:b])
-            kinds = tuple(k for k in STATE_KINDS if k != "master")
+            kinds = MOMENT_KINDS
         futs = [self.store.read(extent_name(u, kind, c), getattr(staging, kind)) for kind in kinds]
         return staging, futs
 
@@ -219,7 +221,7 @@ class StateStore:
         kinds = STATE_KINDS
         if not with_master:
             self._stale_masters.add(u.index)
-            kinds = tuple(k for k in STATE_KINDS if k != "master")
+            kinds = MOMENT_KINDS
         return [self.store.write(extent_name(u, kind, c), getattr(rows, kind)) for kind in kinds]
 
     def stale_masters(self) -> list[Unit]:
