@@ -403,6 +403,39 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
                     memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)
 
 
+GPU_LANES: dict[str, tuple[str, ...]] = {
+    "compute": ("compute", "recompute"),  # the compute stream
+    "h2d": ("h2d",),  # the copy stream (weight loads, resident publishes, swap-ins)
+    "d2h": ("d2h",),  # the worker's and the activations' D2H streams: one PCIe direction
+    "ssd (read + write)": ("ssd_read", "ssd_write"),  # one device
+    "cpu_adam": ("cpu_adam", "checksum"),  # the optimizer worker and the I/O threads, on the CPU
+}
+"""Overlapped mode on a GPU machine: lanes that run concurrently (the step is the longest),
+each the resources that add up on one engine. ``tests/test_trace.py`` and ``tests/test_gpu.py``
+check against a traced step that the executor runs the lanes concurrently."""
+CPU_LANES: dict[str, tuple[str, ...]] = {
+    # the device is the CPU: compute, Adam and the store's threads share its cores
+    "cpu (compute + adam)": ("compute", "recompute", "cpu_adam", "checksum", "io_cpu"),
+    "ssd (read + write)": ("ssd_read", "ssd_write"),
+}
+"""Overlapped mode on a CPU-only machine (see ``GPU_LANES``)."""
+_SHARED_COST = ("checksum", "io_cpu")
+"""``io_cpu`` is measured with the checksums included: a lane holding both counts the larger."""
+
+
+def lane_resources(gpu: bool) -> dict[str, tuple[str, ...]]:
+    return GPU_LANES if gpu else CPU_LANES
+
+
+def lane_times(t: dict[str, float], gpu: bool) -> dict[str, float]:
+    """Busy seconds per lane from busy seconds per resource."""
+    times = {}
+    for lane, resources in lane_resources(gpu).items():
+        shared = [t[r] for r in resources if r in _SHARED_COST]
+        times[lane] = sum(t[r] for r in resources if r not in _SHARED_COST) + max(shared, default=0.0)
+    return times
+
+
 def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,
                t: dict[str, float], gpu: bool) -> tuple[float, str]:
     """Step time from busy times.
@@ -410,10 +443,10 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     overlap off:  step = sum of every resource's time (one thing at a time; io_cpu includes the
                   checksums, counted once).
     overlap on:   resources run concurrently in lanes; step = max(lane) + exposed, where
-      GPU machine: lanes gpu = compute + recompute, h2d, d2h, ssd = read + write,
-                   cpu = adam + checksum;
-      CPU only:    the device is the CPU, so compute, Adam and the store's threads share its
-                   cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
+      GPU machine: lanes (``GPU_LANES``) gpu = compute + recompute, h2d, d2h, ssd = read +
+                   write, cpu = adam + checksum;
+      CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
+                   threads share its cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
                    io_cpu = the compute the profile saw lost per GB moved (checksums included)
                    x the bytes moved; ssd = read + write;
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
@@ -429,12 +462,7 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
         return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
     ssd = t["ssd_read"] + t["ssd_write"]
-    if gpu:
-        lanes = {"compute": t["compute"] + t["recompute"], "h2d": t["h2d"], "d2h": t["d2h"],
-                 "ssd (read + write)": ssd, "cpu_adam": t["cpu_adam"] + t["checksum"]}
-    else:
-        lanes = {"cpu (compute + adam)": t["compute"] + t["recompute"] + t["cpu_adam"] + max(t["checksum"], t["io_cpu"]),
-                 "ssd (read + write)": ssd}
+    lanes = lane_times(t, gpu)
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]
     if wl.deferred:

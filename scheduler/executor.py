@@ -320,8 +320,10 @@ class StreamingExecutor(StateExport):
             kwargs["num_items_in_batch"] = batch["num_items_in_batch"]
         self.weights.acquire(0)
         self.weights.prefetch(range(min(self.plan.prefetch_depth, self._n_layers)))
-        with torch.enable_grad(), self.tracer.span("compute", "forward"):
+        self.hooks.model_forward_began(m)
+        with torch.enable_grad():
             out = self.model(**kwargs)
+        self.hooks.model_forward_ended(m)
         loss = (out.loss if hasattr(out, "loss") else out[0]).float()
         del out  # the logits (tokens x vocabulary): backward does not need them, freed before it
         if "num_items_in_batch" not in batch:

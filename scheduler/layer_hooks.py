@@ -50,6 +50,8 @@ class LayerHooks:
         self.head_input: dict[int, torch.Tensor] = {}  # per micro-batch: the last layer's output, a leaf
         self._arguments_checked: set[int] = set()  # layers whose call arguments were checked
         self._forward_start_s: dict[int, float] = {}  # tracing: when each layer's forward began
+        self._outside_start_s: dict[int, float] = {}  # tracing, per micro-batch: when the forward
+        # outside the layers began (the model call: embeddings; after the last layer: the head)
 
     def install(self) -> list[Any]:
         """Register the hooks; returns their handles (removed by the caller)."""
@@ -68,6 +70,21 @@ class LayerHooks:
     def _n_layers(self) -> int:
         return len(self.layers)
 
+    def model_forward_began(self, m: int) -> None:
+        """Tracing: micro-batch m's model call starts (its embeddings compute until layer 0)."""
+        self._outside_start_s[m] = self.tracer.clock()
+
+    def model_forward_ended(self, m: int) -> None:
+        """Tracing: micro-batch m's model call returned (the head computed since the last layer)."""
+        self._end_outside_span(m, "forward head")
+
+    def _end_outside_span(self, m: int, name: str) -> None:
+        # the compute track holds compute only: the loads and waits inside the model call (layer
+        # weights, the head's) fall between these spans and the layers' own
+        start_s = self._outside_start_s.pop(m, 0.0)
+        if start_s:
+            self.tracer.add("compute", name, start_s)
+
     def _enter_hook(self, i: int) -> Callable[..., Any]:
         plan = self.placement.plan
 
@@ -75,6 +92,8 @@ class LayerHooks:
             if not (self.streaming or self.evaluating):
                 return None  # a recompute in backward: the driver placed everything
             # layer-major: wait until the micro-batches before this one have run layer i (sync point)
+            if i == 0 and self.streaming:  # (before waiting for the turn: not compute)
+                self._end_outside_span(self.lockstep.index(), "forward pre")
             m = self.lockstep.turn() if self.lockstep.active else 0
             if self.streaming and i not in self._arguments_checked:  # a property of the architecture
                 check_layer_arguments(self.model, args[1:], kwargs)
@@ -109,6 +128,7 @@ class LayerHooks:
             self.weights.acquire(len(self.weights.units) - 1)  # post
             if self.evaluating:
                 return None
+            self.model_forward_began(m)  # (the head's part of it)
             hidden = output[0] if isinstance(output, tuple) else output
             self.head_input[m] = leaf = hidden.detach().requires_grad_(True)  # loss.backward() stops here
             return (leaf, *output[1:]) if isinstance(output, tuple) else leaf

@@ -159,20 +159,43 @@ def _tid(resource: str) -> int:
 def busy_seconds(events: Iterable[dict[str, Any]]) -> dict[str, float]:
     """Per resource (event ``cat``), the time at least one of its "X" events was running:
     the length of the union of their intervals, in seconds."""
+    return {resource: sum(hi - lo for lo, hi in spans) / 1e6 for resource, spans in _busy_spans(events).items()}
+
+
+def overlap_seconds(events: Iterable[dict[str, Any]], a: Iterable[str], b: Iterable[str]) -> float:
+    """Seconds during which some event of a resource in ``a`` and some event of one in ``b`` ran
+    at once (the intersection of the two unions of intervals)."""
+    spans = _busy_spans(events)
+    a_spans = _union([s for r in a for s in spans.get(r, [])])
+    b_spans = _union([s for r in b for s in spans.get(r, [])])
+    both_us, k = 0.0, 0
+    for lo, hi in a_spans:  # both lists sorted and disjoint: one merge pass
+        while k < len(b_spans) and b_spans[k][1] <= lo:
+            k += 1
+        j = k
+        while j < len(b_spans) and b_spans[j][0] < hi:
+            both_us += min(hi, b_spans[j][1]) - max(lo, b_spans[j][0])
+            j += 1
+    return both_us / 1e6
+
+
+def _busy_spans(events: Iterable[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """Per resource, the union of its "X" events' intervals (µs), sorted and disjoint."""
     spans: dict[str, list[tuple[float, float]]] = {}
     for e in events:
         if e.get("ph") == "X":
             spans.setdefault(e["cat"], []).append((e["ts"], e["ts"] + e["dur"]))
-    busy: dict[str, float] = {}
-    for resource, intervals in spans.items():
-        total_us, end_us = 0.0, float("-inf")
-        for lo, hi in sorted(intervals):
-            if hi <= end_us:
-                continue
-            total_us += hi - max(lo, end_us)
-            end_us = hi
-        busy[resource] = total_us / 1e6
-    return busy
+    return {resource: _union(intervals) for resource, intervals in spans.items()}
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 class TracedStore:

@@ -184,6 +184,23 @@ def test_the_trace_times_the_gpu_with_cuda_events(tmp_path):
         assert "gpu" not in busy
 
 
+def test_the_cost_models_gpu_lanes_run_concurrently_with_compute(tmp_path):
+    """The cost model's GPU lanes (``GPU_LANES``: compute; H2D; D2H; SSD; CPU Adam) run at once:
+    in a traced step each lane overlaps the compute (its spans, or the GPU's busy track) somewhere,
+    so none of them adds to the compute as a serial step would (``overlap_seconds``)."""
+    from test_trace import lane_tracks, traced_step
+
+    from scheduler.trace import overlap_seconds
+
+    plan = dataclasses.replace(ALL_NVME, recompute=False, prefetch_depth=1)
+    events = traced_step(plan, tmp_path, DEVICE)
+    lanes = lane_tracks(gpu=DEVICE == "cuda")
+    compute_lane = next(lane for lane, tracks in lanes.items() if "compute" in tracks)
+    for lane, tracks in lanes.items():
+        if lane != compute_lane:
+            assert overlap_seconds(events, tracks, ["compute", "gpu"]) > 0, lane
+
+
 def test_pinned_aligned_buffers_take_no_extra_page():
     """A pinned, page-aligned buffer of a power-of-two size is allocated at that size (one page
     more would double the caching host allocator's block)."""

@@ -1,15 +1,52 @@
-"""The timeline (``offload.trace``): a tiny model trained through the CLI writes trace.json."""
+"""The timeline (``offload.trace``): a tiny model trained through the CLI writes trace.json; the
+cost model's lanes against the executor's traced concurrency."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import time
 
+import pytest
+import torch
 import yaml
+from test_executor_parity import ALL_NVME, LR, WD, deep_model, make_batches
 
 from cli.data import load_tokenizer
 from cli.main import main
-from scheduler.trace import RESOURCES, Tracer, busy_seconds
+from offload import AdamWConfig, SwapStore, make_adamw
+from offload.io import PosixBackend
+from offload.tiers import Tier
+from scheduler.cost_model import lane_resources
+from scheduler.executor import StreamingExecutor, TrainSettings
+from scheduler.trace import RESOURCES, Tracer, busy_seconds, overlap_seconds
+
+TRACKS = {"compute": "compute", "recompute": "compute", "h2d": "h2d", "d2h": "d2h", "ssd_read": "ssd_read",
+          "ssd_write": "ssd_write", "cpu_adam": "cpu_adam"}
+"""The trace track of each cost-model resource (``checksum`` and ``io_cpu`` have none: they run
+inside the I/O threads' spans)."""
+
+
+def lane_tracks(gpu: bool) -> dict[str, list[str]]:
+    return {lane: sorted({TRACKS[r] for r in resources if r in TRACKS})
+            for lane, resources in lane_resources(gpu).items()}
+
+
+def traced_step(plan, tmp_path, device: str = "cpu") -> list[dict]:
+    """The events of the last of three steps of a 6-layer Llama under ``plan``."""
+    tracer = Tracer()
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, \
+         StreamingExecutor(deep_model("llama", 6), plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)),
+                           TrainSettings(weight_decay=WD), device=torch.device(device), tracer=tracer) as ex:
+        batches = make_batches(3, 1)
+        for k, micro in enumerate(batches):
+            if k == len(batches) - 1:
+                tracer.start()
+            ex.train_step(micro, LR)
+        ex.synchronize()
+        tracer.stop()
+    return [e for e in tracer.to_json()["traceEvents"] if e.get("ph") == "X"]
 
 
 def test_cli_writes_a_trace_with_every_resource(tmp_path) -> None:
@@ -33,7 +70,7 @@ def test_cli_writes_a_trace_with_every_resource(tmp_path) -> None:
     events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert {e["cat"] for e in events} >= {"step", "compute", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_adam"}
     names = {e["name"] for e in events if e["cat"] == "compute"}
-    assert {"forward layer.0", "recompute layer.1", "backward layer.0"} <= names
+    assert {"forward pre", "forward layer.0", "forward head", "recompute layer.1", "backward layer.0"} <= names
     assert all(e["dur"] >= 0 and {"pid", "tid", "ts"} <= e.keys() for e in events)
     steps = [e for e in events if e["cat"] == "step"]
     assert [e["name"] for e in steps] == ["step 3"]  # the last step only
@@ -68,3 +105,40 @@ def test_busy_seconds_is_the_union_of_intervals() -> None:
     events = [ev("compute", 0, 2e6), ev("compute", 1e6, 2e6), ev("compute", 5e6, 1e6),
               ev("ssd_read", 0, 0.5e6), ev("ssd_read", 0.1e6, 0.1e6), {"ph": "M", "name": "thread_name"}]
     assert busy_seconds(events) == {"compute": 4.0, "ssd_read": 0.5}
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["recompute", "swapped-activations"])
+def test_the_cost_models_lanes_run_concurrently_in_the_executor(swapped, tmp_path) -> None:
+    """Overlapped, the cost model takes a step as long as its longest lane (``CPU_LANES`` on this
+    machine: compute + Adam sharing the cores, the SSD): the executor must run every pair of lanes
+    at once somewhere in a traced step. The compute track holds compute only: the main thread's
+    waits (weights loading, an update landing) never fall inside it."""
+    plan = dataclasses.replace(ALL_NVME, recompute=not swapped, prefetch_depth=1)
+    events = traced_step(plan, tmp_path)
+    lanes = lane_tracks(gpu=False)
+    assert all(tracks for tracks in lanes.values())
+    for a, b in itertools.combinations(lanes, 2):
+        assert overlap_seconds(events, lanes[a], lanes[b]) > 0, (a, b)
+    assert overlap_seconds(events, ["compute"], ["wait"]) == 0
+
+
+def test_the_synchronous_mode_runs_one_thing_at_a_time(tmp_path) -> None:
+    """``overlap: false`` (the cost model's serial sum): the compute overlaps neither the SSD nor
+    the optimizer; loads and updates run between the layers."""
+    plan = dataclasses.replace(ALL_NVME, activations=Tier.DEVICE, recompute=False, prefetch_depth=0, overlap=False)
+    events = traced_step(plan, tmp_path)
+    busy = busy_seconds(events)
+    assert busy["compute"] > 0 and busy["ssd_read"] > 0 and busy["ssd_write"] > 0 and busy["cpu_adam"] > 0
+    assert overlap_seconds(events, ["compute"], ["ssd_read", "ssd_write", "cpu_adam", "wait"]) == 0
+
+
+def test_overlap_seconds_intersects_the_unions() -> None:
+    def ev(cat: str, ts_s: float, dur_s: float) -> dict:
+        return {"ph": "X", "cat": cat, "ts": ts_s * 1e6, "dur": dur_s * 1e6, "name": "x"}
+
+    events = [ev("compute", 0, 2), ev("compute", 1, 2), ev("compute", 5, 1),  # busy [0, 3) and [5, 6)
+              ev("ssd_read", 2.5, 3), ev("ssd_write", 2, 0.25), ev("cpu_adam", 10, 1)]  # [2, 2.25) + [2.5, 5.5)
+    assert overlap_seconds(events, ["compute"], ["ssd_read", "ssd_write"]) == pytest.approx(0.25 + 0.5 + 0.5)
+    assert overlap_seconds(events, ["ssd_read"], ["compute"]) == pytest.approx(1.0)
+    assert overlap_seconds(events, ["compute"], ["cpu_adam"]) == 0
+    assert overlap_seconds(events, ["compute"], ["gpu"]) == 0
