@@ -49,9 +49,10 @@ class LayerHooks:
         self.x0: dict[int, torch.Tensor] = {}  # per micro-batch: layer 0's input (the embedding's graph root)
         self.head_input: dict[int, torch.Tensor] = {}  # per micro-batch: the last layer's output, a leaf
         self._arguments_checked: set[int] = set()  # layers whose call arguments were checked
-        self._forward_start_s: dict[int, float] = {}  # tracing: when each layer's forward began
-        self._outside_start_s: dict[int, float] = {}  # tracing, per micro-batch: when the forward
-        # outside the layers began (the model call: embeddings; after the last layer: the head)
+        self._layer_spans: dict[int, Any] = {}  # tracing: each layer's open forward span
+        # tracing, per micro-batch: the open span of the forward outside the layers (from the
+        # model call: the embeddings; after the last layer: the head)
+        self._outside_spans: dict[int, Any] = {}
 
     def install(self) -> list[Any]:
         """Register the hooks; returns their handles (removed by the caller)."""
@@ -71,19 +72,19 @@ class LayerHooks:
         return len(self.layers)
 
     def model_forward_began(self, m: int) -> None:
-        """Tracing: micro-batch m's model call starts (its embeddings compute until layer 0)."""
-        self._outside_start_s[m] = self.tracer.clock()
+        """Tracing: micro-batch m's model call starts (its embeddings compute until layer 0).
+        The compute track holds compute only: the loads and waits inside the model call (layer
+        weights, the head's) fall between these spans and the layers' own."""
+        self._outside_spans[m] = self.tracer.begin("compute", "forward pre")
 
     def model_forward_ended(self, m: int) -> None:
         """Tracing: micro-batch m's model call returned (the head computed since the last layer)."""
-        self._end_outside_span(m, "forward head")
+        self._end_outside_span(m)
 
-    def _end_outside_span(self, m: int, name: str) -> None:
-        # the compute track holds compute only: the loads and waits inside the model call (layer
-        # weights, the head's) fall between these spans and the layers' own
-        start_s = self._outside_start_s.pop(m, 0.0)
-        if start_s:
-            self.tracer.add("compute", name, start_s)
+    def _end_outside_span(self, m: int) -> None:
+        span = self._outside_spans.pop(m, None)
+        if span is not None:
+            span.end()
 
     def _enter_hook(self, i: int) -> Callable[..., Any]:
         plan = self.placement.plan
@@ -93,7 +94,7 @@ class LayerHooks:
                 return None  # a recompute in backward: the driver placed everything
             # layer-major: wait until the micro-batches before this one have run layer i (sync point)
             if i == 0 and self.streaming:  # (before waiting for the turn: not compute)
-                self._end_outside_span(self.lockstep.index(), "forward pre")
+                self._end_outside_span(self.lockstep.index())
             m = self.lockstep.turn() if self.lockstep.active else 0
             if self.streaming and i not in self._arguments_checked:  # a property of the architecture
                 check_layer_arguments(self.model, args[1:], kwargs)
@@ -105,7 +106,7 @@ class LayerHooks:
                 return None
             if i == 0:
                 self.x0[m] = args[0]
-            self._forward_start_s[i] = self.tracer.clock()
+            self._layer_spans[i] = self.tracer.begin("compute", f"forward layer.{i}")
             self.router.forward(i, keep_graph=not self.placement.recomputes(i), m=m)
             return self.activations.enter(i, args[0], args[1:], kwargs, m)
 
@@ -118,8 +119,9 @@ class LayerHooks:
             m = self.lockstep.index()
             if self.streaming:
                 self.router.done()
-                if self._forward_start_s.get(i):
-                    self.tracer.add("compute", f"forward layer.{i}", self._forward_start_s[i])
+                span = self._layer_spans.pop(i, None)
+                if span is not None:
+                    span.end()
                 self.activations.exit(i, output, m)
             if (self.evaluating or not self.placement.kept_over_turn(i)) and m == self.micro_count - 1:
                 self.weights.release(i + 1)
@@ -128,7 +130,7 @@ class LayerHooks:
             self.weights.acquire(len(self.weights.units) - 1)  # post
             if self.evaluating:
                 return None
-            self.model_forward_began(m)  # (the head's part of it)
+            self._outside_spans[m] = self.tracer.begin("compute", "forward head")
             hidden = output[0] if isinstance(output, tuple) else output
             self.head_input[m] = leaf = hidden.detach().requires_grad_(True)  # loss.backward() stops here
             return (leaf, *output[1:]) if isinstance(output, tuple) else leaf

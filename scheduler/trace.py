@@ -43,6 +43,9 @@ class _Span:
         self._gpu_start = self._tracer._gpu_event() if self._resource == "compute" else None
 
     def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    def end(self) -> None:
         self._tracer.add(self._resource, self._name, self._start_s)
         if self._gpu_start is not None:
             self._tracer._gpu_spans.append((self._name, self._gpu_start, self._tracer._gpu_event()))
@@ -126,6 +129,15 @@ class Tracer:
         if not self.recording:
             return _NULL_SPAN
         return _Span(self, resource, name)
+
+    def begin(self, resource: str, name: str) -> _Span | None:
+        """A span opened now and closed later by its ``end()`` (from a hook to another), as
+        ``span`` records it; None when not recording."""
+        if not self.recording:
+            return None
+        opened = _Span(self, resource, name)
+        opened.__enter__()
+        return opened
 
     def watch(self, fut: Future[Any], resource: str, name: str, n_bytes: int) -> Future[Any]:
         """Record ``fut`` from now until it completes; returns it."""
