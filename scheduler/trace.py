@@ -48,7 +48,7 @@ class _Span:
     def end(self) -> None:
         self._tracer.add(self._resource, self._name, self._start_s)
         if self._gpu_start is not None:
-            self._tracer._gpu_spans.append((self._name, self._gpu_start, self._tracer._gpu_event()))
+            self._tracer._gpu_spans.append(("gpu", self._name, self._gpu_start, self._tracer._gpu_event()))
 
 
 class Tracer:
@@ -61,7 +61,7 @@ class Tracer:
         self._origin_s = time.perf_counter()
         self._gpu_device: Any = None  # a CUDA torch.device whose compute spans get CUDA events
         self._gpu_origin: tuple[float, Any] | None = None  # (perf_counter s, event) at start()
-        self._gpu_spans: list[tuple[str, Any, Any]] = []  # (name, start event, end event)
+        self._gpu_spans: list[tuple[str, str, Any, Any]] = []  # (resource, name, start event, end event)
 
     def watch_device(self, device: Any) -> None:
         """Time compute spans on ``device`` with CUDA events too (track ``gpu``); a CPU device:
@@ -90,22 +90,37 @@ class Tracer:
 
         torch.cuda.synchronize(self._gpu_device)  # sync point: every recorded event has run
         origin_s, origin = self._gpu_origin
-        for name, begin, end in self._gpu_spans:
+        spans, self._gpu_spans = self._gpu_spans, []  # (other threads may still append to the list)
+        for resource, name, begin, end in spans:
+            if end is None:  # ended after recording stopped
+                continue
+            end.synchronize()  # (recorded by another thread after the device sync above)
             start_s = origin_s + origin.elapsed_time(begin) / 1e3  # elapsed_time: milliseconds
-            self.events.append({"name": name, "cat": "gpu", "ph": "X", "pid": _PID, "tid": _tid("gpu"),
+            self.events.append({"name": name, "cat": resource, "ph": "X", "pid": _PID, "tid": _tid(resource),
                                 "ts": (start_s - self._origin_s) * 1e6, "dur": max(begin.elapsed_time(end), 0.0) * 1e3})
-        self._gpu_spans, self._gpu_origin = [], None
+        self._gpu_origin = None
 
-    def _gpu_event(self) -> Any:
-        """A CUDA event recorded now on the current stream of the watched device (recording on a
-        CUDA device only), else None."""
+    def _gpu_event(self, stream: Any = None) -> Any:
+        """A CUDA event recorded now on ``stream`` (default: the current stream of the watched
+        device; recording on a CUDA device only), else None."""
         if self._gpu_device is None or not self.recording:
             return None
         import torch
 
         event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self._gpu_device))
+        event.record(stream if stream is not None else torch.cuda.current_stream(self._gpu_device))
         return event
+
+    def stream_mark(self, stream: Any) -> Any:
+        """A timing event on a CUDA ``stream`` now (for ``add_stream_span``), or None when not
+        recording or not on a watched CUDA device."""
+        return self._gpu_event(stream)
+
+    def add_stream_span(self, resource: str, name: str, begin: Any, stream: Any) -> None:
+        """One event of ``resource`` timed on the GPU: from ``begin`` (``stream_mark``) to now
+        on ``stream`` (converted when recording stops); nothing when ``begin`` is None."""
+        if begin is not None and self.recording:
+            self._gpu_spans.append((resource, name, begin, self._gpu_event(stream)))
 
     def clock(self) -> float:
         """``time.perf_counter()`` while recording, else 0.0 (start of a span closed by ``add``)."""

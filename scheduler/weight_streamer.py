@@ -7,10 +7,13 @@ resident layers, and the trainable part beside a frozen one, e.g. LoRA adapters)
 or earlier by ``prefetch``, released after use). The optimizer publishes the new weights of
 resident trainable parts; frozen parts never change, so their loads wait for nothing.
 
-CUDA streams: every host-to-device copy runs on ``copy_stream``, compute on the caller's stream
+CUDA streams: loads copy on ``copy_stream``, compute runs on the caller's stream
 (``compute_stream``, captured at start). A load allocates its buffer on the copy stream and the
-compute stream is recorded on it when acquired, so loads never wait for queued compute; a
-resident unit's new weights wait for the compute queued before them (it may still read them).
+compute stream is recorded on it when acquired, so loads never wait for queued compute; each load
+records a "ready" event after its copy and ``acquire`` makes the compute stream wait on it (no
+host sync on the compute thread). A resident unit's new weights are copied on their own
+``publish_stream``, after the compute queued before them (it may still read them), so loads do
+not queue behind that compute.
 
 Threads: ``acquire``, ``release``, ``prefetch``, ``token`` and ``view`` run on the thread driving
 the step (the main thread, or in a layer-major forward the micro-batch thread holding the turn:
@@ -18,8 +21,10 @@ one at a time, ``scheduler.lockstep``);
 loads run on the ``loader`` thread (``overlap: false``: inline); ``publish`` runs on the optimizer
 worker. A load first waits on the unit's UnitClock (its pending update must have landed). DEVICE
 bytes of a load are reserved on the main thread when it is requested, so prefetch decisions that
-follow see them. Sync points: ``acquire`` (the load has finished), the copy stream's synchronize
-after each host-to-device copy (loader or worker thread, never the compute stream).
+follow see them. Sync points: ``acquire`` (the load's host part has finished: its read from
+the SSD, its copy queued), on the loader thread the previous copy out of the pinned staging
+before the next read into it and the copy of a trainable part from its HOST home (the worker
+rewrites that home after the update), on the worker thread each publish's copy.
 
 On a CPU device a released buffer is kept for the next load of its size (``_spare``: cached
 bytes in the Accountant, given up when an allocation needs the room): a fresh buffer costs its
@@ -68,7 +73,8 @@ class _Part:
     numel: int
     resident: bool
     flat: torch.Tensor | None = None  # on DEVICE (bound to the parameters while acquired)
-    load: Future[torch.Tensor] | None = None  # a requested load (streamed parts)
+    load: Future[tuple[torch.Tensor, Any]] | None = None  # a requested load (streamed parts):
+    # its buffer and, on CUDA, the event after its copy
 
 
 class WeightStreamer:
@@ -86,10 +92,12 @@ class WeightStreamer:
         self.dtype = state.compute_dtype
         self._parts = [self._unit_parts(u) for u in self.units]
         self._loader: ThreadPoolExecutor | None = None
-        self.copy_stream: Any = None  # CUDA: the stream of every host-to-device copy
+        self.copy_stream: Any = None  # CUDA: the stream of the loads' host-to-device copies
+        self.publish_stream: Any = None  # CUDA: the stream of resident units' new weights
         self.compute_stream: Any = None  # CUDA: the caller's current stream at start (compute runs on it)
         self._pinned: PinnedBuffers | None = None  # CUDA: owns ``_staging``
         self._staging: torch.Tensor | None = None  # CUDA, NVMe loads: page-locked landing of one part
+        self._staging_copied: Any = None  # CUDA: the event after the last copy out of ``_staging`` (loader)
         self._grad_reserve_bytes = max(u.numel for u in state.map.layer_units) * self._itemsize
         # released CPU buffers by size, for the next loads (main, loader and worker threads)
         self._spare: dict[int, list[torch.Tensor]] = {}
@@ -112,6 +120,7 @@ class WeightStreamer:
             self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         if self.device.type == "cuda":
             self.copy_stream = torch.cuda.Stream(self.device)
+            self.publish_stream = torch.cuda.Stream(self.device)
             self.compute_stream = torch.cuda.current_stream(self.device)
             self._start_staging()
         elif not self.placement.aliases_home:
@@ -120,7 +129,7 @@ class WeightStreamer:
     def _start_staging(self) -> None:
         """CUDA, weights on NVMe: one page-locked buffer the size of the largest streamed part,
         counted in HOST: every load lands there, then copies to DEVICE (loads run one at a time,
-        on the loader thread, and each copy ends before the next load starts)."""
+        on the loader thread; a load reads into it once the previous copy out of it has run)."""
         streamed = [p.numel for parts in self._parts for p in parts if not p.resident]
         if self.placement.plan.weights != Tier.NVME or not streamed:
             return
@@ -133,6 +142,10 @@ class WeightStreamer:
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
+        if self.copy_stream is not None:
+            # sync point: copies queued by loads never acquired (an error) still read pinned memory
+            self.copy_stream.synchronize()
+            self.publish_stream.synchronize()
         if self._pinned is not None:
             self._pinned.close()
             self._pinned = None
@@ -167,12 +180,15 @@ class WeightStreamer:
             with self.tracer.span("wait", f"weights of {u.name}"):
                 for p in streamed:
                     assert p.load is not None
-                    p.flat = p.load.result()  # sync point: the load has finished
+                    p.flat, ready = p.load.result()  # sync point: the load's host part has finished
                     p.load = None
                     if self.compute_stream is not None:
+                        compute = torch.cuda.current_stream(self.device)  # this thread's compute
+                        if ready is not None:  # the compute queued from here on runs after the copy
+                            compute.wait_event(ready)  # (a GPU-side wait)
                         # allocated on the copy stream, read by compute: its block is not reused
                         # before the compute stream has passed this point of its queue
-                        p.flat.record_stream(self.compute_stream)
+                        p.flat.record_stream(compute)
         self._bind(u, resident=False)
 
     def release(self, unit_index: int) -> None:
@@ -285,32 +301,38 @@ class WeightStreamer:
         return torch.empty(part.numel, dtype=self.dtype, device=self.device)
 
     # ---------------------------------------------------------------- loader thread
-    def _load(self, u: Unit, part: _Part, spare: torch.Tensor | None = None) -> torch.Tensor:
+    def _load(self, u: Unit, part: _Part, spare: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         """Bring a streamed part's weights to DEVICE (trainable ones once their update landed),
-        into ``spare`` when given (a released buffer of the size, already accounted)."""
+        into ``spare`` when given (a released buffer of the size, already accounted). Returns the
+        buffer and, on CUDA, the event after its copy (queued, not waited for)."""
         if part.kind != "frozen":
             self.clock.wait(u.index)  # sync point: the worker has written this unit's new weights
         if self.placement.aliases_home:
-            return self.state.host(u, part.kind)  # DEVICE is host memory: use the home copy in place
+            return self.state.host(u, part.kind), None  # DEVICE is host memory: the home copy in place
         if self.device.type == "cuda":
             # allocated on the copy stream: the block comes from that stream's pool, where a
             # buffer the compute read returns only once the compute queued on it has run
             # (``record_stream`` in ``acquire``): the copy needs no wait on the compute stream
-            # and overlaps it (the caller's own host sync below ends it, on this thread)
+            # and overlaps it
             with torch.cuda.stream(self.copy_stream):
                 flat = torch.empty(part.numel, dtype=self.dtype, device=self.device)
         else:
             flat = spare if spare is not None else self._alloc(u, part, accounted=True)
         if self.placement.plan.weights == Tier.HOST:
-            self._h2d(flat, self.state.host(u, part.kind))
-        elif self.device.type == "cpu":
+            # a trainable home is rewritten by the worker after the unit's update, which a job
+            # without gradients runs with no GPU event to order it after this copy: that copy is
+            # waited for here (loader thread); frozen homes never change
+            return flat, self._h2d(flat, self.state.host(u, part.kind), wait=part.kind != "frozen")
+        if self.device.type == "cpu":
             self.state.read_unit(u, part.kind, flat)
-        else:
-            assert self._staging is not None, "a load from the SSD on CUDA needs the pinned staging"
-            staging = self._staging[: part.numel]
-            self.state.read_unit(u, part.kind, staging)
-            self._h2d(flat, staging)  # ends (host sync) before the next load reuses the staging
-        return flat
+            return flat, None
+        assert self._staging is not None, "a load from the SSD on CUDA needs the pinned staging"
+        if self._staging_copied is not None:
+            self._staging_copied.synchronize()  # sync point (loader thread): the staging is free again
+        staging = self._staging[: part.numel]
+        self.state.read_unit(u, part.kind, staging)
+        self._staging_copied = self._h2d(flat, staging, wait=False)
+        return flat, self._staging_copied
 
     # ---------------------------------------------------------------- spare buffers (CPU device)
     def recycle(self, flat: torch.Tensor) -> None:
@@ -353,19 +375,29 @@ class WeightStreamer:
         assert flat is not None
         self._h2d(flat[a:b], weights, after_compute=True)
 
-    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, after_compute: bool = False) -> None:
-        """Copy to DEVICE on the copy stream; ``after_compute``: ``dst`` is read by kernels already
-        queued on the compute stream (a resident unit's weights), so the copy waits for them."""
+    def _h2d(self, dst: torch.Tensor, src: torch.Tensor, after_compute: bool = False, wait: bool = True) -> Any:
+        """Copy to DEVICE. On CUDA: a load's copy on the copy stream, a resident unit's new
+        weights (``after_compute``: ``dst`` is read by kernels already queued on the compute
+        stream) on the publish stream after those kernels; ``wait``: the calling thread waits
+        for the copy, else the event after it is returned (None on a CPU device)."""
         nbytes = src.numel() * src.element_size()
-        t_start_s = self.tracer.clock()
-        if self.device.type == "cuda":
-            if after_compute:
-                self.copy_stream.wait_stream(self.compute_stream)
-            with torch.cuda.stream(self.copy_stream):
-                dst.copy_(src, non_blocking=True)
-            self.copy_stream.synchronize()  # sync point: this thread only, never the compute stream
-            self.acct.count("h2d_bytes", nbytes)
-        else:
+        if self.device.type != "cuda":
+            t_start_s = self.tracer.clock()
             dst.copy_(src)
-        if t_start_s:  # recording: name the event
-            self.tracer.add("h2d", f"{nbytes} bytes", t_start_s)
+            if t_start_s:  # recording: name the event
+                self.tracer.add("h2d", f"{nbytes} bytes", t_start_s)
+            return None
+        stream = self.publish_stream if after_compute else self.copy_stream
+        if after_compute:
+            stream.wait_stream(self.compute_stream)
+        began = self.tracer.stream_mark(stream)  # the trace times the copy on the GPU
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        self.tracer.add_stream_span("h2d", f"{nbytes} bytes", began, stream)
+        self.acct.count("h2d_bytes", nbytes)
+        if wait:
+            stream.synchronize()  # sync point: this thread only, never the compute stream
+            return None
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        return copied
