@@ -87,6 +87,8 @@ class _SwappedTensor:
     # ends (its write done), and from reading back until its layer's backward ends
     write: Future[None] | None = None
     read: Future[Any] | None = None
+    on_device: torch.Tensor | None = None  # CUDA: read back to DEVICE once for all its saves,
+    # from the first unpack until its layer's backward ends (accounted in DEVICE)
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,10 @@ class SavedTensors(_LayerCalls):
             read_until = torch.cuda.Event()
             read_until.record(torch.cuda.current_stream(self.device))
         self._drop_buffers(call, read_until)
+        for t in call.swapped:
+            if t.on_device is not None:  # (autograd's views of it, if any, end with its graph)
+                self.acct.free(Tier.DEVICE, t.nbytes)
+                t.on_device = None
         call.swapped.clear()
         call.swapped_once.clear()
         self.acct.free(Tier.DEVICE, call.saved_bytes)
@@ -405,16 +411,22 @@ class SavedTensors(_LayerCalls):
         if swapped.read is not None:
             swapped.read.result()  # sync point: the read of this activation has landed
         assert swapped.buf is not None
-        x = swapped.buf.view(swapped.dtype).as_strided(packed.shape, packed.stride)
-        # (dense: strides preserved) a GPU copy is queued on the backward's stream; the buffer is
-        # not reused before it has run (the event ``_release`` records)
-        return x if self.device.type == "cpu" else x.to(self.device, non_blocking=True)
+        if self.device.type == "cpu":  # (dense: strides preserved)
+            return swapped.buf.view(swapped.dtype).as_strided(packed.shape, packed.stride)
+        if swapped.on_device is None:  # the first of its saves unpacked: one copy serves them all
+            self.acct.alloc(Tier.DEVICE, swapped.nbytes, "saved activations read back to the device")
+            self.acct.count("h2d_bytes", swapped.nbytes)
+            # queued on the backward's stream; the buffer is not reused before it has run (the
+            # event ``_release`` records)
+            swapped.on_device = swapped.buf.view(swapped.dtype).to(self.device, non_blocking=True)
+        return swapped.on_device.as_strided(packed.shape, packed.stride)
 
     def _copy_out(self, dst: torch.Tensor, t: torch.Tensor) -> None:
         """Copy saved tensor ``t`` into host buffer ``dst`` (on a GPU queued on the d2h stream;
         ``_swap_out`` records its end)."""
         if t.device.type == "cuda":
             self._queue_d2h(dst, t)
+            self.acct.count("d2h_bytes", dst.numel() * dst.element_size())
         else:
             dst.copy_(t)
 
