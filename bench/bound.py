@@ -12,6 +12,7 @@ class PeakRates:
     matmul_flops_per_s: float
     ssd_read_gbps: float | None  # fio, sequential O_DIRECT, 10^9 bytes/s (None: fio not installed)
     ssd_write_gbps: float | None
+    ssd_mixed_gbps: float | None = None  # fio reading and writing at once: both directions together
 
 
 @dataclass(frozen=True)
@@ -19,14 +20,16 @@ class StepBound:
     compute_s: float
     ssd_read_s: float
     ssd_write_s: float
+    ssd_mixed_s: float = 0.0  # reads and writes together at the mixed rate (one device serves both)
 
     @property
     def bound_s(self) -> float:
-        return max(self.compute_s, self.ssd_read_s, self.ssd_write_s)
+        return max(self.compute_s, self.ssd_read_s, self.ssd_write_s, self.ssd_mixed_s)
 
     @property
     def limiter(self) -> str:
-        times = {"compute": self.compute_s, "ssd read": self.ssd_read_s, "ssd write": self.ssd_write_s}
+        times = {"compute": self.compute_s, "ssd read": self.ssd_read_s, "ssd write": self.ssd_write_s,
+                 "ssd read + write": self.ssd_mixed_s}
         return max(times, key=lambda k: times[k])
 
     def efficiency(self, achieved_s: float) -> float:
@@ -36,8 +39,12 @@ class StepBound:
 
 def step_bound(flops: float, read_bytes: float, write_bytes: float, rates: PeakRates) -> StepBound:
     """Each resource's time for one step's work at its peak rate; the bound is the largest (an SSD
-    rate not measured bounds nothing)."""
+    rate not measured bounds nothing). The SSD is one device: a step that reads and writes is
+    also bounded by both at the rate fio measured doing both at once."""
+    mixed_bytes = read_bytes + write_bytes if read_bytes and write_bytes else 0
     return StepBound(compute_s=flops / rates.matmul_flops_per_s,
                      ssd_read_s=read_bytes / (rates.ssd_read_gbps * 1e9) if read_bytes and rates.ssd_read_gbps else 0.0,
                      ssd_write_s=write_bytes / (rates.ssd_write_gbps * 1e9) if write_bytes and rates.ssd_write_gbps
+                     else 0.0,
+                     ssd_mixed_s=mixed_bytes / (rates.ssd_mixed_gbps * 1e9) if mixed_bytes and rates.ssd_mixed_gbps
                      else 0.0)

@@ -12,18 +12,20 @@ from bench.bound import PeakRates
 from bench.io_bench import FioJob, run_fio_job
 
 
-def fio_gbps(root: Path, size_bytes: int, iodepth: int = 32, numjobs: int = 2) -> tuple[float, float]:
-    """Sequential O_DIRECT (read, write) GB/s of fio at ``root`` (bench.io_bench's jobs); the
-    file is deleted afterwards. Raises FileNotFoundError when fio is not installed."""
+def fio_gbps(root: Path, size_bytes: int, iodepth: int = 32, numjobs: int = 2) -> tuple[float, float, float]:
+    """Sequential O_DIRECT (read, write, mixed) GB/s of fio at ``root`` (bench.io_bench's jobs;
+    mixed: reading and writing at once, both directions together); the file is deleted
+    afterwards. Raises FileNotFoundError when fio is not installed."""
     if shutil.which("fio") is None:
         raise FileNotFoundError("fio is not installed (apt-get install fio)")
     root.mkdir(parents=True, exist_ok=True)
     try:
         write = run_fio_job(root, FioJob("write", iodepth, numjobs), size_bytes)
         read = run_fio_job(root, FioJob("read", iodepth, numjobs), size_bytes)
+        mixed = run_fio_job(root, FioJob("rw", iodepth, numjobs), size_bytes)
     finally:
         (root / "fio-seq.bin").unlink(missing_ok=True)
-    return read.gbps, write.gbps
+    return read.gbps, write.gbps, mixed.gbps
 
 
 def matmul_flops_per_s(n: int = 2048, dtype: torch.dtype = torch.float32, min_time_s: float = 2.0,
@@ -47,8 +49,8 @@ def measure_rates(root: Path, fio_size_bytes: int, device: str = "cpu") -> PeakR
     """fio and matmul rates; without fio the SSD rates are None (said in one line) and the
     run goes on without the SSD bound."""
     try:
-        read_gbps, write_gbps = fio_gbps(root, fio_size_bytes)
+        read_gbps, write_gbps, mixed_gbps = fio_gbps(root, fio_size_bytes)
     except FileNotFoundError as err:
         print(f"note: {err}; the report has no SSD bound", flush=True)
-        read_gbps = write_gbps = None
-    return PeakRates(matmul_flops_per_s(device=device), read_gbps, write_gbps)
+        read_gbps = write_gbps = mixed_gbps = None
+    return PeakRates(matmul_flops_per_s(device=device), read_gbps, write_gbps, mixed_gbps)

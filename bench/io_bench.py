@@ -200,7 +200,9 @@ def run_fio(data_file: Path, rw: str, size_bytes: int, iodepth: int, numjobs: in
            "--output-format=json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     doc = json.loads(out[out.index("{"):])  # fio may print notes before the JSON
-    bw_bytes = doc["jobs"][0][rw]["bw_bytes"]
+    job = doc["jobs"][0]
+    # rw: reads and writes at once (half each): both directions together
+    bw_bytes = job["read"]["bw_bytes"] + job["write"]["bw_bytes"] if rw == "rw" else job[rw]["bw_bytes"]
     return FioResult(rw, iodepth, numjobs, bw_bytes / GB)
 
 
@@ -219,7 +221,7 @@ def run_fio_job(root: Path, job: FioJob, size_bytes: int) -> FioResult:
         data_file.unlink(missing_ok=True)
     elif not data_file.exists():
         run_fio(data_file, "write", size_bytes, iodepth=32, numjobs=1)
-    if job.rw == "read":
+    if job.rw in ("read", "rw"):
         drop_page_cache(data_file)
     r = run_fio(data_file, job.rw, size_bytes, job.iodepth, job.numjobs)
     print(f"  fio {r.rw} iodepth={r.iodepth} numjobs={r.numjobs}: {r.gbps:.2f} GB/s", flush=True)

@@ -132,7 +132,8 @@ def format_report(suite: Suite, n_params: int, rates: PeakRates, summaries: list
               "for the disk). SSD bytes: " + "; ".join(f"{s.engine} from {s.io_source}" for s in summaries)
               + ". Peak RSS: the engine's whole process tree over its whole run (start-up and init "
               "included), sampled every 10 ms. Bound: max(model FLOPs / matmul rate, SSD bytes read / "
-              "fio read, SSD bytes written / fio write); efficiency = bound / median step time.", ""]
+              "fio read, SSD bytes written / fio write, SSD bytes read + written / fio reading and writing at "
+              "once); efficiency = bound / median step time.", ""]
     lines += ["| engine | start-up + init s | drain after last step s | process wall s | whole-run disk read GB "
               "| whole-run disk write GB |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {s.engine} | {s.init_s:.1f} | {s.drain_s:.2f} | {s.wall_s:.0f} | {_gb(s.tree_read_bytes)} | "
@@ -200,5 +201,7 @@ def _targets(ours: EngineSummary, by_name: dict[str, EngineSummary], state_bytes
 def _fio_line(rates: PeakRates) -> str:
     if rates.ssd_read_gbps is None or rates.ssd_write_gbps is None:
         return "fio not installed (apt-get install fio): no SSD rates, the bound is compute only"
+    mixed = (f", reading and writing at once {rates.ssd_mixed_gbps:.2f} GB/s both together"
+             if rates.ssd_mixed_gbps else "")
     return (f"fio sequential O_DIRECT (bs 1M, libaio, iodepth 32, 2 jobs) read {rates.ssd_read_gbps:.2f} GB/s, "
-            f"write {rates.ssd_write_gbps:.2f} GB/s")
+            f"write {rates.ssd_write_gbps:.2f} GB/s{mixed}")

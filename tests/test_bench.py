@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+
 import pytest
 
 from bench.bound import PeakRates, step_bound
@@ -40,6 +43,18 @@ def test_the_bound_is_the_busiest_resource() -> None:
     assert b.efficiency(6.0) == 0.5
     io = step_bound(flops=1e9, read_bytes=0, write_bytes=5e9, rates=RATES)
     assert io.limiter == "ssd write" and io.bound_s == 5.0 and io.ssd_read_s == 0.0
+
+
+def test_a_step_that_reads_and_writes_is_bounded_by_the_mixed_rate() -> None:
+    """One device serves both directions: 2 GB read + 1 GB written at 1.5 GB/s both together take
+    2 s, more than either alone (1 s each at 2.0 and 1.0 GB/s); a step that only writes, or a run
+    without the mixed rate, is not bounded by it."""
+    rates = dataclasses.replace(RATES, ssd_mixed_gbps=1.5)
+    b = step_bound(flops=1e9, read_bytes=2e9, write_bytes=1e9, rates=rates)
+    assert (b.ssd_read_s, b.ssd_write_s, b.ssd_mixed_s) == (1.0, 1.0, 2.0)
+    assert b.bound_s == 2.0 and b.limiter == "ssd read + write"
+    assert step_bound(flops=1e9, read_bytes=0, write_bytes=1e9, rates=rates).ssd_mixed_s == 0.0
+    assert step_bound(flops=1e9, read_bytes=2e9, write_bytes=1e9, rates=RATES).bound_s == 1.0
 
 
 def test_param_count_formula_matches_the_model() -> None:
@@ -105,6 +120,18 @@ def test_report_has_every_engine_ratios_losses_and_targets() -> None:
     assert "| compute | 1.50 | 75% |" in text
     assert "- a workaround" in text and "**Command:** python -m bench run --suite t" in text
     assert "| 2 | 1.000000 | 1.000000 | 1.000001 |" in text
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (.ci/setup installs it)")
+def test_fio_measures_reads_writes_and_both_at_once(tmp_path, capsys) -> None:
+    """The harness's three fio jobs run and parse (the mixed job reports reads and writes in two
+    sections of fio's JSON: both are summed); the data file is removed."""
+    from bench.hardware import fio_gbps
+
+    read_gbps, write_gbps, mixed_gbps = fio_gbps(tmp_path, 32 << 20)
+    assert read_gbps > 0 and write_gbps > 0 and mixed_gbps > 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["write", "read", "rw"]
+    assert not (tmp_path / "fio-seq.bin").exists()
 
 
 def test_a_machine_without_fio_gets_a_report_without_the_ssd_bound(tmp_path, monkeypatch, capsys) -> None:
