@@ -40,11 +40,22 @@ class StepBound:
 def step_bound(flops: float, read_bytes: float, write_bytes: float, rates: PeakRates) -> StepBound:
     """Each resource's time for one step's work at its peak rate; the bound is the largest (an SSD
     rate not measured bounds nothing). The SSD is one device: a step that reads and writes is
-    also bounded by both at the rate fio measured doing both at once."""
-    mixed_bytes = read_bytes + write_bytes if read_bytes and write_bytes else 0
+    also bounded by both (``_ssd_both_s``)."""
     return StepBound(compute_s=flops / rates.matmul_flops_per_s,
                      ssd_read_s=read_bytes / (rates.ssd_read_gbps * 1e9) if read_bytes and rates.ssd_read_gbps else 0.0,
                      ssd_write_s=write_bytes / (rates.ssd_write_gbps * 1e9) if write_bytes and rates.ssd_write_gbps
                      else 0.0,
-                     ssd_mixed_s=mixed_bytes / (rates.ssd_mixed_gbps * 1e9) if mixed_bytes and rates.ssd_mixed_gbps
-                     else 0.0)
+                     ssd_mixed_s=_ssd_both_s(read_bytes, write_bytes, rates))
+
+
+def _ssd_both_s(read_bytes: float, write_bytes: float, rates: PeakRates) -> float:
+    """Seconds of SSD for a step's reads and writes: the bytes that can pair up (as many read as
+    written) at the rate fio measured doing both at once (half each), the rest alone at the read
+    or write rate; never more than reading all, then writing all. 0 without every rate."""
+    r_gbps, w_gbps, m_gbps = rates.ssd_read_gbps, rates.ssd_write_gbps, rates.ssd_mixed_gbps
+    if not (read_bytes and write_bytes and r_gbps and w_gbps and m_gbps):
+        return 0.0
+    paired_bytes = min(read_bytes, write_bytes)
+    mixed_s = 2 * paired_bytes / (m_gbps * 1e9) + ((read_bytes - paired_bytes) / (r_gbps * 1e9)
+                                                   + (write_bytes - paired_bytes) / (w_gbps * 1e9))
+    return min(mixed_s, read_bytes / (r_gbps * 1e9) + write_bytes / (w_gbps * 1e9))

@@ -214,8 +214,9 @@ class FioJob:
 
 
 def run_fio_job(root: Path, job: FioJob, size_bytes: int) -> FioResult:
-    """A write goes to a fresh file (as the store writes fresh extents); a read reads the file
-    the last write left, written first (untimed) when there is none."""
+    """A write goes to a fresh file (as the store writes fresh extents); a read, or a mixed job
+    (``rw``: reads and writes at once, overwriting in place), uses the file the last write left,
+    written first (untimed) when there is none."""
     data_file = root / "fio-seq.bin"
     if job.rw == "write":
         data_file.unlink(missing_ok=True)

@@ -6,7 +6,8 @@ Two implementations, chosen by ``plan.recompute``:
 - ``SavedTensors``: keep the layer's autograd graph. Saved weights become WeightTokens
   (re-fetched in backward); saved activations stay on DEVICE, or, with ``activations: nvme``,
   large ones are copied into page-aligned buffers as autograd saves them, written after the
-  layer's forward and read back one layer ahead in backward (at most two layers' worth in memory).
+  layer's forward and read back one layer ahead in backward (at most two layers' worth in memory);
+  on a GPU each comes back to DEVICE once, at its first unpack, until its layer's backward ends.
 
 Both are keyed by (micro-batch m, decoder layer i) and driven the same way: ``enter``/``exit``
 from the layer's forward hooks, ``replay`` + ``read_ahead`` before its backward, ``release`` after
@@ -15,8 +16,10 @@ layer. Micro-batch-major steps use m = 0 only; layer-major steps (``scheduler.lo
 every micro-batch's records of a layer until that layer's backward.
 
 Threads: the thread running the forward (the main thread, or the micro-batch thread holding the
-turn in a layer-major step: one at a time) for ``enter``/``exit`` and autograd's pack hook; the
-main thread for the rest. Sync points: waits on the SSD writes and reads of checkpoints and
+turn in a layer-major step: one at a time) for ``enter``/``exit`` and autograd's pack hook;
+autograd's unpack hook on the thread running the backward (on a GPU autograd's device thread: it
+counts the DEVICE bytes of what it brings back, in the thread-safe Accountant); the main thread
+for the rest. Sync points: waits on the SSD writes and reads of checkpoints and
 swapped activations (named where they happen).
 """
 
@@ -206,7 +209,6 @@ class RecomputeCheckpoints(_LayerCalls):
                 self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
             if x.device.type == "cuda":  # written once the copy has run (``_start_writes``)
                 call.checkpoint_host = self._to_host(call, x)
-                self.acct.count("d2h_bytes", nbytes)
                 self._unwritten.append((m, i, call))
                 return
             # The write holds the tensor until done; backward waits on it before reading.
@@ -217,8 +219,10 @@ class RecomputeCheckpoints(_LayerCalls):
 
     def _to_host(self, call: _LayerCall, x: torch.Tensor) -> torch.Tensor:
         """CUDA: a pinned host copy of ``x``, queued on the d2h stream; ``call.d2h_done`` marks its end."""
-        host = aligned_empty(x.numel() * x.element_size(), pin_memory=True).view(x.dtype).view(x.shape)
+        nbytes = x.numel() * x.element_size()
+        host = aligned_empty(nbytes, pin_memory=True).view(x.dtype).view(x.shape)
         self._queue_d2h(host, x)
+        self.acct.count("d2h_bytes", nbytes)
         call.d2h_done = self._d2h_event()
         return host
 
@@ -259,15 +263,19 @@ class RecomputeCheckpoints(_LayerCalls):
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
             call.checkpoint_read.result()  # sync point: read back
             x = call.checkpoint_buf.view(call.dtype).view(call.shape)
+            if self.device.type == "cpu":
+                return x
             # pinned: queued on the compute stream (the caching host allocator keeps the buffer
             # until the copy has run)
-            return x.to(self.device, non_blocking=True) if self.device.type != "cpu" else x
+            self.acct.count("h2d_bytes", x.numel() * x.element_size())
+            return x.to(self.device, non_blocking=True)
         assert call.checkpoint is not None
         x = call.checkpoint
         self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
         call.checkpoint = None
         if call.d2h_done is not None:  # CUDA, HOST tier: the compute stream waits for the copy out
             torch.cuda.current_stream(self.device).wait_event(call.d2h_done)
+            self.acct.count("h2d_bytes", x.numel() * x.element_size())
             return x.to(self.device, non_blocking=True)
         return x.to(self.device) if x.device != self.device else x
 

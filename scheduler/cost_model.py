@@ -405,7 +405,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
 
 GPU_LANES: dict[str, tuple[str, ...]] = {
     "compute": ("compute", "recompute"),  # the compute stream
-    "h2d": ("h2d",),  # the copy stream (weight loads, resident publishes, swap-ins)
+    "h2d": ("h2d",),  # the copy and publish streams (weight loads, resident units' new weights)
     "d2h": ("d2h",),  # the worker's and the activations' D2H streams: one PCIe direction
     "ssd (read + write)": ("ssd_read", "ssd_write"),  # one device
     "cpu_adam": ("cpu_adam", "checksum"),  # the optimizer worker and the I/O threads, on the CPU

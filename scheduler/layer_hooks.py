@@ -63,9 +63,12 @@ class LayerHooks:
         return handles
 
     def clear(self) -> None:
-        """Forget the graph roots and leaves of the step's forwards."""
+        """Forget the graph roots and leaves of the step's forwards (and the trace spans a forward
+        that raised left open: never recorded)."""
         self.x0.clear()
         self.head_input.clear()
+        self._layer_spans.clear()
+        self._outside_spans.clear()
 
     @property
     def _n_layers(self) -> int:
@@ -79,12 +82,7 @@ class LayerHooks:
 
     def model_forward_ended(self, m: int) -> None:
         """Tracing: micro-batch m's model call returned (the head computed since the last layer)."""
-        self._end_outside_span(m)
-
-    def _end_outside_span(self, m: int) -> None:
-        span = self._outside_spans.pop(m, None)
-        if span is not None:
-            span.end()
+        _end_span(self._outside_spans, m)
 
     def _enter_hook(self, i: int) -> Callable[..., Any]:
         plan = self.placement.plan
@@ -94,7 +92,7 @@ class LayerHooks:
                 return None  # a recompute in backward: the driver placed everything
             # layer-major: wait until the micro-batches before this one have run layer i (sync point)
             if i == 0 and self.streaming:  # (before waiting for the turn: not compute)
-                self._end_outside_span(self.lockstep.index())
+                _end_span(self._outside_spans, self.lockstep.index())
             m = self.lockstep.turn() if self.lockstep.active else 0
             if self.streaming and i not in self._arguments_checked:  # a property of the architecture
                 check_layer_arguments(self.model, args[1:], kwargs)
@@ -119,9 +117,7 @@ class LayerHooks:
             m = self.lockstep.index()
             if self.streaming:
                 self.router.done()
-                span = self._layer_spans.pop(i, None)
-                if span is not None:
-                    span.end()
+                _end_span(self._layer_spans, i)
                 self.activations.exit(i, output, m)
             if (self.evaluating or not self.placement.kept_over_turn(i)) and m == self.micro_count - 1:
                 self.weights.release(i + 1)
@@ -136,3 +132,10 @@ class LayerHooks:
             return (leaf, *output[1:]) if isinstance(output, tuple) else leaf
 
         return hook
+
+
+def _end_span(spans: dict[int, Any], key: int) -> None:
+    """Close and forget the trace span opened under ``key`` (none when not recording)."""
+    span = spans.pop(key, None)
+    if span is not None:
+        span.end()

@@ -1,12 +1,15 @@
 """A timeline of one training step: Chrome trace / Perfetto JSON ("X" complete events).
 
-One track (``tid``) per resource: ``compute`` (forward, recompute and backward per layer),
-``h2d`` and ``d2h`` (copies to and from DEVICE), ``ssd_read`` and ``ssd_write`` (each store
-request, from submission to completion, so queueing in the I/O pool is included), ``cpu_adam``
-(AdamW per chunk), ``wait`` (the compute thread blocked on weights still loading, or on a
-resident unit's optimizer update) and ``step``. On a CUDA device (``watch_device``) the compute
-spans are also timed with CUDA events on the compute stream: track ``gpu``, when the GPU ran
-them (its busy time over the step's is the GPU-busy fraction); converted when recording stops.
+One track (``tid``) per resource: ``compute`` (the embeddings' forward, each layer's forward,
+the head's forward, each recompute and backward: the loads and waits of the model call fall
+between these spans), ``h2d`` and ``d2h`` (copies to and from DEVICE), ``ssd_read`` and
+``ssd_write`` (each store request, from submission to completion, so queueing in the I/O pool is
+included), ``cpu_adam`` (AdamW per chunk), ``wait`` (the compute thread blocked on weights still
+loading, or on a resident unit's optimizer update) and ``step``. On a CUDA device
+(``watch_device``) the compute spans are also timed with CUDA events on the compute stream:
+track ``gpu``, when the GPU ran them (its busy time over the step's is the GPU-busy fraction);
+the weight copies' ``h2d`` events are timed with CUDA events on their own streams (when the GPU
+ran the copy, not when it was queued); both converted when recording stops.
 Open ``trace.json`` in https://ui.perfetto.dev or chrome://tracing.
 
 Cost when not recording: one attribute test per hook; a tracer built with ``enabled=False`` never
@@ -82,7 +85,8 @@ class Tracer:
                 self._gpu_origin = (time.perf_counter(), self._gpu_event())
 
     def stop(self) -> None:
-        """Stop recording; CUDA-event spans become ``gpu`` events (a device sync)."""
+        """Stop recording; CUDA-event spans become events of their track (``gpu``, ``h2d``:
+        a device sync)."""
         self.recording = False
         if self._gpu_origin is None:
             return

@@ -328,7 +328,7 @@ class WeightStreamer:
             return flat, None
         assert self._staging is not None, "a load from the SSD on CUDA needs the pinned staging"
         if self._staging_copied is not None:
-            self._staging_copied.synchronize()  # sync point (loader thread): the staging is free again
+            self._staging_copied.synchronize()  # sync point (the loading thread): the staging is free again
         staging = self._staging[: part.numel]
         self.state.read_unit(u, part.kind, staging)
         self._staging_copied = self._h2d(flat, staging, wait=False)

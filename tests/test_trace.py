@@ -124,12 +124,14 @@ def test_the_cost_models_lanes_run_concurrently_in_the_executor(swapped, tmp_pat
 
 def test_the_synchronous_mode_runs_one_thing_at_a_time(tmp_path) -> None:
     """``overlap: false`` (the cost model's serial sum): the compute overlaps neither the SSD nor
-    the optimizer; loads and updates run between the layers."""
+    the optimizer; loads and updates run between the layers. (An SSD event ends when the I/O
+    thread's completion callback stamps it, a little after the waiting thread went on: 1 ms of
+    slack.)"""
     plan = dataclasses.replace(ALL_NVME, activations=Tier.DEVICE, recompute=False, prefetch_depth=0, overlap=False)
     events = traced_step(plan, tmp_path)
     busy = busy_seconds(events)
     assert busy["compute"] > 0 and busy["ssd_read"] > 0 and busy["ssd_write"] > 0 and busy["cpu_adam"] > 0
-    assert overlap_seconds(events, ["compute"], ["ssd_read", "ssd_write", "cpu_adam", "wait"]) == 0
+    assert overlap_seconds(events, ["compute"], ["ssd_read", "ssd_write", "cpu_adam", "wait"]) < 1e-3
 
 
 def test_overlap_seconds_intersects_the_unions() -> None:
