@@ -461,8 +461,8 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     plan = rules.plan
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
         return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
-    ssd = t["ssd_read"] + t["ssd_write"]
     lanes = lane_times(t, gpu)
+    ssd = lanes["ssd (read + write)"]
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]
     if wl.deferred:

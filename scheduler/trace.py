@@ -43,7 +43,7 @@ class _Span:
 
     def __enter__(self) -> None:
         self._start_s = time.perf_counter()
-        self._gpu_start = self._tracer._gpu_event() if self._resource == "compute" else None
+        self._gpu_start = self._tracer.stream_mark() if self._resource == "compute" else None
 
     def __exit__(self, *exc: object) -> None:
         self.end()
@@ -51,7 +51,7 @@ class _Span:
     def end(self) -> None:
         self._tracer.add(self._resource, self._name, self._start_s)
         if self._gpu_start is not None:
-            self._tracer._gpu_spans.append(("gpu", self._name, self._gpu_start, self._tracer._gpu_event()))
+            self._tracer._gpu_spans.append(("gpu", self._name, self._gpu_start, self._tracer.stream_mark()))
 
 
 class Tracer:
@@ -82,7 +82,7 @@ class Tracer:
                 import torch
 
                 torch.cuda.synchronize(self._gpu_device)  # sync point: the origin event runs now
-                self._gpu_origin = (time.perf_counter(), self._gpu_event())
+                self._gpu_origin = (time.perf_counter(), self.stream_mark())
 
     def stop(self) -> None:
         """Stop recording; CUDA-event spans become events of their track (``gpu``, ``h2d``:
@@ -104,9 +104,10 @@ class Tracer:
                                 "ts": (start_s - self._origin_s) * 1e6, "dur": max(begin.elapsed_time(end), 0.0) * 1e3})
         self._gpu_origin = None
 
-    def _gpu_event(self, stream: Any = None) -> Any:
-        """A CUDA event recorded now on ``stream`` (default: the current stream of the watched
-        device; recording on a CUDA device only), else None."""
+    def stream_mark(self, stream: Any = None) -> Any:
+        """A timing event recorded now on a CUDA ``stream`` (default: the current stream of the
+        watched device; the start of an ``add_stream_span``), or None when not recording or not
+        on a watched CUDA device."""
         if self._gpu_device is None or not self.recording:
             return None
         import torch
@@ -115,16 +116,11 @@ class Tracer:
         event.record(stream if stream is not None else torch.cuda.current_stream(self._gpu_device))
         return event
 
-    def stream_mark(self, stream: Any) -> Any:
-        """A timing event on a CUDA ``stream`` now (for ``add_stream_span``), or None when not
-        recording or not on a watched CUDA device."""
-        return self._gpu_event(stream)
-
     def add_stream_span(self, resource: str, name: str, begin: Any, stream: Any) -> None:
         """One event of ``resource`` timed on the GPU: from ``begin`` (``stream_mark``) to now
         on ``stream`` (converted when recording stops); nothing when ``begin`` is None."""
         if begin is not None and self.recording:
-            self._gpu_spans.append((resource, name, begin, self._gpu_event(stream)))
+            self._gpu_spans.append((resource, name, begin, self.stream_mark(stream)))
 
     def clock(self) -> float:
         """``time.perf_counter()`` while recording, else 0.0 (start of a span closed by ``add``)."""
