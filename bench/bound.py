@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler.cost_model import ssd_busy_s
+
 
 @dataclass(frozen=True)
 class PeakRates:
@@ -50,12 +52,11 @@ def step_bound(flops: float, read_bytes: float, write_bytes: float, rates: PeakR
 
 def _ssd_both_s(read_bytes: float, write_bytes: float, rates: PeakRates) -> float:
     """Seconds of SSD for a step's reads and writes: the bytes that can pair up (as many read as
-    written) at the rate fio measured doing both at once (half each), the rest alone at the read
-    or write rate; never more than reading all, then writing all. 0 without every rate."""
+    written) at the rate fio measured doing both at once, the rest alone at the read or write rate
+    (the cost model's rule, ``ssd_busy_s``); never more than reading all, then writing all (a
+    lower bound: an engine could order them so). 0 without every rate."""
     r_gbps, w_gbps, m_gbps = rates.ssd_read_gbps, rates.ssd_write_gbps, rates.ssd_mixed_gbps
     if not (read_bytes and write_bytes and r_gbps and w_gbps and m_gbps):
         return 0.0
-    paired_bytes = min(read_bytes, write_bytes)
-    mixed_s = 2 * paired_bytes / (m_gbps * 1e9) + ((read_bytes - paired_bytes) / (r_gbps * 1e9)
-                                                   + (write_bytes - paired_bytes) / (w_gbps * 1e9))
-    return min(mixed_s, read_bytes / (r_gbps * 1e9) + write_bytes / (w_gbps * 1e9))
+    return min(sum(ssd_busy_s(read_bytes, write_bytes, r_gbps, w_gbps, m_gbps)),
+               read_bytes / (r_gbps * 1e9) + write_bytes / (w_gbps * 1e9))

@@ -383,13 +383,18 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         recompute_s = M * n_recomputed * timing.layer_forward_s
     else:
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
+    # CPU only, overlapped: the store's threads wait for the cores the compute runs on, so reads
+    # and writes together go at the rate the profile saw beside a compute kernel
+    beside_compute = not gpu and plan.overlap and profile.ssd_beside_compute_gbps is not None
+    ssd_read_s, ssd_write_s = ssd_busy_s(ssd_read, ssd_write, profile.ssd_read_gbps, profile.ssd_write_gbps,
+                                         profile.ssd_beside_compute_gbps if beside_compute else profile.ssd_mixed_gbps)
     time_s = {
         "compute": compute_s,
         "recompute": recompute_s,
         "h2d": h2d / (profile.h2d_gbps * 1e9) if gpu and profile.h2d_gbps else 0.0,
         "d2h": d2h / (profile.d2h_gbps * 1e9) if gpu and profile.d2h_gbps else 0.0,
-        "ssd_read": ssd_read / (profile.ssd_read_gbps * 1e9),
-        "ssd_write": ssd_write / (profile.ssd_write_gbps * 1e9),
+        "ssd_read": ssd_read_s,
+        "ssd_write": ssd_write_s,
         "cpu_adam": N / adam_rate,
         # checksum (xxh3_64) of every byte the store reads or writes, on the CPU
         "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
@@ -448,7 +453,8 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
       CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
                    threads share its cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
                    io_cpu = the compute the profile saw lost per GB moved (checksums included)
-                   x the bytes moved; ssd = read + write;
+                   x the bytes moved; ssd = read + write, the bytes both directions move at the
+                   rate the profile saw beside a compute kernel (``ssd_beside_compute_gbps``);
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
                 hide it behind) + the update I/O of ``pre`` after backward (updated last,
                 needed first).
@@ -489,8 +495,7 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     if rules.optimizer_tier(0) == Tier.NVME:
         # (without its master when its resident weights hold it: neither read nor written)
         moved_bytes = wl.optimizer_bytes_per_param - (wl.state_itemsize if rules.master_on_device(0, shape.frozen) else 0)
-        step += shape.pre_trainable_numel * (moved_bytes / (profile.ssd_read_gbps * 1e9)
-                                             + moved_bytes / (profile.ssd_write_gbps * 1e9))
+        step += _ssd_s(shape.pre_trainable_numel * moved_bytes, shape.pre_trainable_numel * moved_bytes, profile)
     return step, bottleneck
 
 
@@ -502,7 +507,30 @@ def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile:
     read = state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
     read += wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0
     write = state - masters_on_device_numel(shape, rules) * wl.state_itemsize
-    return read / (profile.ssd_read_gbps * 1e9) + write / (profile.ssd_write_gbps * 1e9)
+    return _ssd_s(read, write, profile)
+
+
+def ssd_busy_s(read_bytes: float, write_bytes: float, read_gbps: float, write_gbps: float,
+               mixed_gbps: float | None) -> tuple[float, float]:
+    """Seconds the SSD spends on a step's reads and on its writes (one device serves both).
+
+    With a mixed rate (reading and writing at once, both directions together): as many bytes as
+    both directions move pair up at that rate, half of their time each, and the rest go alone at
+    the read or write rate; without one, each direction at its own rate, one after the other.
+    The engine's reads and writes are concurrent (the optimizer reads chunk c + 1 while chunk c
+    is written back), so the mixed rate is what a step gets, even where the disk serves them
+    slower together than one after the other."""
+    if mixed_gbps is None:
+        return read_bytes / (read_gbps * 1e9), write_bytes / (write_gbps * 1e9)
+    paired_bytes = min(read_bytes, write_bytes)
+    paired_s = paired_bytes / (mixed_gbps * 1e9)  # each direction's half of 2 x paired bytes
+    return (paired_s + (read_bytes - paired_bytes) / (read_gbps * 1e9),
+            paired_s + (write_bytes - paired_bytes) / (write_gbps * 1e9))
+
+
+def _ssd_s(read_bytes: float, write_bytes: float, profile: HardwareProfile) -> float:
+    return sum(ssd_busy_s(read_bytes, write_bytes, profile.ssd_read_gbps, profile.ssd_write_gbps,
+                          profile.ssd_mixed_gbps))
 
 
 def _state_name(wl: Workload) -> str:

@@ -68,7 +68,7 @@ def format_report(choice: PlanChoice, shape: ModelShape, wl: Workload, budgets: 
         f"(hidden {shape.hidden}, vocab {shape.vocab}); batch {wl.micro_batch} x {wl.seq_len} tokens, "
         f"gradient accumulation {wl.grad_accum}, {wl.compute_dtype}",
         f"machine: {profile.machine}; SSD {profile.ssd_read_gbps:.2f} / {profile.ssd_write_gbps:.2f} GB/s read / "
-        f"write; {compute_basis}",
+        f"write{_mixed(profile)}; {compute_basis}",
         "",
     ]
     rows = []
@@ -117,3 +117,11 @@ def prediction_dict(est: Estimate) -> dict[str, Any]:
             "link_bytes": est.link_bytes, "model_flops": est.model_flops,
             "peak_bytes": {"device": est.memory.device_bytes, "host": est.memory.host_bytes,
                            "nvme": est.memory.nvme_bytes}}
+
+
+def _mixed(profile: HardwareProfile) -> str:
+    """The SSD's rates reading and writing at once, where the profile measured them."""
+    rates = [f"{gbps:.2f} GB/s {what}" for what, gbps in (("both at once", profile.ssd_mixed_gbps),
+                                                            ("beside compute", profile.ssd_beside_compute_gbps))
+             if gbps is not None]
+    return f" ({', '.join(rates)})" if rates else ""

@@ -15,8 +15,11 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -50,10 +53,19 @@ class HardwareProfile:
     """The store's checksum (``offload.checksum``, xxh3_64) of host bytes on one core (the store
     checks every byte it moves); None: not measured (a hand-written profile may leave it out),
     checksums then cost nothing."""
+    ssd_mixed_gbps: float | None = None
+    """The store reading and writing at once, both directions together (10^9 bytes/s): training's
+    traffic (the optimizer reads chunk c + 1 while chunk c is written back), which the disk may
+    serve slower than its read and write rates alone suggest; None: not measured (a hand-written
+    profile may leave it out), reads and writes then take their own rates one after the other."""
     io_compute_s_per_gb: float | None = None
     """Machines without a GPU: seconds of compute lost per GB the store reads or writes at the
     same time (its I/O threads, checksums and copies take turns on the compute's cores, and a
     parallel kernel waits for its slowest thread); None: a GPU computes, or not measured."""
+    ssd_beside_compute_gbps: float | None = None
+    """Machines without a GPU: the store reading and writing at once (as ``ssd_mixed_gbps``)
+    while a compute kernel runs on the cores, which its I/O threads then wait for; None: a GPU
+    computes, or not measured."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -79,12 +91,16 @@ class HardwareProfile:
         gib = 2**30
         rows = [
             ("SSD read / write", f"{self.ssd_read_gbps:.2f} / {self.ssd_write_gbps:.2f} GB/s ({self.io_backend})"),
+            ("SSD both at once", "not measured" if self.ssd_mixed_gbps is None
+             else f"{self.ssd_mixed_gbps:.2f} GB/s, reads and writes together"),
             ("H2D / D2H", "no GPU" if self.h2d_gbps is None else f"{self.h2d_gbps:.1f} / {self.d2h_gbps:.1f} GB/s"),
             ("CPU AdamW", ", ".join(f"{k} {v / 1e6:.0f} M params/s" for k, v in self.cpu_adam_params_per_s.items())),
             ("matmul", ", ".join(f"{k} {v:.2f} TFLOPS" for k, v in self.matmul_tflops.items())),
             ("checksum", "not measured" if self.checksum_gbps is None else f"{self.checksum_gbps:.1f} GB/s"),
             ("compute lost to I/O", "-" if self.io_compute_s_per_gb is None
              else f"{self.io_compute_s_per_gb:.2f} s per GB moved"),
+            ("SSD beside compute", "-" if self.ssd_beside_compute_gbps is None
+             else f"{self.ssd_beside_compute_gbps:.2f} GB/s, reads and writes together"),
             ("RAM available", f"{self.ram_available_bytes / gib:.1f} GiB"),
             ("VRAM free", "-" if self.vram_free_bytes is None else f"{self.vram_free_bytes / gib:.1f} GiB"),
             ("disk free", f"{self.disk_free_bytes / gib:.1f} GiB at {self.nvme_path}"),
@@ -102,7 +118,7 @@ def _check_values(fields: dict[str, object]) -> None:
     for key in ("ssd_read_gbps", "ssd_write_gbps"):
         if not _positive(fields[key]):
             raise ValueError(f"{key} must be a positive number, not {fields[key]!r}")
-    for key in ("h2d_gbps", "d2h_gbps", "checksum_gbps"):
+    for key in ("h2d_gbps", "d2h_gbps", "checksum_gbps", "ssd_mixed_gbps", "ssd_beside_compute_gbps"):
         if fields.get(key) is not None and not _positive(fields[key]):
             raise ValueError(f"{key} must be a positive number or null, not {fields[key]!r}")
     value = fields.get("io_compute_s_per_gb")
@@ -128,7 +144,9 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
-PROFILE_FORMAT = 3  # 2: checksum_gbps measures xxh3_64 (1: CRC32); 3: io_compute_s_per_gb, overwrite rate
+PROFILE_FORMAT = 4
+"""2: checksum_gbps measures xxh3_64 (1: CRC32); 3: io_compute_s_per_gb, overwrite rate; 4: the
+SSD's mixed rate alone and beside compute, every SSD rate the median of rounds."""
 
 
 def cache_path(nvme_path: str | Path) -> Path:
@@ -156,7 +174,7 @@ def load_or_measure(nvme_path: str | Path, refresh: bool = False, size_bytes: in
 def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = "auto") -> HardwareProfile:
     nvme_path = Path(nvme_path)
     nvme_path.mkdir(parents=True, exist_ok=True)
-    read_gbps, write_gbps, backend_name = _ssd(nvme_path, size_bytes, io_backend)
+    ssd = _ssd(nvme_path, size_bytes, io_backend)
     h2d = d2h = None
     vram = None
     if torch.cuda.is_available():
@@ -171,48 +189,67 @@ def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = 
     return HardwareProfile(
         machine=f"{platform.machine()}, {psutil.cpu_count()} cpus, "
                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-        nvme_path=str(nvme_path), io_backend=backend_name, ssd_read_gbps=read_gbps, ssd_write_gbps=write_gbps,
+        nvme_path=str(nvme_path), io_backend=ssd.backend, ssd_read_gbps=ssd.read_gbps, ssd_write_gbps=ssd.write_gbps,
+        ssd_mixed_gbps=ssd.mixed_gbps,
         h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, matmul_tflops=_matmul(),
         checksum_gbps=_checksum(),
-        io_compute_s_per_gb=None if torch.cuda.is_available() else _io_interference(nvme_path, io_backend),
+        **({} if torch.cuda.is_available() else asdict(_io_interference(nvme_path, io_backend))),
         ram_available_bytes=psutil.virtual_memory().available, vram_free_bytes=vram,
         disk_free_bytes=shutil.disk_usage(nvme_path).free, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
 
 
-def _ssd(root: Path, size_bytes: int, io_backend: str) -> tuple[float, float, str]:
-    """Write (twice: the second pass is timed), then read ``size_bytes`` as 64 MiB tensors through
-    the store (O_DIRECT)."""
+@dataclass(frozen=True)
+class SsdRates:
+    read_gbps: float
+    write_gbps: float
+    mixed_gbps: float
+    backend: str
+
+
+def _ssd(root: Path, size_bytes: int, io_backend: str, rounds: int = 3) -> SsdRates:
+    """The store's rates (O_DIRECT) over ``size_bytes`` of 64 MiB tensors, the median of
+    ``rounds`` (the disk of a shared or virtual machine swings from one second to the next): each
+    round overwrites every tensor, reads every tensor, then reads the first half while it writes
+    the second (requests interleaved, as the optimizer's reads and write-backs are)."""
     piece = 64 << 20
-    n = max(1, size_bytes // piece)
+    n = max(2, size_bytes // piece)
     work = Path(tempfile.mkdtemp(prefix=".profile-", dir=root))
+    reads_s, writes_s, mixed_s = [], [], []
     try:
         backend = make_backend(io_backend)
         with SwapStore(work, backend) as store:
             store.reserve([TensorSpec(f"p{i}", torch.uint8, (piece,)) for i in range(n)])
-            buf = aligned_empty(piece)
-            buf.random_(0, 255)
+            src = aligned_empty(piece)
+            src.random_(0, 255)
+            outs = [aligned_empty(piece) for _ in range(min(n, 4))]
             # a first pass lets the filesystem allocate the blocks, untimed: training overwrites
             # extents it reserved (writing fresh blocks measured up to 2x slower on a virtual disk)
-            for f in [store.write(f"p{i}", buf) for i in range(n)]:
-                f.result()
-            os.sync()
-            t0 = time.perf_counter()
-            for f in [store.write(f"p{i}", buf) for i in range(n)]:
-                f.result()
-            os.sync()
-            write_s = time.perf_counter() - t0
-            outs = [aligned_empty(piece) for _ in range(min(n, 4))]
-            t0 = time.perf_counter()
-            futs = [store.read(f"p{i}", outs[i % len(outs)]) for i in range(n)]
-            for f in futs:
-                f.result()
-            read_s = time.perf_counter() - t0
+            _timed(lambda: [store.write(f"p{i}", src) for i in range(n)], sync=True)
+            half = n // 2
+            for _ in range(rounds):
+                writes_s.append(_timed(lambda: [store.write(f"p{i}", src) for i in range(n)], sync=True))
+                reads_s.append(_timed(lambda: [store.read(f"p{i}", outs[i % len(outs)]) for i in range(n)]))
+                mixed_s.append(_timed(lambda: [f for i in range(half) for f in (
+                    store.read(f"p{i}", outs[i % len(outs)]), store.write(f"p{half + i}", src))], sync=True))
             name = backend.name
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = n * piece
-    return total / read_s / 1e9, total / write_s / 1e9, name
+    return SsdRates(read_gbps=total / statistics.median(reads_s) / 1e9,
+                    write_gbps=total / statistics.median(writes_s) / 1e9,
+                    mixed_gbps=2 * half * piece / statistics.median(mixed_s) / 1e9, backend=name)
+
+
+def _timed(submit: Callable[[], list[Future[Any]]], sync: bool = False) -> float:
+    """Seconds to submit requests and see every one done; ``sync``: and written through to the
+    device (``os.sync``), so a write's time is the disk's, not a cache's."""
+    t0 = time.perf_counter()
+    for f in submit():
+        f.result()
+    if sync:
+        os.sync()
+    return time.perf_counter() - t0
 
 
 def _pcie() -> tuple[float, float]:
@@ -265,14 +302,21 @@ def _checksum() -> float:
     return 3 * data.nbytes / (time.perf_counter() - t0) / 1e9
 
 
-def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float = 0.5) -> float:
-    """Seconds of CPU compute lost per GB that the store moves alongside (median of ``trials``).
+@dataclass(frozen=True)
+class IoInterference:
+    io_compute_s_per_gb: float
+    ssd_beside_compute_gbps: float | None  # None: no byte moved while the kernels ran
+
+
+def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float = 0.5) -> IoInterference:
+    """Seconds of CPU compute lost per GB that the store moves alongside, and the rate the store
+    moves them at meanwhile (medians of ``trials``): compute and I/O sharing the cores slow both.
 
     A layer-like kernel mix (a 512 x 1024 by 1024 x 2816 matmul and a GELU, the compute's own
     threads) runs for about ``work_s`` alone, then again while one thread keeps the store writing
     and reading 4 MiB extents through ``io_backend`` (checksummed, as training does); the time it
-    loses over the bytes moved meanwhile is the cost. Separate buffers for reads and writes, so
-    every checksum holds."""
+    loses over the bytes moved meanwhile is the cost, those bytes over its time the rate. Separate
+    buffers for reads and writes, so every checksum holds."""
     a, b = torch.randn(512, 1024), torch.randn(1024, 2816)
 
     def work(reps: int) -> float:
@@ -305,7 +349,7 @@ def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float
                         f.result()
                         moved_bytes[0] += piece
 
-            costs = []
+            costs, rates_gbps = [], []
             for _ in range(trials):
                 alone_s = work(reps)
                 stop.clear()
@@ -320,6 +364,8 @@ def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float
                     thread.join()
                 if moved:
                     costs.append(max(with_io_s - alone_s, 0.0) / (moved / 1e9))
+                    rates_gbps.append(moved / with_io_s / 1e9)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return statistics.median(costs) if costs else 0.0
+    return IoInterference(io_compute_s_per_gb=statistics.median(costs) if costs else 0.0,
+                          ssd_beside_compute_gbps=statistics.median(rates_gbps) if rates_gbps else None)

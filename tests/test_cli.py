@@ -52,6 +52,12 @@ def test_profile_values_are_checked():
     assert HardwareProfile.from_json(json.dumps({**good, "io_compute_s_per_gb": None})).io_compute_s_per_gb is None
     with pytest.raises(ValueError, match="io_compute_s_per_gb"):
         HardwareProfile.from_json(json.dumps({**good, "io_compute_s_per_gb": -1}))
+    assert HardwareProfile.from_json(json.dumps(good)).ssd_mixed_gbps is None  # older or hand-written
+    assert HardwareProfile.from_json(json.dumps({**good, "ssd_mixed_gbps": 1.5})).ssd_mixed_gbps == 1.5
+    for key in ("ssd_mixed_gbps", "ssd_beside_compute_gbps"):
+        for bad in (0, -1.0, "fast"):
+            with pytest.raises(ValueError, match=key):
+                HardwareProfile.from_json(json.dumps({**good, key: bad}))
 
 
 def test_profile_measures_and_caches(tmp_path):
@@ -67,9 +73,9 @@ def test_profile_measures_and_caches(tmp_path):
     cached = list((tmp_path / "cache" / "offload-train").glob("profile-*.json"))
     assert len(cached) == 1
     profile = json.loads(cached[0].read_text())
-    assert profile["ssd_read_gbps"] > 0 and profile["ssd_write_gbps"] > 0
+    assert profile["ssd_read_gbps"] > 0 and profile["ssd_write_gbps"] > 0 and profile["ssd_mixed_gbps"] > 0
     assert profile["cpu_adam_params_per_s"]["torch"] > 0
     assert profile["matmul_tflops"]["float32"] > 0 and profile["checksum_gbps"] > 0
     if profile["h2d_gbps"] is None:  # no GPU: the compute the store's threads take is measured
-        assert profile["io_compute_s_per_gb"] >= 0
+        assert profile["io_compute_s_per_gb"] >= 0 and profile["ssd_beside_compute_gbps"] > 0
     assert not any(p.name.startswith(".profile-") for p in (tmp_path / "ssd").iterdir())  # cleaned up

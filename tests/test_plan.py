@@ -32,9 +32,11 @@ from scheduler.profile import HardwareProfile
 GB = 10**9
 
 
-def profile(gpu: bool, ssd_gbps: float = 3.0, io_compute_s_per_gb: float | None = None) -> HardwareProfile:
+def profile(gpu: bool, ssd_gbps: float = 3.0, io_compute_s_per_gb: float | None = None,
+            ssd_mixed_gbps: float | None = None, ssd_beside_compute_gbps: float | None = None) -> HardwareProfile:
     return HardwareProfile(
         machine="test", nvme_path="/swap", io_backend="posix", ssd_read_gbps=ssd_gbps, ssd_write_gbps=ssd_gbps,
+        ssd_mixed_gbps=ssd_mixed_gbps, ssd_beside_compute_gbps=ssd_beside_compute_gbps,
         h2d_gbps=20.0 if gpu else None, d2h_gbps=20.0 if gpu else None,
         cpu_adam_params_per_s={"torch": 1e9}, matmul_tflops={"float32": 50.0 if gpu else 0.2, "bfloat16": 100.0},
         checksum_gbps=5.0, ram_available_bytes=64 * GB, vram_free_bytes=24 * GB if gpu else None,
@@ -115,6 +117,47 @@ def test_host_placement_moves_no_ssd_bytes_and_faster_ssd_is_never_slower():
     slow, fast = (estimate(ALL_NVME, SHAPE, wl, profile(gpu=True, ssd_gbps=g)) for g in (1.0, 4.0))
     assert fast.time_s["ssd_read"] == pytest.approx(slow.time_s["ssd_read"] / 4)
     assert fast.step_s <= slow.step_s
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_step_that_reads_and_writes_at_once_gets_the_disks_mixed_rate(gpu):
+    """The engine reads and writes concurrently: the bytes both directions move pair up at the
+    profile's mixed rate, the rest alone; slower together than one after the other is what the
+    step gets (no cap at the serial time), and without a mixed rate the directions add up."""
+    wl = Workload(micro_batch=2, seq_len=512, deferred=True)
+    serial = estimate(ALL_NVME, SHAPE, wl, profile(gpu, ssd_gbps=3.0))
+    read_bytes, write_bytes = serial.link_bytes["ssd_read"], serial.link_bytes["ssd_write"]
+    assert read_bytes > write_bytes > 0
+    assert serial.time_s["ssd_read"] == pytest.approx(read_bytes / 3e9)
+    assert serial.time_s["ssd_write"] == pytest.approx(write_bytes / 3e9)
+    for mixed_gbps in (1.0, 6.0):  # slower and faster together than the 1.5 GB/s of one after the other
+        mixed = estimate(ALL_NVME, SHAPE, wl, profile(gpu, ssd_gbps=3.0, ssd_mixed_gbps=mixed_gbps))
+        assert mixed.link_bytes == serial.link_bytes
+        assert mixed.time_s["ssd_write"] == pytest.approx(write_bytes / (mixed_gbps * 1e9))
+        assert mixed.time_s["ssd_read"] == pytest.approx(write_bytes / (mixed_gbps * 1e9)
+                                                         + (read_bytes - write_bytes) / 3e9)
+        assert (mixed.step_s > serial.step_s) == (mixed_gbps < 1.5)
+
+
+def test_without_a_gpu_the_overlapped_ssd_lane_goes_at_the_rate_beside_compute():
+    """CPU only: the store's threads wait for the cores the compute takes, so an overlapped
+    step's reads and writes pair up at the profile's rate beside compute; one thing at a time
+    (overlap off) they get the disk alone, and on a GPU machine the cores are not the compute's."""
+    wl = Workload(micro_batch=2, seq_len=512)
+    kw = dict(ssd_gbps=3.0, ssd_mixed_gbps=2.0)
+    alone = estimate(ALL_NVME, SHAPE, wl, profile(False, **kw))
+    beside = estimate(ALL_NVME, SHAPE, wl, profile(False, **kw, ssd_beside_compute_gbps=0.5))
+    paired_bytes = min(alone.link_bytes["ssd_read"], alone.link_bytes["ssd_write"])
+    assert beside.time_s["ssd_write"] - alone.time_s["ssd_write"] == pytest.approx(paired_bytes / 0.5e9
+                                                                                   - paired_bytes / 2e9)
+    assert beside.time_s["ssd_read"] - alone.time_s["ssd_read"] == pytest.approx(paired_bytes / 0.5e9
+                                                                                 - paired_bytes / 2e9)
+    assert beside.step_s > alone.step_s
+    serial = dataclasses.replace(ALL_NVME, overlap=False, prefetch_depth=0)
+    assert estimate(serial, SHAPE, wl, profile(False, **kw, ssd_beside_compute_gbps=0.5)).time_s == \
+        estimate(serial, SHAPE, wl, profile(False, **kw)).time_s
+    assert estimate(ALL_NVME, SHAPE, wl, profile(True, **kw, ssd_beside_compute_gbps=0.5)).time_s == \
+        estimate(ALL_NVME, SHAPE, wl, profile(True, **kw)).time_s
 
 
 # --------------------------------------------------------------------------------------- planner
