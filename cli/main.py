@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--plan", default=None, help="replay a saved plan.json instead of planning")
     prof = sub.add_parser("profile", help="measure SSD, PCIe, CPU Adam and matmul speed here (cached)")
     prof.add_argument("--nvme-path", default=".", help="directory on the SSD to measure (default: .)")
-    prof.add_argument("--size", default="1GiB", help="bytes written and read for the SSD test (default 1GiB)")
+    prof.add_argument("--size", default="1GiB",
+                      help="size of the SSD test's file (default 1GiB, at least 128MiB): written, read, and half "
+                           "read while half is written, three rounds each")
     prof.add_argument("--io-backend", default="auto", choices=["auto", "posix", "kvikio", "aio"])
     prof.add_argument("--cached", action="store_true", help="print the cached profile if there is one")
     export = sub.add_parser("export", help="write a run's latest checkpoint (or the one named) in Hugging Face format")

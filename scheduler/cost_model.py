@@ -383,11 +383,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         recompute_s = M * n_recomputed * timing.layer_forward_s
     else:
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
-    # CPU only, overlapped: the store's threads wait for the cores the compute runs on, so reads
-    # and writes together go at the rate the profile saw beside a compute kernel
-    beside_compute = not gpu and plan.overlap and profile.ssd_beside_compute_gbps is not None
-    ssd_read_s, ssd_write_s = ssd_busy_s(ssd_read, ssd_write, profile.ssd_read_gbps, profile.ssd_write_gbps,
-                                         profile.ssd_beside_compute_gbps if beside_compute else profile.ssd_mixed_gbps)
+    ssd_read_s, ssd_write_s = ssd_busy_s(ssd_read, ssd_write, *_lane_ssd_gbps(plan, profile, gpu))
     time_s = {
         "compute": compute_s,
         "recompute": recompute_s,
@@ -449,15 +445,15 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
                   checksums, counted once).
     overlap on:   resources run concurrently in lanes; step = max(lane) + exposed, where
       GPU machine: lanes (``GPU_LANES``) gpu = compute + recompute, h2d, d2h, ssd = read +
-                   write, cpu = adam + checksum;
+                   write (``ssd_busy_s``: paired at the mixed rate), cpu = adam + checksum;
       CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
                    threads share its cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
                    io_cpu = the compute the profile saw lost per GB moved (checksums included)
-                   x the bytes moved; ssd = read + write, the bytes both directions move at the
-                   rate the profile saw beside a compute kernel (``ssd_beside_compute_gbps``);
+                   x the bytes moved; ssd = read + write (``ssd_busy_s``) at the rate the
+                   profile saw the store keep beside a compute kernel;
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
                 hide it behind) + the update I/O of ``pre`` after backward (updated last,
-                needed first).
+                needed first), at the SSD's rates alone (nothing computes meanwhile).
       Deferred updates (clipping, fp16, nan skip): the optimizer pass cannot overlap backward,
       only the next forward: step >= max(forward, optimizer) + backward + recompute, with
       forward = compute / 3 and optimizer = max(Adam (+ checksums on a GPU machine), ssd lane).
@@ -475,7 +471,7 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         forward_s = t["compute"] / 3
         # a frozen base streams during forward and backward: the optimizer pass moves only the
         # adapters' state and kept gradients
-        optimizer_ssd_s = _optimizer_ssd_s(rules, shape, wl, profile) if shape.frozen else ssd
+        optimizer_ssd_s = _optimizer_ssd_s(rules, shape, wl, profile, gpu) if shape.frozen else ssd
         optimizer_s = max(lanes["cpu_adam"] if gpu else t["cpu_adam"], optimizer_ssd_s)
         serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
         if serial > step:
@@ -499,7 +495,8 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     return step, bottleneck
 
 
-def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile) -> float:
+def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,
+                     gpu: bool) -> float:
     """SSD time of a deferred optimizer pass alone: master + Adam states read (less the masters
     in memory) and written, the kept gradients read (trainable parameters only)."""
     plan, n = rules.plan, shape.trainable_numel
@@ -507,7 +504,7 @@ def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile:
     read = state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
     read += wl.grad_bytes_per_param * n if plan.grads == Tier.NVME else 0
     write = state - masters_on_device_numel(shape, rules) * wl.state_itemsize
-    return _ssd_s(read, write, profile)
+    return sum(ssd_busy_s(read, write, *_lane_ssd_gbps(plan, profile, gpu)))  # beside the next forward
 
 
 def ssd_busy_s(read_bytes: float, write_bytes: float, read_gbps: float, write_gbps: float,
@@ -528,7 +525,21 @@ def ssd_busy_s(read_bytes: float, write_bytes: float, read_gbps: float, write_gb
             paired_s + (write_bytes - paired_bytes) / (write_gbps * 1e9))
 
 
+def _lane_ssd_gbps(plan: Plan, profile: HardwareProfile, gpu: bool) -> tuple[float, float, float | None]:
+    """(read, write, mixed) GB/s of the SSD lane. CPU only, overlapped: the optimizer's I/O runs
+    beside the compute, whose cores the store's threads wait for: the mixed rate is the one the
+    profile measured so (``ssd_beside_compute_gbps``), the read and write rates scaled alike
+    (never faster than the disk alone: a higher rate beside compute is noise)."""
+    read, write, mixed = profile.ssd_read_gbps, profile.ssd_write_gbps, profile.ssd_mixed_gbps
+    beside = profile.ssd_beside_compute_gbps
+    if gpu or not plan.overlap or beside is None or mixed is None:
+        return read, write, mixed
+    slowdown = min(beside / mixed, 1.0)
+    return read * slowdown, write * slowdown, mixed * slowdown
+
+
 def _ssd_s(read_bytes: float, write_bytes: float, profile: HardwareProfile) -> float:
+    """The SSD alone (nothing computes meanwhile: the exposed loads and updates at a step's start)."""
     return sum(ssd_busy_s(read_bytes, write_bytes, profile.ssd_read_gbps, profile.ssd_write_gbps,
                           profile.ssd_mixed_gbps))
 

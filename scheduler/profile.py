@@ -63,9 +63,10 @@ class HardwareProfile:
     same time (its I/O threads, checksums and copies take turns on the compute's cores, and a
     parallel kernel waits for its slowest thread); None: a GPU computes, or not measured."""
     ssd_beside_compute_gbps: float | None = None
-    """Machines without a GPU: the store reading and writing at once (as ``ssd_mixed_gbps``)
-    while a compute kernel runs on the cores, which its I/O threads then wait for; None: a GPU
-    computes, or not measured."""
+    """Machines without a GPU: the store reading and writing at once as the optimizer worker
+    does (4 MiB extents, one chunk's reads in flight while the previous chunk's writes drain)
+    while a compute kernel runs on the cores, which the store's threads then wait for; None: a
+    GPU computes, or not measured."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -146,7 +147,7 @@ def existing_parent(path: Path) -> Path:
 
 PROFILE_FORMAT = 4
 """2: checksum_gbps measures xxh3_64 (1: CRC32); 3: io_compute_s_per_gb, overwrite rate; 4: the
-SSD's mixed rate alone and beside compute, every SSD rate the median of rounds."""
+SSD's mixed rate alone and (CPU only) beside compute; read, write, mixed: medians of rounds."""
 
 
 def cache_path(nvme_path: str | Path) -> Path:
@@ -302,19 +303,23 @@ def _checksum() -> float:
     return 3 * data.nbytes / (time.perf_counter() - t0) / 1e9
 
 
+_CHUNK_EXTENTS = 3  # extents per direction in one chunk of the profile's I/O (master, exp_avg, exp_avg_sq)
+
+
 @dataclass(frozen=True)
 class IoInterference:
     io_compute_s_per_gb: float
-    ssd_beside_compute_gbps: float | None  # None: no byte moved while the kernels ran
+    ssd_beside_compute_gbps: float | None  # None: no byte moved while the kernel ran
 
 
 def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float = 0.5) -> IoInterference:
-    """Seconds of CPU compute lost per GB that the store moves alongside, and the rate the store
-    moves them at meanwhile (medians of ``trials``): compute and I/O sharing the cores slow both.
+    """Seconds of CPU compute lost per GB that the store moves alongside, and the rate it moves
+    them at meanwhile (medians of ``trials``): compute and I/O sharing the cores slow both.
 
     A layer-like kernel mix (a 512 x 1024 by 1024 x 2816 matmul and a GELU, the compute's own
     threads) runs for about ``work_s`` alone, then again while one thread keeps the store writing
-    and reading 4 MiB extents through ``io_backend`` (checksummed, as training does); the time it
+    and reading 4 MiB extents through ``io_backend`` as the optimizer worker does (checksummed;
+    one chunk's reads in flight while the previous chunk's writes drain); the time it
     loses over the bytes moved meanwhile is the cost, those bytes over its time the rate. Separate
     buffers for reads and writes, so every checksum holds."""
     a, b = torch.randn(512, 1024), torch.randn(1024, 2816)
@@ -335,33 +340,54 @@ def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float
             sources = [aligned_empty(piece) for _ in range(4)]
             for buf in sources:
                 buf.random_(0, 255)
-            targets = [aligned_empty(piece) for _ in range(4)]
+            targets = [aligned_empty(piece) for _ in range(2 * _CHUNK_EXTENTS)]
             for f in [store.write(f"p{i}", sources[i % 4]) for i in range(n)]:
                 f.result()
             stop = threading.Event()
             moved_bytes = [0]
+            odd, even = list(range(1, n, 2)), list(range(0, n, 2))
 
-            def io() -> None:  # the I/O thread: half the extents written, the other half read
+            def chunk(c: int, names: list[int]) -> list[int]:
+                return [names[(c * _CHUNK_EXTENTS + k) % len(names)] for k in range(_CHUNK_EXTENTS)]
+
+            def settle(futs: list[Future[Any]]) -> None:
+                for f in futs:
+                    f.result()
+                    moved_bytes[0] += piece
+
+            def io() -> None:
+                """The I/O thread, as the optimizer worker moves a unit's state: chunk c + 1's
+                reads (odd extents) in flight while chunk c's writes (even extents) drain."""
+                writes: list[list[Future[Any]]] = [[], []]
+                reads = [store.read(f"p{i}", targets[k]) for k, i in enumerate(chunk(0, odd))]
+                c = 0
                 while not stop.is_set():
-                    futs = [store.write(f"p{i}", sources[i % 4]) for i in range(0, n, 2)]
-                    futs += [store.read(f"p{i}", targets[i % 4]) for i in range(1, n, 2)]
-                    for f in futs:
-                        f.result()
-                        moved_bytes[0] += piece
+                    settle(writes[(c + 1) % 2])  # that set's buffers are free again
+                    base = (c + 1) % 2 * _CHUNK_EXTENTS
+                    next_reads = [store.read(f"p{i}", targets[base + k]) for k, i in enumerate(chunk(c + 1, odd))]
+                    settle(reads)
+                    writes[c % 2] = [store.write(f"p{i}", sources[k % 4]) for k, i in enumerate(chunk(c, even))]
+                    reads, c = next_reads, c + 1
+                settle(reads + writes[0] + writes[1])
 
-            costs, rates_gbps = [], []
-            for _ in range(trials):
-                alone_s = work(reps)
+            def moved_during(run: Callable[[], float]) -> tuple[int, float]:
+                """Bytes the I/O thread moved while ``run`` ran, and its seconds."""
                 stop.clear()
                 moved_bytes[0] = 0
                 thread = threading.Thread(target=io, name="profile-io")
                 thread.start()
                 try:
-                    with_io_s = work(reps)
+                    run_s = run()
                     moved = moved_bytes[0]
                 finally:
                     stop.set()
                     thread.join()
+                return moved, run_s
+
+            costs, rates_gbps = [], []
+            for _ in range(trials):
+                alone_s = work(reps)
+                moved, with_io_s = moved_during(lambda: work(reps))
                 if moved:
                     costs.append(max(with_io_s - alone_s, 0.0) / (moved / 1e9))
                     rates_gbps.append(moved / with_io_s / 1e9)
