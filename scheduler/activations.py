@@ -154,6 +154,8 @@ class RecomputeCheckpoints(_LayerCalls):
         self.router = router
         self._grad_mode_stack: list[bool] = []
         self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
+        # (m, i) -> (tier, bytes) of layer i's input while its recompute and backward hold it
+        self._held: dict[tuple[int, int], tuple[Tier, int]] = {}
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
         call = self._record(i, m, x, args_rest, kwargs)
@@ -181,9 +183,15 @@ class RecomputeCheckpoints(_LayerCalls):
         return x, out[0] if isinstance(out, tuple) else out
 
     def release(self, i: int, m: int = 0) -> None:
-        """Nothing left: the checkpoint was freed when it was taken."""
+        """Layer i's backward is done: its input (the checkpoint taken, or its device copy) goes."""
+        held = self._held.pop((m, i), None)
+        if held is not None:
+            self.acct.free(*held)
 
     def drop(self) -> None:
+        for held in self._held.values():
+            self.acct.free(*held)
+        self._held.clear()
         for _, _, call in self._unwritten:  # (a call replay took, and an error left unwritten)
             call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
         for call in self.calls.values():
@@ -192,6 +200,7 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_read is not None:
                 with contextlib.suppress(Exception):  # a failed read: not the error being handled
                     call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
+                self.acct.free(self._read_back_tier(), math.prod(call.shape) * itemsize(call.dtype))
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()  # sync point: the write holds the host copy
             elif call.checkpoint is not None:
@@ -252,8 +261,14 @@ class RecomputeCheckpoints(_LayerCalls):
         assert call.checkpoint_write is not None
         call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
         nbytes = math.prod(call.shape) * itemsize(call.dtype)
+        self.acct.alloc(self._read_back_tier(), nbytes, f"activation checkpoint of layer {i} read back (micro-batch {m})")
         call.checkpoint_buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
         call.checkpoint_read = self.store.read(activation_extent(i, m, str(nbytes)), call.checkpoint_buf)
+
+    def _read_back_tier(self) -> Tier:
+        """Where an NVMe checkpoint is read back into: a pinned host buffer on CUDA, else the
+        CPU device's memory, where the recompute takes it as it is."""
+        return Tier.HOST if self.device.type == "cuda" else Tier.DEVICE
 
     def _take(self, i: int, m: int, call: _LayerCall) -> torch.Tensor:
         self._start_writes()
@@ -262,22 +277,32 @@ class RecomputeCheckpoints(_LayerCalls):
                 self._start_read(i, m, call)
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
             call.checkpoint_read.result()  # sync point: read back
+            call.checkpoint_read = None
             x = call.checkpoint_buf.view(call.dtype).view(call.shape)
             if self.device.type == "cpu":
+                self._held[(m, i)] = (Tier.DEVICE, x.numel() * x.element_size())  # until release
                 return x
             # pinned: queued on the compute stream (the caching host allocator keeps the buffer
             # until the copy has run)
-            self.acct.count("h2d_bytes", x.numel() * x.element_size())
-            return x.to(self.device, non_blocking=True)
+            self.acct.free(Tier.HOST, x.numel() * x.element_size())
+            return self._to_device(i, m, x)
         assert call.checkpoint is not None
         x = call.checkpoint
-        self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
         call.checkpoint = None
         if call.d2h_done is not None:  # CUDA, HOST tier: the compute stream waits for the copy out
+            self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
             torch.cuda.current_stream(self.device).wait_event(call.d2h_done)
-            self.acct.count("h2d_bytes", x.numel() * x.element_size())
-            return x.to(self.device, non_blocking=True)
+            return self._to_device(i, m, x)
+        self._held[(m, i)] = (self.placement.checkpoint_tier(), x.numel() * x.element_size())  # until release
         return x.to(self.device) if x.device != self.device else x
+
+    def _to_device(self, i: int, m: int, x: torch.Tensor) -> torch.Tensor:
+        """CUDA: the pinned checkpoint's copy on the compute stream, on DEVICE until release."""
+        nbytes = x.numel() * x.element_size()
+        self.acct.count("h2d_bytes", nbytes)
+        self.acct.alloc(Tier.DEVICE, nbytes, f"activation checkpoint of layer {i} on the device (micro-batch {m})")
+        self._held[(m, i)] = (Tier.DEVICE, nbytes)
+        return x.to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
     def _rng_restored(self, call: _LayerCall) -> Iterator[None]:

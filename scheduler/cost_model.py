@@ -247,7 +247,17 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
     """``kept``: micro-batches whose activations wait for backward at once (layer-major: M)."""
     plan, L = rules.plan, rules.n_layers
     if plan.recompute:
-        return [("activation checkpoints", plan.activations, kept * L * act.checkpoint)]
+        # in backward a layer's input is held from its recompute to the end of its backward, and
+        # the next one read ahead from the SSD: into a pinned buffer, then a device copy, on a
+        # GPU; into the CPU device's memory, where the recompute takes it, without one
+        if plan.activations == Tier.NVME:
+            read_back = [("checkpoints read back (pinned)", Tier.HOST, act.checkpoint),
+                         ("checkpoints read back", Tier.DEVICE, act.checkpoint)] if rules.on_gpu else [
+                ("checkpoints read back", Tier.DEVICE, 2 * act.checkpoint)]
+        else:  # a GPU copies a HOST checkpoint back to the device for the layer's recompute
+            read_back = [("checkpoint copied back", Tier.DEVICE, act.checkpoint)] if (
+                rules.on_gpu and plan.activations == Tier.HOST) else []
+        return [("activation checkpoints", plan.activations, kept * L * act.checkpoint), *read_back]
     if plan.activations == Tier.DEVICE:
         return [("saved activations (no recompute)", Tier.DEVICE, kept * L * (act.saved + act.checkpoint))]
     # swapped through the SSD (``Placement.swaps_activations``: all layers but the last two and

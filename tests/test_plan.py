@@ -404,6 +404,48 @@ def test_planned_memory_holds_in_the_executor(tmp_path, ga, clip):
     assert nvme_bytes <= mem.nvme_bytes
 
 
+@pytest.mark.parametrize("plan_name", ["all-nvme", "layer-major", "host-weights-nvme-state"])
+def test_a_recomputed_layers_input_is_accounted_until_its_backward_ends(tmp_path, plan_name):
+    """A layer's input read back from the SSD (or taken from its tier) is counted from the read
+    (the take) to the end of the layer's backward: one layer's held while the next is read
+    ahead, never more, within the cost model's peak; every byte freed when the step ends."""
+    model, cfg = _tiny_llama()
+    shape, plan = shape_from_model(model, cfg), PLANS[plan_name]
+    ga = 2 if plan.layer_major else 1
+    checkpoint_bytes = 2 * 16 * cfg.hidden_size * 4  # micro-batch 2 x 16 tokens x hidden, fp32
+    g = torch.Generator().manual_seed(1)
+    batches = [[{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(ga)] for _ in range(2)]
+    with (SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store,
+          StreamingExecutor(model, plan, store, make_adamw("torch", AdamWConfig()),
+                            TrainSettings(gradient_accumulation_steps=ga), device=torch.device("cpu")) as ex):
+        acct, held, most = ex.acct, {}, [0]
+        real_alloc, real_free = acct.alloc, acct.free
+
+        def alloc(tier, nbytes, what):  # the real Accountant, watched: which bytes are read back
+            real_alloc(tier, nbytes, what)
+            if "read back" in what:
+                held[nbytes] = held.get(nbytes, 0) + 1
+                most[0] = max(most[0], sum(n * c for n, c in held.items()))
+
+        def free(tier, nbytes):
+            real_free(tier, nbytes)
+            if held.get(nbytes):
+                held[nbytes] -= 1
+
+        acct.alloc, acct.free = alloc, free
+        for batch in batches:
+            used = dict(acct.used_bytes)
+            ex.train_step(batch, lr=1e-3)
+            ex.synchronize()
+            assert acct.used_bytes == used  # every byte held for backward let go
+    if plan.activations == Tier.NVME:
+        assert most[0] == 2 * checkpoint_bytes  # the layer in backward + the next read ahead
+    else:
+        assert most[0] == 0
+    wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga)
+    assert acct.peak_bytes[Tier.DEVICE] <= peak_memory(plan, shape, wl).device_bytes
+
+
 def test_workload_rejects_nonsense():
     with pytest.raises(ValueError):
         Workload(micro_batch=0, seq_len=16)
@@ -426,5 +468,7 @@ def test_a_gpu_plan_counts_the_pinned_staging_of_weight_loads():
     assert "pinned staging of weight loads" not in cpu_rows
     host = dataclasses.replace(plan, weights=Tier.HOST)
     assert all(g != "pinned staging of weight loads" for g, _, _ in placement_rows(host, shape, wl, gpu=True))
+    # (and the pinned buffer an NVMe checkpoint is read back into, one layer input)
+    assert gpu_rows["checkpoints read back (pinned)"] == (Tier.HOST, 2 * 16 * cfg.hidden_size * 4)
     assert (peak_memory(plan, shape, wl, gpu=True).host_bytes - peak_memory(plan, shape, wl).host_bytes
-            == shape.layer_numel * 4)
+            == shape.layer_numel * 4 + 2 * 16 * cfg.hidden_size * 4)
