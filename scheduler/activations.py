@@ -126,6 +126,11 @@ class _LayerCalls:
     def read_ahead(self, i: int, m: int = 0) -> None:
         """Start bringing the activations of (m, i) back (overlaps the backward before it)."""
 
+    def backward_hold_bytes(self) -> int:
+        """DEVICE bytes held in backward beyond what forward left there (the weight streamer's
+        prefetch leaves room for them, as for a layer's gradients)."""
+        return 0
+
     def _queue_d2h(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """CUDA: copy ``src`` into host ``dst`` on the d2h stream, after the compute queued so far
         (which writes ``src``); the compute thread does not wait (``_d2h_event`` marks the end)."""
@@ -156,6 +161,7 @@ class RecomputeCheckpoints(_LayerCalls):
         self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
         # (m, i) -> (tier, bytes) of layer i's input while its recompute and backward hold it
         self._held: dict[tuple[int, int], tuple[Tier, int]] = {}
+        self._largest_input_bytes = 0
 
     def enter(self, i: int, x: torch.Tensor, args_rest: tuple[Any, ...], kwargs: dict[str, Any], m: int = 0) -> Any:
         call = self._record(i, m, x, args_rest, kwargs)
@@ -209,8 +215,18 @@ class RecomputeCheckpoints(_LayerCalls):
         self._grad_mode_stack.clear()
         self._unwritten.clear()
 
+    def backward_hold_bytes(self) -> int:
+        """A layer's input, from its take (or read-back) to the end of its backward, where it
+        was not on DEVICE since forward: read back from the SSD (and the next one read ahead,
+        on a CPU) or copied to a GPU; a DEVICE checkpoint (on a CPU: RAM) is held one layer
+        longer than the plan's rows kept it (from take to release)."""
+        tier, gpu = self.placement.checkpoint_tier(), self.device.type == "cuda"
+        layers = 2 if tier == Tier.NVME and not gpu else 1 if (gpu or tier == Tier.DEVICE) else 0
+        return layers * self._largest_input_bytes
+
     def _save(self, i: int, m: int, call: _LayerCall, x: torch.Tensor) -> None:
         nbytes = x.numel() * x.element_size()
+        self._largest_input_bytes = max(self._largest_input_bytes, nbytes)
         tier = self.placement.checkpoint_tier()
         if tier == Tier.NVME:
             name = activation_extent(i, m, str(nbytes))
@@ -262,8 +278,13 @@ class RecomputeCheckpoints(_LayerCalls):
         call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
         nbytes = math.prod(call.shape) * itemsize(call.dtype)
         self.acct.alloc(self._read_back_tier(), nbytes, f"activation checkpoint of layer {i} read back (micro-batch {m})")
-        call.checkpoint_buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
-        call.checkpoint_read = self.store.read(activation_extent(i, m, str(nbytes)), call.checkpoint_buf)
+        try:
+            buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+            read = self.store.read(activation_extent(i, m, str(nbytes)), buf)
+        except BaseException:
+            self.acct.free(self._read_back_tier(), nbytes)
+            raise
+        call.checkpoint_buf, call.checkpoint_read = buf, read
 
     def _read_back_tier(self) -> Tier:
         """Where an NVMe checkpoint is read back into: a pinned host buffer on CUDA, else the
@@ -276,15 +297,16 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_read is None:
                 self._start_read(i, m, call)
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
-            call.checkpoint_read.result()  # sync point: read back
-            call.checkpoint_read = None
+            read, call.checkpoint_read = call.checkpoint_read, None
+            # held from here (replay took the call off ``calls``): a failed read is freed by release
+            self._held[(m, i)] = (self._read_back_tier(), math.prod(call.shape) * itemsize(call.dtype))
+            read.result()  # sync point: read back
             x = call.checkpoint_buf.view(call.dtype).view(call.shape)
             if self.device.type == "cpu":
-                self._held[(m, i)] = (Tier.DEVICE, x.numel() * x.element_size())  # until release
-                return x
+                return x  # (DEVICE until release)
             # pinned: queued on the compute stream (the caching host allocator keeps the buffer
             # until the copy has run)
-            self.acct.free(Tier.HOST, x.numel() * x.element_size())
+            self.acct.free(*self._held.pop((m, i)))
             return self._to_device(i, m, x)
         assert call.checkpoint is not None
         x = call.checkpoint
@@ -558,6 +580,9 @@ class SelectiveRecompute:
 
     def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return self._store(i).replay(i, m)
+
+    def backward_hold_bytes(self) -> int:
+        return self.recompute.backward_hold_bytes() + self.saved.backward_hold_bytes()
 
     def read_ahead(self, i: int, m: int = 0) -> None:
         self._store(i).read_ahead(i, m)

@@ -99,6 +99,9 @@ class WeightStreamer:
         self._staging: torch.Tensor | None = None  # CUDA, NVMe loads: page-locked landing of one part
         self._staging_copied: Any = None  # CUDA: the event after the last copy out of ``_staging`` (loader)
         self._grad_reserve_bytes = max(u.numel for u in state.map.layer_units) * self._itemsize
+        # the activation store's DEVICE bytes held in backward, also kept free by prefetch (set
+        # by the executor once the store exists)
+        self.backward_hold_bytes: Callable[[], int] = lambda: 0
         # released CPU buffers by size, for the next loads (main, loader and worker threads)
         self._spare: dict[int, list[torch.Tensor]] = {}
         self._spare_lock = threading.Lock()
@@ -229,14 +232,15 @@ class WeightStreamer:
 
     def prefetch(self, layer_indices: Iterable[int]) -> None:
         """Start loading these decoder layers while there is DEVICE room, keeping room for the
-        gradients of one layer (they appear before the next layer is needed)."""
+        gradients of one layer (they appear before the next layer is needed) and for the layer
+        inputs the activation store holds in backward."""
         if not self.placement.plan.overlap:
             return
         for i in layer_indices:
             waiting = [p for p in self._parts[i + 1] if not p.resident and p.flat is None and p.load is None]
             if waiting:
                 nbytes = sum(p.numel for p in waiting) * self._itemsize
-                if not self.acct.fits(Tier.DEVICE, nbytes + self._grad_reserve_bytes):
+                if not self.acct.fits(Tier.DEVICE, nbytes + self._grad_reserve_bytes + self.backward_hold_bytes()):
                     return  # no room now: it will be loaded on demand
                 self._request(i + 1)
 

@@ -446,6 +446,45 @@ def test_a_recomputed_layers_input_is_accounted_until_its_backward_ends(tmp_path
     assert acct.peak_bytes[Tier.DEVICE] <= peak_memory(plan, shape, wl).device_bytes
 
 
+@pytest.mark.parametrize("plan_name", ["all-nvme", "layer-major"])
+def test_a_failed_checkpoint_read_leaves_nothing_accounted(tmp_path, plan_name):
+    """A layer input that cannot be read back fails the step; what the step held is let go, and
+    the next step runs with the same bytes in use as before the failed one."""
+    from concurrent.futures import Future
+
+    model, _ = _tiny_llama()
+    plan = PLANS[plan_name]
+    ga = 2 if plan.layer_major else 1
+    g = torch.Generator().manual_seed(1)
+    batch = [{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(ga)]
+    with (SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store,
+          StreamingExecutor(model, plan, store, make_adamw("torch", AdamWConfig()),
+                            TrainSettings(gradient_accumulation_steps=ga), device=torch.device("cpu")) as ex):
+        ex.train_step(batch, lr=1e-3)
+        ex.synchronize()
+        used = dict(ex.acct.used_bytes)
+        real_read = store.read
+
+        def failing_read(name, out):  # the disk refuses the second checkpoint read back
+            if name.startswith("act.") and failing_read.calls == 1:
+                failing_read.calls += 1
+                failed: Future = Future()
+                failed.set_exception(OSError(5, "Input/output error"))
+                return failed
+            failing_read.calls += name.startswith("act.")
+            return real_read(name, out)
+
+        failing_read.calls = 0
+        store.read = failing_read
+        with pytest.raises(OSError):
+            ex.train_step(batch, lr=1e-3)
+        store.read = real_read
+        assert failing_read.calls == 2
+        ex.train_step(batch, lr=1e-3)
+        ex.synchronize()
+        assert ex.acct.used_bytes == used
+
+
 def test_workload_rejects_nonsense():
     with pytest.raises(ValueError):
         Workload(micro_batch=0, seq_len=16)
