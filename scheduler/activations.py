@@ -78,6 +78,11 @@ class _LayerCall:
     kept_storage: set[int] = field(default_factory=set)  # never swapped (``layer_kept_storages``)
     thread: int = 0  # the thread whose saved_tensors_hooks stack holds ``saved`` (thread-local)
 
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the layer's input (what a checkpoint holds)."""
+        return math.prod(self.shape) * itemsize(self.dtype)
+
 
 @dataclass
 class _SwappedTensor:
@@ -206,7 +211,7 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_read is not None:
                 with contextlib.suppress(Exception):  # a failed read: not the error being handled
                     call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
-                self.acct.free(self._read_back_tier(), math.prod(call.shape) * itemsize(call.dtype))
+                self.acct.free(self.placement.swap_tier, call.input_bytes)
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()  # sync point: the write holds the host copy
             elif call.checkpoint is not None:
@@ -276,20 +281,17 @@ class RecomputeCheckpoints(_LayerCalls):
     def _start_read(self, i: int, m: int, call: _LayerCall) -> None:
         assert call.checkpoint_write is not None
         call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
-        nbytes = math.prod(call.shape) * itemsize(call.dtype)
-        self.acct.alloc(self._read_back_tier(), nbytes, f"activation checkpoint of layer {i} read back (micro-batch {m})")
+        nbytes = call.input_bytes
+        # read back into a pinned host buffer on CUDA, else the CPU device's memory, where the
+        # recompute takes it as it is (``swap_tier``, as swapped activations)
+        self.acct.alloc(self.placement.swap_tier, nbytes, f"activation checkpoint of layer {i} read back (micro-batch {m})")
         try:
             buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
             read = self.store.read(activation_extent(i, m, str(nbytes)), buf)
         except BaseException:
-            self.acct.free(self._read_back_tier(), nbytes)
+            self.acct.free(self.placement.swap_tier, nbytes)
             raise
         call.checkpoint_buf, call.checkpoint_read = buf, read
-
-    def _read_back_tier(self) -> Tier:
-        """Where an NVMe checkpoint is read back into: a pinned host buffer on CUDA, else the
-        CPU device's memory, where the recompute takes it as it is."""
-        return Tier.HOST if self.device.type == "cuda" else Tier.DEVICE
 
     def _take(self, i: int, m: int, call: _LayerCall) -> torch.Tensor:
         self._start_writes()
@@ -299,7 +301,7 @@ class RecomputeCheckpoints(_LayerCalls):
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
             read, call.checkpoint_read = call.checkpoint_read, None
             # held from here (replay took the call off ``calls``): a failed read is freed by release
-            self._held[(m, i)] = (self._read_back_tier(), math.prod(call.shape) * itemsize(call.dtype))
+            self._held[(m, i)] = (self.placement.swap_tier, call.input_bytes)
             read.result()  # sync point: read back
             x = call.checkpoint_buf.view(call.dtype).view(call.shape)
             if self.device.type == "cpu":

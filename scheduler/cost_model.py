@@ -250,14 +250,15 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
         # in backward a layer's input is held from its recompute to the end of its backward, and
         # the next one read ahead from the SSD: into a pinned buffer, then a device copy, on a
         # GPU; into the CPU device's memory, where the recompute takes it, without one
-        if plan.activations == Tier.NVME:
-            read_back = [("checkpoints read back (pinned)", Tier.HOST, act.checkpoint),
-                         ("checkpoints read back", Tier.DEVICE, act.checkpoint)] if rules.on_gpu else [
-                ("checkpoints read back", Tier.DEVICE, 2 * act.checkpoint)]
-        else:  # a GPU copies a HOST checkpoint back to the device for the layer's recompute
-            read_back = [("checkpoint copied back", Tier.DEVICE, act.checkpoint)] if (
-                rules.on_gpu and plan.activations == Tier.HOST) else []
-        return [("activation checkpoints", plan.activations, kept * L * act.checkpoint), *read_back]
+        rows = [("activation checkpoints", plan.activations, kept * L * act.checkpoint)]
+        if plan.activations == Tier.NVME and rules.on_gpu:
+            rows += [("checkpoints read back (pinned)", Tier.HOST, act.checkpoint),
+                     ("checkpoints read back", Tier.DEVICE, act.checkpoint)]
+        elif plan.activations == Tier.NVME:
+            rows.append(("checkpoints read back", Tier.DEVICE, 2 * act.checkpoint))
+        elif plan.activations == Tier.HOST and rules.on_gpu:  # copied back for the recompute
+            rows.append(("checkpoint copied back", Tier.DEVICE, act.checkpoint))
+        return rows
     if plan.activations == Tier.DEVICE:
         return [("saved activations (no recompute)", Tier.DEVICE, kept * L * (act.saved + act.checkpoint))]
     # swapped through the SSD (``Placement.swaps_activations``: all layers but the last two and

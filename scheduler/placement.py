@@ -264,5 +264,6 @@ class Placement:
 
     @property
     def swap_tier(self) -> Tier:
-        """Where swapped activations wait in memory: host buffers (the DEVICE on a CPU)."""
+        """Where activations read back from the SSD (swapped ones, NVMe checkpoints) wait in
+        memory: host buffers (the DEVICE on a CPU)."""
         return Tier.HOST if self.on_gpu else Tier.DEVICE

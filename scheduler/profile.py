@@ -341,8 +341,7 @@ def _io_interference(root: Path, io_backend: str, trials: int = 3, work_s: float
             for buf in sources:
                 buf.random_(0, 255)
             targets = [aligned_empty(piece) for _ in range(2 * _CHUNK_EXTENTS)]
-            for f in [store.write(f"p{i}", sources[i % 4]) for i in range(n)]:
-                f.result()
+            _timed(lambda: [store.write(f"p{i}", sources[i % 4]) for i in range(n)])
             stop = threading.Event()
             moved_bytes = [0]
             odd, even = list(range(1, n, 2)), list(range(0, n, 2))
