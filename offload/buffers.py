@@ -1,7 +1,8 @@
 """HostArena: one page-aligned host allocation with a hard byte budget (rounded up to a whole
 page), carved into slots.
 
-Pinned (page-locked, CUDA-registered) when CUDA is available, so H2D/D2H copies from it are real
+Pinned (page-locked in place with ``cudaHostRegister``: exactly the budget, not CUDA's caching host
+allocator's next power of two) when CUDA is available, so H2D/D2H copies from it are real
 asynchronous DMA; plain page-aligned memory otherwise. The arena never grows: a request that does
 not fit waits until enough slots are returned, or fails at once with ``BudgetError`` when it could
 never fit, or when ``timeout_s`` passes.
@@ -20,6 +21,7 @@ import torch
 from offload.errors import BudgetError, format_bytes
 from offload.io.base import ALIGN_BYTES, align_up
 from offload.io.posix import aligned_empty
+from offload.pinned import PinnedBuffers
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,18 @@ class HostArena:
         self.budget_bytes = align_up(budget_bytes)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._arena: torch.Tensor | None = None
+        self._pinned: PinnedBuffers | None = None  # pinned: owns the registration of the arena
         self._free: list[tuple[int, int]] = []  # sorted (offset, nbytes)
         self._used_bytes = 0
         self.peak_bytes = 0
         self._cond = threading.Condition()
 
     def open(self) -> HostArena:
-        arena = aligned_empty(self.budget_bytes, pin_memory=self.pin_memory)
+        if self.pin_memory:
+            self._pinned = PinnedBuffers()
+            arena = self._pinned.empty(self.budget_bytes, torch.uint8)
+        else:
+            arena = aligned_empty(self.budget_bytes)
         with self._cond:
             self._arena = arena
             self._free = [(0, self.budget_bytes)]
@@ -66,12 +73,16 @@ class HostArena:
         self.close()
 
     def close(self) -> None:
-        """Drop the arena; waiting ``acquire`` calls fail. Slots still held keep their memory."""
+        """Drop the arena; waiting ``acquire`` calls fail. Slots still held keep their memory
+        (pageable once pinned memory is unregistered: the owner has synchronized its copies)."""
         with self._cond:
             self._arena = None
             self._free = []
             self._used_bytes = 0
             self._cond.notify_all()
+        if self._pinned is not None:
+            self._pinned.close()
+            self._pinned = None
 
     @property
     def used_bytes(self) -> int:

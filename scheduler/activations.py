@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,10 +38,12 @@ import torch
 from torch import nn
 
 from offload.io.posix import aligned_empty
+from offload.pinned import PinnedPool
 from offload.store import TensorSpec
 from offload.tiers import Accountant, Tier
 from scheduler import placement as placement_rules
 from scheduler.placement import (
+    PINNED_CHECKPOINT_COPIES,
     Placement,
     SavedOnce,
     contiguous_strides,
@@ -119,6 +122,9 @@ class _LayerCalls:
         self.device = device
         self.calls: dict[tuple[int, int], _LayerCall] = {}  # by (micro-batch, layer)
         self._d2h_stream: Any = None  # CUDA: activations leave DEVICE on it, never on the compute stream
+        # CUDA: the host buffers activations pass through, page-locked, exact sizes, reused by
+        # size and counted in HOST until ``close``
+        self._pinned = PinnedPool(acct, Tier.HOST) if device.type == "cuda" else None
 
     def _record(self, i: int, m: int, x: torch.Tensor, args_rest: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> _LayerCall:
@@ -152,6 +158,17 @@ class _LayerCalls:
         event.record(self._d2h_stream)
         return event
 
+    def _compute_event(self) -> Any:
+        """A CUDA event after the work queued so far on the calling thread's current stream."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def close(self) -> None:
+        """Unregister the page-locked buffers (after the copies recorded on them)."""
+        if self._pinned is not None:
+            self._pinned.close()
+
     def end_backward(self) -> None:
         """After the last layer's backward."""
 
@@ -164,6 +181,7 @@ class RecomputeCheckpoints(_LayerCalls):
         self.router = router
         self._grad_mode_stack: list[bool] = []
         self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
+        self._writing: deque[Future[None]] = deque()  # CUDA, NVME tier: writes from pinned copies
         # (m, i) -> (tier, bytes) of layer i's input while its recompute and backward hold it
         self._held: dict[tuple[int, int], tuple[Tier, int]] = {}
         self._largest_input_bytes = 0
@@ -205,20 +223,29 @@ class RecomputeCheckpoints(_LayerCalls):
         self._held.clear()
         for _, _, call in self._unwritten:  # (a call replay took, and an error left unwritten)
             call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
+            if call.checkpoint_host is not None:
+                self._give(call.checkpoint_host)
+                call.checkpoint_host = None
         for call in self.calls.values():
             if call.d2h_done is not None:
                 call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
             if call.checkpoint_read is not None:
                 with contextlib.suppress(Exception):  # a failed read: not the error being handled
                     call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
-                self.acct.free(self.placement.swap_tier, call.input_bytes)
+                if self._pinned is not None:
+                    self._give(call.checkpoint_buf)
+                else:
+                    self.acct.free(self.placement.swap_tier, call.input_bytes)
             if call.checkpoint_write is not None:
                 call.checkpoint_write.result()  # sync point: the write holds the host copy
+            elif call.checkpoint is not None and self._pinned is not None and call.checkpoint.device.type == "cpu":
+                self._give(call.checkpoint)  # CUDA, HOST tier: the pinned copy
             elif call.checkpoint is not None:
                 self.acct.free(self.placement.checkpoint_tier(), call.checkpoint.numel() * call.checkpoint.element_size())
         self.calls.clear()
         self._grad_mode_stack.clear()
         self._unwritten.clear()
+        self._writing.clear()  # (each gives its buffer back when it ends; its error is not this step's)
 
     def backward_hold_bytes(self) -> int:
         """A layer's input, from its take (or read-back) to the end of its backward, where it
@@ -238,19 +265,33 @@ class RecomputeCheckpoints(_LayerCalls):
             if name not in self.store:
                 self.store.reserve([TensorSpec(name, torch.uint8, (nbytes,))])
             if x.device.type == "cuda":  # written once the copy has run (``_start_writes``)
-                call.checkpoint_host = self._to_host(call, x)
+                # at most PINNED_CHECKPOINT_COPIES copies in HOST: this one, the one before it
+                # (its write starts after this layer's), one write in flight
+                self._wait_writes(PINNED_CHECKPOINT_COPIES - 2)
+                call.checkpoint_host = self._to_host(call, x, f"activation checkpoint of layer {i} copied out")
                 self._unwritten.append((m, i, call))
                 return
             # The write holds the tensor until done; backward waits on it before reading.
             call.checkpoint_write = self.store.write(name, x.contiguous().reshape(-1).view(torch.uint8))
             return
-        call.checkpoint = self._to_host(call, x) if tier == Tier.HOST and x.device.type == "cuda" else x
-        self.acct.alloc(tier, nbytes, f"activation checkpoint of layer {i} (micro-batch {m})")
+        what = f"activation checkpoint of layer {i} (micro-batch {m})"
+        if tier == Tier.HOST and x.device.type == "cuda":
+            call.checkpoint = self._to_host(call, x, what)  # (counted by the pinned pool)
+            return
+        call.checkpoint = x
+        self.acct.alloc(tier, nbytes, what)
 
-    def _to_host(self, call: _LayerCall, x: torch.Tensor) -> torch.Tensor:
-        """CUDA: a pinned host copy of ``x``, queued on the d2h stream; ``call.d2h_done`` marks its end."""
+    def _wait_writes(self, limit: int) -> None:
+        """CUDA, NVME tier: wait until at most ``limit`` checkpoint writes are in flight."""
+        while self._writing and (self._writing[0].done() or len(self._writing) > limit):
+            self._writing.popleft().result()  # sync point: a write from a pinned copy has ended
+
+    def _to_host(self, call: _LayerCall, x: torch.Tensor, what: str) -> torch.Tensor:
+        """CUDA: a pinned host copy of ``x`` (from the pool), queued on the d2h stream;
+        ``call.d2h_done`` marks its end."""
         nbytes = x.numel() * x.element_size()
-        host = aligned_empty(nbytes, pin_memory=True).view(x.dtype).view(x.shape)
+        assert self._pinned is not None
+        host = self._pinned.take(nbytes, what).view(x.dtype).view(x.shape)
         self._queue_d2h(host, x)
         self.acct.count("d2h_bytes", nbytes)
         call.d2h_done = self._d2h_event()
@@ -265,11 +306,18 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_host is None:
                 continue
             call.d2h_done.synchronize()  # sync point: the copy has landed in the pinned buffer
-            nbytes = call.checkpoint_host.numel() * call.checkpoint_host.element_size()
-            # The write holds the buffer until done; backward waits on it before reading.
-            call.checkpoint_write = self.store.write(activation_extent(i, m, str(nbytes)),
-                                                     call.checkpoint_host.reshape(-1).view(torch.uint8))
-            call.checkpoint_host = None
+            host, call.checkpoint_host = call.checkpoint_host, None
+            nbytes = host.numel() * host.element_size()
+            # The write holds the buffer until done (then it goes back to the pool, on the I/O
+            # thread that settles it); backward waits on it before reading.
+            write = self.store.write(activation_extent(i, m, str(nbytes)), host.reshape(-1).view(torch.uint8))
+            write.add_done_callback(lambda _done, host=host: self._give(host))
+            call.checkpoint_write = write
+            self._writing.append(write)
+
+    def _give(self, host: torch.Tensor, after: Any = None) -> None:
+        assert self._pinned is not None
+        self._pinned.give(host, after)
 
     def read_ahead(self, i: int, m: int = 0) -> None:
         """Start reading layer i's NVMe checkpoint back (overlaps the backward before it)."""
@@ -282,11 +330,21 @@ class RecomputeCheckpoints(_LayerCalls):
         assert call.checkpoint_write is not None
         call.checkpoint_write.result()  # sync point: written before it is read back (long done by now)
         nbytes = call.input_bytes
-        # read back into a pinned host buffer on CUDA, else the CPU device's memory, where the
-        # recompute takes it as it is (``swap_tier``, as swapped activations)
-        self.acct.alloc(self.placement.swap_tier, nbytes, f"activation checkpoint of layer {i} read back (micro-batch {m})")
+        what = f"activation checkpoint of layer {i} read back (micro-batch {m})"
+        if self._pinned is not None:  # CUDA: into a pinned buffer of the pool (counted in HOST)
+            buf = self._pinned.take(nbytes, what)
+            try:
+                read = self.store.read(activation_extent(i, m, str(nbytes)), buf)
+            except BaseException:
+                self._give(buf)
+                raise
+            call.checkpoint_buf, call.checkpoint_read = buf, read
+            return
+        # the CPU device's memory, where the recompute takes it as it is (``swap_tier``, as
+        # swapped activations)
+        self.acct.alloc(self.placement.swap_tier, nbytes, what)
         try:
-            buf = aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+            buf = aligned_empty(nbytes)
             read = self.store.read(activation_extent(i, m, str(nbytes)), buf)
         except BaseException:
             self.acct.free(self.placement.swap_tier, nbytes)
@@ -300,33 +358,37 @@ class RecomputeCheckpoints(_LayerCalls):
                 self._start_read(i, m, call)
             assert call.checkpoint_read is not None and call.checkpoint_buf is not None
             read, call.checkpoint_read = call.checkpoint_read, None
-            # held from here (replay took the call off ``calls``): a failed read is freed by release
-            self._held[(m, i)] = (self.placement.swap_tier, call.input_bytes)
-            read.result()  # sync point: read back
-            x = call.checkpoint_buf.view(call.dtype).view(call.shape)
-            if self.device.type == "cpu":
-                return x  # (DEVICE until release)
-            # pinned: queued on the compute stream (the caching host allocator keeps the buffer
-            # until the copy has run)
-            self.acct.free(*self._held.pop((m, i)))
-            return self._to_device(i, m, x)
+            buf, call.checkpoint_buf = call.checkpoint_buf, None
+            if self._pinned is None:
+                # held from here (replay took the call off ``calls``): a failed read is freed by release
+                self._held[(m, i)] = (self.placement.swap_tier, call.input_bytes)
+                read.result()  # sync point: read back
+                return buf.view(call.dtype).view(call.shape)  # (DEVICE until release)
+            try:
+                read.result()  # sync point: read back
+            except BaseException:
+                self._give(buf)
+                raise
+            return self._pinned_to_device(i, m, buf.view(call.dtype).view(call.shape))
         assert call.checkpoint is not None
         x = call.checkpoint
         call.checkpoint = None
         if call.d2h_done is not None:  # CUDA, HOST tier: the compute stream waits for the copy out
-            self.acct.free(self.placement.checkpoint_tier(), x.numel() * x.element_size())
             torch.cuda.current_stream(self.device).wait_event(call.d2h_done)
-            return self._to_device(i, m, x)
+            return self._pinned_to_device(i, m, x)
         self._held[(m, i)] = (self.placement.checkpoint_tier(), x.numel() * x.element_size())  # until release
         return x.to(self.device) if x.device != self.device else x
 
-    def _to_device(self, i: int, m: int, x: torch.Tensor) -> torch.Tensor:
-        """CUDA: the pinned checkpoint's copy on the compute stream, on DEVICE until release."""
+    def _pinned_to_device(self, i: int, m: int, x: torch.Tensor) -> torch.Tensor:
+        """CUDA: the pinned checkpoint's copy on the compute stream, on DEVICE until release;
+        the pinned buffer goes back to the pool, reused once the copy has run."""
         nbytes = x.numel() * x.element_size()
         self.acct.count("h2d_bytes", nbytes)
         self.acct.alloc(Tier.DEVICE, nbytes, f"activation checkpoint of layer {i} on the device (micro-batch {m})")
         self._held[(m, i)] = (Tier.DEVICE, nbytes)
-        return x.to(self.device, non_blocking=True)
+        on_device = x.to(self.device, non_blocking=True)
+        self._give(x, self._compute_event())
+        return on_device
 
     @contextlib.contextmanager
     def _rng_restored(self, call: _LayerCall) -> Iterator[None]:
@@ -490,7 +552,10 @@ class SavedTensors(_LayerCalls):
     # ---------------------------------------------------------------- swap buffers and I/O
     def _buffer(self, nbytes: int, what: str) -> torch.Tensor:
         """A page-aligned host buffer: a released one of this size (already accounted; layers
-        save the same shapes, so buffers are reused, not faulted in anew), else a new one."""
+        save the same shapes, so buffers are reused, not faulted in anew), else a new one; on
+        CUDA from the pinned pool (kept, and counted, until ``close``)."""
+        if self._pinned is not None:
+            return self._pinned.take(nbytes, what)
         pooled = self._pool.get(nbytes)
         if pooled:
             buf, read_until = pooled.pop()
@@ -498,11 +563,11 @@ class SavedTensors(_LayerCalls):
                 read_until.synchronize()  # sync point: its copies back to DEVICE have run
             return buf
         self.acct.alloc(self.placement.swap_tier, nbytes, what)
-        return aligned_empty(nbytes, pin_memory=self.device.type == "cuda")
+        return aligned_empty(nbytes)
 
     def _clear_pool(self) -> None:
         """Give the released swap buffers back (end of forward, of backward, of a dropped step;
-        the caching host allocator keeps a pinned one until the copies recorded on it have run)."""
+        CPU: on CUDA the pinned pool keeps them, counted, for the next phase)."""
         for nbytes, bufs in self._pool.items():
             self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
         self._pool.clear()
@@ -540,9 +605,11 @@ class SavedTensors(_LayerCalls):
         for t in call.swapped:
             if t.write is not None:
                 t.write.result()  # sync point: the write of this activation has ended
-            if t.buf is not None:
+            if t.buf is not None and self._pinned is not None:
+                self._pinned.give(t.buf, read_until)
+            elif t.buf is not None:
                 self._pool.setdefault(t.nbytes, []).append((t.buf, read_until))
-                t.buf = None
+            t.buf = None
 
     def _swap_in(self, i: int, call: _LayerCall | None) -> None:
         """Read layer i's swapped activations back into buffers, unless still in memory."""
@@ -599,6 +666,10 @@ class SelectiveRecompute:
     def end_backward(self) -> None:
         self.recompute.end_backward()
         self.saved.end_backward()
+
+    def close(self) -> None:
+        self.recompute.close()
+        self.saved.close()
 
 
 ActivationStore = RecomputeCheckpoints | SavedTensors | SelectiveRecompute

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 
 from offload.tiers import Tier
 from scheduler.model_shape import ModelShape
-from scheduler.placement import ITEMSIZE, STAGING_ROWS, STAGING_SETS, Placement, grads_kept
+from scheduler.placement import (
+    ITEMSIZE,
+    PINNED_CHECKPOINT_COPIES,
+    STAGING_ROWS,
+    STAGING_SETS,
+    SWAPPED_LAYERS_IN_MEMORY,
+    Placement,
+    grads_kept,
+)
 from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
@@ -251,8 +259,8 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
         # the next one read ahead from the SSD: into a pinned buffer, then a device copy, on a
         # GPU; into the CPU device's memory, where the recompute takes it, without one
         rows = [("activation checkpoints", plan.activations, kept * L * act.checkpoint)]
-        if plan.activations == Tier.NVME and rules.on_gpu:
-            rows += [("checkpoints read back (pinned)", Tier.HOST, act.checkpoint),
+        if plan.activations == Tier.NVME and rules.on_gpu:  # copies out and reads back share them
+            rows += [("checkpoints' pinned copies", Tier.HOST, PINNED_CHECKPOINT_COPIES * act.checkpoint),
                      ("checkpoints read back", Tier.DEVICE, act.checkpoint)]
         elif plan.activations == Tier.NVME:
             rows.append(("checkpoints read back", Tier.DEVICE, 2 * act.checkpoint))
@@ -266,10 +274,14 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
     # while the next computes; one read ahead in backward), or the unswapped graphs of the last
     # layers of every kept micro-batch (at the turn), besides every layer's input (the previous
     # layer's output, never swapped; a recomputed layer's checkpoint)
+    # (GPU: the swapped ones pass through page-locked host buffers, kept for reuse)
     swapped, recomputed = rules.swapped_layers, rules.recomputed_layers
     return [("saved activations in memory", Tier.DEVICE,
-             max(min(L, 2), kept * (L - swapped - recomputed)) * act.saved + kept * L * act.checkpoint),
-            ("saved activations swapped", Tier.NVME, kept * swapped * act.saved)]
+             max(min(L, SWAPPED_LAYERS_IN_MEMORY), kept * (L - swapped - recomputed)) * act.saved
+             + kept * L * act.checkpoint),
+            ("saved activations swapped", Tier.NVME, kept * swapped * act.saved),
+            ("saved activations' pinned buffers", Tier.HOST,
+             SWAPPED_LAYERS_IN_MEMORY * act.saved if rules.on_gpu and swapped else 0)]
 
 
 def swapped_activation_bytes(plan: Plan, shape: ModelShape, wl: Workload,

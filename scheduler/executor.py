@@ -179,6 +179,7 @@ class StreamingExecutor(StateExport):
         self.store.flush()
         self.router = RouterLogits(self.model, m.layers)
         self.activations = self._activation_store(p, m)
+        self._parts.append(self.activations)  # closed first: its page-locked buffers (CUDA)
         self.weights.backward_hold_bytes = self.activations.backward_hold_bytes
         self.hooks = LayerHooks(self.model, m.layers, p, self.weights, self.activations, self.router, self.tracer)
         self._hooks.extend(self.router.install())

@@ -29,6 +29,15 @@ receives the kept gradient, and after AdamW the compute-dtype weights cast from 
 STAGING_SETS = 2
 """Staging slots are double-buffered: chunk c+1 is read while chunk c computes."""
 
+PINNED_CHECKPOINT_COPIES = 3
+"""GPU, NVMe checkpoints: the most layer inputs in page-locked host buffers at once: in forward
+the newest copy out, the one before it (written after the next layer starts) and one write in
+flight; in backward one read back (the same buffers, reused by size)."""
+
+SWAPPED_LAYERS_IN_MEMORY = 2
+"""Swapped saved activations: the most layers' worth in host buffers at once (one written while
+the next layer computes; one read ahead in backward)."""
+
 SWAP_MIN_BYTES = 1 << 20
 """Saved activations smaller than this stay in memory when activations are swapped (norm
 statistics, masks: not worth a request)."""

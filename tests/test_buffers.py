@@ -209,3 +209,86 @@ def test_acquire_needs_an_open_arena() -> None:
     arena = HostArena(BUDGET, pin_memory=False)
     with pytest.raises(RuntimeError, match="not open"):
         arena.acquire(1)
+
+
+class _CopyEvent:
+    """Stands for the CUDA event a buffer is given back with: records whether it was waited for."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_pinned_pool_reuses_buffers_by_size_and_counts_them_until_close() -> None:
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    acct = Accountant({Tier.HOST: 1 << 20})
+    pool = PinnedPool(acct, Tier.HOST, register=False)
+    a = pool.take(3 * ALIGN_BYTES + 8, "a")  # exact bytes, page aligned, counted from here
+    b = pool.take(ALIGN_BYTES, "b")
+    assert a.numel() == 3 * ALIGN_BYTES + 8 and a.dtype == torch.uint8 and a.data_ptr() % ALIGN_BYTES == 0
+    assert acct.used_bytes[Tier.HOST] == pool.held_bytes == 4 * ALIGN_BYTES + 8
+    copied = _CopyEvent()
+    pool.give(a.view(torch.uint8)[: a.numel()], after=copied)  # any view over all its bytes
+    assert pool.kept_bytes == 3 * ALIGN_BYTES + 8 and acct.used_bytes[Tier.HOST] == 4 * ALIGN_BYTES + 8
+    c = pool.take(ALIGN_BYTES, "c")  # another size: a new buffer, not the kept one
+    assert c.data_ptr() != a.data_ptr() and acct.used_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8
+    assert not copied.waited
+    again = pool.take(3 * ALIGN_BYTES + 8, "again")  # the kept one, once its copies have run
+    assert again.data_ptr() == a.data_ptr() and copied.waited
+    assert acct.used_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8 and pool.kept_bytes == 0
+    for buf in (again, b):
+        pool.give(buf, after=_CopyEvent())
+    pool.close()
+    assert acct.used_bytes[Tier.HOST] == 0 and pool.held_bytes == 0 and pool.kept_bytes == 0
+    assert acct.peak_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8
+
+
+def test_pinned_pool_refuses_past_the_budget_and_counts_nothing_it_could_not_make() -> None:
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    acct = Accountant({Tier.HOST: 2 * ALIGN_BYTES})
+    pool = PinnedPool(acct, Tier.HOST, register=False)
+    pool.take(2 * ALIGN_BYTES, "first")
+    with pytest.raises(BudgetError, match="second"):
+        pool.take(ALIGN_BYTES, "second")
+    assert acct.used_bytes[Tier.HOST] == pool.held_bytes == 2 * ALIGN_BYTES
+    pool.close()
+    assert acct.used_bytes[Tier.HOST] == 0
+
+
+def test_a_pinned_pool_serves_threads_at_once() -> None:
+    """Buffers given back from other threads (a write's completion callback) are reused, and no
+    buffer is handed out twice at once."""
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    acct = Accountant({Tier.HOST: 1 << 24})
+    pool = PinnedPool(acct, Tier.HOST, register=False)
+    in_use: set[int] = set()
+    lock = threading.Lock()
+    clashes = []
+
+    def run() -> None:
+        for _ in range(200):
+            buf = pool.take(ALIGN_BYTES, "x")
+            with lock:
+                clashes.append(buf.data_ptr() in in_use)
+                in_use.add(buf.data_ptr())
+            with lock:
+                in_use.discard(buf.data_ptr())
+            pool.give(buf)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not any(clashes)
+    assert pool.held_bytes <= 4 * ALIGN_BYTES and pool.kept_bytes == pool.held_bytes
+    pool.close()
+    assert acct.used_bytes[Tier.HOST] == 0

@@ -248,3 +248,40 @@ def test_host_memory_of_a_gpu_run_stays_within_the_prediction(tmp_path):
     mem = estimate(plan, shape, wl, profile(gpu=DEVICE == "cuda")).memory
     assert metrics["peak_host_bytes"] <= mem.host_bytes
     assert metrics["peak_device_bytes"] <= mem.device_bytes
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="page-locking needs CUDA")
+def test_the_pinned_pool_locks_exact_sizes_and_reuses_them_after_their_copies():
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    acct = Accountant({Tier.HOST: 1 << 30})
+    pool = PinnedPool(acct, Tier.HOST)
+    nbytes = 3 * 1024 * 1024 + 4096  # not a power of two: no rounding up
+    buf = pool.take(nbytes, "swap buffer")
+    assert buf.is_pinned() and buf.numel() == nbytes and acct.used_bytes[Tier.HOST] == nbytes
+    dev = torch.full((nbytes // 4,), 3.0, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        buf.view(torch.float32).copy_(dev, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(stream)
+    pool.give(buf, copied)
+    again = pool.take(nbytes, "swap buffer")  # waits for the copy into it
+    assert again.data_ptr() == buf.data_ptr() and bool((again.view(torch.float32) == 3.0).all())
+    assert acct.used_bytes[Tier.HOST] == nbytes
+    pool.give(again)
+    pool.close()
+    assert not buf.is_pinned() and acct.used_bytes[Tier.HOST] == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="page-locking needs CUDA")
+def test_the_optimizer_arena_is_page_locked_to_the_byte():
+    from offload.buffers import HostArena
+
+    budget = 5 * 1024 * 1024 + 4096
+    with HostArena(budget) as arena:
+        slot = arena.acquire(4096)
+        assert slot.data.is_pinned() and arena.budget_bytes == budget
+    assert not slot.data.is_pinned()

@@ -22,7 +22,13 @@ from offload.io import PosixBackend
 from offload.tiers import Tier
 from scheduler import cost_model
 from scheduler import placement as placement_rules
-from scheduler.cost_model import Workload, estimate, peak_memory, swapped_activation_bytes
+from scheduler.cost_model import (
+    Workload,
+    activation_bytes,
+    estimate,
+    peak_memory,
+    swapped_activation_bytes,
+)
 from scheduler.executor import StreamingExecutor, TrainSettings
 from scheduler.layer_probe import probe_layer
 from scheduler.model_shape import ModelShape, shape_from_config, shape_from_model
@@ -507,7 +513,15 @@ def test_a_gpu_plan_counts_the_pinned_staging_of_weight_loads():
     assert "pinned staging of weight loads" not in cpu_rows
     host = dataclasses.replace(plan, weights=Tier.HOST)
     assert all(g != "pinned staging of weight loads" for g, _, _ in placement_rows(host, shape, wl, gpu=True))
-    # (and the pinned buffer an NVMe checkpoint is read back into, one layer input)
-    assert gpu_rows["checkpoints read back (pinned)"] == (Tier.HOST, 2 * 16 * cfg.hidden_size * 4)
+    # (and the pinned buffers NVMe checkpoints are copied out and read back through: three
+    # layer inputs)
+    layer_input_bytes = 2 * 16 * cfg.hidden_size * 4
+    assert gpu_rows["checkpoints' pinned copies"] == (Tier.HOST, 3 * layer_input_bytes)
     assert (peak_memory(plan, shape, wl, gpu=True).host_bytes - peak_memory(plan, shape, wl).host_bytes
-            == shape.layer_numel * 4 + 2 * 16 * cfg.hidden_size * 4)
+            == shape.layer_numel * 4 + 3 * layer_input_bytes)
+    # swapped saved activations pass through pinned host buffers on a GPU: two layers' worth
+    swap = dataclasses.replace(plan, recompute=False)
+    swap_gpu = {g: (t, n) for g, t, n in placement_rows(swap, shape, wl, gpu=True)}
+    swap_cpu = {g: (t, n) for g, t, n in placement_rows(swap, shape, wl)}
+    assert "saved activations' pinned buffers" not in swap_cpu
+    assert swap_gpu["saved activations' pinned buffers"] == (Tier.HOST, 2 * activation_bytes(shape, wl).saved)
