@@ -166,6 +166,8 @@ class _LayerCalls:
 
     def close(self) -> None:
         """Unregister the page-locked buffers (after the copies recorded on them)."""
+        if self._d2h_stream is not None:
+            self._d2h_stream.synchronize()  # sync point: copies out of a step that failed mid-layer
         if self._pinned is not None:
             self._pinned.close()
 
@@ -181,7 +183,8 @@ class RecomputeCheckpoints(_LayerCalls):
         self.router = router
         self._grad_mode_stack: list[bool] = []
         self._unwritten: list[tuple[int, int, _LayerCall]] = []  # CUDA, NVME tier: (m, i, call) not yet written
-        self._writing: deque[Future[None]] = deque()  # CUDA, NVME tier: writes from pinned copies
+        # CUDA, NVME tier: writes from pinned copies, with their buffers (back to the pool once done)
+        self._writing: deque[tuple[Future[None], torch.Tensor]] = deque()
         # (m, i) -> (tier, bytes) of layer i's input while its recompute and backward hold it
         self._held: dict[tuple[int, int], tuple[Tier, int]] = {}
         self._largest_input_bytes = 0
@@ -226,26 +229,41 @@ class RecomputeCheckpoints(_LayerCalls):
             if call.checkpoint_host is not None:
                 self._give(call.checkpoint_host)
                 call.checkpoint_host = None
+        while self._writing:
+            write, host = self._writing.popleft()
+            with contextlib.suppress(Exception):  # a failed write (not the error being handled):
+                write.result()  # sync point: ... its buffer stays out of the pool
+                self._give(host)
         for call in self.calls.values():
             if call.d2h_done is not None:
                 call.d2h_done.synchronize()  # sync point: no copy may land in a buffer let go
             if call.checkpoint_read is not None:
-                with contextlib.suppress(Exception):  # a failed read: not the error being handled
+                read_failed = False
+                try:
                     call.checkpoint_read.result()  # sync point: no read may land in a buffer let go
-                if self._pinned is not None:
-                    self._give(call.checkpoint_buf)
-                else:
+                except Exception:  # a failed read (not the error being handled): on CUDA its
+                    read_failed = True  # buffer stays out of the pool
+                if self._pinned is None:
                     self.acct.free(self.placement.swap_tier, call.input_bytes)
+                elif not read_failed:
+                    self._give(call.checkpoint_buf)
             if call.checkpoint_write is not None:
-                call.checkpoint_write.result()  # sync point: the write holds the host copy
-            elif call.checkpoint is not None and self._pinned is not None and call.checkpoint.device.type == "cpu":
+                with contextlib.suppress(Exception):
+                    call.checkpoint_write.result()  # sync point: the write holds the host copy
+            elif call.checkpoint is not None and call.d2h_done is not None:
                 self._give(call.checkpoint)  # CUDA, HOST tier: the pinned copy
             elif call.checkpoint is not None:
                 self.acct.free(self.placement.checkpoint_tier(), call.checkpoint.numel() * call.checkpoint.element_size())
         self.calls.clear()
         self._grad_mode_stack.clear()
         self._unwritten.clear()
-        self._writing.clear()  # (each gives its buffer back when it ends; its error is not this step's)
+        if self._pinned is not None:
+            self._pinned.trim()
+
+    def end_backward(self) -> None:
+        if self._pinned is not None:
+            self._wait_writes(0)
+            self._pinned.trim()  # (sizes of an earlier shape)
 
     def backward_hold_bytes(self) -> int:
         """A layer's input, from its take (or read-back) to the end of its backward, where it
@@ -282,9 +300,13 @@ class RecomputeCheckpoints(_LayerCalls):
         self.acct.alloc(tier, nbytes, what)
 
     def _wait_writes(self, limit: int) -> None:
-        """CUDA, NVME tier: wait until at most ``limit`` checkpoint writes are in flight."""
-        while self._writing and (self._writing[0].done() or len(self._writing) > limit):
-            self._writing.popleft().result()  # sync point: a write from a pinned copy has ended
+        """CUDA, NVME tier: wait until at most ``limit`` checkpoint writes are in flight; the
+        buffers of those done go back to the pool (not a failed one's: a request may still
+        read from it; it stays counted, unused)."""
+        while self._writing and (self._writing[0][0].done() or len(self._writing) > limit):
+            write, host = self._writing.popleft()
+            write.result()  # sync point: a write from a pinned copy has ended
+            self._give(host)
 
     def _to_host(self, call: _LayerCall, x: torch.Tensor, what: str) -> torch.Tensor:
         """CUDA: a pinned host copy of ``x`` (from the pool), queued on the d2h stream;
@@ -308,12 +330,15 @@ class RecomputeCheckpoints(_LayerCalls):
             call.d2h_done.synchronize()  # sync point: the copy has landed in the pinned buffer
             host, call.checkpoint_host = call.checkpoint_host, None
             nbytes = host.numel() * host.element_size()
-            # The write holds the buffer until done (then it goes back to the pool, on the I/O
-            # thread that settles it); backward waits on it before reading.
-            write = self.store.write(activation_extent(i, m, str(nbytes)), host.reshape(-1).view(torch.uint8))
-            write.add_done_callback(lambda _done, host=host: self._give(host))
+            # The write holds the buffer until done (``_wait_writes`` then gives it back);
+            # backward waits on it before reading.
+            try:
+                write = self.store.write(activation_extent(i, m, str(nbytes)), host.reshape(-1).view(torch.uint8))
+            except BaseException:
+                self._give(host)  # (nothing started)
+                raise
             call.checkpoint_write = write
-            self._writing.append(write)
+            self._writing.append((write, host))
 
     def _give(self, host: torch.Tensor, after: Any = None) -> None:
         assert self._pinned is not None
@@ -332,6 +357,7 @@ class RecomputeCheckpoints(_LayerCalls):
         nbytes = call.input_bytes
         what = f"activation checkpoint of layer {i} read back (micro-batch {m})"
         if self._pinned is not None:  # CUDA: into a pinned buffer of the pool (counted in HOST)
+            self._wait_writes(0)  # (long done by now: their buffers serve the reads back)
             buf = self._pinned.take(nbytes, what)
             try:
                 read = self.store.read(activation_extent(i, m, str(nbytes)), buf)
@@ -364,11 +390,7 @@ class RecomputeCheckpoints(_LayerCalls):
                 self._held[(m, i)] = (self.placement.swap_tier, call.input_bytes)
                 read.result()  # sync point: read back
                 return buf.view(call.dtype).view(call.shape)  # (DEVICE until release)
-            try:
-                read.result()  # sync point: read back
-            except BaseException:
-                self._give(buf)
-                raise
+            read.result()  # sync point: read back (failed: its buffer stays out of the pool)
             return self._pinned_to_device(i, m, buf.view(call.dtype).view(call.shape))
         assert call.checkpoint is not None
         x = call.checkpoint
@@ -386,8 +408,10 @@ class RecomputeCheckpoints(_LayerCalls):
         self.acct.count("h2d_bytes", nbytes)
         self.acct.alloc(Tier.DEVICE, nbytes, f"activation checkpoint of layer {i} on the device (micro-batch {m})")
         self._held[(m, i)] = (Tier.DEVICE, nbytes)
-        on_device = x.to(self.device, non_blocking=True)
-        self._give(x, self._compute_event())
+        try:
+            on_device = x.to(self.device, non_blocking=True)
+        finally:  # (a copy that could not be queued: nothing uses the buffer)
+            self._give(x, self._compute_event())
         return on_device
 
     @contextlib.contextmanager
@@ -456,8 +480,10 @@ class SavedTensors(_LayerCalls):
             self._release(call)
 
     def drop(self) -> None:
-        for call in self._copying:
-            call.d2h_done.synchronize()  # sync point: no copy may land in a buffer handed on
+        if self._d2h_stream is not None:
+            # sync point: no copy may land in a buffer handed on (also those of a layer that
+            # raised inside its forward, queued after the last recorded event)
+            self._d2h_stream.synchronize()
         self._copying.clear()
         for call in self.calls.values():
             if call.saved is not None:  # a layer that raised inside its forward
@@ -567,7 +593,9 @@ class SavedTensors(_LayerCalls):
 
     def _clear_pool(self) -> None:
         """Give the released swap buffers back (end of forward, of backward, of a dropped step;
-        CPU: on CUDA the pinned pool keeps them, counted, for the next phase)."""
+        on CUDA the pinned pool keeps those of the sizes this phase used, counted, for the next)."""
+        if self._pinned is not None:
+            self._pinned.trim()
         for nbytes, bufs in self._pool.items():
             self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
         self._pool.clear()

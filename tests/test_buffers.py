@@ -214,11 +214,15 @@ def test_acquire_needs_an_open_arena() -> None:
 class _CopyEvent:
     """Stands for the CUDA event a buffer is given back with: records whether it was waited for."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: bool = False) -> None:
+        self.done = done
         self.waited = False
 
+    def query(self) -> bool:
+        return self.done
+
     def synchronize(self) -> None:
-        self.waited = True
+        self.waited = self.done = True
 
 
 def test_pinned_pool_reuses_buffers_by_size_and_counts_them_until_close() -> None:
@@ -290,5 +294,38 @@ def test_a_pinned_pool_serves_threads_at_once() -> None:
         t.join()
     assert not any(clashes)
     assert pool.held_bytes <= 4 * ALIGN_BYTES and pool.kept_bytes == pool.held_bytes
+    pool.close()
+    assert acct.used_bytes[Tier.HOST] == 0
+
+
+def test_a_pinned_pool_hands_out_a_buffer_whose_copies_have_run_first() -> None:
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    pool = PinnedPool(Accountant({Tier.HOST: 1 << 20}), Tier.HOST, register=False)
+    older, newer = pool.take(ALIGN_BYTES, "a"), pool.take(ALIGN_BYTES, "b")
+    busy, done = _CopyEvent(), _CopyEvent(done=True)
+    pool.give(older, after=busy)
+    pool.give(newer, after=done)
+    assert pool.take(ALIGN_BYTES, "c").data_ptr() == newer.data_ptr() and not busy.waited
+    assert pool.take(ALIGN_BYTES, "d").data_ptr() == older.data_ptr() and busy.waited
+    pool.close()
+
+
+def test_trimming_a_pinned_pool_lets_go_of_the_sizes_no_longer_asked_for() -> None:
+    from offload.pinned import PinnedPool
+    from offload.tiers import Accountant, Tier
+
+    acct = Accountant({Tier.HOST: 1 << 20})
+    pool = PinnedPool(acct, Tier.HOST, register=False)
+    old, kept = pool.take(2 * ALIGN_BYTES, "old shape"), pool.take(ALIGN_BYTES, "same shape")
+    pool.give(old)
+    pool.give(kept)
+    pool.trim()  # both sizes were asked for since the pool began: both stay
+    assert pool.kept_bytes == 3 * ALIGN_BYTES
+    again = pool.take(ALIGN_BYTES, "same shape")
+    pool.give(again, after=_CopyEvent())
+    pool.trim()  # only the smaller size was asked for since the last trim
+    assert pool.kept_bytes == ALIGN_BYTES and acct.used_bytes[Tier.HOST] == pool.held_bytes == ALIGN_BYTES
     pool.close()
     assert acct.used_bytes[Tier.HOST] == 0
