@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from offload.io.base import align_up
 from offload.tiers import Accountant, Tier
 
 
@@ -36,7 +37,8 @@ class PinnedBuffers:
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if not nbytes:
             return torch.empty(0, dtype=dtype)
-        raw = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)  # (the tensor keeps the map)
+        # a private anonymous map, whole pages (the tensor keeps the map; nothing else sees it)
+        raw = torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
         if self.register:
             err = int(torch.cuda.cudart().cudaHostRegister(raw.data_ptr(), nbytes, 0))
             if err != 0:
@@ -58,7 +60,9 @@ class PinnedBuffers:
 
     def release(self, buf: torch.Tensor) -> int:
         """Unregister one buffer ``empty`` made (no copy may still use it); returns its bytes."""
-        raw = self._held.pop(buf.data_ptr())
+        raw = self._held.pop(buf.data_ptr(), None)
+        if raw is None:  # (an empty buffer: nothing was registered)
+            return 0
         if self.register:
             torch.cuda.cudart().cudaHostUnregister(raw.data_ptr())  # its memory stays valid, pageable
         return raw.numel()
@@ -93,8 +97,10 @@ class PinnedPool:
         self.held_bytes = 0  # every buffer made and not yet released
 
     def take(self, nbytes: int, what: str) -> torch.Tensor:
-        """A page-aligned, page-locked uint8 buffer of exactly ``nbytes``; ``what`` names a new
-        one in a budget error."""
+        """A page-aligned, page-locked uint8 buffer of exactly ``nbytes`` (whole pages locked and
+        counted); ``what`` names a new one in a budget error."""
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
         with self._lock:
             self._asked.add(nbytes)
             kept = self._kept.get(nbytes)
@@ -103,13 +109,14 @@ class PinnedPool:
             if after is not None:
                 after.synchronize()  # sync point: the copies queued on it before it was given back
             return buf
-        self.acct.alloc(self.tier, nbytes, f"{what} (page-locked)")
+        locked_bytes = align_up(nbytes)
+        self.acct.alloc(self.tier, locked_bytes, f"{what} (page-locked)")
         try:
             with self._lock:
                 buf = self._buffers.empty(nbytes, torch.uint8)
-                self.held_bytes += nbytes
+                self.held_bytes += locked_bytes
         except BaseException:
-            self.acct.free(self.tier, nbytes)
+            self.acct.free(self.tier, locked_bytes)
             raise
         return buf
 
@@ -117,6 +124,8 @@ class PinnedPool:
         """Keep ``buf`` (a buffer ``take`` made, any view of all its bytes) for the next ``take``
         of its size; ``after``: the CUDA event after the last copy queued on it, or None."""
         raw = buf.reshape(-1).view(torch.uint8)
+        if raw.numel() == 0:
+            return
         with self._lock:
             self._kept.setdefault(raw.numel(), []).append((raw, after))
 
@@ -149,9 +158,9 @@ class PinnedPool:
             if after is not None:
                 after.synchronize()  # sync point: no copy may still use a buffer unregistered
             with self._lock:
-                nbytes = self._buffers.release(buf)
-                self.held_bytes -= nbytes
-            self.acct.free(self.tier, nbytes)
+                locked_bytes = align_up(self._buffers.release(buf))
+                self.held_bytes -= locked_bytes
+            self.acct.free(self.tier, locked_bytes)
 
 
 def _ready_index(kept: list[tuple[torch.Tensor, Any]]) -> int:

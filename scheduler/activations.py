@@ -166,9 +166,8 @@ class _LayerCalls:
 
     def close(self) -> None:
         """Unregister the page-locked buffers (after the copies recorded on them)."""
-        if self._d2h_stream is not None:
-            self._d2h_stream.synchronize()  # sync point: copies out of a step that failed mid-layer
         if self._pinned is not None:
+            torch.cuda.synchronize(self.device)  # sync point: no copy may use a buffer unregistered
             self._pinned.close()
 
     def end_backward(self) -> None:
@@ -248,7 +247,8 @@ class RecomputeCheckpoints(_LayerCalls):
                 elif not read_failed:
                     self._give(call.checkpoint_buf)
             if call.checkpoint_write is not None:
-                with contextlib.suppress(Exception):
+                # (CUDA: a failed write is not the error being handled; its buffer stays out)
+                with contextlib.suppress(Exception) if self._pinned is not None else contextlib.nullcontext():
                     call.checkpoint_write.result()  # sync point: the write holds the host copy
             elif call.checkpoint is not None and call.d2h_done is not None:
                 self._give(call.checkpoint)  # CUDA, HOST tier: the pinned copy
@@ -405,14 +405,13 @@ class RecomputeCheckpoints(_LayerCalls):
         """CUDA: the pinned checkpoint's copy on the compute stream, on DEVICE until release;
         the pinned buffer goes back to the pool, reused once the copy has run."""
         nbytes = x.numel() * x.element_size()
-        self.acct.count("h2d_bytes", nbytes)
-        self.acct.alloc(Tier.DEVICE, nbytes, f"activation checkpoint of layer {i} on the device (micro-batch {m})")
-        self._held[(m, i)] = (Tier.DEVICE, nbytes)
         try:
-            on_device = x.to(self.device, non_blocking=True)
-        finally:  # (a copy that could not be queued: nothing uses the buffer)
+            self.acct.alloc(Tier.DEVICE, nbytes, f"activation checkpoint of layer {i} on the device (micro-batch {m})")
+            self._held[(m, i)] = (Tier.DEVICE, nbytes)
+            self.acct.count("h2d_bytes", nbytes)
+            return x.to(self.device, non_blocking=True)
+        finally:  # the pinned buffer goes back: reused once the copy (if queued) has run
             self._give(x, self._compute_event())
-        return on_device
 
     @contextlib.contextmanager
     def _rng_restored(self, call: _LayerCall) -> Iterator[None]:
@@ -492,12 +491,13 @@ class SavedTensors(_LayerCalls):
                 call.saved = None
             self._release(call)
         self.calls.clear()
-        self._last_exit = None
-        self._clear_pool()
+        self.end_backward()
 
     def end_backward(self) -> None:
         self._last_exit = None
         self._clear_pool()
+        if self._pinned is not None:
+            self._pinned.trim()  # (sizes of an earlier shape)
 
     def _release(self, call: _LayerCall) -> None:
         for t in call.swapped:
@@ -593,9 +593,7 @@ class SavedTensors(_LayerCalls):
 
     def _clear_pool(self) -> None:
         """Give the released swap buffers back (end of forward, of backward, of a dropped step;
-        on CUDA the pinned pool keeps those of the sizes this phase used, counted, for the next)."""
-        if self._pinned is not None:
-            self._pinned.trim()
+        on CUDA the pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
         for nbytes, bufs in self._pool.items():
             self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
         self._pool.clear()

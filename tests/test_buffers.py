@@ -231,24 +231,25 @@ def test_pinned_pool_reuses_buffers_by_size_and_counts_them_until_close() -> Non
 
     acct = Accountant({Tier.HOST: 1 << 20})
     pool = PinnedPool(acct, Tier.HOST, register=False)
-    a = pool.take(3 * ALIGN_BYTES + 8, "a")  # exact bytes, page aligned, counted from here
+    a = pool.take(3 * ALIGN_BYTES + 8, "a")  # exact bytes, page aligned, counted (whole pages) from here
     b = pool.take(ALIGN_BYTES, "b")
     assert a.numel() == 3 * ALIGN_BYTES + 8 and a.dtype == torch.uint8 and a.data_ptr() % ALIGN_BYTES == 0
-    assert acct.used_bytes[Tier.HOST] == pool.held_bytes == 4 * ALIGN_BYTES + 8
+    assert a.untyped_storage().data_ptr() == a.data_ptr()  # (what is_pinned() looks at)
+    assert acct.used_bytes[Tier.HOST] == pool.held_bytes == 5 * ALIGN_BYTES
     copied = _CopyEvent()
     pool.give(a.view(torch.uint8)[: a.numel()], after=copied)  # any view over all its bytes
-    assert pool.kept_bytes == 3 * ALIGN_BYTES + 8 and acct.used_bytes[Tier.HOST] == 4 * ALIGN_BYTES + 8
+    assert pool.kept_bytes == 3 * ALIGN_BYTES + 8 and acct.used_bytes[Tier.HOST] == 5 * ALIGN_BYTES
     c = pool.take(ALIGN_BYTES, "c")  # another size: a new buffer, not the kept one
-    assert c.data_ptr() != a.data_ptr() and acct.used_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8
+    assert c.data_ptr() != a.data_ptr() and acct.used_bytes[Tier.HOST] == 6 * ALIGN_BYTES
     assert not copied.waited
     again = pool.take(3 * ALIGN_BYTES + 8, "again")  # the kept one, once its copies have run
     assert again.data_ptr() == a.data_ptr() and copied.waited
-    assert acct.used_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8 and pool.kept_bytes == 0
-    for buf in (again, b):
+    assert acct.used_bytes[Tier.HOST] == 6 * ALIGN_BYTES and pool.kept_bytes == 0
+    for buf in (again, b, pool.take(0, "nothing")):
         pool.give(buf, after=_CopyEvent())
     pool.close()
     assert acct.used_bytes[Tier.HOST] == 0 and pool.held_bytes == 0 and pool.kept_bytes == 0
-    assert acct.peak_bytes[Tier.HOST] == 5 * ALIGN_BYTES + 8
+    assert acct.peak_bytes[Tier.HOST] == 6 * ALIGN_BYTES
 
 
 def test_pinned_pool_refuses_past_the_budget_and_counts_nothing_it_could_not_make() -> None:
