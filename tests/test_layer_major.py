@@ -215,3 +215,28 @@ def test_lockstep_runs_tasks_in_turns_and_stops_them_on_an_error():
         lockstep.run([waiting, failing, waiting])
     assert reached == [0]  # task 0 ran to its next turn before task 1 failed; the others stopped there
     assert not lockstep.active
+
+
+def test_a_skipped_step_whose_clean_up_fails_leaves_no_gradient_sums_behind(tmp_path):
+    """A non-finite micro-batch skips the step; if letting go of its activations then fails (a
+    disk error on a swap write), the error is raised, and still no gradient summed before the
+    skip reaches the next step: it trains as if the skipped step had been skipped cleanly."""
+    batches = make_batches(2, 3)
+    with _executor(tmp_path, "clean", "skip") as ex:
+        assert ex.train_step(_nan_micro_batches(batches[0]), LR).skipped
+        ex.train_step(batches[1], LR)
+        want = ex.master_state_dict()
+    with _executor(tmp_path, "failing", "skip") as ex:
+        real_drop = ex.activations.drop
+
+        def failing_drop():
+            real_drop()
+            raise OSError(5, "Input/output error")
+
+        ex.activations.drop = failing_drop
+        with pytest.raises(OSError):
+            ex.train_step(_nan_micro_batches(batches[0]), LR)
+        ex.activations.drop = real_drop
+        ex.train_step(batches[1], LR)
+        got = ex.master_state_dict()
+    assert max_diff(got, want) == 0.0
