@@ -100,6 +100,7 @@ class _SwappedTensor:
     read: Future[Any] | None = None
     on_device: torch.Tensor | None = None  # CUDA: read back to DEVICE once for all its saves,
     # from the first unpack until its layer's backward ends (accounted in DEVICE)
+    failed: bool = False  # its write or read failed: its buffer is never reused
 
 
 @dataclass(frozen=True)
@@ -484,14 +485,20 @@ class SavedTensors(_LayerCalls):
             # raised inside its forward, queued after the last recorded event)
             self._d2h_stream.synchronize()
         self._copying.clear()
+        first_error: BaseException | None = None
         for call in self.calls.values():
             if call.saved is not None:  # a layer that raised inside its forward
                 if call.thread == threading.get_ident():  # else its thread, and its hook stack, ended
                     call.saved.__exit__(None, None, None)
                 call.saved = None
-            self._release(call)
+            try:
+                self._release(call)
+            except Exception as err:  # (a failed swap write or read: every other call still goes)
+                first_error = first_error or err
         self.calls.clear()
         self.end_backward()
+        if first_error is not None:
+            raise first_error
 
     def end_backward(self) -> None:
         self._last_exit = None
@@ -500,15 +507,24 @@ class SavedTensors(_LayerCalls):
             self._pinned.trim()  # (sizes of an earlier shape)
 
     def _release(self, call: _LayerCall) -> None:
+        """Everything of a call's forward goes, even when one of its reads or writes failed (the
+        first such error is raised after)."""
+        first_error: BaseException | None = None
         for t in call.swapped:
             if t.read is not None:
-                t.read.result()  # sync point: no read may land in a buffer handed on
+                try:
+                    t.read.result()  # sync point: no read may land in a buffer handed on
+                except Exception as err:
+                    first_error, t.failed = first_error or err, True
             t.read = None
         read_until = None
         if self._d2h_stream is not None and call.swapped:  # CUDA: after the copies back queued so far
             read_until = torch.cuda.Event()
             read_until.record(torch.cuda.current_stream(self.device))
-        self._drop_buffers(call, read_until)
+        try:
+            self._drop_buffers(call, read_until)
+        except Exception as err:
+            first_error = first_error or err
         for t in call.swapped:
             if t.on_device is not None:  # (autograd's views of it, if any, end with its graph)
                 self.acct.free(Tier.DEVICE, t.nbytes)
@@ -517,6 +533,8 @@ class SavedTensors(_LayerCalls):
         call.swapped_once.clear()
         self.acct.free(Tier.DEVICE, call.saved_bytes)
         call.saved_bytes = 0
+        if first_error is not None:
+            raise first_error
 
     # ---------------------------------------------------------------- autograd's hooks
     def _pack(self, i: int, m: int, t: torch.Tensor) -> Any:
@@ -626,16 +644,27 @@ class SavedTensors(_LayerCalls):
     def _drop_buffers(self, call: _LayerCall, read_until: Any = None) -> None:
         """Wait for the writes of a layer's swapped activations, then hand their buffers to the
         pool (still accounted; ``_clear_pool`` frees them); ``read_until``: CUDA event after the
-        copies that read them."""
+        copies that read them. A buffer whose write or read failed is not reused (a request may
+        still use it): on a CPU its bytes are freed, on CUDA it stays out of the pinned pool.
+        Every buffer is handled before the first failed write's error is raised."""
         self._start_writes(through=call)
+        first_error: BaseException | None = None
         for t in call.swapped:
             if t.write is not None:
-                t.write.result()  # sync point: the write of this activation has ended
-            if t.buf is not None and self._pinned is not None:
+                try:
+                    t.write.result()  # sync point: the write of this activation has ended
+                except Exception as err:
+                    first_error, t.failed = first_error or err, True
+            if t.buf is not None and t.failed:
+                if self._pinned is None:
+                    self.acct.free(self.placement.swap_tier, t.nbytes)
+            elif t.buf is not None and self._pinned is not None:
                 self._pinned.give(t.buf, read_until)
             elif t.buf is not None:
                 self._pool.setdefault(t.nbytes, []).append((t.buf, read_until))
             t.buf = None
+        if first_error is not None:
+            raise first_error
 
     def _swap_in(self, i: int, call: _LayerCall | None) -> None:
         """Read layer i's swapped activations back into buffers, unless still in memory."""

@@ -491,6 +491,45 @@ def test_a_failed_checkpoint_read_leaves_nothing_accounted(tmp_path, plan_name):
         assert ex.acct.used_bytes == used
 
 
+@pytest.mark.parametrize("ga", [1, 2], ids=["micro-batch", "layer-major"])
+def test_a_failed_swap_write_leaves_nothing_accounted(tmp_path, monkeypatch, ga):
+    """A saved activation that cannot be written (a full disk) fails the step; every layer's
+    swapped activations are let go all the same (the failed one's buffer is not reused), and
+    the next step runs with the same bytes in use as before the failed one."""
+    from concurrent.futures import Future
+
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)
+    model, _ = _tiny_llama()
+    plan = dataclasses.replace(ALL_NVME, recompute=False, layer_major=ga > 1)
+    g = torch.Generator().manual_seed(1)
+    steps = [[{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(ga)] for _ in range(3)]
+    with (SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store,
+          StreamingExecutor(model, plan, store, make_adamw("torch", AdamWConfig()),
+                            TrainSettings(gradient_accumulation_steps=ga), device=torch.device("cpu")) as ex):
+        ex.train_step(steps[0], lr=1e-3)
+        ex.synchronize()
+        used = dict(ex.acct.used_bytes)
+        real_write = store.write
+
+        def failing_write(name, data):  # the disk refuses the second swapped activation
+            failing_write.calls += name.startswith("act.")
+            if name.startswith("act.") and failing_write.calls == 2:
+                failed: Future = Future()
+                failed.set_exception(OSError(28, "No space left on device"))
+                return failed
+            return real_write(name, data)
+
+        failing_write.calls = 0
+        store.write = failing_write
+        with pytest.raises(OSError):
+            ex.train_step(steps[1], lr=1e-3)
+        store.write = real_write
+        assert not ex.activations.calls
+        ex.train_step(steps[2], lr=1e-3)  # (it may use layers prefetched before the error)
+        ex.synchronize()
+        assert ex.acct.used_bytes == used
+
+
 def test_workload_rejects_nonsense():
     with pytest.raises(ValueError):
         Workload(micro_batch=0, seq_len=16)
