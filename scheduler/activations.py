@@ -485,20 +485,17 @@ class SavedTensors(_LayerCalls):
             # raised inside its forward, queued after the last recorded event)
             self._d2h_stream.synchronize()
         self._copying.clear()
-        first_error: BaseException | None = None
-        for call in self.calls.values():
-            if call.saved is not None:  # a layer that raised inside its forward
-                if call.thread == threading.get_ident():  # else its thread, and its hook stack, ended
-                    call.saved.__exit__(None, None, None)
-                call.saved = None
-            try:
-                self._release(call)
-            except Exception as err:  # (a failed swap write or read: every other call still goes)
-                first_error = first_error or err
-        self.calls.clear()
-        self.end_backward()
-        if first_error is not None:
-            raise first_error
+        # every call goes even when one's swap write or read failed (callbacks run last
+        # registered first; what failed is raised after)
+        with contextlib.ExitStack() as let_go:
+            let_go.callback(self.end_backward)
+            let_go.callback(self.calls.clear)
+            for call in self.calls.values():
+                if call.saved is not None:  # a layer that raised inside its forward
+                    if call.thread == threading.get_ident():  # else its thread, and its hook stack, ended
+                        call.saved.__exit__(None, None, None)
+                    call.saved = None
+                let_go.callback(self._release, call)
 
     def end_backward(self) -> None:
         self._last_exit = None

@@ -393,19 +393,17 @@ class StreamingExecutor(StateExport):
     def _drop_forward_state(self) -> None:
         """Forget the forwards of a step (non-finite loss, or an error): every byte they hold is
         released. Every part is let go even when one raises (a failed swap write in the
-        activations' drop must not leave gradient sums for the next step); the first error is
-        raised after."""
-        first_error: BaseException | None = None
-        for forget in (self.handoff.drop_sums, self.activations.drop, self.weights.release_layers, self.router.clear,
-                       self.hooks.clear, self._head_grad.clear, self._tied_grad.clear):
-            try:
-                forget()
-            except BaseException as err:  # noqa: PERF203 - each part must run
-                first_error = first_error or err
+        activations' drop must not leave gradient sums for the next step): ``ExitStack`` runs
+        each, then raises what failed."""
+        with contextlib.ExitStack() as forget:  # (callbacks run last registered first)
+            forget.callback(self._forget_gradients)
+            for part in (self._tied_grad.clear, self._head_grad.clear, self.hooks.clear, self.router.clear,
+                         self.weights.release_layers, self.activations.drop, self.handoff.drop_sums):
+                forget.callback(part)
+
+    def _forget_gradients(self) -> None:
         for p in self.weights.params.values():
             p.grad = None
-        if first_error is not None:
-            raise first_error
 
     def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Forward only, streamed like training but keeping nothing: no checkpoints, gradients,

@@ -25,12 +25,14 @@ def readme_plan_examples() -> list[tuple[str, str]]:
     return examples
 
 
+EXAMPLES = readme_plan_examples()
+
+
 def test_the_readme_has_plan_examples():
-    assert len(readme_plan_examples()) >= 4
+    assert len(EXAMPLES) >= 4
 
 
-@pytest.mark.parametrize(("command", "expected"), readme_plan_examples(),
-                         ids=[f"example-{k}" for k in range(len(readme_plan_examples()))])
+@pytest.mark.parametrize(("command", "expected"), EXAMPLES, ids=[f"example-{k}" for k in range(len(EXAMPLES))])
 def test_a_readme_plan_example_prints_what_the_readme_shows(command, expected, tmp_path, monkeypatch, capsys):
     # run from a folder with the repository's configs, so the example's run folder lands there
     (tmp_path / "configs").symlink_to(ROOT / "configs")
