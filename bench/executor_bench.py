@@ -219,7 +219,9 @@ def accumulation(args: argparse.Namespace) -> dict[str, object]:
     for name, layer_major in (("micro_batch_major", False), ("layer_major", True)):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)
-        plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME,
+        # micro-batch order parks every gradient on the SSD between micro-batches; layer-major
+        # keeps only the embeddings' and head's (handed over every micro-batch), in RAM
+        plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.HOST if layer_major else Tier.NVME,
                     activations=Tier.NVME if args.recompute else Tier.DEVICE, recompute=args.recompute,
                     prefetch_depth=1, turn_keep=1, job_slots=2, layer_major=layer_major)
         run, read, written = run_accumulating(model, steps, plan, tempfile.mkdtemp(dir=args.path), args.impl)

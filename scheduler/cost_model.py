@@ -35,6 +35,10 @@ from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
 
 IN_FLIGHT = "layer weights in flight"
+LAYER_SUMS = "a layer's gradient sums"
+AWAITING = "gradients awaiting the optimizer"
+HEAD_AWAITING = "head gradients awaiting the optimizer"
+LAST_LAYER = "last layer kept through the heads"
 WORKING_MEMORY = "working memory"
 STAGING_ARRAYS = STAGING_SETS * len(STAGING_ROWS)  # optimizer worker: chunk-wide state-dtype arrays
 EXTENT_ALIGN_BYTES = 4096
@@ -102,7 +106,8 @@ class Workload:
 
     def placement(self, plan: Plan, shape: ModelShape, on_gpu: bool = False) -> Placement:
         """The executor's placement rules for this workload under ``plan``."""
-        return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept_by(plan), on_gpu)
+        return Placement(plan, shape.n_layers, self.compute_dtype, self.state_dtype, self.grads_kept_by(plan), on_gpu,
+                         layer_sums=self.layer_major(plan))
 
 
 def host_state_numel(plan: Plan, shape: ModelShape) -> int:
@@ -134,6 +139,14 @@ def lent_master_layers(shape: ModelShape, wl: Workload, rules: Placement) -> int
     if shape.frozen:  # trainable weights beside a frozen base stay on DEVICE: nothing is loaded
         return 0
     return sum(1 for i in range(shape.n_layers) if rules.master_from_loads(i + 1, immediate=not wl.deferred))
+
+
+def kept_grad_numel(shape: ModelShape, rules: Placement) -> int:
+    """Trainable parameters whose gradient the grads tier keeps (``Placement.keeps_grad``): all,
+    or with layer-major accumulation those of the embeddings and head."""
+    if rules.grads_kept:
+        return shape.trainable_numel
+    return shape.end_trainable_numel if rules.layer_sums else 0
 
 
 def masters_on_device_numel(shape: ModelShape, rules: Placement) -> int:
@@ -220,14 +233,30 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming |
          if shape.frozen or not rules.weights_are_master else 0),
         # trainable weights beside frozen ones (adapters) stay on DEVICE
         ("adapter weights", Tier.DEVICE, (L - R) * shape.layer_trainable_numel * w if shape.frozen else 0),
-        # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer
-        ("gradients awaiting the optimizer", Tier.DEVICE, plan.job_slots * shape.largest_trainable_unit_numel * w),
+        # job_slots units' gradients (compute dtype) wait on DEVICE for the CPU optimizer;
+        # layer-major: in backward a layer's sums (state dtype), while the heads run the head's
+        # gradients (every micro-batch), and the last layer stays loaded through the heads
+        # (``peak_memory`` takes the two phases apart)
+        (AWAITING, Tier.DEVICE, plan.job_slots * max(
+            shape.largest_trainable_unit_numel * w,
+            shape.layer_trainable_numel * wl.state_itemsize if rules.layer_sums else 0)),
+        (HEAD_AWAITING, Tier.DEVICE, plan.job_slots * max(shape.pre_trainable_numel, shape.post_trainable_numel) * w
+         if rules.layer_sums else 0),
+        (LAST_LAYER, Tier.DEVICE, w_layer if rules.layer_sums and K == 0 and R < L else 0),
+        # layer-major, sums wider than the gradients: the layer in backward sums into new memory
+        (LAYER_SUMS, Tier.DEVICE,
+         shape.layer_trainable_numel * wl.state_itemsize if rules.casts_gradient_sums else 0),
+        # layer-major, a tied head: the head's part of the embedding's gradient, per micro-batch,
+        # waits in RAM for the embeddings' backward (the two are added before the optimizer sees them)
+        ("tied head gradients parked", Tier.HOST, wl.grad_accum * shape.shared_trainable_numel * w
+         if rules.layer_sums else 0),
         # ... and with them the weights loaded for their backward, when the update takes its master there
         ("layer weights lent to the optimizer", Tier.DEVICE,
          plan.job_slots * w_layer if lent_master_layers(shape, wl, rules) else 0),
         (f"{_state_name(wl)} master + Adam states", Tier.HOST, wl.optimizer_bytes_per_param * n_host),
         (f"{_state_name(wl)} master + Adam states", Tier.NVME, wl.optimizer_bytes_per_param * (n - n_host)),
-        (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * n if rules.grads_kept else 0),
+        # (layer-major: the embeddings' and head's only, handed over every micro-batch)
+        (f"{_state_name(wl)} gradients kept", plan.grads, wl.grad_bytes_per_param * kept_grad_numel(shape, rules)),
         *_activation_rows(rules, act, wl.grad_accum if wl.layer_major(plan) else 1),
         # layer-major: every micro-batch's layer-0 input and head-input gradient wait for backward
         ("micro-batch boundary states", Tier.DEVICE, 2 * wl.grad_accum * act.checkpoint if wl.layer_major(plan) else 0),
@@ -297,16 +326,25 @@ def peak_memory(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming
                 gpu: bool = False) -> MemoryPeak:
     """Bytes per tier at peak: the sums of ``placement``, except that on DEVICE the layer phase
     and the head phase do not overlap:
-        device = everything else + max(layer weights in flight + layer work, head work)
-    (while the LM head computes no streamed layer is on DEVICE: the last one was released after
-    forward, backward's loads start after the head's backward)."""
+        device = everything else + max(layer weights in flight + a layer's gradient sums
+                                       [+ layer-major: gradients awaiting the optimizer]
+                                       + layer work,
+                                       [layer-major: the head's gradients awaiting the optimizer
+                                       + the last layer kept through the heads] + head work)
+    (while the LM head computes no streamed layer is on DEVICE, but in a layer-major step the
+    last one, kept until the last micro-batch's head; backward's loads and a layer's sums start
+    after the heads, and a layer-major step's layer jobs have ended before its heads run: each
+    layer's forward waited for its update)."""
+    layer_groups = {IN_FLIGHT, LAYER_SUMS} | ({AWAITING} if wl.layer_major(plan) else set())
     total = {t: 0 for t in Tier}
-    in_flight = 0
+    layer_phase = head_phase = 0
     for group, tier, nbytes in placement(plan, shape, wl, timing, gpu):
         total[tier] += nbytes
-        in_flight += nbytes if group == IN_FLIGHT else 0
+        layer_phase += nbytes if group in layer_groups else 0
+        head_phase += nbytes if group in (HEAD_AWAITING, LAST_LAYER) else 0
     act = activation_bytes(shape, wl, timing)
-    total[Tier.DEVICE] += max(in_flight + act.layer_work, act.head_work) - in_flight - act.work
+    total[Tier.DEVICE] += (max(layer_phase + act.layer_work, head_phase + act.head_work)
+                           - layer_phase - head_phase - act.work)
     return MemoryPeak(device_bytes=total[Tier.DEVICE], host_bytes=total[Tier.HOST], nvme_bytes=total[Tier.NVME])
 
 
@@ -373,14 +411,22 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
     ssd_read += ssd_state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
     ssd_write += ssd_state - masters_on_device_numel(shape, rules) * wl.state_itemsize
-    # ---- gradients: D2H once per pass (compute dtype); kept ones are written
+    # ---- gradients: D2H once per pass (compute dtype; layer-major: a layer's sums once, in the
+    # state dtype, the embeddings' and head's every micro-batch); kept ones are written
     # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
-    if gpu:
+    if gpu and rules.layer_sums:  # (+ a tied head's parts, parked in RAM and back, every micro-batch)
+        d2h += (L * shape.layer_trainable_numel * wl.state_itemsize
+                + M * (shape.end_trainable_numel + shape.shared_trainable_numel) * w)
+        h2d += M * shape.shared_trainable_numel * w
+    elif gpu:
         d2h += Mw * N * w
     if wl.grads_kept_by(plan) and plan.grads == Tier.NVME:
         passes = Mw - 1 + int(wl.deferred)
         ssd_write += passes * wl.grad_bytes_per_param * N
         ssd_read += passes * wl.grad_bytes_per_param * N
+    if rules.layer_sums and plan.grads == Tier.NVME:  # the embeddings' and head's, every micro-batch
+        ssd_write += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
+        ssd_read += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
     # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
     act_traffic = M * L * act.checkpoint if plan.recompute else 0
     if plan.activations == Tier.NVME and plan.recompute:

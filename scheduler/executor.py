@@ -20,8 +20,10 @@ Layer-major gradient accumulation (``plan.layer_major``, M > 1): every layer is 
 step. The M forwards run in lockstep (``scheduler.lockstep``: one thread per micro-batch, one
 turn at a time), so layer i computes every micro-batch before layer i + 1; each micro-batch's
 head and loss backward follow its forward. Backward then loads layer i once and back-propagates
-every micro-batch through it, the gradients summing on DEVICE in the state dtype (G.accumulate:
-the same sums, in the same order, as the CPU's accumulation), and hands the layer over once.
+every micro-batch through it, the gradients summing on DEVICE in the state dtype (each parameter's
+as autograd produces it: the same sums, in the same order, as the CPU's accumulation), and hands
+the layer over once. The embeddings and head hand their gradients over every micro-batch (their
+jobs keep them in the grads tier, as in micro-batch order): no vocabulary-sized sum on DEVICE.
 
 The pieces, one job each (their modules say which thread runs what):
     Placement         (``placement``)         where each kind of tensor lives: pure rules
@@ -30,6 +32,7 @@ The pieces, one job each (their modules say which thread runs what):
     WeightStreamer W  (``weight_streamer``)   compute weights on DEVICE: loads, prefetch, bindings
     ActivationStore A (``activations``)       checkpoints and recompute, or kept graphs and swapping
     GradHandoff G     (``grad_handoff``)      each unit's gradients to the optimizer worker
+    TiedGradParking   (``tied_grads``)        layer-major: a tied head's gradient parts in host memory
     LayerHooks        (``layer_hooks``)       the forward hooks above; ``Lockstep`` (``lockstep``)
                                               runs a layer-major step's forwards in turns
     OptimizerWorker   (``optimizer_worker``)  per chunk: gather gradients, keep them or run AdamW
@@ -51,6 +54,7 @@ import torch
 from torch import nn
 
 from offload.optim import FlatAdamW
+from offload.pinned import PinnedPool
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler.activations import (
@@ -81,6 +85,7 @@ from scheduler.settings import (
 )
 from scheduler.state_export import StateExport
 from scheduler.state_store import StateStore, state_extents
+from scheduler.tied_grads import TiedGradParking
 from scheduler.trace import TracedStore, Tracer
 from scheduler.unit_clock import UnitClock
 from scheduler.unit_init import (
@@ -126,7 +131,7 @@ class StreamingExecutor(StateExport):
         self._hooks: list[Any] = []
         self._buffered: list[dict[str, torch.Tensor]] = []  # micro_step, layer-major: batches so far
         self._head_grad: dict[int, torch.Tensor | None] = {}  # per micro-batch: d loss / d head input
-        self._tied_grad: dict[int, dict[str, torch.Tensor]] = {}  # per micro-batch: the head's part of a tied embedding's gradient
+        self._bad_heads = False  # layer-major: a micro-batch's loss was not finite (the step is skipped)
         self._lr = 0.0
         self._step_skipped = False  # a non-finite loss skipped this step: its other micro-batches do nothing
         self._step_start_s: float | None = None  # when the step's first micro-batch began
@@ -152,7 +157,8 @@ class StreamingExecutor(StateExport):
         s = self.settings
         kept = grads_kept(s.gradient_accumulation_steps, s.deferred, self.plan.layer_major)
         self.placement = p = Placement(self.plan, len(m.layers), dtype_name(s.compute_dtype), dtype_name(s.state_dtype),
-                                       kept, self.device.type == "cuda")
+                                       kept, self.device.type == "cuda",
+                                       layer_sums=self.plan.layer_major and s.gradient_accumulation_steps > 1)
         check_device_fits(p, m)
         self.acct.alloc(Tier.HOST, p.host_bytes((u.numel, u.frozen_numel) for u in m.units), "host-resident tensors of the plan")
         self.state = StateStore(m, p, self.store, s.state_dtype, s.compute_dtype)
@@ -168,6 +174,9 @@ class StreamingExecutor(StateExport):
                                       self.weights.recycle)
         self.handoff = GradHandoff(m.units, params, self.worker, self.clock, self.acct, self.plan.job_slots, s.deferred,
                                    s.state_dtype, resident_master=self.weights.resident_master)
+        tied_pool = PinnedPool(self.acct, Tier.HOST, register=self.device.type == "cuda")
+        self._parts.append(tied_pool)  # (empty unless a layer-major step parks a tied head's gradient)
+        self.tied = TiedGradParking(params, tied_pool, self.acct, self.device)
         for part in (self.worker, self.weights):
             part.start()
             self._parts.append(part)
@@ -184,6 +193,8 @@ class StreamingExecutor(StateExport):
         self.hooks = LayerHooks(self.model, m.layers, p, self.weights, self.activations, self.router, self.tracer)
         self._hooks.extend(self.router.install())
         self._hooks.extend(self.hooks.install())
+        if p.layer_sums:
+            self._hooks.extend(self.handoff.install_sum_hooks())
 
     def _activation_store(self, p: Placement, m: ModelMap) -> ActivationStore:
         """Checkpoints and recompute, kept graphs, or both by layer (selective recompute)."""
@@ -274,6 +285,7 @@ class StreamingExecutor(StateExport):
         lockstep (layer-major). Returns their losses (NaN for all once the step is skipped)."""
         self.worker.raise_error()
         self._lr = lr
+        self._bad_heads = False
         self.hooks.micro_count = len(batches)
         bad: float | None = None
         try:
@@ -335,40 +347,52 @@ class StreamingExecutor(StateExport):
             with torch.enable_grad(), self.tracer.span("compute", "backward post"):
                 (loss * self.policy.loss_scale).backward()  # final norm + LM head; fills head_input.grad
             self._head_grad[m] = self.hooks.head_input.pop(m).grad
-            if self.hooks.micro_count > 1:
-                self.handoff.accumulate(self.units[-1])
-                self._tied_grad[m] = self.handoff.take_other_grads()
+            if self.hooks.micro_count > 1:  # layer-major: the head's gradient goes to the worker now
+                # (kept in the grads tier; the last one updates, unless a micro-batch was skipped)
+                # (a tied weight's part parked first: nothing may fail after the head's update is sent)
+                self.tied.park(m, keep={s.name for s in self.units[-1].params})
+                self._unit_done(len(self.units) - 1, m == self.hooks.micro_count - 1 and not self._bad_heads)
+        else:
+            self._bad_heads = True  # (the step will be skipped: no later head updates)
         return loss_value
 
     def _backward(self, micros: list[int], last: bool) -> None:
         """The layers' and embeddings' backward of the micro-batches ``micros`` (their heads'
         already ran), layer by layer: each layer once for all of them."""
-        summed = len(micros) > 1  # layer-major: gradients add up on DEVICE until the layer is done
+        summed = len(micros) > 1  # layer-major: a layer's gradients add up on DEVICE until it is done
         grads = [self._head_grad.pop(m) for m in micros]
-        self._unit_done(len(self.units) - 1, last)
+        if not summed:  # (layer-major: the heads' jobs went with their micro-batches)
+            self._unit_done(len(self.units) - 1, last)
         for i in reversed(range(self._n_layers)):
             self.weights.acquire(i + 1)
+            if summed:  # (before the prefetch, which takes the DEVICE room left)
+                self.handoff.reserve_sums(self.units[i + 1])
             self.weights.prefetch(range(i - 1, max(i - 1 - self.plan.prefetch_depth, -1), -1))
-            for k, m in enumerate(micros):
-                ahead = (i, micros[k + 1]) if k + 1 < len(micros) else (i - 1, micros[0])
-                try:
-                    grads[k] = self._layer_backward(i, m, grads[k], ahead)
-                finally:  # also on errors: nothing of this layer's forward stays in memory
-                    self.activations.release(i, m)
-                if summed:
-                    self.handoff.accumulate(self.units[i + 1])
+            self.handoff.summing = summed  # the sum hooks add each parameter's gradient as it comes
+            try:
+                for k, m in enumerate(micros):
+                    ahead = (i, micros[k + 1]) if k + 1 < len(micros) else (i - 1, micros[0])
+                    try:
+                        grads[k] = self._layer_backward(i, m, grads[k], ahead)
+                    finally:  # also on errors: nothing of this layer's forward stays in memory
+                        self.activations.release(i, m)
+                    if summed:
+                        self.handoff.accumulate(self.units[i + 1])  # (any the hooks did not add)
+            finally:
+                self.handoff.summing = False
             self._unit_done(i + 1, last)
             self.weights.release(i + 1)
         self.activations.end_backward()
         for k, m in enumerate(micros):
-            self.handoff.put_back(self._tied_grad.pop(m, {}))
+            self.tied.restore(m)
             x0 = self.hooks.x0.pop(m)
             if x0.requires_grad:  # else nothing before layer 0 trains (frozen embeddings)
                 with self.tracer.span("compute", "backward pre"):
                     x0.backward(grads[k])  # embeddings (and anything before layer 0)
-            if summed:
-                self.handoff.accumulate(self.units[0])
-        self._unit_done(0, last)
+            if summed:  # the embeddings' gradient goes to the worker every micro-batch, as the head's
+                self._unit_done(0, last and k == len(micros) - 1)
+        if not summed:
+            self._unit_done(0, last)
 
     def _layer_backward(self, i: int, m: int, grad: torch.Tensor | None,
                         ahead: tuple[int, int]) -> torch.Tensor | None:
@@ -393,12 +417,13 @@ class StreamingExecutor(StateExport):
     def _drop_forward_state(self) -> None:
         """Forget the forwards of a step (non-finite loss, or an error): every byte they hold is
         released. Every part is let go even when one raises (a failed swap write in the
-        activations' drop must not leave gradient sums for the next step): ``ExitStack`` runs
+        activations' drop must not leave gradient sums or kept gradients for the next step): ``ExitStack`` runs
         each, then raises what failed."""
         with contextlib.ExitStack() as forget:  # (callbacks run last registered first)
             forget.callback(self._forget_gradients)
-            for part in (self._tied_grad.clear, self._head_grad.clear, self.hooks.clear, self.router.clear,
-                         self.weights.release_layers, self.activations.drop, self.handoff.drop_sums):
+            for part in (self.tied.forget, self._head_grad.clear, self.hooks.clear, self.router.clear,
+                         self.weights.release_layers, self.activations.drop, self.handoff.drop_sums,
+                         self.handoff.forget_kept):
                 forget.callback(part)
 
     def _forget_gradients(self) -> None:

@@ -3,17 +3,23 @@ optimizer worker.
 
 Owns what gradient accumulation needs between micro-batches: in micro-batch-major steps whether
 a unit has a gradient kept in the grads tier and which of its parameters had one; in layer-major
-steps the per-unit sums on DEVICE (``accumulate``: in the state dtype, each micro-batch's gradient
-added in order, as the worker adds a fresh gradient to a kept one: the same values bit for bit).
-Bounds the gradients waiting for the worker (they hold DEVICE memory): at most ``plan.job_slots``
-jobs, and only while DEVICE has room.
+steps a decoder layer's sums on DEVICE (in the state dtype, each micro-batch's gradient added in
+order, as the worker adds a fresh gradient to a kept one: the same values bit for bit), each
+parameter's as autograd produces it (``install_sum_hooks``), so a layer's backward holds its sums
+and one parameter's fresh gradient, never a whole fresh gradient beside them. Sums wider than the
+gradients (bf16 compute, fp32 state) are new DEVICE memory: counted from the layer's first
+micro-batch (``reserve_sums``) to its job. Bounds the gradients waiting for the worker (they hold
+DEVICE memory): at most ``plan.job_slots`` jobs, and only while DEVICE has room.
 
-Thread: the main thread only. Sync points: waits on the oldest pending job (``make_room``,
-``drain``).
+Threads: the main thread, and a layer-major step's micro-batch threads (``scheduler.lockstep``:
+one at a time) for the head's jobs; the sum hooks on autograd's thread (the caller's on a CPU,
+the device's on CUDA) while the main thread waits in ``backward``. Sync points: waits on the
+oldest pending job (``make_room``, ``drain``, ``reserve_sums``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import Unit
@@ -50,40 +57,66 @@ class GradHandoff:
         self._seen: list[list[bool] | None] = [None] * len(units)  # per parameter: had a gradient this step
         self.sum_dtype = sum_dtype  # layer-major sums: the state dtype (the worker's accumulation dtype)
         self._sums: dict[int, list[torch.Tensor | None]] = {}  # layer-major: per unit, per parameter
+        self._sum_bytes: dict[int, int] = {}  # per unit: DEVICE bytes its cast sums are counted with
+        self.summing = False  # layer-major backward of the decoder layers: the hooks add into the sums
         # a unit's master held by its DEVICE-resident weights, or None (``WeightStreamer.resident_master``)
         self.resident_master = resident_master
 
+    def install_sum_hooks(self) -> list[RemovableHandle]:
+        """Hooks that add each decoder layer parameter's gradient into its sum as soon as autograd
+        has accumulated it (while ``summing``): the executor removes them on close."""
+        handles = []
+        for u in self.units[1:-1]:
+            for k, s in enumerate(u.params):
+                p = self.params[s.name]
+                if p.requires_grad:
+                    handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, u, k)))
+        return handles
+
+    def _on_grad(self, u: Unit, k: int, p: nn.Parameter) -> None:
+        if self.summing:  # (autograd's thread; the main thread waits in backward)
+            self._add(u, k, p)
+
+    def reserve_sums(self, u: Unit) -> None:
+        """Layer-major, before unit ``u``'s first micro-batch backward: count its sums in DEVICE
+        when they are wider than its gradients (a copy, not the gradient itself), waiting for
+        pending jobs until they fit (sync point)."""
+        if u.numel == 0 or u.index in self._sum_bytes:
+            return
+        compute_dtype = self.params[u.params[0].name].dtype
+        if compute_dtype == self.sum_dtype:
+            return  # the first micro-batch's gradient becomes the sum: no new memory
+        nbytes = u.numel * self.sum_dtype.itemsize
+        self.make_room(nbytes)
+        self.acct.alloc(Tier.DEVICE, nbytes, f"gradient sums of {u.name} ({self.sum_dtype})")
+        self._sum_bytes[u.index] = nbytes
+
     def accumulate(self, u: Unit) -> None:
-        """Layer-major steps: add unit ``u``'s fresh gradients (``p.grad``, cleared) to its sums."""
+        """Layer-major steps: add unit ``u``'s fresh gradients (``p.grad``, cleared) to its sums
+        (those the hooks have not added already)."""
         if u.numel == 0:
             return
-        sums = self._sums.setdefault(u.index, [None] * len(u.params))
         for k, s in enumerate(u.params):
-            p = self.params[s.name]
-            g, p.grad = p.grad, None
-            if g is None:
-                continue
-            if sums[k] is None:
-                sums[k] = g.to(self.sum_dtype)  # (the tensor itself when its dtype already is)
-            else:
-                sums[k].add_(g)  # type: ignore[union-attr]
+            self._add(u, k, self.params[s.name])
+
+    def _add(self, u: Unit, k: int, p: nn.Parameter) -> None:
+        g, p.grad = p.grad, None
+        if g is None:
+            return
+        sums = self._sums.setdefault(u.index, [None] * len(u.params))
+        total = sums[k]
+        if total is None:
+            sums[k] = g.to(self.sum_dtype)  # (the tensor itself when its dtype already is)
+        else:
+            total.add_(g)
 
     def drop_sums(self) -> None:
         self._sums.clear()
+        self._free_sums()
 
-    def take_other_grads(self) -> dict[str, torch.Tensor]:
-        """Layer-major steps, after a micro-batch's head backward (its post unit accumulated): the
-        gradients it left on parameters of other units (a tied embedding), taken off until that
-        unit's backward of the same micro-batch (``put_back``): each micro-batch's gradient is then
-        summed whole, as in micro-batch order."""
-        taken = {name: p.grad for name, p in self.params.items() if p.grad is not None}
-        for name in taken:
-            self.params[name].grad = None
-        return taken
-
-    def put_back(self, grads: dict[str, torch.Tensor]) -> None:
-        for name, g in grads.items():
-            self.params[name].grad = g
+    def _free_sums(self, unit_index: int | None = None) -> None:
+        for index in [unit_index] if unit_index is not None else list(self._sum_bytes):
+            self.acct.free(Tier.DEVICE, self._sum_bytes.pop(index, 0))
 
     def immediate(self, last: bool) -> bool:
         """The job of a unit's backward updates it at once (the step's last micro-batch, updates
@@ -112,6 +145,7 @@ class GradHandoff:
             p.grad = None
         if u.index in self._sums:  # a layer-major step: every micro-batch's gradient, summed
             fresh = self._sums.pop(u.index)
+        self._free_sums(u.index)  # (counted again below, as the job's)
         grad_bytes = sum(g.numel() * g.element_size() for g in fresh if g is not None)
         while self._pending and (len(self._pending) >= self.job_slots or not self.acct.fits(Tier.DEVICE, grad_bytes)):
             self._pending.popleft().result()  # sync point: the oldest job has taken its gradients
@@ -171,6 +205,12 @@ class GradHandoff:
     def discard(self) -> None:
         """Forget the step's kept gradients (skipped step): wait for its jobs first."""
         self.drain()
+        self.forget_kept()
+
+    def forget_kept(self) -> None:
+        """The step's kept gradients are not added to the next step's: its first job of each
+        unit stores instead of adding (jobs still pending run first: the worker's queue is in
+        order)."""
         self._stored = [False] * len(self.units)
 
     def wait_all(self) -> None:

@@ -36,6 +36,10 @@ class ModelShape:
     """(pre, largest layer, post) trainable parameters when some are frozen (LoRA adapters on a
     frozen base: only these have gradients and optimizer state); None: every parameter trains.
     The ``*_numel`` counts above are all weights, trainable or not."""
+    shared_trainable_numel: int = 0
+    """Trainable parameters used in two places (a tied LM head's weight, counted once in
+    ``pre``): in a layer-major step the head's part of their gradient waits for the embeddings'
+    backward of the same micro-batch."""
 
     def __post_init__(self) -> None:
         if min(self.n_layers, self.layer_numel, self.hidden, self.n_heads, self.vocab) < 1:
@@ -79,6 +83,15 @@ class ModelShape:
         return (pre if k else 0) + layer * min(max(k - 1, 0), self.n_layers) + (post if k >= self.n_layers + 2 else 0)
 
     @property
+    def post_trainable_numel(self) -> int:
+        return self._trainable[2]
+
+    @property
+    def end_trainable_numel(self) -> int:
+        """Trainable parameters of the embeddings and head (``pre`` and ``post``)."""
+        return self._trainable[0] + self._trainable[2]
+
+    @property
     def largest_trainable_unit_numel(self) -> int:
         return max(self._trainable)
 
@@ -116,9 +129,12 @@ def shape_from_model(model: nn.Module, hf_config: Any) -> ModelShape:
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     frozen = any(u.frozen for u in mm.units)
     trainable = (mm.pre.numel, max(u.numel for u in mm.layer_units), mm.post.numel) if frozen else None
+    shared = (sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False) if p.requires_grad)
+              - sum(p.numel() for p in model.parameters() if p.requires_grad))
     return ModelShape(n_layers=len(mm.layer_units), layer_numel=max(u.numel + u.frozen_numel for u in mm.layer_units),
                       pre_numel=mm.pre.numel + mm.pre.frozen_numel, post_numel=mm.post.numel + mm.post.frozen_numel,
-                      fused_attention=attn not in (None, "eager"), trainable=trainable, **_dims(hf_config))
+                      fused_attention=attn not in (None, "eager"), trainable=trainable,
+                      shared_trainable_numel=shared, **_dims(hf_config))
 
 
 def shape_from_config(hf_config: Any, trust_remote_code: bool = False) -> ModelShape:

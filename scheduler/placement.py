@@ -45,9 +45,11 @@ statistics, masks: not worth a request)."""
 
 def grads_kept(grad_accum: int, deferred: bool, layer_major: bool = False) -> bool:
     """Gradients outlive a backward only when accumulated micro-batch by micro-batch or when
-    updates are deferred; otherwise the grads tier holds nothing and gets no space (layer-major
-    accumulation sums a unit's micro-batches on DEVICE and hands the unit over once)."""
+    updates are deferred; otherwise the grads tier holds nothing of the decoder layers (layer-major
+    accumulation sums a layer's micro-batches on DEVICE and hands the layer over once; the
+    embeddings and head keep theirs: ``Placement.keeps_grad``)."""
     return (grad_accum > 1 and not layer_major) or deferred
+
 
 
 def tensor_storages(*objs: Any) -> set[int]:
@@ -140,6 +142,28 @@ class Placement:
     state_dtype: str  # "float32", or the bfloat16 compute dtype (pure bf16)
     grads_kept: bool  # see ``grads_kept``
     on_gpu: bool  # DEVICE is GPU memory (else host memory: the CPU computes)
+    layer_sums: bool = False
+    """Layer-major accumulation (``plan.layer_major``, M > 1 micro-batches per step): a decoder
+    layer's gradients sum on DEVICE over the micro-batches; the embeddings' and head's do not
+    (``keeps_grad``)."""
+
+    def is_end_unit(self, unit_index: int) -> bool:
+        """``pre`` (embeddings) or ``post`` (final norm, LM head)."""
+        return unit_index in (0, self.n_layers + 1)
+
+    def keeps_grad(self, unit_index: int) -> bool:
+        """A unit's gradient is kept (between micro-batches, or until a deferred update): every
+        unit's with ``grads_kept``; with layer-major accumulation also those of ``pre`` and
+        ``post``, which go to the optimizer every micro-batch and add up there, as in micro-batch
+        order (a vocabulary-sized sum on DEVICE would hold GPU memory through the whole forward,
+        and a tied embedding's sum would need both of its parts)."""
+        return self.grads_kept or (self.layer_sums and self.is_end_unit(unit_index))
+
+    @property
+    def casts_gradient_sums(self) -> bool:
+        """A decoder layer's layer-major sums are new DEVICE memory (the state dtype is wider
+        than the compute dtype), not the first micro-batch's gradient itself."""
+        return self.layer_sums and self.state_dtype != self.compute_dtype
 
     @property
     def compute_itemsize(self) -> int:
@@ -219,7 +243,7 @@ class Placement:
         if trainable:
             if self.optimizer_tier(unit_index) == tier:
                 out += [(kind, self.state_dtype) for kind in STATE_KINDS]
-            if self.plan.grads == tier and self.grads_kept:
+            if self.plan.grads == tier and self.keeps_grad(unit_index):
                 out.append(("grad", self.state_dtype))
             if self.trainable_home(unit_index, frozen) == tier and not self.weights_are_master:
                 out.append(("weight", self.compute_dtype))

@@ -109,7 +109,9 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     slots = (2, 1) if overlap else (1,)
     for layer_major, weights, optimizer, (rec, act_tier, rec_layers), depth, job_slots in itertools.product(
             orders, (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), acts, depths, slots):
-        kept = grads_kept(wl.grad_accum, wl.deferred, layer_major)
+        # a grads tier: every unit's kept gradient, or layer-major the embeddings' and head's
+        # (``Placement.keeps_grad``): RAM or SSD, as the estimate decides
+        kept = grads_kept(wl.grad_accum, wl.deferred, layer_major) or (layer_major and wl.grad_accum > 1)
         # updates taking the master from the weights loaded for backward: fewer SSD reads, more
         # DEVICE memory (tried wherever ``Placement.master_from_loads`` applies)
         for grads, master_from_loads in itertools.product((Tier.HOST, Tier.NVME) if kept else (optimizer,),

@@ -154,7 +154,7 @@ class StateStore:
         their home, and zero its HOST gradients (DEVICE-resident weights are the caller's)."""
         if u.numel == 0:
             return
-        if self.tier("grad", u) == Tier.HOST and self.placement.grads_kept:
+        if self.tier("grad", u) == Tier.HOST and self.placement.keeps_grad(u.index):
             self._host[u.index]["grad"] = torch.zeros(u.numel, dtype=self.state_dtype)
         home = self.tier("weight", u)
         if home == Tier.DEVICE or self.placement.weights_are_master:

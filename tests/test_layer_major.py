@@ -96,9 +96,9 @@ def test_moe_router_losses_follow_each_micro_batch(family, recompute, tmp_path):
     assert_same_training(AutoModelForCausalLM.from_config(cfg), make_batches(2, 3), plan, tmp_path)
 
 
-def _read_per_step(tmp_path, ga: int) -> int:
+def _read_per_step(tmp_path, ga: int, grads: Tier = Tier.NVME) -> int:
     """SSD bytes read by the second step (the first one also writes the initial state)."""
-    plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.DEVICE,
+    plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=grads, activations=Tier.DEVICE,
                 layer_major=True, chunk_numel=8192)
     settings = TrainSettings(gradient_accumulation_steps=ga)
     batches = make_batches(2, ga)
@@ -117,6 +117,9 @@ def test_ssd_reads_per_step_do_not_grow_with_accumulation(tmp_path):
     micro-batch order would read the layers four times and park gradients between."""
     one, four = _read_per_step(tmp_path, 1), _read_per_step(tmp_path, 4)
     assert 0 < one <= four <= 1.2 * one
+    # the embeddings' and head's gradients (handed over every micro-batch) kept in RAM: not a byte more
+    one, four = _read_per_step(tmp_path / "ram", 1, Tier.HOST), _read_per_step(tmp_path / "ram", 4, Tier.HOST)
+    assert 0 < one == four
 
 
 def test_micro_step_keeps_batches_until_the_last(tmp_path):
@@ -240,3 +243,74 @@ def test_a_skipped_step_whose_clean_up_fails_leaves_no_gradient_sums_behind(tmp_
         ex.train_step(batches[1], LR)
         got = ex.master_state_dict()
     assert max_diff(got, want) == 0.0
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32], ids=["mixed", "fp32"])
+def test_a_layers_sums_are_counted_while_they_live_and_held_one_layer_at_a_time(compute_dtype, tmp_path):
+    """bf16 compute with fp32 state: a decoder layer's sums are fp32 copies, new DEVICE memory
+    (twice its gradients' bytes) from its first micro-batch to its optimizer job. Sampled each
+    time autograd hands over a parameter's gradient: every live byte of them is counted, no
+    fresh gradient of a layer waits beside them (each is added as it comes), only one layer's
+    sums live at once, the embeddings and head never have any (their gradients go to the worker
+    every micro-batch), and nothing stays counted after the step. With fp32 compute the first
+    micro-batch's gradient is the sum: nothing new to count."""
+    settings = TrainSettings(gradient_accumulation_steps=3, compute_dtype=compute_dtype, state_dtype=torch.float32)
+    store = SwapStore(tmp_path / "swap", PosixBackend()).open()
+    samples: list[tuple[int, int, int, set[int]]] = []
+    with StreamingExecutor(tiny_model("llama"), layer_major(PLANS["small-chunks"]), store,
+                           make_adamw("torch", AdamWConfig()), settings) as ex:
+        held = dict(ex.acct.used_bytes)
+        layer_params = [ex.weights.params[s.name] for u in ex.units[1:-1] for s in u.params]
+
+        def sample(_p):  # runs after the executor's own hook on the parameter (registered first)
+            sums = ex.handoff._sums
+            live = sum(t.numel() * t.element_size() for ts in sums.values() for t in ts
+                       if t is not None and t.dtype != compute_dtype)
+            fresh = sum(q.grad.numel() for q in layer_params if q.grad is not None)
+            samples.append((live, sum(ex.handoff._sum_bytes.values()), fresh, set(sums)))
+
+        handles = [p.register_post_accumulate_grad_hook(sample) for p in layer_params]
+        try:
+            ex.train_step(make_batches(1, 3)[0], LR)
+        finally:
+            for h in handles:
+                h.remove()
+        ex.synchronize()  # (the last updates run on the worker)
+        assert dict(ex.acct.used_bytes) == held
+    assert samples
+    largest = max(u.numel for u in ex.units[1:-1])
+    assert all(live <= counted for live, counted, _, _ in samples)
+    assert max(live for live, *_ in samples) == (largest * 4 if compute_dtype == torch.bfloat16 else 0)
+    assert all(fresh == 0 for _, _, fresh, _ in samples)
+    assert all(len(units) == 1 and not units & {0, len(ex.units) - 1} for *_, units in samples)
+
+
+def test_a_tied_heads_gradients_wait_in_counted_host_buffers(tmp_path):
+    """GPT-2 (tied head), layer-major: the head's part of the embedding's gradient waits, per
+    micro-batch, for the embeddings' backward in host buffers counted in HOST (kept for the next
+    step's), never on DEVICE; a skipped step lets them go all the same."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    settings = TrainSettings(gradient_accumulation_steps=3, nan_policy="skip")
+    store = SwapStore(tmp_path / "swap", PosixBackend()).open()
+    batches = make_batches(2, 3)
+    part_bytes = -(-cfg.vocab_size * cfg.n_embd * 4 // 4096) * 4096  # (whole pages)
+    with StreamingExecutor(AutoModelForCausalLM.from_config(cfg), layer_major(ALL_NVME), store,
+                           make_adamw("torch", AdamWConfig()), settings) as ex:
+        held = dict(ex.acct.used_bytes)
+        parked: list[int] = []
+        real_restore = ex.tied.restore
+
+        def restore(m):  # the real one, watched: what HOST holds for the parts before each goes back
+            parked.append(ex.acct.used_bytes[Tier.HOST] - held[Tier.HOST])
+            real_restore(m)
+
+        ex.tied.restore = restore
+        assert ex.train_step(_nan_micro_batches(batches[0]), LR).skipped  # parked, then let go
+        assert ex.acct.used_bytes[Tier.DEVICE] == held[Tier.DEVICE]
+        ex.train_step(batches[1], LR)
+        ex.synchronize()
+        assert ex.acct.used_bytes[Tier.DEVICE] == held[Tier.DEVICE]
+        assert ex.acct.used_bytes[Tier.HOST] - held[Tier.HOST] == 3 * part_bytes  # kept for reuse
+        assert not ex.tied._parked
+    assert parked == [3 * part_bytes] * 3  # one part per micro-batch of the step that ran

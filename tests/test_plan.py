@@ -564,3 +564,47 @@ def test_a_gpu_plan_counts_the_pinned_staging_of_weight_loads():
     swap_cpu = {g: (t, n) for g, t, n in placement_rows(swap, shape, wl)}
     assert "saved activations' pinned buffers" not in swap_cpu
     assert swap_gpu["saved activations' pinned buffers"] == (Tier.HOST, 2 * activation_bytes(shape, wl).saved)
+
+
+@pytest.mark.parametrize("plan_name", ["layer-major", "layer-major-turn-and-resident"])
+def test_a_mixed_precision_layer_major_step_stays_within_the_predicted_device_peak(tmp_path, plan_name):
+    """bf16 compute with fp32 state, layer-major: a layer's fp32 sums (counted from its first
+    micro-batch) and the fp32 jobs they become are in the cost model's DEVICE peak, in the layer
+    phase only; the embeddings' and head's gradients go to the grads tier every micro-batch and
+    their bytes moved are the prediction's."""
+    model, cfg = _tiny_llama()
+    shape, plan = shape_from_model(model, cfg), dataclasses.replace(PLANS[plan_name], chunk_numel=8192)
+    ga = 3
+    g = torch.Generator().manual_seed(1)
+    batches = [[{"input_ids": torch.randint(0, 256, (2, 16), generator=g)} for _ in range(ga)] for _ in range(2)]
+    settings_ = TrainSettings(gradient_accumulation_steps=ga, compute_dtype=torch.bfloat16)
+    with (SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store,
+          StreamingExecutor(model, plan, store, make_adamw("torch", AdamWConfig()), settings_,
+                            device=torch.device("cpu")) as ex):
+        ex.train_step(batches[0], lr=1e-3)
+        ex.synchronize()
+        before = ex.metrics()
+        ex.train_step(batches[1], lr=1e-3)
+        ex.synchronize()
+        after = ex.metrics()
+        peak = ex.acct.peak_bytes[Tier.DEVICE]
+    wl = Workload(micro_batch=2, seq_len=16, grad_accum=ga, compute_dtype="bfloat16")
+    est = estimate(plan, shape, wl, profile(gpu=False))
+    rows = {group: nbytes for group, tier, nbytes in cost_model.placement(plan, shape, wl) if tier == Tier.DEVICE}
+    assert rows["a layer's gradient sums"] == shape.layer_numel * 4
+    assert rows["gradients awaiting the optimizer"] == plan.job_slots * max(shape.layer_numel * 4,
+                                                                             shape.largest_unit_numel * 2)
+    assert peak <= est.memory.device_bytes
+    assert after["io_read_bytes"] - before["io_read_bytes"] == est.link_bytes["ssd_read"]
+    assert after["io_write_bytes"] - before["io_write_bytes"] == est.link_bytes["ssd_write"]
+    # the heads run without a layer's sums or jobs (each layer's forward waited for its update),
+    # with the head's own jobs and, without a turn layer, the last layer still loaded
+    act = cost_model.activation_bytes(shape, wl)
+    layer_groups = ["layer weights in flight", "a layer's gradient sums", "gradients awaiting the optimizer"]
+    head_groups = ["head gradients awaiting the optimizer"] + (["last layer kept through the heads"]
+                                                                if not plan.turn_keep else [])
+    assert rows["head gradients awaiting the optimizer"] == plan.job_slots * max(shape.pre_numel, shape.post_numel) * 2
+    layer_phase = sum(rows[g] for g in layer_groups) + act.layer_work
+    head_phase = sum(rows[g] for g in head_groups) + act.head_work
+    others = sum(rows.values()) - sum(rows[g] for g in layer_groups + head_groups) - act.work
+    assert est.memory.device_bytes == others + max(layer_phase, head_phase)
