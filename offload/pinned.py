@@ -110,7 +110,7 @@ class PinnedPool:
                 after.synchronize()  # sync point: the copies queued on it before it was given back
             return buf
         locked_bytes = align_up(nbytes)
-        self.acct.alloc(self.tier, locked_bytes, f"{what} (page-locked)")
+        self.acct.alloc(self.tier, locked_bytes, f"{what} (page-locked)" if self._buffers.register else what)
         try:
             with self._lock:
                 buf = self._buffers.empty(nbytes, torch.uint8)
