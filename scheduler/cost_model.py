@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from offload.io.base import align_up
 from offload.tiers import Tier
 from scheduler.model_shape import ModelShape
 from scheduler.placement import (
@@ -248,8 +249,8 @@ def placement(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming |
          shape.layer_trainable_numel * wl.state_itemsize if rules.casts_gradient_sums else 0),
         # layer-major, a tied head: the head's part of the embedding's gradient, per micro-batch,
         # waits in RAM for the embeddings' backward (the two are added before the optimizer sees them)
-        ("tied head gradients parked", Tier.HOST, wl.grad_accum * shape.shared_trainable_numel * w
-         if rules.layer_sums else 0),
+        ("tied head gradients parked", Tier.HOST, wl.grad_accum * align_up(shape.shared_trainable_numel * w)
+         if rules.layer_sums and shape.shared_trainable_numel else 0),
         # ... and with them the weights loaded for their backward, when the update takes its master there
         ("layer weights lent to the optimizer", Tier.DEVICE,
          plan.job_slots * w_layer if lent_master_layers(shape, wl, rules) else 0),

@@ -18,6 +18,8 @@ waits for the copy it was given back after (``PinnedPool.take``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,8 +36,10 @@ class TiedGradParking:
         self.pool = pool
         self.acct = acct
         self.device = device
-        # per micro-batch: (parameter name, host copy, pool buffer) and the event after the copies
-        self._parked: dict[int, tuple[list[tuple[str, torch.Tensor, torch.Tensor]], Any]] = {}
+        # per micro-batch: (parameter name, host copy, pool buffer), the event after the copies
+        # out and (CUDA) the stream they were queued on: the micro-batch thread's, where its
+        # forward ran, so where the embeddings' backward adds into the gradient
+        self._parked: dict[int, tuple[list[tuple[str, torch.Tensor, torch.Tensor]], Any, Any]] = {}
 
     def park(self, m: int, keep: set[str]) -> None:
         """After micro-batch ``m``'s head backward: every gradient on a parameter outside
@@ -50,39 +54,43 @@ class TiedGradParking:
                 nbytes = g.numel() * g.element_size()
                 buf = self.pool.take(nbytes, "the head's part of a tied weight's gradient")
                 host = buf.view(g.dtype).view(g.shape)
+                parked.append((name, host, buf))  # (before the copy: a failed one still gives it back)
                 host.copy_(g, non_blocking=True)  # (CUDA: on the compute stream, after the backward)
-                parked.append((name, host, buf))
                 p.grad = None  # (the caching allocator frees it after the queued copy)
                 moved_bytes += nbytes
         finally:  # (also when a buffer could not be had: those parked are let go with the step)
-            self._parked[m] = (parked, self._event())
+            self._parked[m] = (parked, self._event(), self._stream())
         if self.device.type == "cuda":
             self.acct.count("d2h_bytes", moved_bytes)
 
     def restore(self, m: int) -> None:
         """Before micro-batch ``m``'s embeddings' backward: its parked gradients back on their
         parameters (on DEVICE), their buffers back to the pool."""
-        parked, copied_out = self._parked.pop(m, ([], None))
-        if copied_out is not None:
-            torch.cuda.current_stream(self.device).wait_event(copied_out)
+        parked, copied_out, stream = self._parked.pop(m, ([], None, None))
         moved_bytes = 0
-        for name, host, _ in parked:
-            g = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            g.copy_(host, non_blocking=True)
-            self.params[name].grad = g
-            moved_bytes += host.numel() * host.element_size()
-        copied_back = self._event()
-        for _, _, buf in parked:
-            self.pool.give(buf, copied_back)
+        # on the stream the copies out (and the micro-batch's forward) ran on: the embeddings'
+        # backward accumulates into the gradient there, after this copy back
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext(), \
+                _given_back(self.pool, parked, self._event):
+            if copied_out is not None:
+                torch.cuda.current_stream(self.device).wait_event(copied_out)
+            for name, host, _ in parked:
+                g = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+                g.copy_(host, non_blocking=True)
+                self.params[name].grad = g
+                moved_bytes += host.numel() * host.element_size()
         if self.device.type == "cuda":
             self.acct.count("h2d_bytes", moved_bytes)
 
     def forget(self) -> None:
         """The step is dropped: every parked gradient's buffer back to the pool."""
         parked, self._parked = self._parked, {}
-        for entries, event in parked.values():
+        for entries, event, _ in parked.values():
             for _, _, buf in entries:
                 self.pool.give(buf, event)
+
+    def _stream(self) -> Any:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _event(self) -> Any:
         """CUDA: an event on the compute stream after the copies queued so far; else None."""
@@ -91,3 +99,16 @@ class TiedGradParking:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+
+@contextlib.contextmanager
+def _given_back(pool: PinnedPool, parked: list[tuple[str, torch.Tensor, torch.Tensor]],
+                event: Callable[[], Any]) -> Iterator[None]:
+    """On leaving (also on an error): every parked buffer back to ``pool``, with an event after
+    the copies queued in the block (a buffer is reused only once they have run)."""
+    try:
+        yield
+    finally:
+        after = event()
+        for _, _, buf in parked:
+            pool.give(buf, after)

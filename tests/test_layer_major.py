@@ -314,3 +314,43 @@ def test_a_tied_heads_gradients_wait_in_counted_host_buffers(tmp_path):
         assert ex.acct.used_bytes[Tier.HOST] - held[Tier.HOST] == 3 * part_bytes  # kept for reuse
         assert not ex.tied._parked
     assert parked == [3 * part_bytes] * 3  # one part per micro-batch of the step that ran
+
+
+def test_a_failed_copy_back_of_a_tied_part_gives_every_buffer_back(tmp_path, monkeypatch):
+    """A tied part that cannot be brought back (the device out of memory) fails the step; every
+    parked buffer still goes back to the pool (none held uncounted, none handed out twice), and
+    the next steps reuse the same buffers."""
+    import scheduler.tied_grads as tied_grads
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    store = SwapStore(tmp_path / "swap", PosixBackend()).open()
+    batches = make_batches(3, 3)
+    with StreamingExecutor(AutoModelForCausalLM.from_config(cfg), layer_major(ALL_NVME), store,
+                           make_adamw("torch", AdamWConfig()), TrainSettings(gradient_accumulation_steps=3)) as ex:
+        ex.train_step(batches[0], LR)
+        ex.synchronize()
+        used = dict(ex.acct.used_bytes)
+        pool_bytes = ex.tied.pool.held_bytes
+        calls = [0]
+
+        class FailingTorch:  # the module's torch, with its second allocation of a copy back failing
+            def __getattr__(self, name):
+                return getattr(torch, name)
+
+            @staticmethod
+            def empty(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == 2:
+                    raise torch.OutOfMemoryError("injected")
+                return torch.empty(*args, **kwargs)
+
+        monkeypatch.setattr(tied_grads, "torch", FailingTorch())
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            ex.train_step(batches[1], LR)
+        monkeypatch.setattr(tied_grads, "torch", torch)
+        assert calls[0] == 2
+        assert ex.tied.pool.kept_bytes == pool_bytes  # all three back
+        ex.train_step(batches[2], LR)
+        ex.synchronize()
+        assert dict(ex.acct.used_bytes) == used and ex.tied.pool.held_bytes == pool_bytes
