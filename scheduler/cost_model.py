@@ -527,8 +527,6 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
       Deferred updates (clipping, fp16, nan skip): the optimizer pass cannot overlap backward,
       only the next forward: step >= max(forward, optimizer) + backward + recompute, with
       forward = compute / 3 and optimizer = max(Adam (+ checksums on a GPU machine), ssd lane).
-      One job slot on a GPU (immediate updates): backward hands over one unit at a time and
-      waits, so the optimizer's share during backward (2/3 of it) adds to compute.
     """
     plan = rules.plan
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
@@ -546,11 +544,10 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
         if serial > step:
             step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"
-    elif gpu and plan.job_slots == 1:
-        # one gradient hand-off at a time: backward waits for each unit's update to finish
-        serial = t["compute"] + t["recompute"] + max(lanes["cpu_adam"], ssd) * 2 / 3
-        if serial > step:
-            step, bottleneck = serial, "backward waiting for the optimizer (job_slots 1)"
+    # (one job slot adds nothing here: backward queues unit u - 1's compute before it waits for
+    # unit u's job, and the worker runs one job at a time whatever the slots, so a unit takes
+    # max(its backward, the job before it) either way; measured on a CPU, where the wait even
+    # stops the compute: 2.97 against 2.91 s/step, bench/RESULTS.md)
     w_layer = shape.streamed_layer_numel * wl.itemsize
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
         from_ssd = plan.weights == Tier.NVME and not (

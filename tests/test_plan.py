@@ -608,3 +608,18 @@ def test_a_mixed_precision_layer_major_step_stays_within_the_predicted_device_pe
     head_phase = sum(rows[g] for g in head_groups) + act.head_work
     others = sum(rows.values()) - sum(rows[g] for g in layer_groups + head_groups) - act.work
     assert est.memory.device_bytes == others + max(layer_phase, head_phase)
+
+
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu", "cpu"])
+def test_one_job_slot_costs_no_step_time(gpu):
+    """Backward queues unit u - 1's compute before it waits for unit u's job, and the worker runs
+    one job at a time whatever the slots: one slot predicts the step two do (measured on a CPU,
+    where the wait even stops the compute: bench/RESULTS.md); slots trade DEVICE memory only."""
+    shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                          num_hidden_layers=8, num_attention_heads=16))
+    # (compute about as long as the SSD's share: where waiting for each job would show most)
+    wl = Workload(micro_batch=16 if gpu else 1, seq_len=4096 if gpu else 1024,
+                  compute_dtype="bfloat16" if gpu else "float32")
+    one, two = (estimate(dataclasses.replace(ALL_NVME, job_slots=k), shape, wl, profile(gpu=gpu)) for k in (1, 2))
+    assert one.step_s == two.step_s and one.bottleneck == two.bottleneck
+    assert one.memory.device_bytes < two.memory.device_bytes
