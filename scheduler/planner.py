@@ -105,7 +105,7 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
     # layer loaded once per step; every micro-batch's activations kept): the estimate decides
     orders = (False, True) if wl.grad_accum > 1 else (False,)
     # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
-    # DEVICE memory but makes backward wait for each update
+    # DEVICE memory (the worker runs one job at a time either way; 2 only absorbs uneven jobs)
     slots = (2, 1) if overlap else (1,)
     for layer_major, weights, optimizer, (rec, act_tier, rec_layers), depth, job_slots in itertools.product(
             orders, (Tier.HOST, Tier.NVME), (Tier.HOST, Tier.NVME), acts, depths, slots):
