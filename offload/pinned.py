@@ -163,6 +163,16 @@ class PinnedPool:
             self.acct.free(self.tier, locked_bytes)
 
 
+def queued_work_event(device: torch.device) -> Any:
+    """CUDA: an event recorded now on the calling thread's current stream of ``device``, after
+    the work queued there so far (what a buffer is given back with); None off CUDA."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 def _ready_index(kept: list[tuple[torch.Tensor, Any]]) -> int:
     """The first kept buffer whose copies have run (no event, or a completed one), else the
     oldest."""

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from offload.io.posix import aligned_empty
-from offload.pinned import PinnedPool
+from offload.pinned import PinnedPool, queued_work_event
 from offload.store import TensorSpec
 from offload.tiers import Accountant, Tier
 from scheduler import placement as placement_rules
@@ -157,12 +157,6 @@ class _LayerCalls:
         """A CUDA event after every copy queued on the d2h stream so far."""
         event = torch.cuda.Event()
         event.record(self._d2h_stream)
-        return event
-
-    def _compute_event(self) -> Any:
-        """A CUDA event after the work queued so far on the calling thread's current stream."""
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def close(self) -> None:
@@ -412,7 +406,7 @@ class RecomputeCheckpoints(_LayerCalls):
             self.acct.count("h2d_bytes", nbytes)
             return x.to(self.device, non_blocking=True)
         finally:  # the pinned buffer goes back: reused once the copy (if queued) has run
-            self._give(x, self._compute_event())
+            self._give(x, queued_work_event(self.device))
 
     @contextlib.contextmanager
     def _rng_restored(self, call: _LayerCall) -> Iterator[None]:

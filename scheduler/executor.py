@@ -258,7 +258,7 @@ class StreamingExecutor(StateExport):
             self._step_start_s = time.perf_counter()
         if self._step_skipped:
             return float("nan")
-        if self.plan.layer_major and n_micro > 1:
+        if self.placement.layer_sums and n_micro > 1:  # (layer-major: the sum hooks are installed)
             self._buffered.append(batch)
             if not last:
                 return 0.0
@@ -376,8 +376,6 @@ class StreamingExecutor(StateExport):
                         grads[k] = self._layer_backward(i, m, grads[k], ahead)
                     finally:  # also on errors: nothing of this layer's forward stays in memory
                         self.activations.release(i, m)
-                    if summed:
-                        self.handoff.accumulate(self.units[i + 1])  # (any the hooks did not add)
             finally:
                 self.handoff.summing = False
             self._unit_done(i + 1, last)

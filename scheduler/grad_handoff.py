@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from offload.pinned import queued_work_event
 from offload.tiers import Accountant, Tier
 from scheduler.model_map import Unit
 from scheduler.optimizer_worker import Job, OptimizerWorker
@@ -90,14 +91,6 @@ class GradHandoff:
         self.make_room(nbytes)
         self.acct.alloc(Tier.DEVICE, nbytes, f"gradient sums of {u.name} ({self.sum_dtype})")
         self._sum_bytes[u.index] = nbytes
-
-    def accumulate(self, u: Unit) -> None:
-        """Layer-major steps: add unit ``u``'s fresh gradients (``p.grad``, cleared) to its sums
-        (those the hooks have not added already)."""
-        if u.numel == 0:
-            return
-        for k, s in enumerate(u.params):
-            self._add(u, k, self.params[s.name])
 
     def _add(self, u: Unit, k: int, p: nn.Parameter) -> None:
         g, p.grad = p.grad, None
@@ -224,8 +217,4 @@ def _backward_done(fresh: list[torch.Tensor | None]) -> torch.cuda.Event | None:
     """CUDA gradients: an event recorded on the compute stream now, after the kernels that make
     them were queued (the worker's copy waits on it); else None."""
     g = next((g for g in fresh if g is not None), None)
-    if g is None or g.device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(g.device))
-    return event
+    return queued_work_event(g.device) if g is not None else None

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from offload.pinned import PinnedPool
+from offload.pinned import PinnedPool, queued_work_event
 from offload.tiers import Accountant
 
 
@@ -93,13 +93,7 @@ class TiedGradParking:
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
     def _event(self) -> Any:
-        """CUDA: an event on the compute stream after the copies queued so far; else None."""
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
+        return queued_work_event(self.device)
 
 @contextlib.contextmanager
 def _given_back(pool: PinnedPool, parked: list[tuple[str, torch.Tensor, torch.Tensor]],
