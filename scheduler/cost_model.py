@@ -119,9 +119,10 @@ def host_state_numel(plan: Plan, shape: ModelShape) -> int:
     return shape.first_units_trainable_numel(plan.optimizer_host_units)
 
 
-def ssd_layer_loads(plan: Plan, shape: ModelShape, rules: Placement) -> int:
+def ssd_layer_loads(plan: Plan, shape: ModelShape, rules: Placement, forward_only: bool = False) -> int:
     """Layer loads per pass that read the SSD: S in forward, S - K in backward (streamed layers
-    R..L-1, turn layers the last K), less those whose weights are master weights kept in RAM."""
+    R..L-1, turn layers the last K), less those whose weights are master weights kept in RAM;
+    ``forward_only``: the forward's."""
     L, R = shape.n_layers, len(plan.resident_layers)
     K = min(plan.turn_keep, L - R)
     if plan.weights != Tier.NVME:
@@ -131,7 +132,7 @@ def ssd_layer_loads(plan: Plan, shape: ModelShape, rules: Placement) -> int:
         in_ram = {i for i in range(R, L) if rules.optimizer_tier(i + 1) == Tier.HOST}
     forward = [i for i in range(R, L) if i not in in_ram]
     backward = [i for i in range(R, L - K) if i not in in_ram]
-    return len(forward) + len(backward)
+    return len(forward) + (0 if forward_only else len(backward))
 
 
 def lent_master_layers(shape: ModelShape, wl: Workload, rules: Placement) -> int:
@@ -451,27 +452,47 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         # compute = M * (L * (forward + backward) + head); recompute = M * (recomputed layers) * forward
         compute_s = M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s)
         recompute_s = M * n_recomputed * timing.layer_forward_s
+        forward_s = M * (L * timing.layer_forward_s + timing.head_s / 3)  # (the head's backward: 2 x its forward)
     else:
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
-    ssd_read_s, ssd_write_s = ssd_busy_s(ssd_read, ssd_write, *_lane_ssd_gbps(plan, profile, gpu))
-    time_s = {
+        forward_s = compute_s / 3
+    links = {"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h}
+    time_s = _resource_times(links, compute_s, recompute_s, N / adam_rate, plan, profile, gpu)
+    # ---- the forward's share: its layer loads and the activations it writes (the optimizer's
+    # jobs start with the backward, and the next forward waits for the last of them: ``_step_time``)
+    forward_links = {
+        "ssd_read": Mw * ssd_layer_loads(plan, shape, rules, forward_only=True) * w_layer,
+        "ssd_write": swapped + (act_traffic if plan.activations == Tier.NVME else 0),
+        "h2d": Mw * S * w_layer if gpu else 0,
+        "d2h": (swapped + (act_traffic if plan.activations != Tier.DEVICE else 0)) if gpu else 0,
+    }
+    backward_links = {k: links[k] - forward_links[k] for k in links}
+    phases = (_resource_times(forward_links, forward_s, 0.0, 0.0, plan, profile, gpu),
+              _resource_times(backward_links, compute_s - forward_s, recompute_s, N / adam_rate, plan, profile, gpu))
+    step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, phases, gpu)
+    return Estimate(link_bytes=links, time_s=time_s, step_s=step_s, bottleneck=bottleneck,
+                    memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)
+
+
+def _resource_times(links: dict[str, int], compute_s: float, recompute_s: float, adam_s: float, plan: Plan,
+                    profile: HardwareProfile, gpu: bool) -> dict[str, float]:
+    """Busy seconds of each resource (``RESOURCES``) for the bytes ``links`` moves and the given
+    compute, recompute and Adam seconds."""
+    moved_bytes = links["ssd_read"] + links["ssd_write"]
+    ssd_read_s, ssd_write_s = ssd_busy_s(links["ssd_read"], links["ssd_write"], *_lane_ssd_gbps(plan, profile, gpu))
+    return {
         "compute": compute_s,
         "recompute": recompute_s,
-        "h2d": h2d / (profile.h2d_gbps * 1e9) if gpu and profile.h2d_gbps else 0.0,
-        "d2h": d2h / (profile.d2h_gbps * 1e9) if gpu and profile.d2h_gbps else 0.0,
+        "h2d": links["h2d"] / (profile.h2d_gbps * 1e9) if gpu and profile.h2d_gbps else 0.0,
+        "d2h": links["d2h"] / (profile.d2h_gbps * 1e9) if gpu and profile.d2h_gbps else 0.0,
         "ssd_read": ssd_read_s,
         "ssd_write": ssd_write_s,
-        "cpu_adam": N / adam_rate,
+        "cpu_adam": adam_s,
         # checksum (xxh3_64) of every byte the store reads or writes, on the CPU
-        "checksum": (ssd_read + ssd_write) / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
+        "checksum": moved_bytes / (profile.checksum_gbps * 1e9) if profile.checksum_gbps else 0.0,
         # CPU only: compute lost to the store's threads moving these bytes (checksums included)
-        "io_cpu": (ssd_read + ssd_write) / 1e9 * profile.io_compute_s_per_gb
-        if not gpu and profile.io_compute_s_per_gb else 0.0,
+        "io_cpu": moved_bytes / 1e9 * profile.io_compute_s_per_gb if not gpu and profile.io_compute_s_per_gb else 0.0,
     }
-    step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, gpu)
-    return Estimate(link_bytes={"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h},
-                    time_s=time_s, step_s=step_s, bottleneck=bottleneck,
-                    memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)
 
 
 GPU_LANES: dict[str, tuple[str, ...]] = {
@@ -490,6 +511,7 @@ CPU_LANES: dict[str, tuple[str, ...]] = {
     "ssd (read + write)": ("ssd_read", "ssd_write"),
 }
 """Overlapped mode on a CPU-only machine (see ``GPU_LANES``)."""
+SSD_LANE = "ssd (read + write)"
 _SHARED_COST = ("checksum", "io_cpu")
 """``io_cpu`` is measured with the checksums included: a lane holding both counts the larger."""
 
@@ -508,12 +530,19 @@ def lane_times(t: dict[str, float], gpu: bool) -> dict[str, float]:
 
 
 def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,
-               t: dict[str, float], gpu: bool) -> tuple[float, str]:
-    """Step time from busy times.
+               t: dict[str, float], phases: tuple[dict[str, float], dict[str, float]],
+               gpu: bool) -> tuple[float, str]:
+    """Step time from busy times (``t``: the step's; ``phases``: its forward's and backward's).
 
     overlap off:  step = sum of every resource's time (one thing at a time; io_cpu includes the
                   checksums, counted once).
-    overlap on:   resources run concurrently in lanes; step = max(lane) + exposed, where
+    overlap on:   resources run concurrently in lanes, within each phase: the optimizer's jobs
+                  start with the backward (a unit's gradients are its backward's), and the next
+                  forward waits for the last of them (updated last, needed first), so the
+                  backward's lanes hold the optimizer's work and the forward's only its loads
+                  and activation writes: step = max(forward lane) + max(backward lane), with a
+                  phase's exposed I/O after each lane but the SSD's, which holds it already
+                  (deferred updates: max(lane) over the whole step + exposed, see below), where
       GPU machine: lanes (``GPU_LANES``) gpu = compute + recompute, h2d, d2h, ssd = read +
                    write (``ssd_busy_s``: paired at the mixed rate), cpu = adam + checksum;
       CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
@@ -522,8 +551,9 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
                    x the bytes moved; ssd = read + write (``ssd_busy_s``) at the rate the
                    profile saw the store keep beside a compute kernel;
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
-                hide it behind) + the update I/O of ``pre`` after backward (updated last,
-                needed first), at the SSD's rates alone (nothing computes meanwhile).
+                hide it behind; the forward's) + the update I/O of ``pre`` after backward
+                (updated last, needed first; the backward's), at the SSD's rates alone
+                (nothing computes meanwhile).
       Deferred updates (clipping, fp16, nan skip): the optimizer pass cannot overlap backward,
       only the next forward: step >= max(forward, optimizer) + backward + recompute, with
       forward = compute / 3 and optimizer = max(Adam (+ checksums on a GPU machine), ssd lane).
@@ -531,19 +561,41 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     plan = rules.plan
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
         return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
+    first_load_s, first_load_lane, pre_update_s = _exposed_s(rules, shape, wl, profile)
     lanes = lane_times(t, gpu)
+    if not wl.deferred:  # the lane moving a phase's exposed I/O holds it already; the others wait for it
+        forward = _with_exposed(lane_times(phases[0], gpu), first_load_s, first_load_lane)
+        backward = _with_exposed(lane_times(phases[1], gpu), pre_update_s, SSD_LANE)
+        longer = forward if max(forward.values()) > max(backward.values()) else backward
+        return max(forward.values()) + max(backward.values()), max(longer, key=lambda k: longer[k])
     ssd = lanes["ssd (read + write)"]
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]
-    if wl.deferred:
-        forward_s = t["compute"] / 3
-        # a frozen base streams during forward and backward: the optimizer pass moves only the
-        # adapters' state and kept gradients
-        optimizer_ssd_s = _optimizer_ssd_s(rules, shape, wl, profile, gpu) if shape.frozen else ssd
-        optimizer_s = max(lanes["cpu_adam"] if gpu else t["cpu_adam"], optimizer_ssd_s)
-        serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
-        if serial > step:
-            step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"
+    forward_s = t["compute"] / 3
+    # a frozen base streams during forward and backward: the optimizer pass moves only the
+    # adapters' state and kept gradients
+    optimizer_ssd_s = _optimizer_ssd_s(rules, shape, wl, profile, gpu) if shape.frozen else ssd
+    optimizer_s = max(lanes["cpu_adam"] if gpu else t["cpu_adam"], optimizer_ssd_s)
+    serial = max(forward_s, optimizer_s) + 2 * forward_s + t["recompute"]
+    if serial > step:
+        step, bottleneck = serial, "deferred optimizer (cpu_adam + ssd after backward)"
+    return step + first_load_s + pre_update_s, bottleneck
+
+
+def _with_exposed(lanes: dict[str, float], exposed_s: float, carrier: str) -> dict[str, float]:
+    """A phase's lanes with ``exposed_s`` (I/O that nothing hides) after every lane but ``carrier``,
+    the one that moves it."""
+    return {k: v + (0.0 if k == carrier else exposed_s) for k, v in lanes.items()}
+
+
+def _exposed_s(rules: Placement, shape: ModelShape, wl: Workload,
+               profile: HardwareProfile) -> tuple[float, str, float]:
+    """(the first streamed layer's loads, one per pass, before anything computes, and the lane that
+    moves them; ``pre``'s update I/O after the backward: updated last, needed first), each at its
+    link's rate alone."""
+    plan = rules.plan
+    first_load_s = pre_update_s = 0.0
+    first_load_lane = SSD_LANE
     # (one job slot adds nothing here: backward queues unit u - 1's compute before it waits for
     # unit u's job, and the worker runs one job at a time whatever the slots, so a unit takes
     # max(its backward, the job before it) either way; measured on a CPU, where the wait even
@@ -553,13 +605,14 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         from_ssd = plan.weights == Tier.NVME and not (
             rules.weights_are_master and not shape.frozen and rules.optimizer_tier(1) == Tier.HOST)
         rate = profile.ssd_read_gbps if from_ssd else (profile.h2d_gbps or 0.0)
+        first_load_lane = SSD_LANE if from_ssd else "h2d"
         if rate > 0:
-            step += wl.weight_passes(plan) * w_layer / (rate * 1e9)
+            first_load_s = wl.weight_passes(plan) * w_layer / (rate * 1e9)
     if rules.optimizer_tier(0) == Tier.NVME:
         # (without its master when its resident weights hold it: neither read nor written)
         moved_bytes = wl.optimizer_bytes_per_param - (wl.state_itemsize if rules.master_on_device(0, shape.frozen) else 0)
-        step += _ssd_s(shape.pre_trainable_numel * moved_bytes, shape.pre_trainable_numel * moved_bytes, profile)
-    return step, bottleneck
+        pre_update_s = _ssd_s(shape.pre_trainable_numel * moved_bytes, shape.pre_trainable_numel * moved_bytes, profile)
+    return first_load_s, first_load_lane, pre_update_s
 
 
 def _optimizer_ssd_s(rules: Placement, shape: ModelShape, wl: Workload, profile: HardwareProfile,

@@ -623,3 +623,23 @@ def test_one_job_slot_costs_no_step_time(gpu):
     one, two = (estimate(dataclasses.replace(ALL_NVME, job_slots=k), shape, wl, profile(gpu=gpu)) for k in (1, 2))
     assert one.step_s == two.step_s and one.bottleneck == two.bottleneck
     assert one.memory.device_bytes < two.memory.device_bytes
+
+
+def test_the_optimizers_ssd_traffic_does_not_hide_behind_the_forward():
+    """The optimizer's jobs start with the backward (a unit's gradients are its backward's) and
+    the next forward waits for the last of them (updated last, needed first): a long forward (32
+    micro-batches, layer-major) leaves the SSD idle but for its loads, so the step is at least the
+    forward's compute plus every other SSD second, not the larger of the step's compute and SSD."""
+    plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.HOST, layer_major=True)
+    wl = Workload(micro_batch=1, seq_len=4096, grad_accum=32, compute_dtype="bfloat16")
+    est = estimate(plan, SHAPE, wl, profile(gpu=True))  # (3 GB/s each way, no mixed rate: the seconds add)
+    forward_compute_s = est.time_s["compute"] / 3
+    forward_loads_s = SHAPE.n_layers * SHAPE.layer_numel * wl.itemsize / (3.0 * GB)  # every layer once
+    other_ssd_s = est.time_s["ssd_read"] + est.time_s["ssd_write"] - forward_loads_s
+    assert forward_compute_s > forward_loads_s  # the forward is compute-bound: its SSD lane idles
+    assert est.step_s >= forward_compute_s + other_ssd_s
+    assert est.bottleneck == "ssd (read + write)"
+    # two micro-batches: the forward's loads outlast its compute, and the step is the SSD's seconds
+    short = estimate(plan, SHAPE, dataclasses.replace(wl, grad_accum=2), profile(gpu=True))
+    assert short.time_s["compute"] / 3 < forward_loads_s
+    assert short.step_s == pytest.approx(short.time_s["ssd_read"] + short.time_s["ssd_write"])
