@@ -2,7 +2,7 @@
 
 With layer-major accumulation a step moves the weights and the optimizer state once, whatever
 its micro-batches; compute grows with them. So past some accumulation the compute lane sets the
-step time and every further token costs only compute. The search re-plans (``choose_plan``, same
+time of the forward and of the backward, and every further token costs only compute. The search re-plans (``choose_plan``, same
 budgets, same fixed choices) at growing ``gradient_accumulation_steps``: doubling until the
 bottleneck is compute, then bisecting. It stops where no layer-major plan fits any more (every micro-batch's activations
 wait for backward) or at ``MAX_GRAD_ACCUM``.
@@ -20,7 +20,8 @@ from scheduler.planner import Budgets, PlanChoice, choose_plan
 from scheduler.profile import HardwareProfile
 
 COMPUTE_LANES = ("compute", "cpu (compute + adam)")
-"""Bottlenecks that mean compute-bound (on a CPU-only machine Adam shares the compute lane)."""
+"""Bottlenecks that mean compute-bound (on a CPU-only machine Adam shares the compute lane); a
+step whose forward and backward are set by different lanes names both, and is not."""
 MAX_GRAD_ACCUM = 4096
 
 

@@ -359,7 +359,9 @@ class Estimate:
     step_s: float
     """Predicted step time with the plan's overlap."""
     bottleneck: str
-    """The lane that sets the step time (a resource, or a sum of resources sharing the CPU)."""
+    """The lane that sets the step time (a resource, or a sum of resources sharing the CPU); in an
+    overlapped step whose forward and backward are set by different lanes, both:
+    "<lane> in backward, <lane> in forward"."""
     memory: MemoryPeak
     model_flops: float
     """Model FLOPs per step, 3 x forward, recompute not counted (see ``layer_flops``)."""
@@ -452,14 +454,16 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         # compute = M * (L * (forward + backward) + head); recompute = M * (recomputed layers) * forward
         compute_s = M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s)
         recompute_s = M * n_recomputed * timing.layer_forward_s
-        forward_s = M * (L * timing.layer_forward_s + timing.head_s / 3)  # (the head's backward: 2 x its forward)
+        forward_s = M * (L * timing.layer_forward_s + timing.head_s)
     else:
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
-        forward_s = compute_s / 3
+        forward_s = M * (L * f_layer + 3.0 * f_head) / rate_flops
     links = {"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h}
     time_s = _resource_times(links, compute_s, recompute_s, N / adam_rate, plan, profile, gpu)
-    # ---- the forward's share: its layer loads and the activations it writes (the optimizer's
-    # jobs start with the backward, and the next forward waits for the last of them: ``_step_time``)
+    # ---- the forward's share: the layers' forward and the head's forward and backward (both run
+    # before the first job is submitted), its layer loads and the activations it writes (the
+    # optimizer's jobs start with the layers' backward, and the next forward waits for the last
+    # of them: ``_step_time``)
     forward_links = {
         "ssd_read": Mw * ssd_layer_loads(plan, shape, rules, forward_only=True) * w_layer,
         "ssd_write": swapped + (act_traffic if plan.activations == Tier.NVME else 0),
@@ -502,7 +506,8 @@ GPU_LANES: dict[str, tuple[str, ...]] = {
     "ssd (read + write)": ("ssd_read", "ssd_write"),  # one device
     "cpu_adam": ("cpu_adam", "checksum"),  # the optimizer worker and the I/O threads, on the CPU
 }
-"""Overlapped mode on a GPU machine: lanes that run concurrently (the step is the longest),
+"""Overlapped mode on a GPU machine: lanes that run concurrently (within a phase, the forward or
+the backward, the longest sets its time: ``_step_time``),
 each the resources that add up on one engine. ``tests/test_trace.py`` and ``tests/test_gpu.py``
 check against a traced step that the executor runs the lanes concurrently."""
 CPU_LANES: dict[str, tuple[str, ...]] = {
@@ -540,9 +545,11 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
                   start with the backward (a unit's gradients are its backward's), and the next
                   forward waits for the last of them (updated last, needed first), so the
                   backward's lanes hold the optimizer's work and the forward's only its loads
-                  and activation writes: step = max(forward lane) + max(backward lane), with a
-                  phase's exposed I/O after each lane but the SSD's, which holds it already
-                  (deferred updates: max(lane) over the whole step + exposed, see below), where
+                  and activation writes (and the head's compute, forward and backward, which
+                  runs before the first job): step = max(forward lane) + max(backward lane),
+                  with a phase's exposed I/O after each lane but the one that moves it (the SSD,
+                  or H2D for a first layer loaded from RAM) (deferred updates: max(lane) over
+                  the whole step + exposed, see below), where
       GPU machine: lanes (``GPU_LANES``) gpu = compute + recompute, h2d, d2h, ssd = read +
                    write (``ssd_busy_s``: paired at the mixed rate), cpu = adam + checksum;
       CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
@@ -551,9 +558,9 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
                    x the bytes moved; ssd = read + write (``ssd_busy_s``) at the rate the
                    profile saw the store keep beside a compute kernel;
       exposed = the first streamed layer's load at the start of each pass (Mw; nothing to
-                hide it behind; the forward's) + the update I/O of ``pre`` after backward
-                (updated last, needed first; the backward's), at the SSD's rates alone
-                (nothing computes meanwhile).
+                hide it behind; the forward's; at the SSD's read rate, or H2D's from RAM) + the
+                update I/O of ``pre`` after backward (updated last, needed first; the
+                backward's), at the SSD's rates alone (nothing computes meanwhile).
       Deferred updates (clipping, fp16, nan skip): the optimizer pass cannot overlap backward,
       only the next forward: step >= max(forward, optimizer) + backward + recompute, with
       forward = compute / 3 and optimizer = max(Adam (+ checksums on a GPU machine), ssd lane).
@@ -566,8 +573,10 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     if not wl.deferred:  # the lane moving a phase's exposed I/O holds it already; the others wait for it
         forward = _with_exposed(lane_times(phases[0], gpu), first_load_s, first_load_lane)
         backward = _with_exposed(lane_times(phases[1], gpu), pre_update_s, SSD_LANE)
-        longer = forward if max(forward.values()) > max(backward.values()) else backward
-        return max(forward.values()) + max(backward.values()), max(longer, key=lambda k: longer[k])
+        forward_lane, backward_lane = (max(lanes, key=lambda k: lanes[k]) for lanes in (forward, backward))
+        bottleneck = (backward_lane if backward_lane == forward_lane
+                      else f"{backward_lane} in backward, {forward_lane} in forward")
+        return max(forward.values()) + max(backward.values()), bottleneck
     ssd = lanes["ssd (read + write)"]
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]

@@ -638,8 +638,28 @@ def test_the_optimizers_ssd_traffic_does_not_hide_behind_the_forward():
     other_ssd_s = est.time_s["ssd_read"] + est.time_s["ssd_write"] - forward_loads_s
     assert forward_compute_s > forward_loads_s  # the forward is compute-bound: its SSD lane idles
     assert est.step_s >= forward_compute_s + other_ssd_s
-    assert est.bottleneck == "ssd (read + write)"
+    assert est.bottleneck == "ssd (read + write) in backward, compute in forward"
     # two micro-batches: the forward's loads outlast its compute, and the step is the SSD's seconds
     short = estimate(plan, SHAPE, dataclasses.replace(wl, grad_accum=2), profile(gpu=True))
     assert short.time_s["compute"] / 3 < forward_loads_s
     assert short.step_s == pytest.approx(short.time_s["ssd_read"] + short.time_s["ssd_write"])
+    assert short.bottleneck == "ssd (read + write)"
+
+
+def test_a_step_whose_phases_have_different_bottlenecks_names_both_and_is_not_compute_bound():
+    """Weights streamed from the SSD, state in RAM, layer-major: the forward's loads outlast its
+    compute long after the backward has turned compute-bound, so only where both phases are set
+    by compute is the step compute-bound (what ``plan``'s advice searches for)."""
+    from scheduler.batch_advice import COMPUTE_LANES
+
+    prof = dataclasses.replace(profile(gpu=True), cpu_adam_params_per_s={"torch": 1e11}, checksum_gbps=100.0)
+    plan = Plan(weights=Tier.NVME, optimizer=Tier.HOST, grads=Tier.HOST, activations=Tier.HOST, layer_major=True,
+                turn_keep=0)
+    named = {}
+    for ga in (16, 22, 40):
+        wl = Workload(micro_batch=1, seq_len=1024, grad_accum=ga, compute_dtype="bfloat16")
+        named[ga] = estimate(plan, SHAPE, wl, prof).bottleneck
+    assert named[16] == "ssd (read + write)"
+    assert named[22] == "compute in backward, ssd (read + write) in forward"
+    assert named[40] == "compute"
+    assert [named[ga] in COMPUTE_LANES for ga in (16, 22, 40)] == [False, False, True]
