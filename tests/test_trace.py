@@ -144,3 +144,29 @@ def test_overlap_seconds_intersects_the_unions() -> None:
     assert overlap_seconds(events, ["ssd_read"], ["compute"]) == pytest.approx(1.0)
     assert overlap_seconds(events, ["compute"], ["cpu_adam"]) == 0
     assert overlap_seconds(events, ["compute"], ["gpu"]) == 0
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["recompute", "swapped-activations"])
+def test_no_optimizer_state_moves_beside_the_forward(swapped, tmp_path) -> None:
+    """The cost model adds the forward's longest lane to the backward's (``cost_model._step_time``)
+    because the optimizer's jobs start with the backward and the next forward waits for the last
+    of them (``pre``'s, updated last, needed first): in a traced step no read or write of the
+    optimizer's state overlaps the forward's compute, and some overlaps the backward's. (An SSD
+    event ends when the I/O thread's completion callback stamps it, a little after the waiting
+    thread went on: 1 ms of slack.)"""
+    plan = dataclasses.replace(ALL_NVME, recompute=not swapped, prefetch_depth=1)
+    events = traced_step(plan, tmp_path)
+
+    def spans(prefix: str) -> list[tuple[float, float]]:
+        return [(e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "compute" and e["name"].startswith(prefix)]
+
+    state_io = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                if e["cat"] in ("ssd_read", "ssd_write") and "exp_avg" in e["name"]]
+    forward, backward = spans("forward"), spans("backward")
+    assert forward and backward and state_io
+
+    def beside(compute: list[tuple[float, float]], slack_us: float = 1e3) -> list[str]:
+        return [name for a, b, name in state_io if any(a < end and start < b - slack_us for start, end in compute)]
+
+    assert beside(forward) == []
+    assert beside(backward)
