@@ -569,7 +569,10 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
         return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
     first_load_s, first_load_lane, pre_update_s = _exposed_s(rules, shape, wl, profile)
-    lanes = lane_times(t, gpu)
+    # (one job slot adds nothing here: backward queues unit u - 1's compute before it waits for
+    # unit u's job, and the worker runs one job at a time whatever the slots, so a unit takes
+    # max(its backward, the job before it) either way; measured on a CPU, where the wait even
+    # stops the compute: 2.97 against 2.91 s/step, bench/RESULTS.md)
     if not wl.deferred:  # the lane moving a phase's exposed I/O holds it already; the others wait for it
         forward = _with_exposed(lane_times(phases[0], gpu), first_load_s, first_load_lane)
         backward = _with_exposed(lane_times(phases[1], gpu), pre_update_s, SSD_LANE)
@@ -577,7 +580,8 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
         bottleneck = (backward_lane if backward_lane == forward_lane
                       else f"{backward_lane} in backward, {forward_lane} in forward")
         return max(forward.values()) + max(backward.values()), bottleneck
-    ssd = lanes["ssd (read + write)"]
+    lanes = lane_times(t, gpu)
+    ssd = lanes[SSD_LANE]
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]
     forward_s = t["compute"] / 3
@@ -605,10 +609,6 @@ def _exposed_s(rules: Placement, shape: ModelShape, wl: Workload,
     plan = rules.plan
     first_load_s = pre_update_s = 0.0
     first_load_lane = SSD_LANE
-    # (one job slot adds nothing here: backward queues unit u - 1's compute before it waits for
-    # unit u's job, and the worker runs one job at a time whatever the slots, so a unit takes
-    # max(its backward, the job before it) either way; measured on a CPU, where the wait even
-    # stops the compute: 2.97 against 2.91 s/step, bench/RESULTS.md)
     w_layer = shape.streamed_layer_numel * wl.itemsize
     if shape.n_layers > len(plan.resident_layers) and 0 not in plan.resident_layers:
         from_ssd = plan.weights == Tier.NVME and not (

@@ -151,7 +151,7 @@ def test_no_optimizer_state_moves_beside_the_forward(swapped, tmp_path) -> None:
     """The cost model adds the forward's longest lane to the backward's (``cost_model._step_time``)
     because the optimizer's jobs start with the backward and the next forward waits for the last
     of them (``pre``'s, updated last, needed first): in a traced step no read or write of the
-    optimizer's state overlaps the forward's compute, and some overlaps the backward's. (An SSD
+    optimizer's state overlaps the forward's compute, and some starts during the backward. (An SSD
     event ends when the I/O thread's completion callback stamps it, a little after the waiting
     thread went on: 1 ms of slack.)"""
     plan = dataclasses.replace(ALL_NVME, recompute=not swapped, prefetch_depth=1)
@@ -169,4 +169,5 @@ def test_no_optimizer_state_moves_beside_the_forward(swapped, tmp_path) -> None:
         return [name for a, b, name in state_io if any(a < end and start < b - slack_us for start, end in compute)]
 
     assert beside(forward) == []
-    assert beside(backward)
+    backward_start, backward_end = min(a for a, _ in backward), max(b for _, b in backward)
+    assert any(backward_start <= a < backward_end for a, _, _ in state_io)
