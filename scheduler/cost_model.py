@@ -459,7 +459,8 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
         compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
         forward_s = M * (L * f_layer + 3.0 * f_head) / rate_flops
     links = {"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h}
-    time_s = _resource_times(links, compute_s, recompute_s, N / adam_rate, plan, profile, gpu)
+    adam_s = N / adam_rate
+    time_s = _resource_times(links, compute_s, recompute_s, adam_s, plan, profile, gpu)
     # ---- the forward's share: the layers' forward and the head's forward and backward (both run
     # before the first job is submitted), its layer loads and the activations it writes (the
     # optimizer's jobs start with the layers' backward, and the next forward waits for the last
@@ -472,7 +473,7 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
     }
     backward_links = {k: links[k] - forward_links[k] for k in links}
     phases = (_resource_times(forward_links, forward_s, 0.0, 0.0, plan, profile, gpu),
-              _resource_times(backward_links, compute_s - forward_s, recompute_s, N / adam_rate, plan, profile, gpu))
+              _resource_times(backward_links, compute_s - forward_s, recompute_s, adam_s, plan, profile, gpu))
     step_s, bottleneck = _step_time(rules, shape, wl, profile, time_s, phases, gpu)
     return Estimate(link_bytes=links, time_s=time_s, step_s=step_s, bottleneck=bottleneck,
                     memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)

@@ -51,7 +51,6 @@ def grads_kept(grad_accum: int, deferred: bool, layer_major: bool = False) -> bo
     return (grad_accum > 1 and not layer_major) or deferred
 
 
-
 def tensor_storages(*objs: Any) -> set[int]:
     """Storage addresses of the tensors in ``objs`` (nested in tuples, lists and dicts)."""
     out: set[int] = set()

@@ -95,6 +95,7 @@ class TiedGradParking:
     def _event(self) -> Any:
         return queued_work_event(self.device)
 
+
 @contextlib.contextmanager
 def _given_back(pool: PinnedPool, parked: list[tuple[str, torch.Tensor, torch.Tensor]],
                 event: Callable[[], Any]) -> Iterator[None]:
