@@ -1,10 +1,16 @@
-"""Process-wide host memory settings and measurements.
+"""Process-wide host memory settings and measurements, and the anonymous memory of I/O buffers.
 
 glibc's malloc keeps freed blocks below its (dynamic, up to 32 MiB) mmap threshold in per-thread
 arenas, so a process that streams layer-sized tensors through several threads keeps far more
 resident memory than it uses. ``tune_malloc`` fixes the threshold, so large blocks go back to the
 OS when freed, and caps the number of arenas. It changes the whole process: the CLI and the
 benchmarks call it at start-up; a library user decides for their own process.
+
+``anonymous_buffer`` maps the host buffers that SSD reads and writes go through (O_DIRECT) on
+transparent huge pages where the kernel offers them (``madvise``): the kernel then pins and maps a
+2 MiB page per I/O where it walked 512 small ones, which halves the CPU time per GB moved and
+raises the rate by a fifth on this project's development machines (bench/RESULTS.md). It changes
+only the buffers it makes.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 
 import psutil
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +29,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _settings: tuple[int, int] | None = None  # (mmap threshold bytes, arenas) once tuned
+HUGE_PAGE_BYTES = 2 << 20
+"""The transparent huge page size of x86-64 and of arm64 with 4 KiB pages."""
 
 
 def malloc_settings() -> tuple[int, int] | None:
@@ -56,3 +66,23 @@ def rss_bytes() -> int:
 def available_bytes() -> int:
     """Memory the OS can still give without swapping."""
     return psutil.virtual_memory().available
+
+
+def anonymous_buffer(n_bytes: int) -> torch.Tensor:
+    """A uint8 tensor of ``n_bytes`` over fresh anonymous memory of its own (zero pages, resident
+    once touched) whose storage starts on a page; from 2 MiB on, on a huge page, advised onto
+    transparent huge pages (``MADV_HUGEPAGE``; where the kernel or platform has none: plain pages).
+    The mapping lives as long as the tensor's storage. For the alignment one huge page of address
+    space more is mapped; it is never touched, so never resident."""
+    if n_bytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping = mmap.mmap(-1, max(n_bytes, 1), flags=mmap.MAP_PRIVATE)
+        return torch.frombuffer(mapping, dtype=torch.uint8, count=n_bytes) if n_bytes else torch.empty(0, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, n_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
+    base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+    start = (-base) % HUGE_PAGE_BYTES
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, n_bytes)
+    except OSError as err:  # EINVAL: a kernel built without transparent huge pages
+        log.debug("no transparent huge pages for I/O buffers: %s", err)
+    # the storage starts at the aligned byte (``is_pinned`` and O_DIRECT look at where it starts)
+    return torch.frombuffer(mapping, dtype=torch.uint8, offset=start, count=n_bytes)

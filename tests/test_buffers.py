@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,45 @@ def test_trimming_a_pinned_pool_lets_go_of_the_sizes_no_longer_asked_for() -> No
     assert pool.kept_bytes == ALIGN_BYTES and acct.used_bytes[Tier.HOST] == pool.held_bytes == ALIGN_BYTES
     pool.close()
     assert acct.used_bytes[Tier.HOST] == 0
+
+
+def _huge_page_bytes_at(address: int) -> int:
+    """AnonHugePages of the mapping of this process that holds ``address`` (bytes)."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages here")
+def test_io_buffers_from_two_mib_on_sit_on_huge_pages() -> None:
+    # the arena and the layer, activation and bounce buffers all come from aligned_empty: where the
+    # kernel gives huge pages only on request (madvise), only the advised buffers get them
+    from offload.io.posix import aligned_empty
+
+    with HostArena(8 << 20, pin_memory=False) as arena:
+        slot = arena.acquire(8 << 20)
+        slot.data.fill_(1)
+        assert slot.data.data_ptr() % (2 << 20) == 0
+        assert _huge_page_bytes_at(slot.data.data_ptr()) > 0
+    buf = aligned_empty((5 << 20) + 4096)
+    buf.fill_(1)
+    assert buf.numel() == (5 << 20) + 4096 and buf.data_ptr() % (2 << 20) == 0
+    assert buf.untyped_storage().data_ptr() == buf.data_ptr()
+    assert _huge_page_bytes_at(buf.data_ptr()) >= 4 << 20
+    small = aligned_empty(12 * KIB)
+    assert small.numel() == 12 * KIB and small.data_ptr() % ALIGN_BYTES == 0

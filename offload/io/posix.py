@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from offload.hostmem import HUGE_PAGE_BYTES, anonymous_buffer
 from offload.io.base import ALIGN_BYTES, InFlight, align_up, host_request_bytes
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,10 @@ def aligned_empty(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
 
     Pinned: the exact size first (CUDA's pinned blocks start on a page, and the caching host
     allocator rounds a request up to a power of two: one page more would double a power-of-two
-    request); pageable, or a pinned block that is not aligned: one page more, cut to alignment."""
+    request); pageable from 2 MiB on: on transparent huge pages (``hostmem.anonymous_buffer``);
+    smaller, or a pinned block that is not aligned: one page more, cut to alignment."""
+    if not pin_memory and n_bytes >= HUGE_PAGE_BYTES:
+        return anonymous_buffer(n_bytes)
     if pin_memory:
         raw = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
         if raw.data_ptr() % ALIGN_BYTES == 0:
