@@ -6,6 +6,8 @@ state is shared with the main thread but the job itself and the unit's state in 
 
 Per chunk of a unit, over one staging set (rows named by ``placement.STAGING_ROWS``):
     gather   grad = fresh gradients (copied D2H and cast to the state dtype) [+ the kept gradient]
+             (an update from one micro-batch's CPU gradients in the state dtype reads them where
+             autograd left them instead: no copy)
              (an update reads master, exp_avg, exp_avg_sq; the master is copied instead from the
              weights loaded for backward when the job carries them: ``Job.master``)
     keep     (accumulating, or a deferred update's first pass) unscale, record the norm part,
@@ -212,13 +214,20 @@ class OptimizerWorker:
 
     def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
                parts: NormParts) -> list[Future[None]]:
-        self._gather(job, c, a, b, staging)
-        if c == len(self.state.chunks[job.unit.index]) - 1:
-            self._release_fresh(job)  # every chunk's share is copied out: not held while writes end
-        if not job.update:
-            return self._keep(job, c, staging.grad, parts)
-        assert adam is not None
-        self._adam(job, c, a, b, staging.grad, adam)
+        last = c == len(self.state.chunks[job.unit.index]) - 1
+        if self._grads_in_place(job):
+            assert adam is not None
+            self._adam(job, c, a, b, self._fresh_pieces(job, a, b), adam)
+            if last:
+                self._release_fresh(job)
+        else:
+            self._gather(job, c, a, b, staging)
+            if last:
+                self._release_fresh(job)  # every chunk's share is copied out: not held while writes end
+            if not job.update:
+                return self._keep(job, c, staging.grad, parts)
+            assert adam is not None
+            self._adam(job, c, a, b, _Pieces.whole(staging.grad), adam)
         # a master copied from the unit's resident weights goes back there (``_publish``): its
         # extent is not written each step
         in_weights = job.master is not None and not job.lent
@@ -290,11 +299,30 @@ class OptimizerWorker:
             parts.append(torch.linalg.vector_norm(grad, dtype=torch.float64).square())
         return self.state.write_grad(job.unit, c, grad)
 
-    def _adam(self, job: Job, c: int, a: int, b: int, grad: torch.Tensor, adam: AdamRows) -> None:
+    def _grads_in_place(self, job: Job) -> bool:
+        """An update from this micro-batch's gradients alone, every one a CPU tensor in the state
+        dtype, present exactly where the parameter had one: AdamW reads them where autograd left
+        them (no copy into the staging row: ``_Pieces``)."""
+        if not job.update or job.add_stored or job.ready is not None:
+            return False
+        seen = job.seen if job.seen is not None else [True] * len(job.fresh)
+        return all((g is not None) == had and (g is None or (g.device.type == "cpu" and g.is_contiguous()
+                   and g.dtype == self.settings.state_dtype)) for g, had in zip(job.fresh, seen, strict=True))
+
+    @staticmethod
+    def _fresh_pieces(job: Job, a: int, b: int) -> _Pieces:
+        pieces = []
+        for s, g in zip(job.unit.params, job.fresh, strict=True):
+            lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
+            if lo < hi and g is not None:
+                pieces.append((lo - a, g.view(-1)[lo - s.offset : hi - s.offset]))
+        return _Pieces(pieces)
+
+    def _adam(self, job: Job, c: int, a: int, b: int, grad: _Pieces, adam: AdamRows) -> None:
         u = job.unit
         if job.coef is not None:
             grad.mul_(job.coef)
-        if not self.settings.deferred and not all_finite(grad):
+        if not self.settings.deferred and not grad.all_finite():
             raise NonFiniteError(
                 f"non-finite gradients in {u.name} at optimizer step {job.step}: the loss was finite, "
                 f"so some weights may already be updated; resume from the last checkpoint with a "
@@ -305,8 +333,9 @@ class OptimizerWorker:
             # torch.optim.AdamW leaves parameters without a gradient untouched (no decay, no
             # momentum): update only the runs of parameters that had one; the exempt ones with
             # weight decay 0, as a param group of their own does.
-            self.adamw.step(adam.master[lo:hi], grad[lo:hi], adam.exp_avg[lo:hi], adam.exp_avg_sq[lo:hi],
-                            job.step, job.lr, weight_decay=None if decays else 0.0)
+            for p, q, g in grad.within(lo, hi):
+                self.adamw.step(adam.master[p:q], g, adam.exp_avg[p:q], adam.exp_avg_sq[p:q],
+                                job.step, job.lr, weight_decay=None if decays else 0.0)
         if t_start_s:
             self.tracer.add("cpu_adam", f"{u.name}.{c}", t_start_s)
 
@@ -322,6 +351,34 @@ class OptimizerWorker:
             self.publish(u, a, b, weights)
             return []
         return self.state.write_weights(u, c, weights)
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """A chunk's gradient as pieces at chunk-relative offsets: the staging row whole, or views of
+    the parameters' own gradients (AdamW is elementwise: the same update, run by run)."""
+
+    pieces: list[tuple[int, torch.Tensor]]  # (chunk-relative start, 1-D contiguous gradient)
+
+    @classmethod
+    def whole(cls, row: torch.Tensor) -> _Pieces:
+        return cls([(0, row)])
+
+    def mul_(self, coef: torch.Tensor) -> None:
+        for _, g in self.pieces:
+            g.mul_(coef)
+
+    def all_finite(self) -> bool:
+        return all(all_finite(g) for _, g in self.pieces)
+
+    def within(self, lo: int, hi: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(start, end, gradient) of every piece's share of chunk-relative [lo, hi)."""
+        out = []
+        for start, g in self.pieces:
+            p, q = max(lo, start), min(hi, start + g.numel())
+            if p < q:
+                out.append((p, q, g[p - start : q - start]))
+        return out
 
 
 def updated_runs(u: Unit, seen: list[bool] | None, a: int, b: int,
