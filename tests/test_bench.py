@@ -218,3 +218,13 @@ def test_the_report_gives_the_gpu_busy_fraction_from_cuda_events() -> None:
     text = format_report(SUITE, 1000, RATES, [s], {"Command": "c"}, [],
                          {"offload-train": ({"compute": 1.5, "gpu": 1.8}, 2.0)})
     assert "GPU busy (CUDA events around offload-train's compute): 90% of the step." in text
+
+
+def test_page_size_io_moves_the_bytes_through_both_buffers_and_cleans_up(tmp_path, capsys) -> None:
+    from bench import page_size_io
+
+    page_size_io.main(["--path", str(tmp_path), "--rounds", "1", "--buffer-mib", "2", "--passes", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[1], r[-4]) for r in rows] == [("4", "read"), ("4", "write"), ("huge", "read"), ("huge", "write")]
+    assert all(float(r[-3]) > 0 for r in rows)
+    assert list(tmp_path.iterdir()) == []
