@@ -22,8 +22,8 @@ CUDA: a job's gradients are copied on the worker's own ``d2h`` stream, after the
 the compute stream when the unit's backward was queued (``Job.ready``), never on the compute
 stream; they land in the pinned ``stored_grad`` row in their own dtype and are cast (and added to
 the kept gradient, which is then read into ``grad``) on the CPU. The staging arena is pinned.
-A job drops its fresh gradients (and frees their DEVICE bytes) once its last chunk is copied,
-before its last writes end.
+A job drops its fresh gradients (and frees their DEVICE bytes) once its last chunk is copied (read
+in place: updated), before its last writes end.
 
 Threads: ``submit`` is called by the main thread; jobs run one at a time, in submission order,
 on the ``optimizer`` thread (``overlap: false``: inline on the caller). Sync points: the waits on
@@ -201,7 +201,8 @@ class OptimizerWorker:
 
     def _release_fresh(self, job: Job) -> None:
         """Drop the job's fresh gradients and free their DEVICE bytes (``grad_bytes`` is their
-        sum): after its last chunk's gather, or at its end on errors; nothing left the second time."""
+        sum): after its last chunk's gather (read in place: its AdamW), or at its end on errors;
+        nothing left the second time."""
         if all(g is None for g in job.fresh):
             return
         job.fresh[:] = [None] * len(job.fresh)  # the job held the only references (GradHandoff took p.grad)
@@ -227,7 +228,7 @@ class OptimizerWorker:
             if not job.update:
                 return self._keep(job, c, staging.grad, parts)
             assert adam is not None
-            self._adam(job, c, a, b, _Pieces.whole(staging.grad), adam)
+            self._adam(job, c, a, b, _Pieces.per_parameter(job.unit, a, b, staging.grad), adam)
         # a master copied from the unit's resident weights goes back there (``_publish``): its
         # extent is not written each step
         in_weights = job.master is not None and not job.lent
@@ -353,16 +354,30 @@ class OptimizerWorker:
         return self.state.write_weights(u, c, weights)
 
 
+def _parameter_spans(u: Unit, a: int, b: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each of the unit's parameters within chunk [a, b), in unit offsets."""
+    spans = []
+    for s in u.params:
+        lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
+        if lo < hi:
+            spans.append((lo, hi))
+    return spans
+
+
 @dataclass(frozen=True)
 class _Pieces:
-    """A chunk's gradient as pieces at chunk-relative offsets: the staging row whole, or views of
-    the parameters' own gradients (AdamW is elementwise: the same update, run by run)."""
+    """A chunk's gradient as one piece per parameter, at chunk-relative offsets: of the staging row,
+    or views of the parameters' own gradients. AdamW runs once per piece, as
+    ``torch.optim.AdamW`` does once per parameter: its fused CPU kernel rounds the elements past
+    the last whole vector of a call differently (the last bit of ``exp_avg_sq``), so calls cut
+    where parameters start give the same bits whichever path gathered the gradient."""
 
     pieces: list[tuple[int, torch.Tensor]]  # (chunk-relative start, 1-D contiguous gradient)
 
     @classmethod
-    def whole(cls, row: torch.Tensor) -> _Pieces:
-        return cls([(0, row)])
+    def per_parameter(cls, u: Unit, a: int, b: int, row: torch.Tensor) -> _Pieces:
+        """The staging row of chunk [a, b) cut where the unit's parameters start."""
+        return cls([(lo - a, row[lo - a : hi - a]) for lo, hi in _parameter_spans(u, a, b)])
 
     def mul_(self, coef: torch.Tensor) -> None:
         for _, g in self.pieces:

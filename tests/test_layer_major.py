@@ -354,3 +354,57 @@ def test_a_failed_copy_back_of_a_tied_part_gives_every_buffer_back(tmp_path, mon
         ex.train_step(batches[2], LR)
         ex.synchronize()
         assert dict(ex.acct.used_bytes) == used and ex.tied.pool.held_bytes == pool_bytes
+
+
+
+def _odd_sized_llama() -> torch.nn.Module:
+    """Norm weights of 36 and MLP rows of 52 elements: AdamW calls with a remainder past the
+    kernel's last whole vector, whose elements the fused kernel rounds differently."""
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=128, hidden_size=36, intermediate_size=52, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _states(model, batches, plan: Plan, tmp_path) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Every parameter's (weight, exp_avg, exp_avg_sq) after training with the engine."""
+    settings = TrainSettings(weight_decay=WD, gradient_accumulation_steps=len(batches[0]))
+    torch.manual_seed(123)
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, \
+         StreamingExecutor(model, plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)), settings) as ex:
+        for micro in batches:
+            ex.train_step(micro, LR)
+        return {s.name: tuple(t[s.offset : s.offset + s.numel].clone() for t in flats)
+                for u, *flats in ex.unit_states() for s in u.params}
+
+
+def _pytorch_states(model, batches) -> dict[str, tuple[torch.Tensor, ...]]:
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, fused=True)
+    torch.manual_seed(123)
+    for micro in batches:
+        for b in micro:
+            (model(input_ids=b["input_ids"], labels=b["input_ids"], use_cache=False).loss / len(micro)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: (p.detach().reshape(-1), opt.state[p]["exp_avg"].reshape(-1), opt.state[p]["exp_avg_sq"].reshape(-1))
+            for n, p in model.named_parameters()}
+
+
+def _unequal(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [n for n in a if not all(torch.equal(x, y) for x, y in zip(a[n], b[n], strict=True))]
+
+
+def test_odd_sized_parameters_keep_the_same_optimizer_state_in_both_orders_and_as_pytorch(tmp_path):
+    # Layer-major steps read the gradient sums in place, micro-batch order's last job copies the
+    # stored sum into the staging row; without accumulation the gradients are read in place:
+    # AdamW must be called alike on every path, once per parameter, as torch.optim.AdamW does.
+    model = _odd_sized_llama()
+    batches = make_batches(3, 2)
+    by_micro_batch = _states(copy.deepcopy(model), batches, ALL_NVME, tmp_path / "micro-batch")
+    assert _unequal(_states(copy.deepcopy(model), batches, layer_major(ALL_NVME), tmp_path / "layer-major"),
+                    by_micro_batch) == []
+    assert _unequal(by_micro_batch, _pytorch_states(copy.deepcopy(model), batches)) == []
+    single = make_batches(3, 1)
+    assert _unequal(_states(copy.deepcopy(model), single, ALL_NVME, tmp_path / "ga1"),
+                    _pytorch_states(model, single)) == []

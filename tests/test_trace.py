@@ -68,8 +68,9 @@ def test_cli_writes_a_trace_with_every_resource(tmp_path) -> None:
 
     doc = json.loads((run_dir / "trace.json").read_text())
     events = [e for e in doc["traceEvents"] if e["ph"] == "X"]
-    # (no "d2h": on a CPU an update reads one micro-batch's gradients in place, nothing is copied)
+    # no "d2h": on a CPU an update reads one micro-batch's gradients in place, nothing is copied
     assert {e["cat"] for e in events} >= {"step", "compute", "h2d", "ssd_read", "ssd_write", "cpu_adam"}
+    assert "d2h" not in {e["cat"] for e in events}
     names = {e["name"] for e in events if e["cat"] == "compute"}
     assert {"forward pre", "forward layer.0", "forward head", "recompute layer.1", "backward layer.0"} <= names
     assert all(e["dur"] >= 0 and {"pid", "tid", "ts"} <= e.keys() for e in events)
