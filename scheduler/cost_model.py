@@ -512,8 +512,7 @@ the backward, the longest sets its time: ``_step_time``),
 each the resources that add up on one engine. ``tests/test_trace.py`` and ``tests/test_gpu.py``
 check against a traced step that the executor runs the lanes concurrently."""
 CPU_LANES: dict[str, tuple[str, ...]] = {
-    # the device is the CPU: compute, Adam and the store's threads share its cores (Adam counted
-    # in CPU seconds: ``lane_times``)
+    # the device is the CPU: compute, Adam and the store's threads share its cores
     "cpu (compute + adam)": ("compute", "recompute", "cpu_adam", "checksum", "io_cpu"),
     "ssd (read + write)": ("ssd_read", "ssd_write"),
 }
@@ -527,17 +526,12 @@ def lane_resources(gpu: bool) -> dict[str, tuple[str, ...]]:
     return GPU_LANES if gpu else CPU_LANES
 
 
-def lane_times(t: dict[str, float], gpu: bool, adam_threads: int = 1) -> dict[str, float]:
-    """Busy seconds per lane from busy seconds per resource. Without a GPU, Adam's seconds count
-    once per thread its kernels run on (``adam_threads``): the compute's parallel kernels take
-    every core, and each core-second another thread takes from them is a second they wait for
-    their slowest thread (measured: a two-thread matmul beside a thread copying for 0.40 CPU
-    seconds took 0.43 s longer, bench/RESULTS.md)."""
+def lane_times(t: dict[str, float], gpu: bool) -> dict[str, float]:
+    """Busy seconds per lane from busy seconds per resource."""
     times = {}
     for lane, resources in lane_resources(gpu).items():
         shared = [t[r] for r in resources if r in _SHARED_COST]
-        own = [t[r] * (adam_threads if r == "cpu_adam" and not gpu else 1) for r in resources if r not in _SHARED_COST]
-        times[lane] = sum(own) + max(shared, default=0.0)
+        times[lane] = sum(t[r] for r in resources if r not in _SHARED_COST) + max(shared, default=0.0)
     return times
 
 
@@ -560,8 +554,7 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
       GPU machine: lanes (``GPU_LANES``) gpu = compute + recompute, h2d, d2h, ssd = read +
                    write (``ssd_busy_s``: paired at the mixed rate), cpu = adam + checksum;
       CPU only:    (``CPU_LANES``) the device is the CPU, so compute, Adam and the store's
-                   threads share its cores: cpu = compute + recompute + adam x its threads
-                   (``lane_times``) + max(checksum, io_cpu), where
+                   threads share its cores: cpu = compute + recompute + adam + max(checksum, io_cpu), where
                    io_cpu = the compute the profile saw lost per GB moved (checksums included)
                    x the bytes moved; ssd = read + write (``ssd_busy_s``) at the rate the
                    profile saw the store keep beside a compute kernel;
@@ -577,19 +570,18 @@ def _step_time(rules: Placement, shape: ModelShape, wl: Workload, profile: Hardw
     if not plan.overlap:  # (io_cpu includes the checksums: counted once)
         return sum(t.values()) - min(t["checksum"], t["io_cpu"]), "serial (overlap off)"
     first_load_s, first_load_lane, pre_update_s = _exposed_s(rules, shape, wl, profile)
-    threads = profile.adam_threads or 1
     # (one job slot adds nothing here: backward queues unit u - 1's compute before it waits for
     # unit u's job, and the worker runs one job at a time whatever the slots, so a unit takes
     # max(its backward, the job before it) either way; measured on a CPU, where the wait even
     # stops the compute: 2.97 against 2.91 s/step, bench/RESULTS.md)
     if not wl.deferred:  # the lane moving a phase's exposed I/O holds it already; the others wait for it
-        forward = _with_exposed(lane_times(phases[0], gpu, threads), first_load_s, first_load_lane)
-        backward = _with_exposed(lane_times(phases[1], gpu, threads), pre_update_s, SSD_LANE)
+        forward = _with_exposed(lane_times(phases[0], gpu), first_load_s, first_load_lane)
+        backward = _with_exposed(lane_times(phases[1], gpu), pre_update_s, SSD_LANE)
         forward_lane, backward_lane = (max(lanes, key=lambda k: lanes[k]) for lanes in (forward, backward))
         bottleneck = (backward_lane if backward_lane == forward_lane
                       else f"{backward_lane} in backward, {forward_lane} in forward")
         return max(forward.values()) + max(backward.values()), bottleneck
-    lanes = lane_times(t, gpu, threads)
+    lanes = lane_times(t, gpu)
     ssd = lanes[SSD_LANE]
     bottleneck = max(lanes, key=lambda k: lanes[k])
     step = lanes[bottleneck]

@@ -68,12 +68,6 @@ class HardwareProfile:
     while a compute kernel runs on the cores, which the store's threads then wait for; None: a
     GPU computes, or not measured."""
 
-    adam_threads: int | None = None
-    """The threads CPU AdamW's kernels ran on when ``cpu_adam_params_per_s`` was measured (torch's
-    intra-op threads, as in training). Machines without a GPU: every core Adam takes beside the
-    compute stalls the compute's parallel kernels, so the cost model counts its CPU seconds (its
-    seconds x these threads); None: not measured, its seconds alone."""
-
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
@@ -131,9 +125,6 @@ def _check_values(fields: dict[str, object]) -> None:
     value = fields.get("io_compute_s_per_gb")
     if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0):
         raise ValueError(f"io_compute_s_per_gb must be a number >= 0 or null, not {value!r}")
-    value = fields.get("adam_threads")
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"adam_threads must be a whole number >= 1 or null, not {value!r}")
     for key in ("cpu_adam_params_per_s", "matmul_tflops"):
         table = fields[key]
         if not isinstance(table, dict) or not table or not all(_positive(v) for v in table.values()):
@@ -157,8 +148,7 @@ def existing_parent(path: Path) -> Path:
 PROFILE_FORMAT = 5
 """2: checksum_gbps measures xxh3_64 (1: CRC32); 3: io_compute_s_per_gb, overwrite rate; 4: the
 SSD's mixed rate alone and (CPU only) beside compute; read, write, mixed: medians of rounds; 5: the
-store's buffers on transparent huge pages (faster I/O, less CPU per GB than 4 measured), and
-adam_threads."""
+store's buffers on transparent huge pages (faster I/O, less CPU per GB than 4 measured)."""
 
 
 def cache_path(nvme_path: str | Path) -> Path:
@@ -203,8 +193,7 @@ def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = 
                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
         nvme_path=str(nvme_path), io_backend=ssd.backend, ssd_read_gbps=ssd.read_gbps, ssd_write_gbps=ssd.write_gbps,
         ssd_mixed_gbps=ssd.mixed_gbps,
-        h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, adam_threads=torch.get_num_threads(),
-        matmul_tflops=_matmul(),
+        h2d_gbps=h2d, d2h_gbps=d2h, cpu_adam_params_per_s=adam, matmul_tflops=_matmul(),
         checksum_gbps=_checksum(),
         **({} if torch.cuda.is_available() else asdict(_io_interference(nvme_path, io_backend))),
         ram_available_bytes=psutil.virtual_memory().available, vram_free_bytes=vram,
