@@ -3,7 +3,7 @@
     python -m bench.page_size_io --path DIR [--rounds 2] [--buffer-mib 64] [--passes 6]
 
 The posix backend moves ``--passes`` x 8 requests of ``--buffer-mib`` through one buffer of each
-kind (reused, as the engine reuses its I/O buffers): one on 4 KiB pages (page aligned, no advice)
+kind (reused, as the engine reuses its I/O buffers): one on 4 KiB pages (``MADV_NOHUGEPAGE``)
 and one from ``offload.hostmem.anonymous_buffer`` (2 MiB aligned, ``MADV_HUGEPAGE``), round by
 round in turn. Prints the rate and the process's CPU seconds per GB moved (user + system, all
 threads: the kernel's page pinning and the completions run in the I/O threads). The file under
@@ -13,6 +13,7 @@ DIR (8 x the buffer) is deleted at the end.
 from __future__ import annotations
 
 import argparse
+import mmap
 import resource
 import time
 from pathlib import Path
@@ -20,7 +21,6 @@ from pathlib import Path
 import torch
 
 from offload.hostmem import anonymous_buffer
-from offload.io.base import ALIGN_BYTES
 from offload.io.posix import PosixBackend
 
 MIB = 1 << 20
@@ -28,10 +28,12 @@ REQUESTS = 8
 
 
 def small_page_buffer(n_bytes: int) -> torch.Tensor:
-    """Page-aligned pageable memory with no huge-page advice (what the store used before)."""
-    raw = torch.empty(n_bytes + ALIGN_BYTES, dtype=torch.uint8)
-    shift = (-raw.data_ptr()) % ALIGN_BYTES
-    return raw[shift : shift + n_bytes]
+    """Page-aligned anonymous memory advised off huge pages (``MADV_NOHUGEPAGE``: small pages
+    even where the kernel gives huge ones unasked, ``always``)."""
+    mapping = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _cpu_s() -> tuple[float, float]:

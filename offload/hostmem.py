@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+from pathlib import Path
 
 import psutil
 import torch
@@ -29,8 +30,17 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 _settings: tuple[int, int] | None = None  # (mmap threshold bytes, arenas) once tuned
-HUGE_PAGE_BYTES = 2 << 20
-"""The transparent huge page size of x86-64 and of arm64 with 4 KiB pages."""
+
+
+def _huge_page_bytes() -> int:
+    try:
+        return int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 2 << 20  # x86-64's, and arm64's with 4 KiB pages
+
+
+HUGE_PAGE_BYTES = _huge_page_bytes()
+"""The kernel's transparent huge page size (2 MiB on x86-64)."""
 
 
 def malloc_settings() -> tuple[int, int] | None:
@@ -74,9 +84,10 @@ def anonymous_buffer(n_bytes: int) -> torch.Tensor:
     transparent huge pages (``MADV_HUGEPAGE``; where the kernel or platform has none: plain pages).
     The mapping lives as long as the tensor's storage. For the alignment one huge page of address
     space more is mapped; it is never touched, so never resident."""
+    if n_bytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
     if n_bytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping = mmap.mmap(-1, max(n_bytes, 1), flags=mmap.MAP_PRIVATE)
-        return torch.frombuffer(mapping, dtype=torch.uint8, count=n_bytes) if n_bytes else torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
     mapping = mmap.mmap(-1, n_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
     base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
     start = (-base) % HUGE_PAGE_BYTES

@@ -347,6 +347,14 @@ def _huge_page_bytes_at(address: int) -> int:
     return 0
 
 
+def _fault_fallbacks() -> int:
+    """Huge-page faults the kernel served with small pages, since boot."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("thp_fault_fallback "):
+            return int(line.split()[1])
+    return 0
+
+
 def _thp_mode() -> str | None:
     try:
         text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
@@ -361,15 +369,19 @@ def test_io_buffers_from_two_mib_on_sit_on_huge_pages() -> None:
     # kernel gives huge pages only on request (madvise), only the advised buffers get them
     from offload.io.posix import aligned_empty
 
+    fallbacks = _fault_fallbacks()
     with HostArena(8 << 20, pin_memory=False) as arena:
         slot = arena.acquire(8 << 20)
         slot.data.fill_(1)
         assert slot.data.data_ptr() % (2 << 20) == 0
-        assert _huge_page_bytes_at(slot.data.data_ptr()) > 0
+        arena_huge_bytes = _huge_page_bytes_at(slot.data.data_ptr())
     buf = aligned_empty((5 << 20) + 4096)
     buf.fill_(1)
     assert buf.numel() == (5 << 20) + 4096 and buf.data_ptr() % (2 << 20) == 0
     assert buf.untyped_storage().data_ptr() == buf.data_ptr()
+    if _fault_fallbacks() > fallbacks:
+        pytest.skip("the kernel had no free huge page to give (fragmented memory)")
+    assert arena_huge_bytes > 0
     assert _huge_page_bytes_at(buf.data_ptr()) >= 4 << 20
     small = aligned_empty(12 * KIB)
     assert small.numel() == 12 * KIB and small.data_ptr() % ALIGN_BYTES == 0
