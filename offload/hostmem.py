@@ -9,8 +9,8 @@ benchmarks call it at start-up; a library user decides for their own process.
 ``anonymous_buffer`` maps the host buffers that SSD reads and writes go through (O_DIRECT) on
 transparent huge pages where the kernel offers them (``madvise``): the kernel then pins and maps a
 2 MiB page per I/O where it walked 512 small ones, which halves the CPU time per GB moved and
-raises the rate by a fifth on this project's development machines (bench/RESULTS.md). It changes
-only the buffers it makes.
+raises the rate by about a third on this project's development machines (bench/RESULTS.md). It
+changes only the buffers it makes.
 """
 
 from __future__ import annotations
