@@ -13,7 +13,6 @@ DIR (8 x the buffer) is deleted at the end.
 from __future__ import annotations
 
 import argparse
-import mmap
 import resource
 import time
 from pathlib import Path
@@ -25,15 +24,6 @@ from offload.io.posix import PosixBackend
 
 MIB = 1 << 20
 REQUESTS = 8
-
-
-def small_page_buffer(n_bytes: int) -> torch.Tensor:
-    """Page-aligned anonymous memory advised off huge pages (``MADV_NOHUGEPAGE``: small pages
-    even where the kernel gives huge ones unasked, ``always``)."""
-    mapping = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        mapping.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _cpu_s() -> tuple[float, float]:
@@ -68,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     backend = PosixBackend()
     handle = backend.open(str(path), create=True)
     try:
-        fill = small_page_buffer(n_bytes).fill_(3)
+        fill = anonymous_buffer(n_bytes, huge_pages=False).fill_(3)
         for i in range(REQUESTS):
             backend.submit_write(handle, fill, i * n_bytes).result()
-        buffers = {"4 KiB pages": small_page_buffer(n_bytes), "huge pages": anonymous_buffer(n_bytes)}
+        buffers = {"4 KiB pages": anonymous_buffer(n_bytes, huge_pages=False), "huge pages": anonymous_buffer(n_bytes)}
         for buf in buffers.values():
             buf.fill_(1)  # resident before timing
         print(f"{'round':>5}  {'buffer':<12} {'op':<5} {'GB/s':>6} {'CPU s/GB':>9} {'sys s/GB':>9}")

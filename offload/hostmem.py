@@ -78,16 +78,21 @@ def available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def anonymous_buffer(n_bytes: int) -> torch.Tensor:
+def anonymous_buffer(n_bytes: int, huge_pages: bool = True) -> torch.Tensor:
     """A uint8 tensor of ``n_bytes`` over fresh anonymous memory of its own (zero pages, resident
     once touched) whose storage starts on a page; from 2 MiB on, on a huge page, advised onto
     transparent huge pages (``MADV_HUGEPAGE``; where the kernel or platform has none: plain pages).
     The mapping lives as long as the tensor's storage. For the alignment one huge page of address
-    space more is mapped; it is never touched, so never resident."""
+    space more is mapped; it is never touched, so never resident. ``huge_pages=False``: advised
+    off them (``MADV_NOHUGEPAGE``: small pages even where the kernel gives huge ones unasked), for
+    comparisons (``bench.page_size_io``)."""
     if n_bytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    if n_bytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.frombuffer(mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE), dtype=torch.uint8)
+    if not huge_pages or n_bytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE)
+        if not huge_pages and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            mapping.madvise(mmap.MADV_NOHUGEPAGE)
+        return torch.frombuffer(mapping, dtype=torch.uint8)
     mapping = mmap.mmap(-1, n_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE)
     base = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
     start = (-base) % HUGE_PAGE_BYTES

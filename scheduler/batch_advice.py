@@ -2,9 +2,9 @@
 
 With layer-major accumulation a step moves the weights and the optimizer state once, whatever
 its micro-batches; compute grows with them. So past some accumulation the compute lane sets the
-time of the forward and of the backward, and every further token costs only compute. The search re-plans (``choose_plan``, same
-budgets, same fixed choices) at growing ``gradient_accumulation_steps``: doubling until the
-bottleneck is compute, then bisecting. It stops where no layer-major plan fits any more (every micro-batch's activations
+time of the forward and of the backward, and every further token costs only compute. The search
+re-plans (``choose_plan``, same budgets, same fixed choices) at growing
+``gradient_accumulation_steps``: doubling until the bottleneck is compute, then bisecting. It stops where no layer-major plan fits any more (every micro-batch's activations
 wait for backward) or at ``MAX_GRAD_ACCUM``.
 """
 

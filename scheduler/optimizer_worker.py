@@ -164,6 +164,7 @@ class OptimizerWorker:
             rows = rows.view(STAGING_SETS, len(STAGING_ROWS), width)
             sets = [_Staging(*rows[k]) for k in range(STAGING_SETS)]
             writes: list[list[Future[None]]] = [[], []]
+            in_place = self._grads_in_place(job)
             adam, reads = self._issue_reads(job, 0, sets[0])
             issued += reads
             for c, (a, b) in enumerate(chunks):
@@ -172,7 +173,7 @@ class OptimizerWorker:
                     next_adam, next_reads = self._issue_reads(job, c + 1, sets[(c + 1) % 2])
                     issued += next_reads
                 _wait_all(reads)  # sync point: chunk c's inputs have landed
-                writes[c % 2] = self._chunk(job, c, a, b, sets[c % 2].head(b - a), adam, parts)
+                writes[c % 2] = self._chunk(job, c, a, b, sets[c % 2].head(b - a), adam, parts, in_place)
                 issued += writes[c % 2]
                 if c + 1 < len(chunks):
                     adam, reads = next_adam, next_reads
@@ -214,9 +215,9 @@ class OptimizerWorker:
             self._lent = None
 
     def _chunk(self, job: Job, c: int, a: int, b: int, staging: _Staging, adam: AdamRows | None,
-               parts: NormParts) -> list[Future[None]]:
+               parts: NormParts, in_place: bool) -> list[Future[None]]:
         last = c == len(self.state.chunks[job.unit.index]) - 1
-        if self._grads_in_place(job):
+        if in_place:  # (``_grads_in_place``)
             assert adam is not None
             self._adam(job, c, a, b, self._fresh_pieces(job, a, b), adam)
             if last:
@@ -262,10 +263,8 @@ class OptimizerWorker:
         """Chunk [a, b) of the job's fresh gradients into ``dst`` (zeros where a parameter had
         none); returns the bytes copied from a GPU."""
         d2h_bytes = 0
-        for s, g in zip(job.unit.params, job.fresh, strict=True):
-            lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
-            if lo >= hi:
-                continue
+        for k, lo, hi in _parameter_spans(job.unit, a, b):
+            s, g = job.unit.params[k], job.fresh[k]
             if g is None:
                 dst[lo - a : hi - a].zero_()
             else:
@@ -313,10 +312,10 @@ class OptimizerWorker:
     @staticmethod
     def _fresh_pieces(job: Job, a: int, b: int) -> _Pieces:
         pieces = []
-        for s, g in zip(job.unit.params, job.fresh, strict=True):
-            lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
-            if lo < hi and g is not None:
-                pieces.append((lo - a, g.view(-1)[lo - s.offset : hi - s.offset]))
+        for k, lo, hi in _parameter_spans(job.unit, a, b):
+            g, start = job.fresh[k], job.unit.params[k].offset
+            if g is not None:
+                pieces.append((lo - a, g.view(-1)[lo - start : hi - start]))
         return _Pieces(pieces)
 
     def _adam(self, job: Job, c: int, a: int, b: int, grad: _Pieces, adam: AdamRows) -> None:
@@ -354,13 +353,14 @@ class OptimizerWorker:
         return self.state.write_weights(u, c, weights)
 
 
-def _parameter_spans(u: Unit, a: int, b: int) -> list[tuple[int, int]]:
-    """[lo, hi) of each of the unit's parameters within chunk [a, b), in unit offsets."""
+def _parameter_spans(u: Unit, a: int, b: int) -> list[tuple[int, int, int]]:
+    """(parameter index, lo, hi): [lo, hi) of each of the unit's parameters within chunk [a, b),
+    in unit offsets."""
     spans = []
-    for s in u.params:
+    for k, s in enumerate(u.params):
         lo, hi = max(a, s.offset), min(b, s.offset + s.numel)
         if lo < hi:
-            spans.append((lo, hi))
+            spans.append((k, lo, hi))
     return spans
 
 
@@ -377,7 +377,7 @@ class _Pieces:
     @classmethod
     def per_parameter(cls, u: Unit, a: int, b: int, row: torch.Tensor) -> _Pieces:
         """The staging row of chunk [a, b) cut where the unit's parameters start."""
-        return cls([(lo - a, row[lo - a : hi - a]) for lo, hi in _parameter_spans(u, a, b)])
+        return cls([(lo - a, row[lo - a : hi - a]) for _, lo, hi in _parameter_spans(u, a, b)])
 
     def mul_(self, coef: torch.Tensor) -> None:
         for _, g in self.pieces:

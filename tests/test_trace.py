@@ -113,8 +113,9 @@ def test_busy_seconds_is_the_union_of_intervals() -> None:
 def test_the_cost_models_lanes_run_concurrently_in_the_executor(swapped, tmp_path) -> None:
     """Overlapped, the cost model takes each phase of a step (forward, backward) as long as its
     longest lane (``CPU_LANES`` on this machine: compute + Adam sharing the cores, the SSD): the
-    executor must run every pair of lanes at once somewhere in a traced step. The compute track holds compute only: the main thread's
-    waits (weights loading, an update landing) never fall inside it."""
+    executor must run every pair of lanes at once somewhere in a traced step. The compute track
+    holds compute only: the main thread's waits (weights loading, an update landing) never fall
+    inside it."""
     plan = dataclasses.replace(ALL_NVME, recompute=not swapped, prefetch_depth=1)
     events = traced_step(plan, tmp_path)
     lanes = lane_tracks(gpu=False)
