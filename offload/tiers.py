@@ -38,9 +38,10 @@ class Accountant:
 
     Cached bytes: buffers no longer in use, kept for reuse (``cache``; a later ``uncache`` takes
     them back into use, or gives them up). They count toward no budget check, but memory in use
-    and cached together never exceed a budget: an ``alloc`` that would go past it first has the
-    ``reclaim`` callback give up cached buffers (called outside the lock, from the allocating
-    thread).
+    and cached together never exceed a budget: an ``alloc`` that would go past it has the
+    reclaimers (``add_reclaimer``: each holder of cached buffers registers one) give up cached
+    buffers, in the order they were added, until it fits (called outside the lock, from the
+    allocating thread, before the caller allocates).
     """
 
     budgets: dict[Tier, int]
@@ -48,9 +49,18 @@ class Accountant:
     peak_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
     cached_bytes: dict[Tier, int] = field(default_factory=lambda: {t: 0 for t in Tier})
     links: LinkCounters = field(default_factory=LinkCounters)
-    reclaim: Callable[[Tier, int], None] | None = None
-    """Give up cached buffers of a tier until at least this many bytes are freed (or none is left)."""
+    reclaimers: list[Callable[[Tier, int], None]] = field(default_factory=list)
+    """Each gives up cached buffers of a tier until at least this many bytes are freed (or none of
+    its own is left)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_reclaimer(self, reclaim: Callable[[Tier, int], None], first: bool = False) -> None:
+        """``first``: asked before the reclaimers added earlier (for buffers reused less often)."""
+        self.reclaimers.insert(0 if first else len(self.reclaimers), reclaim)
+
+    def remove_reclaimer(self, reclaim: Callable[[Tier, int], None]) -> None:
+        if reclaim in self.reclaimers:
+            self.reclaimers.remove(reclaim)
 
     def fits(self, tier: Tier, nbytes: int) -> bool:
         with self._lock:
@@ -61,11 +71,18 @@ class Accountant:
             budget = self.budgets.get(tier, 1 << 62)
             if self.used_bytes[tier] + nbytes > budget:
                 raise self._over_budget(tier, nbytes, what)
-            over = self.used_bytes[tier] + self.cached_bytes[tier] + nbytes - budget
             self.used_bytes[tier] += nbytes
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.used_bytes[tier])
-        if over > 0 and self.reclaim is not None:
-            self.reclaim(tier, over)  # outside the lock: the callback calls ``uncache``
+        for reclaim in list(self.reclaimers):
+            over = self._over_bytes(tier)
+            if over <= 0:
+                break
+            reclaim(tier, over)  # outside the lock: the callback calls ``uncache``
+
+    def _over_bytes(self, tier: Tier) -> int:
+        """Bytes in use and cached past the budget of ``tier``."""
+        with self._lock:
+            return self.used_bytes[tier] + self.cached_bytes[tier] - self.budgets.get(tier, 1 << 62)
 
     def free(self, tier: Tier, nbytes: int) -> None:
         with self._lock:

@@ -426,6 +426,12 @@ class SavedTensors(_LayerCalls):
         # released swap buffers by size (accounted), each with the CUDA event after which nothing
         # reads it any more (its copies back to DEVICE), or None
         self._pool: dict[int, list[tuple[torch.Tensor, Any]]] = {}
+        # CPU: released swap buffers kept between passes by size, as the Accountant's cached bytes
+        # (the next pass reuses them instead of faulting in fresh pages; given up to any allocation
+        # that needs their memory: ``_reclaim``, on the allocating thread, hence the lock)
+        self._kept: dict[int, list[torch.Tensor]] = {}
+        self._kept_lock = threading.Lock()
+        self._reclaiming = False  # ``_reclaim`` registered with the Accountant
         self._last_exit: tuple[int, int] | None = None  # the call whose forward ended last
         self._copying: list[_LayerCall] = []  # CUDA: calls whose copies out may run, writes not started
 
@@ -454,7 +460,7 @@ class SavedTensors(_LayerCalls):
             self._drop_buffers(previous)
         self._last_exit = (m, i)
         if not self.placement.swaps_activations(i):
-            self._clear_pool()  # swapping layers come first: no forward after this one swaps
+            self._keep_pool()  # swapping layers come first: no forward after this one swaps
 
     def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's kept graph of micro-batch m: (input leaf, output); its swapped activations
@@ -493,9 +499,16 @@ class SavedTensors(_LayerCalls):
 
     def end_backward(self) -> None:
         self._last_exit = None
-        self._clear_pool()
+        self._keep_pool()
         if self._pinned is not None:
             self._pinned.trim()  # (sizes of an earlier shape)
+
+    def close(self) -> None:
+        self._keep_pool()
+        self._reclaim(self.placement.swap_tier, 1 << 62)
+        self.acct.remove_reclaimer(self._reclaim)
+        self._reclaiming = False
+        super().close()
 
     def _release(self, call: _LayerCall) -> None:
         """Everything of a call's forward goes, even when one of its reads or writes failed (the
@@ -597,15 +610,47 @@ class SavedTensors(_LayerCalls):
             if read_until is not None:
                 read_until.synchronize()  # sync point: its copies back to DEVICE have run
             return buf
+        kept = self._take_kept(nbytes, what)
+        if kept is not None:
+            return kept
         self.acct.alloc(self.placement.swap_tier, nbytes, what)
         return aligned_empty(nbytes)
 
-    def _clear_pool(self) -> None:
-        """Give the released swap buffers back (end of forward, of backward, of a dropped step;
-        on CUDA the pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
-        for nbytes, bufs in self._pool.items():
-            self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
+    def _keep_pool(self) -> None:
+        """End of a pass (forward: its last swapping layer; backward; a dropped step): the released
+        swap buffers stop counting as in use and are kept, as cached bytes, for the next pass (on
+        CUDA the pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
+        tier = self.placement.swap_tier
+        with self._kept_lock:
+            for nbytes, bufs in self._pool.items():
+                for buf, _ in bufs:
+                    self.acct.cache(tier, nbytes)
+                    self._kept.setdefault(nbytes, []).append(buf)
+            if self._pool and not self._reclaiming:
+                # (given up before the weight streamer's, which serve every layer's load)
+                self.acct.add_reclaimer(self._reclaim, first=True)
+                self._reclaiming = True
         self._pool.clear()
+
+    def _take_kept(self, nbytes: int, what: str) -> torch.Tensor | None:
+        """A kept buffer of ``nbytes`` back in use (counted, and checked, as an allocation), or None."""
+        with self._kept_lock:
+            kept = self._kept.get(nbytes)
+            if not kept:
+                return None
+            self.acct.uncache(self.placement.swap_tier, nbytes, reuse=True, what=what)  # BudgetError: still kept
+            return kept.pop()
+
+    def _reclaim(self, tier: Tier, nbytes: int) -> None:
+        """The Accountant's reclaimer: give up kept buffers (largest first) until ``nbytes`` are freed."""
+        if tier != self.placement.swap_tier:
+            return
+        with self._kept_lock:
+            for size in sorted(self._kept, reverse=True):
+                while self._kept[size] and nbytes > 0:
+                    self._kept[size].pop()  # its mapping goes with its last reference
+                    self.acct.uncache(tier, size, reuse=False)
+                    nbytes -= size
 
     def _swap_out(self, call: _LayerCall) -> None:
         """After a layer's forward: write its swapped activations (extents reserved once); on a
@@ -634,7 +679,7 @@ class SavedTensors(_LayerCalls):
 
     def _drop_buffers(self, call: _LayerCall, read_until: Any = None) -> None:
         """Wait for the writes of a layer's swapped activations, then hand their buffers to the
-        pool (still accounted; ``_clear_pool`` frees them); ``read_until``: CUDA event after the
+        pool (still accounted; ``_keep_pool`` moves them to the kept buffers); ``read_until``: CUDA event after the
         copies that read them. A buffer whose write or read failed is not reused (a request may
         still use it): on a CPU its bytes are freed, on CUDA it stays out of the pinned pool.
         Every buffer is handled before the first failed write's error is raised."""

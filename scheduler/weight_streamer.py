@@ -127,7 +127,7 @@ class WeightStreamer:
             self.compute_stream = torch.cuda.current_stream(self.device)
             self._start_staging()
         elif not self.placement.aliases_home:
-            self.acct.reclaim = self._reclaim
+            self.acct.add_reclaimer(self._reclaim)
 
     def _start_staging(self) -> None:
         """CUDA, weights on NVMe: one page-locked buffer the size of the largest streamed part,
@@ -156,8 +156,7 @@ class WeightStreamer:
             self._staging = None
         self._spare_max = 0  # buffers given back from now on (jobs still running) are freed
         self._reclaim(Tier.DEVICE, 1 << 62)
-        if self.acct.reclaim == self._reclaim:
-            self.acct.reclaim = None
+        self.acct.remove_reclaimer(self._reclaim)
 
     def place_resident(self, u: Unit, weights: torch.Tensor, frozen: bool = False) -> None:
         """Start-up: a resident part's DEVICE buffer, holding its initial weights."""

@@ -1,5 +1,5 @@
-"""Byte accounting (``offload.tiers.Accountant``) with cached buffers, and the weight streamer's
-reuse of released buffers on a CPU device."""
+"""Byte accounting (``offload.tiers.Accountant``) with cached buffers, and the reuse of released
+buffers on a CPU device: the weight streamer's, and the swap buffers of saved activations."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from test_executor_parity import ALL_NVME, make_batches, tiny_model, train_engine
+from test_executor_parity import ALL_NVME, PLANS, deep_model, make_batches, tiny_model, train_engine
 
 from offload.errors import BudgetError
 from offload.tiers import Accountant, Tier
-from scheduler import weight_streamer
+from scheduler import activations, weight_streamer
+from scheduler import placement as placement_rules
 
 
 def test_cached_bytes_are_given_up_before_a_budget_would_be_passed():
@@ -24,7 +25,7 @@ def test_cached_bytes_are_given_up_before_a_budget_would_be_passed():
             acct.uncache(tier, size, reuse=False)
             nbytes -= size
 
-    acct.reclaim = reclaim
+    acct.add_reclaimer(reclaim)
     acct.alloc(Tier.DEVICE, 70, "buffers")
     acct.cache(Tier.DEVICE, 70)  # both kept: nothing in use
     assert acct.used_bytes[Tier.DEVICE] == 0 and acct.cached_bytes[Tier.DEVICE] == 70
@@ -37,13 +38,44 @@ def test_cached_bytes_are_given_up_before_a_budget_would_be_passed():
     acct.cache(Tier.DEVICE, 40)  # 50 in use, 40 cached
     acct.alloc(Tier.DEVICE, 40, "more")  # 90 in use: the cached 40 are given up
     assert acct.cached_bytes[Tier.DEVICE] == 0 and acct.used_bytes[Tier.DEVICE] == 90
-    acct.reclaim = None
+    acct.remove_reclaimer(reclaim)
     acct.free(Tier.DEVICE, 40)
     acct.cache(Tier.DEVICE, 10)  # 40 in use, 10 cached
     acct.alloc(Tier.DEVICE, 55, "no reclaim")  # 95 in use: in use and cached pass the budget only
     with pytest.raises(BudgetError):  # ... without a reclaim callback; taking the 10 back would fail
         acct.uncache(Tier.DEVICE, 10, reuse=True)
     assert acct.cached_bytes[Tier.DEVICE] == 10 and acct.used_bytes[Tier.DEVICE] == 95
+
+
+def test_reclaimers_give_up_cached_bytes_in_turn_until_the_allocation_fits():
+    acct = Accountant({Tier.DEVICE: 100})
+    kept = {"first": [30], "second": [20, 20]}
+    calls = []
+
+    def reclaimer(name: str):  # noqa: ANN202
+        def reclaim(tier: Tier, nbytes: int) -> None:
+            calls.append((name, nbytes))
+            while kept[name] and nbytes > 0:
+                size = kept[name].pop()
+                acct.uncache(tier, size, reuse=False)
+                nbytes -= size
+        return reclaim
+
+    first, second = reclaimer("first"), reclaimer("second")
+    acct.add_reclaimer(first)
+    acct.add_reclaimer(second)
+    acct.alloc(Tier.DEVICE, 70, "buffers")
+    acct.cache(Tier.DEVICE, 70)
+    acct.alloc(Tier.DEVICE, 10, "fits beside them")  # 80: nobody asked
+    assert calls == []
+    acct.alloc(Tier.DEVICE, 45, "over by 25")  # the first gives its 30: enough, the second is not asked
+    assert calls == [("first", 25)] and kept == {"first": [], "second": [20, 20]}
+    acct.alloc(Tier.DEVICE, 30, "over by 25 again")  # the first has none left; the second gives 40
+    assert calls[1:] == [("first", 25), ("second", 25)] and kept["second"] == []
+    assert acct.used_bytes[Tier.DEVICE] == 85 and acct.cached_bytes[Tier.DEVICE] == 0
+    acct.remove_reclaimer(first)
+    acct.remove_reclaimer(first)  # (twice: no error)
+    assert acct.reclaimers == [second]
 
 
 def test_loads_reuse_released_buffers_within_the_device_budget(tmp_path, monkeypatch):
@@ -84,3 +116,62 @@ def test_loads_reuse_released_buffers_within_the_device_budget(tmp_path, monkeyp
             base = (losses, w)
         else:
             assert losses == base[0] and all(torch.equal(w[k], base[1][k]) for k in w)
+
+
+@pytest.mark.parametrize("tight", [False, True])
+def test_swap_buffers_are_kept_from_pass_to_pass_within_the_device_budget(tight, tmp_path, monkeypatch):
+    """Saved activations written to the SSD: the buffers of the first forward serve every later
+    read back and forward (no page faulted in anew after the first step); kept, they count as
+    cached bytes, given up to whatever needs the memory (in use and cached together never pass
+    the budget, also when it is tight); same math as the kept graphs."""
+    monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
+    fresh = []
+    aligned_empty = activations.aligned_empty
+
+    def counted(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
+        fresh.append(n_bytes)
+        return aligned_empty(n_bytes, pin_memory)
+
+    monkeypatch.setattr(activations, "aligned_empty", counted)
+    batches = make_batches(4, 1)
+    kept_graphs = dataclasses.replace(PLANS["swapped-activations"], activations=Tier.DEVICE)
+    base_losses, base_w, base_m = train_engine(deep_model("llama", 5), batches, kept_graphs, tmp_path / "kept")
+    assert not fresh
+    plan = PLANS["swapped-activations"]
+    if tight:  # the peak of an unconstrained run: kept buffers must make room at times
+        _, _, m = train_engine(deep_model("llama", 5), batches, plan, tmp_path / "probe")
+        plan = dataclasses.replace(plan, device_budget_bytes=m["peak_device_bytes"])
+    held, uncached_reuse = [], []
+    cache, alloc, uncache = Accountant.cache, Accountant.alloc, Accountant.uncache
+
+    def note(acct: Accountant) -> None:
+        held.append((acct.used_bytes[Tier.DEVICE] + acct.cached_bytes[Tier.DEVICE], acct.budgets.get(Tier.DEVICE)))
+
+    def uncached(self: Accountant, tier: Tier, n: int, reuse: bool, what: str = "") -> None:
+        uncached_reuse.append(reuse)
+        uncache(self, tier, n, reuse, what)
+
+    monkeypatch.setattr(Accountant, "cache", lambda self, tier, n: (cache(self, tier, n), note(self))[0])
+    monkeypatch.setattr(Accountant, "alloc", lambda self, tier, n, what: (alloc(self, tier, n, what), note(self))[0])
+    monkeypatch.setattr(Accountant, "uncache", uncached)
+    fresh.clear()
+    steps = []
+
+    def one_step(ex, micro, lr):  # noqa: ANN001, ANN202
+        result = real_step(ex, micro, lr)
+        steps.append(len(fresh))
+        return result
+
+    from scheduler.executor import StreamingExecutor
+    real_step = StreamingExecutor.train_step
+    monkeypatch.setattr(StreamingExecutor, "train_step", one_step)
+    losses, w, m = train_engine(deep_model("llama", 5), batches, plan, tmp_path / "swapped")
+    assert losses == base_losses and all(torch.equal(w[k], base_w[k]) for k in base_w)
+    assert m["io_write_bytes"] > base_m["io_write_bytes"]  # the activations went through the SSD
+    assert all(total <= limit for total, limit in held)
+    assert steps[0] > 0
+    if not tight:
+        assert steps[-1] == steps[0], steps  # every later pass on the first step's buffers
+        assert True in uncached_reuse  # kept ones were taken back into use
+    else:  # some were given up to the heads' working memory, and made anew in the next pass
+        assert steps[-1] > steps[0] and False in uncached_reuse, steps
