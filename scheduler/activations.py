@@ -460,7 +460,10 @@ class SavedTensors(_LayerCalls):
             self._drop_buffers(previous)
         self._last_exit = (m, i)
         if not self.placement.swaps_activations(i):
-            self._keep_pool()  # swapping layers come first: no forward after this one swaps
+            # swapping layers come first: no forward after this one swaps; its buffers are
+            # freed, not kept, for the heads' working memory (kept through the heads they would
+            # fill whatever the budget leaves there: a higher peak RSS)
+            self._clear_pool()
 
     def replay(self, i: int, m: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's kept graph of micro-batch m: (input leaf, output); its swapped activations
@@ -616,10 +619,16 @@ class SavedTensors(_LayerCalls):
         self.acct.alloc(self.placement.swap_tier, nbytes, what)
         return aligned_empty(nbytes)
 
+    def _clear_pool(self) -> None:
+        """The forward's last swapping layer has run: free the released swap buffers (on CUDA the
+        pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
+        for nbytes, bufs in self._pool.items():
+            self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
+        self._pool.clear()
+
     def _keep_pool(self) -> None:
-        """End of a pass (forward: its last swapping layer; backward; a dropped step): the released
-        swap buffers stop counting as in use and are kept, as cached bytes, for the next pass (on
-        CUDA the pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
+        """End of a backward (or of a dropped step): the released swap buffers stop counting as
+        in use and are kept, as cached bytes, for the next forward's first layers."""
         tier = self.placement.swap_tier
         with self._kept_lock:
             for nbytes, bufs in self._pool.items():
