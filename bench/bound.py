@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scheduler.cost_model import ssd_busy_s
+from scheduler.step_time import ssd_busy_s
 
 
 @dataclass(frozen=True)

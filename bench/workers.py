@@ -128,11 +128,11 @@ def native_choice(suite: Suite, overlap: bool, swap_dir: Path) -> Any:  # noqa: 
     import shutil
 
     from cli.budgets import probe_budget_bytes
-    from scheduler.cost_model import Workload
     from scheduler.layer_probe import budget_probe
     from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
     from scheduler.profile import load_or_measure
+    from scheduler.workload import Workload
 
     config = llama_config(suite)
     shape = shape_from_config(config)

@@ -22,10 +22,11 @@ import torch
 
 from offload.errors import OffloadError
 from offload.store import DATA_FILE_NAME
-from scheduler.cost_model import LayerTiming, Workload
+from scheduler.cost_model import LayerTiming
 from scheduler.model_shape import ModelShape
 from scheduler.planner import Budgets, PlanChoice, choose_plan
 from scheduler.profile import HardwareProfile, cache_path, existing_parent, load_or_measure
+from scheduler.workload import Workload
 
 CPU_DEVICE_SHARE = 0.6
 PLANNING_PROFILE_BYTES = 256 << 20  # SSD bytes measured when train/plan profile a new disk

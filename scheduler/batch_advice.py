@@ -14,10 +14,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from offload.errors import BudgetError
-from scheduler.cost_model import Workload
 from scheduler.model_shape import ModelShape
 from scheduler.planner import Budgets, PlanChoice, choose_plan
 from scheduler.profile import HardwareProfile
+from scheduler.workload import Workload
 
 COMPUTE_LANES = ("compute", "cpu (compute + adam)")
 """Bottlenecks that mean compute-bound (on a CPU-only machine Adam shares the compute lane); a

@@ -31,9 +31,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from scheduler.cost_model import ITEMSIZE, LayerTiming, Workload
+from scheduler.cost_model import LayerTiming
 from scheduler.model_shape import ModelShape
+from scheduler.placement import ITEMSIZE
 from scheduler.profile import CACHE_DIR
+from scheduler.workload import Workload
 
 REPEATS = 4
 PROBE_FORMAT = 5  # 2: measures saved activations; 3: without tensors passed to layers (RoPE tables);

@@ -7,11 +7,13 @@ from typing import Any
 
 from offload.errors import format_bytes
 from offload.tiers import Tier
-from scheduler.cost_model import RESOURCES, Estimate, LayerTiming, Workload, placement
+from scheduler.cost_model import Estimate, LayerTiming, placement
 from scheduler.model_shape import ModelShape
 from scheduler.plan import Plan
 from scheduler.planner import Budgets, PlanChoice
 from scheduler.profile import HardwareProfile
+from scheduler.step_time import RESOURCES
+from scheduler.workload import Workload
 
 
 def _activations(plan: Plan) -> str:

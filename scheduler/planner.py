@@ -19,16 +19,15 @@ from scheduler.cost_model import (
     STAGING_ARRAYS,
     Estimate,
     LayerTiming,
-    Workload,
     activation_bytes,
     estimate,
-    lent_master_layers,
     peak_memory,
 )
 from scheduler.model_shape import ModelShape
 from scheduler.placement import grads_kept
 from scheduler.plan import Plan
 from scheduler.profile import HardwareProfile
+from scheduler.workload import Workload, lent_master_layers
 
 MAX_CHUNK_NUMEL = 4 << 20  # 16 MiB of fp32 per optimizer chunk streams at full speed
 MAX_TURN_KEEP = 2

@@ -193,10 +193,10 @@ def test_the_gpu_suite_streams_a_model_four_times_its_gpu_budget() -> None:
     """bench/gpu_check.sh's suite: the fp32 weights are at least 4x the GPU memory budget, and
     the planner finds a plan for it on a GPU machine."""
     from bench.suite import llama_config
-    from scheduler.cost_model import Workload
     from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
     from scheduler.profile import HardwareProfile
+    from scheduler.workload import Workload
 
     suite = SUITES["gpu"]
     shape = shape_from_config(llama_config(suite))

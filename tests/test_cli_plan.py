@@ -130,9 +130,9 @@ def test_advice_finds_where_compute_takes_over():
 
     from cli.budgets import load_profile_file
     from scheduler.batch_advice import advise_batch, compute_bound
-    from scheduler.cost_model import Workload
     from scheduler.model_shape import shape_from_config
     from scheduler.planner import Budgets, choose_plan
+    from scheduler.workload import Workload
 
     shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4))

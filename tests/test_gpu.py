@@ -257,8 +257,9 @@ def test_host_memory_of_a_gpu_run_stays_within_the_prediction(tmp_path):
     model's prediction for this device; DEVICE likewise."""
     from test_plan import profile
 
-    from scheduler.cost_model import Workload, estimate
+    from scheduler.cost_model import estimate
     from scheduler.model_shape import shape_from_model
+    from scheduler.workload import Workload
 
     model = tiny_model("llama")
     shape = shape_from_model(model, model.config)

@@ -10,7 +10,6 @@ import torch
 from transformers import LlamaConfig
 
 from cli.budgets import plan_job
-from scheduler.cost_model import Workload
 from scheduler.layer_probe import (
     MIN_PROBE_VOCAB,
     layer_timing,
@@ -19,6 +18,7 @@ from scheduler.layer_probe import (
     probe_vocab,
 )
 from scheduler.model_shape import shape_from_config
+from scheduler.workload import Workload
 
 WL = Workload(micro_batch=1, seq_len=64)
 

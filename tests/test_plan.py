@@ -20,21 +20,16 @@ from offload import AdamWConfig, SwapStore, make_adamw
 from offload.errors import BudgetError
 from offload.io import PosixBackend
 from offload.tiers import Tier
-from scheduler import cost_model
+from scheduler import cost_model, step_time
 from scheduler import placement as placement_rules
-from scheduler.cost_model import (
-    Workload,
-    activation_bytes,
-    estimate,
-    peak_memory,
-    swapped_activation_bytes,
-)
+from scheduler.cost_model import activation_bytes, estimate, peak_memory, swapped_activation_bytes
 from scheduler.executor import StreamingExecutor, TrainSettings
 from scheduler.layer_probe import probe_layer
 from scheduler.model_shape import ModelShape, shape_from_config, shape_from_model
 from scheduler.plan import Plan
 from scheduler.planner import Budgets, choose_plan
 from scheduler.profile import HardwareProfile
+from scheduler.workload import Workload
 
 GB = 10**9
 
@@ -168,9 +163,9 @@ def test_without_a_gpu_the_overlapped_ssd_lane_is_slowed_as_the_store_was_beside
     lora = dataclasses.replace(SHAPE, trainable=(0, SHAPE.layer_numel // 100, 0))
     deferred = Workload(micro_batch=2, seq_len=512, deferred=True)
     rules = deferred.placement(ALL_NVME, lora)
-    assert cost_model._optimizer_ssd_s(rules, lora, deferred, profile(False, **kw, ssd_beside_compute_gbps=0.5),
+    assert step_time.optimizer_ssd_s(rules, lora, deferred, profile(False, **kw, ssd_beside_compute_gbps=0.5),
                                        gpu=False) == pytest.approx(
-        4 * cost_model._optimizer_ssd_s(rules, lora, deferred, profile(False, **kw), gpu=False))
+        4 * step_time.optimizer_ssd_s(rules, lora, deferred, profile(False, **kw), gpu=False))
 
 
 # --------------------------------------------------------------------------------------- planner

@@ -18,8 +18,8 @@ from cli.main import main
 from offload import AdamWConfig, SwapStore, make_adamw
 from offload.io import PosixBackend
 from offload.tiers import Tier
-from scheduler.cost_model import lane_resources
 from scheduler.executor import StreamingExecutor, TrainSettings
+from scheduler.step_time import lane_resources
 from scheduler.trace import RESOURCES, Tracer, busy_seconds, overlap_seconds
 
 TRACKS = {"compute": "compute", "recompute": "compute", "h2d": "h2d", "d2h": "d2h", "ssd_read": "ssd_read",
@@ -151,7 +151,7 @@ def test_overlap_seconds_intersects_the_unions() -> None:
 
 @pytest.mark.parametrize("swapped", [False, True], ids=["recompute", "swapped-activations"])
 def test_no_optimizer_state_moves_beside_the_forward(swapped, tmp_path) -> None:
-    """The cost model adds the forward's longest lane to the backward's (``cost_model._step_time``)
+    """The cost model adds the forward's longest lane to the backward's (``step_time.step_time``)
     because the optimizer's jobs start with the backward and the next forward waits for the last
     of them (``pre``'s, updated last, needed first): in a traced step no read or write of the
     optimizer's state overlaps the forward's compute, and some starts during the backward. (An SSD
