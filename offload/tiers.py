@@ -56,11 +56,13 @@ class Accountant:
 
     def add_reclaimer(self, reclaim: Callable[[Tier, int], None], first: bool = False) -> None:
         """``first``: asked before the reclaimers added earlier (for buffers reused less often)."""
-        self.reclaimers.insert(0 if first else len(self.reclaimers), reclaim)
+        with self._lock:
+            self.reclaimers.insert(0 if first else len(self.reclaimers), reclaim)
 
     def remove_reclaimer(self, reclaim: Callable[[Tier, int], None]) -> None:
-        if reclaim in self.reclaimers:
-            self.reclaimers.remove(reclaim)
+        with self._lock:
+            if reclaim in self.reclaimers:
+                self.reclaimers.remove(reclaim)
 
     def fits(self, tier: Tier, nbytes: int) -> bool:
         with self._lock:
@@ -73,7 +75,9 @@ class Accountant:
                 raise self._over_budget(tier, nbytes, what)
             self.used_bytes[tier] += nbytes
             self.peak_bytes[tier] = max(self.peak_bytes[tier], self.used_bytes[tier])
-        for reclaim in list(self.reclaimers):
+        with self._lock:
+            reclaimers = list(self.reclaimers)
+        for reclaim in reclaimers:
             over = self._over_bytes(tier)
             if over <= 0:
                 break

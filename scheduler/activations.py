@@ -620,11 +620,13 @@ class SavedTensors(_LayerCalls):
         return aligned_empty(nbytes)
 
     def _clear_pool(self) -> None:
-        """The forward's last swapping layer has run: free the released swap buffers (on CUDA the
-        pinned pool keeps them, counted, for the next; ``end_backward`` trims it)."""
+        """The forward's last swapping layer has run: free the released swap buffers, and the kept
+        ones this forward did not take (sizes of an earlier shape) (on CUDA the pinned pool keeps
+        them, counted, for the next; ``end_backward`` trims it)."""
         for nbytes, bufs in self._pool.items():
             self.acct.free(self.placement.swap_tier, nbytes * len(bufs))
         self._pool.clear()
+        self._reclaim(self.placement.swap_tier, 1 << 62)
 
     def _keep_pool(self) -> None:
         """End of a backward (or of a dropped step): the released swap buffers stop counting as

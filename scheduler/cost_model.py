@@ -195,7 +195,9 @@ def _activation_rows(rules: Placement, act: ActivationBytes, kept: int) -> list[
     # while the next computes; one read ahead in backward), or the unswapped graphs of the last
     # layers of every kept micro-batch (at the turn), besides every layer's input (the previous
     # layer's output, never swapped; a recomputed layer's checkpoint)
-    # (GPU: the swapped ones pass through page-locked host buffers, kept for reuse)
+    # (GPU: the swapped ones pass through page-locked host buffers, kept for reuse; CPU: a
+    # backward's stay from its end to the next forward's first layers as cached bytes, which any
+    # allocation takes back first: in RSS then, never in a peak counted here)
     swapped, recomputed = rules.swapped_layers, rules.recomputed_layers
     return [("saved activations in memory", Tier.DEVICE,
              max(min(L, SWAPPED_LAYERS_IN_MEMORY), kept * (L - swapped - recomputed)) * act.saved

@@ -356,12 +356,11 @@ class WeightStreamer:
             kept = self._spare.get(nbytes)
             if not kept:
                 return None
-            flat = kept.pop()
-            self.acct.uncache(Tier.DEVICE, nbytes, reuse=True, what=what)
-            return flat
+            self.acct.uncache(Tier.DEVICE, nbytes, reuse=True, what=what)  # BudgetError: still kept
+            return kept.pop()
 
     def _reclaim(self, tier: Tier, nbytes: int) -> None:
-        """The Accountant's ``reclaim``: give up kept buffers until ``nbytes`` are freed."""
+        """The Accountant's reclaimer: give up kept buffers until ``nbytes`` are freed."""
         if tier != Tier.DEVICE:
             return
         with self._spare_lock:

@@ -11,6 +11,7 @@ from test_executor_parity import (
     ALL_NVME,
     LR,
     PLANS,
+    VOCAB,
     WD,
     deep_model,
     make_batches,
@@ -25,6 +26,8 @@ from offload.tiers import Accountant, Tier
 from scheduler import activations, weight_streamer
 from scheduler import placement as placement_rules
 from scheduler.executor import StreamingExecutor, TrainSettings
+from scheduler.placement import Placement
+from scheduler.plan import Plan
 
 
 def test_cached_bytes_are_given_up_before_a_budget_would_be_passed():
@@ -131,11 +134,40 @@ def test_loads_reuse_released_buffers_within_the_device_budget(tmp_path, monkeyp
 
 
 
+
+def _run_keeping(plan, batches, tmp_path):  # noqa: ANN001, ANN202
+    """Train on ``batches`` under ``plan``; after each step (settled) the kept swap buffers' sizes;
+    at step 1 an allocation that needs exactly the kept buffers' memory is made and freed."""
+    losses, kept_after = [], []
+    torch.manual_seed(123)  # as ``train_engine``
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, \
+         StreamingExecutor(deep_model("llama", 5), plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)),
+                           TrainSettings(weight_decay=WD)) as ex:
+        acct, kept, spare = ex.acct, ex.activations._kept, ex.weights._spare
+        for k, micro in enumerate(batches):
+            losses.append(ex.train_step(micro, LR).loss)
+            ex.synchronize()
+            kept_after.append(sorted(n for n, v in kept.items() for _ in v))
+            if k == 1:  # an allocation that needs the kept buffers' memory: they go, the weights' stay
+                spare_before = {n: len(v) for n, v in spare.items()}
+                kept_bytes = sum(kept_after[-1])
+                other_cached = acct.cached_bytes[Tier.DEVICE] - kept_bytes
+                n = acct.budgets[Tier.DEVICE] - acct.used_bytes[Tier.DEVICE] - other_cached
+                acct.alloc(Tier.DEVICE, n, "a test")
+                assert kept_bytes > 0 and sum(len(v) for v in kept.values()) == 0
+                assert {n: len(v) for n, v in spare.items()} == spare_before
+                acct.free(Tier.DEVICE, n)
+        w, m = ex.master_state_dict(), ex.metrics()
+    assert acct.cached_bytes[Tier.DEVICE] == 0 and acct.reclaimers == []  # all given up at close
+    return losses, w, m, kept_after
+
+
 def test_swap_buffers_of_a_backward_serve_the_next_forward_within_the_device_budget(tmp_path, monkeypatch):
     """Saved activations written to the SSD: the buffers of a backward's read-backs serve the next
     forward's swaps (no page faulted in anew for them); kept between the two, they count as
-    cached bytes (in use and cached together never pass the budget) and are given up first to
-    any allocation that needs the memory; same math as kept graphs."""
+    cached bytes (in use and cached together never pass the budget), are given up first to any
+    allocation that needs the memory, and those of another shape at the next forward's end;
+    same math as kept graphs."""
     monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
     fresh = []
     aligned_empty = activations.aligned_empty
@@ -149,7 +181,8 @@ def test_swap_buffers_of_a_backward_serve_the_next_forward_within_the_device_bud
     plan = PLANS["swapped-activations"]
     kept_graphs = dataclasses.replace(plan, activations=Tier.DEVICE)
     base_losses, base_w, base_m = train_engine(deep_model("llama", 5), batches, kept_graphs, tmp_path / "kept")
-    assert not fresh
+    _, _, probe_m = train_engine(deep_model("llama", 5), batches, plan, tmp_path / "probe")
+    plan = dataclasses.replace(plan, device_budget_bytes=probe_m["peak_device_bytes"])  # no slack at the peak
     held = []
     cache, alloc = Accountant.cache, Accountant.alloc
 
@@ -158,34 +191,47 @@ def test_swap_buffers_of_a_backward_serve_the_next_forward_within_the_device_bud
 
     monkeypatch.setattr(Accountant, "cache", lambda self, tier, n: (cache(self, tier, n), note(self))[0])
     monkeypatch.setattr(Accountant, "alloc", lambda self, tier, n, what: (alloc(self, tier, n, what), note(self))[0])
-    settings = TrainSettings(weight_decay=WD)
-    torch.manual_seed(123)  # as ``train_engine``
-    losses, after_step = [], []
-    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=4)) as store, \
-         StreamingExecutor(deep_model("llama", 5), plan, store, make_adamw("torch", AdamWConfig(weight_decay=WD)),
-                           settings) as ex:
-        for k, micro in enumerate(batches):
-            losses.append(ex.train_step(micro, LR).loss)
-            ex.synchronize()
-            after_step.append(len(fresh))
-            kept = ex.activations._kept
-            assert sum(len(v) for v in kept.values()) > 0  # the last read-backs' buffers
-            if k == 1:  # an allocation that needs the kept buffers' memory: they go, the weights' stay
-                acct, spare = ex.acct, ex.weights._spare
-                spare_before = {n: len(v) for n, v in spare.items()}
-                kept_bytes = sum(n * len(v) for n, v in kept.items())
-                other_cached = acct.cached_bytes[Tier.DEVICE] - kept_bytes
-                n = acct.budgets[Tier.DEVICE] - acct.used_bytes[Tier.DEVICE] - other_cached
-                acct.alloc(Tier.DEVICE, n, "a test")
-                assert sum(len(v) for v in kept.values()) == 0
-                assert {n: len(v) for n, v in spare.items()} == spare_before
-                acct.free(Tier.DEVICE, n)
-        w = ex.master_state_dict()
-        m = ex.metrics()
+    fresh.clear()
+    after_step = []
+    monkeypatch.setattr(StreamingExecutor, "synchronize",
+                        (lambda real: lambda self: (real(self), after_step.append(len(fresh)))[0])(StreamingExecutor.synchronize))
+    losses, w, m, _ = _run_keeping(plan, batches, tmp_path / "swapped")
     assert losses == base_losses and all(torch.equal(w[k], base_w[k]) for k in base_w)
     assert m["io_write_bytes"] > base_m["io_write_bytes"]  # the activations went through the SSD
-    assert all(total <= limit for total, limit in held)
-    per_step = [b - a for a, b in zip([0, *after_step[:-1]], after_step, strict=True)]
+    assert held and all(total <= limit for total, limit in held)
+    per_step = [b - a for a, b in zip([0, *after_step[:3]], after_step[:4], strict=True)]
     # the first step makes its forward's buffers and its backward's; later ones only the backward's,
     # but after the kept ones were given up (step 2's forward makes them anew)
     assert per_step[1] == per_step[3] == per_step[0] // 2 and per_step[2] == per_step[0], per_step
+
+    # two shapes in turn: a forward gives up the kept buffers of the other shape it did not take
+    g = torch.Generator().manual_seed(2)
+    shapes = [[{"input_ids": torch.randint(0, VOCAB, (2, t), generator=g)}] for t in (16, 12, 16, 12)]
+    *_, kept_after = _run_keeping(PLANS["swapped-activations"], shapes, tmp_path / "shapes")
+    assert kept_after[0] != kept_after[1]
+    assert kept_after[2] == kept_after[0] and kept_after[3] == kept_after[1], kept_after
+
+
+def test_a_kept_swap_buffer_that_does_not_fit_stays_kept(tmp_path):
+    """Taking a kept buffer back into use past the budget raises, and leaves it kept and counted."""
+    placement = Placement(Plan(activations=Tier.NVME, recompute=False), n_layers=4, compute_dtype="float32",
+                          state_dtype="float32", grads_kept=False, on_gpu=False)
+    acct = Accountant({Tier.DEVICE: 1 << 20})
+    with SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store:
+        acts = activations.SavedTensors(placement, store, acct, torch.device("cpu"), None)  # type: ignore[arg-type]
+        buf = acts._buffer(4096, "a swap buffer")
+        acts._pool[4096] = [(buf, None)]
+        acts.end_backward()  # kept, as cached bytes
+        assert acct.used_bytes[Tier.DEVICE] == 0 and acct.cached_bytes[Tier.DEVICE] == 4096
+        acct.alloc(Tier.DEVICE, (1 << 20) - 2048, "nearly everything")  # the kept buffer's room is taken...
+        assert acct.cached_bytes[Tier.DEVICE] == 0 and not acts._kept[4096]  # ... so it was given up
+        acct.free(Tier.DEVICE, (1 << 20) - 2048)
+        acts._pool[4096] = [(acts._buffer(4096, "a swap buffer"), None)]
+        acts.end_backward()
+        acct.used_bytes[Tier.DEVICE] = (1 << 20) - 2048  # in use behind the reclaimer's back: no room
+        with pytest.raises(BudgetError):
+            acts._buffer(4096, "a swap buffer")
+        assert len(acts._kept[4096]) == 1 and acct.cached_bytes[Tier.DEVICE] == 4096
+        acct.used_bytes[Tier.DEVICE] = 0
+        acts.close()
+        assert acct.cached_bytes[Tier.DEVICE] == 0 and acct.reclaimers == []
