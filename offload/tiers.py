@@ -40,7 +40,7 @@ class Accountant:
     them back into use, or gives them up). They count toward no budget check, but memory in use
     and cached together never exceed a budget: an ``alloc`` that would go past it has the
     reclaimers (``add_reclaimer``: each holder of cached buffers registers one) give up cached
-    buffers, in the order they were added, until it fits (called outside the lock, from the
+    buffers, one reclaimer after the other, until it fits (called outside the lock, from the
     allocating thread, before the caller allocates).
     """
 

@@ -426,9 +426,9 @@ class SavedTensors(_LayerCalls):
         # released swap buffers by size (accounted), each with the CUDA event after which nothing
         # reads it any more (its copies back to DEVICE), or None
         self._pool: dict[int, list[tuple[torch.Tensor, Any]]] = {}
-        # CPU: released swap buffers kept between passes by size, as the Accountant's cached bytes
-        # (the next pass reuses them instead of faulting in fresh pages; given up to any allocation
-        # that needs their memory: ``_reclaim``, on the allocating thread, hence the lock)
+        # CPU: a backward's released swap buffers by size, kept for the next forward as the
+        # Accountant's cached bytes (reused instead of faulting in fresh pages; given up to any
+        # allocation that needs their memory: ``_reclaim``, on the allocating thread, hence the lock)
         self._kept: dict[int, list[torch.Tensor]] = {}
         self._kept_lock = threading.Lock()
         self._reclaiming = False  # ``_reclaim`` registered with the Accountant
@@ -690,10 +690,11 @@ class SavedTensors(_LayerCalls):
 
     def _drop_buffers(self, call: _LayerCall, read_until: Any = None) -> None:
         """Wait for the writes of a layer's swapped activations, then hand their buffers to the
-        pool (still accounted; ``_keep_pool`` moves them to the kept buffers); ``read_until``: CUDA event after the
-        copies that read them. A buffer whose write or read failed is not reused (a request may
-        still use it): on a CPU its bytes are freed, on CUDA it stays out of the pinned pool.
-        Every buffer is handled before the first failed write's error is raised."""
+        pool (still accounted; ``_clear_pool`` frees them, ``_keep_pool`` keeps them);
+        ``read_until``: CUDA event after the copies that read them. A buffer whose write or read
+        failed is not reused (a request may still use it): on a CPU its bytes are freed, on CUDA
+        it stays out of the pinned pool. Every buffer is handled before the first failed write's
+        error is raised."""
         self._start_writes(through=call)
         first_error: BaseException | None = None
         for t in call.swapped:
