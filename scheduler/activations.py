@@ -507,8 +507,7 @@ class SavedTensors(_LayerCalls):
             self._pinned.trim()  # (sizes of an earlier shape)
 
     def close(self) -> None:
-        self._keep_pool()
-        self._reclaim(self.placement.swap_tier, 1 << 62)
+        self._clear_pool()  # (the kept buffers too)
         self.acct.remove_reclaimer(self._reclaim)
         self._reclaiming = False
         super().close()

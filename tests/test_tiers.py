@@ -62,6 +62,32 @@ def test_cached_bytes_are_given_up_before_a_budget_would_be_passed():
     assert acct.cached_bytes[Tier.DEVICE] == 10 and acct.used_bytes[Tier.DEVICE] == 95
 
 
+def _count_fresh_buffers(monkeypatch, module) -> list[int]:  # noqa: ANN001
+    """The sizes of the fresh page-aligned buffers ``module`` makes from now on."""
+    fresh: list[int] = []
+    aligned_empty = module.aligned_empty
+
+    def counted(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
+        fresh.append(n_bytes)
+        return aligned_empty(n_bytes, pin_memory)
+
+    monkeypatch.setattr(module, "aligned_empty", counted)
+    return fresh
+
+
+def _watch_device_total(monkeypatch) -> list[tuple[int, int | None]]:  # noqa: ANN001
+    """(DEVICE bytes in use and cached, DEVICE budget) after every allocation and every cache."""
+    held: list[tuple[int, int | None]] = []
+    cache, alloc = Accountant.cache, Accountant.alloc
+
+    def note(acct: Accountant) -> None:
+        held.append((acct.used_bytes[Tier.DEVICE] + acct.cached_bytes[Tier.DEVICE], acct.budgets.get(Tier.DEVICE)))
+
+    monkeypatch.setattr(Accountant, "cache", lambda self, tier, n: (cache(self, tier, n), note(self))[0])
+    monkeypatch.setattr(Accountant, "alloc", lambda self, tier, n, what: (alloc(self, tier, n, what), note(self))[0])
+    return held
+
+
 def test_reclaimers_give_up_cached_bytes_in_turn_until_the_allocation_fits():
     acct = Accountant({Tier.DEVICE: 100})
     kept = {"first": [30], "second": [20, 20]}
@@ -96,22 +122,8 @@ def test_reclaimers_give_up_cached_bytes_in_turn_until_the_allocation_fits():
 def test_loads_reuse_released_buffers_within_the_device_budget(tmp_path, monkeypatch):
     """Every layer load after the first few reads into a buffer released before it (no page
     faults anew); in use and cached together, DEVICE never passes its budget; same math."""
-    fresh = []
-    aligned_empty = weight_streamer.aligned_empty
-
-    def counted(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
-        fresh.append(n_bytes)
-        return aligned_empty(n_bytes, pin_memory)
-
-    monkeypatch.setattr(weight_streamer, "aligned_empty", counted)
-    held = []
-    cache, alloc = Accountant.cache, Accountant.alloc
-
-    def note(acct: Accountant) -> None:
-        held.append((acct.used_bytes[Tier.DEVICE] + acct.cached_bytes[Tier.DEVICE], acct.budgets.get(Tier.DEVICE)))
-
-    monkeypatch.setattr(Accountant, "cache", lambda self, tier, n: (cache(self, tier, n), note(self))[0])
-    monkeypatch.setattr(Accountant, "alloc", lambda self, tier, n, what: (alloc(self, tier, n, what), note(self))[0])
+    fresh = _count_fresh_buffers(monkeypatch, weight_streamer)
+    held = _watch_device_total(monkeypatch)
     model = tiny_model("llama")
     layer_bytes = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
     outer = sum(p.numel() for n, p in model.named_parameters() if "layers." not in n) * 4
@@ -169,28 +181,14 @@ def test_swap_buffers_of_a_backward_serve_the_next_forward_within_the_device_bud
     allocation that needs the memory, and those of another shape at the next forward's end;
     same math as kept graphs."""
     monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
-    fresh = []
-    aligned_empty = activations.aligned_empty
-
-    def counted(n_bytes: int, pin_memory: bool = False) -> torch.Tensor:
-        fresh.append(n_bytes)
-        return aligned_empty(n_bytes, pin_memory)
-
-    monkeypatch.setattr(activations, "aligned_empty", counted)
+    fresh = _count_fresh_buffers(monkeypatch, activations)
     batches = make_batches(4, 1)
     plan = PLANS["swapped-activations"]
     kept_graphs = dataclasses.replace(plan, activations=Tier.DEVICE)
     base_losses, base_w, base_m = train_engine(deep_model("llama", 5), batches, kept_graphs, tmp_path / "kept")
     _, _, probe_m = train_engine(deep_model("llama", 5), batches, plan, tmp_path / "probe")
     plan = dataclasses.replace(plan, device_budget_bytes=probe_m["peak_device_bytes"])  # no slack at the peak
-    held = []
-    cache, alloc = Accountant.cache, Accountant.alloc
-
-    def note(acct: Accountant) -> None:
-        held.append((acct.used_bytes[Tier.DEVICE] + acct.cached_bytes[Tier.DEVICE], acct.budgets.get(Tier.DEVICE)))
-
-    monkeypatch.setattr(Accountant, "cache", lambda self, tier, n: (cache(self, tier, n), note(self))[0])
-    monkeypatch.setattr(Accountant, "alloc", lambda self, tier, n, what: (alloc(self, tier, n, what), note(self))[0])
+    held = _watch_device_total(monkeypatch)
     fresh.clear()
     after_step = []
     monkeypatch.setattr(StreamingExecutor, "synchronize",
