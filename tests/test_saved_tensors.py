@@ -1,4 +1,4 @@
-"""Saved activations swapped through the SSD (``scheduler.activations.SavedTensors``): each tensor
+"""Saved activations swapped through the SSD (``scheduler.saved_tensors.SavedTensors``): each tensor
 is written once however many autograd nodes save it, and comes back with its own strides."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from offload.io import PosixBackend
 from offload.store import SwapStore
 from offload.tiers import Accountant, Tier
 from scheduler import placement as placement_rules
-from scheduler.activations import SavedTensors
 from scheduler.placement import Placement, SavedOnce
 from scheduler.plan import Plan
+from scheduler.saved_tensors import SavedTensors
 
 
 class _NoWeightViews:

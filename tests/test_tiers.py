@@ -23,8 +23,8 @@ from offload import AdamWConfig, SwapStore, make_adamw
 from offload.errors import BudgetError
 from offload.io import PosixBackend
 from offload.tiers import Accountant, Tier
-from scheduler import activations, weight_streamer
 from scheduler import placement as placement_rules
+from scheduler import saved_tensors, weight_streamer
 from scheduler.executor import StreamingExecutor, TrainSettings
 from scheduler.placement import Placement
 from scheduler.plan import Plan
@@ -181,7 +181,7 @@ def test_swap_buffers_of_a_backward_serve_the_next_forward_within_the_device_bud
     allocation that needs the memory, and those of another shape at the next forward's end;
     same math as kept graphs."""
     monkeypatch.setattr(placement_rules, "SWAP_MIN_BYTES", 1)  # tiny model: swap every tensor
-    fresh = _count_fresh_buffers(monkeypatch, activations)
+    fresh = _count_fresh_buffers(monkeypatch, saved_tensors)
     batches = make_batches(4, 1)
     plan = PLANS["swapped-activations"]
     kept_graphs = dataclasses.replace(plan, activations=Tier.DEVICE)
@@ -216,7 +216,7 @@ def test_a_kept_swap_buffer_that_does_not_fit_stays_kept(tmp_path):
                           state_dtype="float32", grads_kept=False, on_gpu=False)
     acct = Accountant({Tier.DEVICE: 1 << 20})
     with SwapStore(tmp_path / "swap", PosixBackend(num_threads=2)) as store:
-        acts = activations.SavedTensors(placement, store, acct, torch.device("cpu"), None)  # type: ignore[arg-type]
+        acts = saved_tensors.SavedTensors(placement, store, acct, torch.device("cpu"), None)  # type: ignore[arg-type]
         buf = acts._buffer(4096, "a swap buffer")
         acts._pool[4096] = [(buf, None)]
         acts.end_backward()  # kept, as cached bytes
