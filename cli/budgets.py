@@ -13,17 +13,18 @@ replace this machine's, so a 70B job can be planned on a laptop for a workstatio
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from offload.errors import OffloadError
+from offload.errors import OffloadError, format_bytes
 from offload.store import DATA_FILE_NAME
-from scheduler.cost_model import LayerTiming
+from scheduler.cost_model import LayerTiming, peak_memory
 from scheduler.model_shape import ModelShape
+from scheduler.plan import Plan
 from scheduler.planner import Budgets, PlanChoice, choose_plan
 from scheduler.profile import HardwareProfile, cache_path, existing_parent, load_or_measure
 from scheduler.workload import Workload
@@ -158,3 +159,46 @@ def batch_advice(job: PlannedJob, cfg: Any) -> str:
     depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
     return advise_batch(job.shape, job.workload, job.budgets, job.profile, job.choice, recompute=recompute,
                         prefetch_depth=depth, timing=job.timing).line()
+
+
+def fit_replayed_plan(cfg: Any, plan: Plan, saved: dict[str, Any], shape: ModelShape, device: torch.device,
+                      source: str, total_steps: int | None = None) -> Plan:
+    """A plan replayed with ``--plan`` (``saved``: its plan.json), held to this run's memory limits.
+
+    Budgets the plan names must fit within the config's limits (``offload.cpu_memory_limit``, and
+    ``gpu_memory_limit`` on a GPU; without a GPU their sum within the RAM limit): past a limit the
+    config sets, one line says so; past an ``auto`` one (what is free now, which moves), a
+    warning. A plan written by hand without them gets the config's. Where its predicted peak on
+    this model and batch passes its budgets, a warning says the run may stop short.
+    """
+    budgets = budgets_for(cfg, live_memory(cfg.offload_nvme_path, device))
+    if "device_budget_bytes" not in saved and "host_budget_bytes" not in saved:
+        plan = replace(plan, device_budget_bytes=budgets.device_bytes, host_budget_bytes=budgets.host_bytes)
+    elif budgets.shared:
+        _check_limit(source, "RAM", plan.device_budget_bytes + plan.host_budget_bytes,
+                     budgets.device_bytes + budgets.host_bytes, "cpu", cfg.offload.cpu_memory_limit)
+    else:
+        _check_limit(source, "GPU memory", plan.device_budget_bytes, budgets.device_bytes, "gpu",
+                     cfg.offload.gpu_memory_limit)
+        _check_limit(source, "CPU memory", plan.host_budget_bytes, budgets.host_bytes, "cpu",
+                     cfg.offload.cpu_memory_limit)
+    peak = peak_memory(plan, shape, workload_for(cfg, total_steps), gpu=device.type == "cuda")
+    over = [f"{tier} {format_bytes(need)} > {format_bytes(have)}" for tier, need, have in (
+        ("device", peak.device_bytes, plan.device_budget_bytes), ("host", peak.host_bytes, plan.host_budget_bytes))
+        if need > have]
+    if over:
+        print(f"offload-train: warning: --plan {source}: on this model and batch its predicted peak passes its "
+              f"budgets ({', '.join(over)}); the run may stop with a budget error: drop --plan to plan again")
+    return plan
+
+
+def _check_limit(source: str, memory: str, planned_bytes: int, allowed_bytes: int, key: str, value: Any) -> None:
+    """A replayed plan's budget against the limit ``offload.<key>_memory_limit`` (``value``) allows."""
+    if planned_bytes <= allowed_bytes:
+        return
+    said = (f"--plan {source}: it was made for {format_bytes(planned_bytes)} of {memory}, this run allows "
+            f"{format_bytes(allowed_bytes)} (offload.{key}_memory_limit {value})")
+    if value == "auto":  # what is free now: the run may still fit
+        print(f"offload-train: warning: {said}; if it stops short, drop --plan to plan for what is free")
+        return
+    raise OffloadError(f"{said}; drop --plan to plan for this limit, or raise offload.{key}_memory_limit")

@@ -122,7 +122,7 @@ def build_model(cfg: Any, hf_config: Any) -> tuple[Any, Any]:
 def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None = None,
               total_steps: int | None = None) -> tuple[Any, dict[str, Any]]:
     """(plan, what plan.json holds): replayed from ``--plan``, or chosen by the planner."""
-    from cli.budgets import plan_job
+    from cli.budgets import fit_replayed_plan, plan_job
     from scheduler.model_shape import shape_from_model
     from scheduler.plan import Plan
     from scheduler.plan_report import plan_record
@@ -130,9 +130,12 @@ def make_plan(ctx: RunContext, plan_path: str | None, profile_path: str | None =
     if plan_path is not None:
         try:
             saved = json.loads(Path(plan_path).read_text())
-            return Plan.from_dict(saved), saved
+            plan = Plan.from_dict(saved)
         except (OSError, ValueError, TypeError, AttributeError) as err:
             raise OffloadError(f"--plan {plan_path}: cannot use it ({err})") from None
+        plan = fit_replayed_plan(ctx.cfg, plan, saved, shape_from_model(ctx.model, ctx.hf_config), ctx.device,
+                                 plan_path, total_steps)
+        return plan, {**saved, **plan.to_dict()}
     choice = plan_job(ctx.cfg, ctx.hf_config, shape_from_model(ctx.model, ctx.hf_config), ctx.device,
                       profile_path, total_steps).choice
     est = choice.estimate

@@ -18,7 +18,7 @@ STEPS = 6
 # Every tensor group through the SSD, optimizer states in several chunks per unit; replayed with
 # --plan so that every run (and every resume) uses exactly this plan.
 PLAN = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME, chunk_numel=16384,
-            device_budget_bytes=16 << 20, host_budget_bytes=8 << 20)
+            device_budget_bytes=16_000_000, host_budget_bytes=8_000_000)  # within 24MB, the configs' limit
 EXACT_KEYS = ("step", "loss", "lr", "grad_norm", "skipped", "skipped_steps")  # not timings or I/O counts
 
 

@@ -11,6 +11,7 @@ from test_cli_train import read_metrics, run_cli, tiny_config, write_config, wri
 
 from cli.data import load_tokenizer
 from cli.main import main
+from runs import one_line_error
 from scheduler.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +104,54 @@ def test_saved_plan_replays_exactly(tmp_path):
     used = Plan.from_dict(json.loads((tmp_path / "run" / "plan.json").read_text()))
     assert used == Plan.from_dict(replay)
     assert len(read_metrics(tmp_path / "run")) == 2
+
+
+def test_a_replayed_plan_is_held_to_the_configs_memory_limit(tmp_path, capsys):
+    """A plan made for more RAM than the config now allows stops before training, in one line
+    that names the limit and the way out; at the limit it was made for it replays silently."""
+    vocab = len(load_tokenizer(None, None))
+    data = write_texts(tmp_path / "train.jsonl")
+    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
+    assert main(["plan", str(cfg)]) == 0
+    (tmp_path / "planned.json").write_text((tmp_path / "run" / "plan.json").read_text())
+    capsys.readouterr()
+    argv = ["train", str(cfg), "--plan", str(tmp_path / "planned.json")]
+    assert main([*argv, "--set", "offload.cpu_memory_limit=8MB"]) == 2
+    line = one_line_error(capsys)
+    assert "offload.cpu_memory_limit" in line and "drop --plan" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert main(argv) == 0
+    assert "--plan" not in capsys.readouterr().out  # no warning about the plan
+    assert len(read_metrics(tmp_path / "run")) == 1
+
+
+def test_a_hand_written_plan_without_budgets_gets_the_configs(tmp_path):
+    vocab = len(load_tokenizer(None, None))
+    data = write_texts(tmp_path / "train.jsonl")
+    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
+    (tmp_path / "hand.json").write_text(json.dumps({"weights": "nvme", "optimizer": "nvme", "grads": "nvme",
+                                                    "activations": "nvme", "chunk_numel": 16384}))
+    assert main(["train", str(cfg), "--plan", str(tmp_path / "hand.json")]) == 0
+    used = Plan.from_dict(json.loads((tmp_path / "run" / "plan.json").read_text()))
+    assert used.device_budget_bytes + used.host_budget_bytes == 24_000_000  # the config's 24MB, split
+    assert used.chunk_numel == 16384
+
+
+def test_a_replayed_plan_too_small_for_this_model_warns(tmp_path, capsys):
+    """A plan made for a tiny model, replayed on one whose layers outgrow its budgets: a warning
+    before training, then either a run within the budgets or one line naming the budget."""
+    vocab = len(load_tokenizer(None, None))
+    data = write_texts(tmp_path / "train.jsonl")
+    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
+    assert main(["plan", str(cfg)]) == 0
+    (tmp_path / "planned.json").write_text((tmp_path / "run" / "plan.json").read_text())
+    capsys.readouterr()
+    code = main(["train", str(cfg), "--plan", str(tmp_path / "planned.json"), "--set",
+                 "model.config.hidden_size=512", "--set", "model.config.intermediate_size=2048",
+                 "--set", "offload.cpu_memory_limit=2GB"])
+    captured = capsys.readouterr()
+    assert "its predicted peak passes its budgets" in captured.out
+    assert code == 0 or (code == 2 and "budget" in captured.err and len(captured.err.strip().splitlines()) == 1)
 
 
 def test_accumulation_amortises_the_ssd_on_the_70b_workstation(tmp_path):
