@@ -106,15 +106,21 @@ def test_saved_plan_replays_exactly(tmp_path):
     assert len(read_metrics(tmp_path / "run")) == 2
 
 
-def test_a_replayed_plan_is_held_to_the_configs_memory_limit(tmp_path, capsys):
-    """A plan made for more RAM than the config now allows stops before training, in one line
-    that names the limit and the way out; at the limit it was made for it replays silently."""
+def _planned_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A one-step tiny run's config, planned: its plan saved as ``planned.json``; output cleared."""
     vocab = len(load_tokenizer(None, None))
     data = write_texts(tmp_path / "train.jsonl")
     cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
     assert main(["plan", str(cfg)]) == 0
     (tmp_path / "planned.json").write_text((tmp_path / "run" / "plan.json").read_text())
     capsys.readouterr()
+    return cfg
+
+
+def test_a_replayed_plan_is_held_to_the_configs_memory_limit(tmp_path, capsys):
+    """A plan made for more RAM than the config now allows stops before training, in one line
+    that names the limit and the way out; at the limit it was made for it replays silently."""
+    cfg = _planned_tiny_run(tmp_path, capsys)
     argv = ["train", str(cfg), "--plan", str(tmp_path / "planned.json")]
     assert main([*argv, "--set", "offload.cpu_memory_limit=8MB"]) == 2
     line = one_line_error(capsys)
@@ -140,12 +146,7 @@ def test_a_hand_written_plan_without_budgets_gets_the_configs(tmp_path):
 def test_a_replayed_plan_too_small_for_this_model_warns(tmp_path, capsys):
     """A plan made for a tiny model, replayed on one whose layers outgrow its budgets: a warning
     before training, then either a run within the budgets or one line naming the budget."""
-    vocab = len(load_tokenizer(None, None))
-    data = write_texts(tmp_path / "train.jsonl")
-    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
-    assert main(["plan", str(cfg)]) == 0
-    (tmp_path / "planned.json").write_text((tmp_path / "run" / "plan.json").read_text())
-    capsys.readouterr()
+    cfg = _planned_tiny_run(tmp_path, capsys)
     code = main(["train", str(cfg), "--plan", str(tmp_path / "planned.json"), "--set",
                  "model.config.hidden_size=512", "--set", "model.config.intermediate_size=2048",
                  "--set", "offload.cpu_memory_limit=2GB"])
