@@ -214,7 +214,10 @@ def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: to
     plain = empty_model(load_model_config(cfg))  # names the exported tensors, as save_pretrained would
     base = CheckpointInit(cfg.model.name_or_path, plain)
     units = build_model_map(wrapped).units
-    merged = (_merged_unit(wrapped, u, base, trained) for u in units)
+    untie = _untied_by_copies(plain, trained)
+    if untie:  # as PEFT's merge_and_unload: the trained copy and the original part ways
+        plain.config.tie_word_embeddings = False
+    merged = (_merged_unit(wrapped, u, base, trained, untie) for u in units)
     out_dtype = dtype or getattr(torch, cfg.model.dtype)
     tokenizer = None
     if (run_dir / "tokenizer").is_dir():
@@ -224,18 +227,32 @@ def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: to
     return write_hf_model(out_dir, merged, len(units), plain, out_dtype, tokenizer)
 
 
+def _untied_by_copies(plain: nn.Module, trained: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Tied weights that ``modules_to_save`` trained a copy of (a tied model's embeddings): base
+    name -> the name its partner (the LM head) is exported under, with the original weights.
+    PEFT's ``merge_and_unload`` unties them the same way (the copy goes to one module only)."""
+    from scheduler.hf_checkpoint import tied_pairs
+
+    copied = {base_name(n) for n in trained if ".modules_to_save." in n}
+    return {name: partner for name, partners in tied_pairs(plain).items() if name in copied
+            for partner in partners if partner not in copied}
+
+
 def _merged_unit(wrapped: nn.Module, u: Unit, base: Callable[[Unit], dict[str, torch.Tensor]],
-                 trained: dict[str, torch.Tensor]) -> tuple[str, list[ParamSlot], torch.Tensor]:
-    """One unit's weights under their base names: the base, trained copies of ``modules_to_save``
-    in place of their originals, and every LoRA layer merged by PEFT (``LoraLayer.merge``)."""
+                 trained: dict[str, torch.Tensor], untie: dict[str, str]) -> tuple[str, list[ParamSlot], torch.Tensor]:
+    """One unit's weights under their base names: the base, the trained ones (copies of
+    ``modules_to_save`` in place of their originals, biases with ``bias: all`` or ``lora_only``),
+    every LoRA layer merged by PEFT (``LoraLayer.merge``), and the original of a tied weight whose
+    copy was trained under its partner's name (``untie``)."""
 
     names = [s.name for s in u.all_params]
     copies = {base_name(n) for n in names if ".modules_to_save." in n}
-    from_base = [s for s in u.all_params if not is_adapter(s.name) and base_name(s.name) not in copies]
+    from_base = [s for s in u.all_params if not is_adapter(s.name) and s.name not in trained
+                 and (base_name(s.name) not in copies or base_name(s.name) in untie)]
     got = base(Unit(u.name, u.index, u.modules, tuple(
         ParamSlot(base_name(s.name), s.shape, s.offset, s.numel) for s in from_base)))
-    weights = {base_name(s.name): got[base_name(s.name)] for s in from_base}
-    weights.update({base_name(n): trained[n] for n in names if ".modules_to_save." in n})
+    weights = {untie.get(name, name): got[name] for name in (base_name(s.name) for s in from_base)}
+    weights.update({base_name(n): trained[n] for n in names if n in trained and not is_adapter(n)})
     in_unit = set(names)
     for prefix, layer in _outermost_lora_layers(wrapped):
         params = [(f"{prefix}.{n}", n) for n, _ in layer.named_parameters()]

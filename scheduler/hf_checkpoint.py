@@ -119,7 +119,7 @@ class CheckpointInit:
                                    if conv is not None else (name,))
             target.sources.append((pattern if pattern is not None else key, key))
         self._target_of = {n: t for t in self._targets.values() for n in t.produces}
-        self._tied = _tied_pairs(model)
+        self._tied = tied_pairs(model)
         self._open: dict[Path, Any] = {}  # safetensors handles while a unit is read (_reading)
         # as from_pretrained records it: save_pretrained reverts only the transforms a load used, so
         # a checkpoint already in transformers' fused layout is exported fused
@@ -259,7 +259,7 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in params}
 
 
-def _tied_pairs(model: nn.Module) -> dict[str, tuple[str, ...]]:
+def tied_pairs(model: nn.Module) -> dict[str, tuple[str, ...]]:
     """Each tied parameter name -> the other names of the same tensor (both directions)."""
     tied: dict[str, list[str]] = {}
     keys = getattr(model, "all_tied_weights_keys", None) or {}

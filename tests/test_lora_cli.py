@@ -209,3 +209,34 @@ def test_merged_export_of_a_moe_adapter_equals_merge_and_unload(tmp_path):
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     ids = torch.tensor([padded(rows()[1])["input_ids"].tolist()])
     assert torch.allclose(got(input_ids=ids).logits, want(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model_type", "section"), [
+    # trained biases (not adapters) are merged as trained, not read back from the base
+    ("gpt2", {"target_modules": ["c_attn"], "bias": "lora_only"}),
+    ("gpt2", {"target_modules": ["c_attn"], "bias": "all"}),
+    # a trained copy of a tied embedding: the export unties, the head keeps the original
+    ("qwen2", {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}),
+])
+def test_merged_export_keeps_what_else_was_trained(tmp_path, model_type, section):
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    fields = ({"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64} if model_type == "gpt2" else
+              {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 64, "tie_word_embeddings": True})
+    base = tmp_path / model_type
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0,
+                                                          **fields)).save_pretrained(base)
+    config = run_config(tmp_path, base, {"r": 4, **section})
+    assert main(["train", str(config), "--plan", str(tmp_path / "plan.json"), "--set", "train.max_steps=2"]) == 0
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "merged"), "--merge", "--dtype", "float32"]) == 0
+    want = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          tmp_path / "run" / "final").merge_and_unload()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert got.config.tie_word_embeddings == want.config.tie_word_embeddings
+    got_w, want_w = dict(got.named_parameters()), dict(want.named_parameters())
+    assert got_w.keys() == want_w.keys()
+    assert max((got_w[k] - want_w[k]).abs().max().item() for k in want_w) <= 1e-6
+    ids = torch.tensor([padded(rows()[1])["input_ids"].tolist()])
+    assert torch.allclose(got(input_ids=ids).logits, want(input_ids=ids).logits, atol=1e-5)
