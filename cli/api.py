@@ -158,13 +158,23 @@ class OffloadEngine:
 
         return write_model(self.ctx.model, self._running(), Path(out_dir), self.ctx.dtype)
 
-    def checkpoint(self, step: int, extra_state: dict[str, Any] | None = None) -> Path:
-        """A resumable checkpoint ``output_dir/checkpoints/step-N`` (the CLI's format)."""
+    def checkpoint(self, step: int, extra_state: dict[str, Any] | None = None, rotate: bool = True) -> Path:
+        """A resumable checkpoint ``output_dir/checkpoints/step-N`` (the CLI's format); with
+        ``rotate`` the oldest beyond ``save_total_limit`` go, else ``remove_checkpoint`` does."""
         from cli.train import save_engine_checkpoint
 
         state = {"step": step, "fingerprint": self.fingerprint, "data_position": {"epoch": 0, "batch_index": 0},
                  **(extra_state or {})}
-        return save_engine_checkpoint(self.ctx, self._running(), self.store, step, state)
+        return save_engine_checkpoint(self.ctx, self._running(), self.store, step, state, rotate)
+
+    def remove_checkpoint(self, step: int) -> None:
+        """Delete ``checkpoints/step-N`` and give its snapshot's SSD space back (no-op if absent)."""
+        from cli import checkpoint as ckpt_io
+
+        self._running()
+        for ckpt in ckpt_io.list_checkpoints(Path(self.cfg.train.output_dir)):
+            if ckpt.step == step:
+                ckpt_io.remove_checkpoint(ckpt, self.store)
 
     def _running(self) -> Any:
         if self.engine is None:

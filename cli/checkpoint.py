@@ -106,11 +106,16 @@ def save_checkpoint(run_dir: Path, step: int, store: SwapStore, units: list[Unit
         store.release(replaced)
     if total_limit:
         for gone in list_checkpoints(run_dir)[:-total_limit]:
-            snapshot_id = _snapshot_id(gone.path)
-            shutil.rmtree(gone.path)
-            if snapshot_id is not None:
-                store.release(snapshot_id)
+            remove_checkpoint(gone, store)
     return final
+
+
+def remove_checkpoint(ckpt: CheckpointInfo, store: SwapStore) -> None:
+    """Delete a checkpoint and give its snapshot's extents back to the store."""
+    snapshot_id = _snapshot_id(ckpt.path)
+    shutil.rmtree(ckpt.path)
+    if snapshot_id is not None:
+        store.release(snapshot_id)
 
 
 def _params_doc(unit: Unit) -> list[dict[str, Any]]:

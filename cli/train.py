@@ -455,10 +455,12 @@ def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any,
     save_engine_checkpoint(ctx, engine, store, step, state)
 
 
-def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: int, state: dict[str, Any]) -> Path:
+def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: int, state: dict[str, Any],
+                           rotate: bool = True) -> Path:
     """``checkpoints/step-N``: a snapshot of the engine's optimizer state (written into the store
     first when the engine keeps it in RAM), ``state`` with the engine's counters and the resume
-    keys, the config and the model's extras. A failed write names the step in one line."""
+    keys, the config and the model's extras. A failed write names the step in one line.
+    ``rotate``: the oldest beyond ``train.save_total_limit`` go (else the caller removes them)."""
     from cli.swap import write_states
 
     state = {**state, **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
@@ -473,7 +475,7 @@ def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: in
         units = list(written.values()) if extents is None else [
             (u, kinds) if kinds is not None else written[u.name] for u, kinds in extents]
         path = ckpt_io.save_checkpoint(ctx.run_dir, step, store, units, state, ctx.hf_config,
-                                       ctx.cfg.train.save_total_limit,
+                                       ctx.cfg.train.save_total_limit if rotate else None,
                                        write_extras=lambda d: write_model_extras(ctx.model, d))
     except OSError as err:
         raise OffloadError(f"cannot write checkpoint step-{step} under {ctx.run_dir / 'checkpoints'} "

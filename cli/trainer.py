@@ -22,6 +22,12 @@ folders and ``save_total_limit``. What the engine owns is overridden, each with 
   restarts the engine from the snapshot of that step, and Trainer restores the rest.
 - ``_move_model_to_device`` and ``_wrap_model``: the engine places every tensor.
 
+What the engine cannot do is refused at construction, in one error naming it, never ignored: a
+custom optimizer (``optimizers=``, ``optim`` other than AdamW), a custom loss (``compute_loss_func``,
+a ``compute_loss`` override, ``label_smoothing_factor``), ``load_best_model_at_end``, and a model
+instance whose trainable weights are not float32. Checkpoint folders Trainer rotates out (keeping
+the best one) take their engine snapshot with them; a batch without labels stops as Trainer does.
+
 Checked on transformers 5.25 (``tests/test_offload_trainer.py`` pins the versions).
 """
 
@@ -37,6 +43,7 @@ from torch import nn
 from transformers import Trainer
 
 from cli.api import OffloadArguments, OffloadEngine
+from cli.config import ConfigError
 
 CHECKED_TRANSFORMERS = ("5.24", "5.25")
 """transformers minor versions whose Trainer internals these overrides were checked against."""
@@ -55,8 +62,8 @@ class _LearningRate(torch.optim.Optimizer):
 
 class OffloadTrainer(Trainer):
     def __init__(self, model: nn.Module | str | os.PathLike[str] | None = None, args: Any = None, *posargs: Any,
-                 offload: OffloadArguments | None = None, **kwargs: Any) -> None:
-        self.offload = offload or OffloadArguments()
+                 offload: OffloadArguments | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.offload = OffloadArguments(**offload) if isinstance(offload, dict) else offload or OffloadArguments()
         self._source = model
         if isinstance(model, (str, os.PathLike)):  # a checkpoint: an empty model now, weights streamed later
             from transformers import AutoConfig
@@ -66,7 +73,9 @@ class OffloadTrainer(Trainer):
             model = empty_model(AutoConfig.from_pretrained(model))
         self.offload_engine: OffloadEngine | None = None
         self._resume_from: str | None = None
+        self._tracked: set[int] = set()  # steps of Trainer's checkpoints with an engine snapshot
         super().__init__(model, args, *posargs, **kwargs)
+        _refuse_unsupported(self)
 
     # ------------------------------------------------------------------------------ placement
     def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
@@ -82,7 +91,11 @@ class OffloadTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._tracked = self._trainer_checkpoints()  # checkpoint-N folders whose snapshots follow them
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self.args.save_strategy != "no":
+            self._drop_rotated_snapshots()
+        return output
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -118,6 +131,10 @@ class OffloadTrainer(Trainer):
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         assert self.offload_engine is not None
         inputs = self._prepare_inputs(inputs)
+        if "labels" not in inputs:  # Trainer's model would return no loss: it stops too
+            raise ValueError(f"the batch has no labels, only {', '.join(inputs)}: the model returns no loss; "
+                             f"use a collator that makes them (DataCollatorForLanguageModeling(tokenizer, "
+                             f"mlm=False)) or put labels in the dataset")
         batch = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in inputs}
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             batch["num_items_in_batch"] = num_items_in_batch
@@ -137,6 +154,11 @@ class OffloadTrainer(Trainer):
         return float(self.optimizer.param_groups[0]["lr"])
 
     # ------------------------------------------------------------------------------ evaluation
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        if self.offload_engine is None:  # evaluate() or predict() before train(): the engine places
+            self._start_engine()  # the model first (a checkpoint's is empty until then)
+        return super().evaluation_loop(*args, **kwargs)
+
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple[Any, Any, Any]:
         if self.offload_engine is None:  # evaluate() before train(): start the engine now
@@ -157,24 +179,91 @@ class OffloadTrainer(Trainer):
             out.mkdir(parents=True, exist_ok=True)
             (out / "offload_checkpoint.json").write_text(json.dumps(
                 {"snapshot": f"../checkpoints/step-{self.state.global_step}"}))
+            self._save_beside(out)
             return
-        if self.offload_engine is None:  # neither trained nor evaluated yet: the model is the user's
-            return super().save_model(output_dir, _internal_call)
+        if self.offload_engine is None:
+            if not isinstance(self._source, (str, os.PathLike)):  # neither trained nor evaluated: the
+                return super().save_model(output_dir, _internal_call)  # model is the user's, in memory
+            self._start_engine()  # a checkpoint's model: streamed through the engine
         if self.args.should_save:
-            self.offload_engine.save(output_dir or self.args.output_dir)
+            out = Path(output_dir or self.args.output_dir)
+            self.offload_engine.save(out)
+            self._save_beside(out)
         return None
+
+    def _save_beside(self, out: Path) -> None:
+        """What Trainer's ``_save`` writes beside the weights: the processing class (or the
+        collator's tokenizer) and ``training_args.bin``."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        torch.save(self.args, out / TRAINING_ARGS_NAME)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         assert self.offload_engine is not None
-        self.offload_engine.checkpoint(self.state.global_step)
+        self.offload_engine.checkpoint(self.state.global_step, rotate=False)  # Trainer's rotation decides
+        self._tracked.add(self.state.global_step)
         self._in_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._in_checkpoint = False
+        self._drop_rotated_snapshots()
+
+    def _drop_rotated_snapshots(self) -> None:
+        """Remove the engine snapshots of the checkpoint-N folders Trainer rotated out: after each
+        checkpoint, and after training (with save_total_limit 1 it drops the last one if another
+        is the best)."""
+        from cli.checkpoint import list_checkpoints
+
+        if self.offload_engine is None:
+            return
+        kept = self._trainer_checkpoints()
+        for ckpt in list_checkpoints(Path(self.args.output_dir)):
+            if ckpt.step in self._tracked - kept:  # never a snapshot Trainer did not make (a CLI run's)
+                self.offload_engine.remove_checkpoint(ckpt.step)
+        self._tracked &= kept
+
+    def _trainer_checkpoints(self) -> set[int]:
+        """N of every ``checkpoint-N`` folder in the output directory."""
+        return {int(p.name.rpartition("-")[2]) for p in Path(self.args.output_dir).glob("checkpoint-*")
+                if p.name.rpartition("-")[2].isdigit()}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         return None  # the engine restarts from the checkpoint's snapshot (create_optimizer)
+
+
+def _refuse_unsupported(trainer: OffloadTrainer) -> None:
+    """Trainer features the engine would otherwise ignore without a word: one error naming each."""
+    from transformers import Trainer
+
+    a = trainer.args
+    said = None
+    if trainer.optimizer is not None or getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        said = ("optimizers= is not supported: the engine runs its own CPU AdamW (its state on the SSD); set "
+                "learning_rate, weight_decay and adam_beta1/2/epsilon in TrainingArguments instead")
+    elif (optim := str(getattr(a.optim, "value", a.optim))) not in SUPPORTED_OPTIM:
+        said = (f"optim={optim!r} is not supported: the engine runs AdamW ({' or '.join(SUPPORTED_OPTIM)}, the "
+                f"same math); drop optim or set it to adamw_torch_fused")
+    elif a.label_smoothing_factor:
+        said = "label_smoothing_factor is not supported: the engine trains the model's own loss; set it to 0"
+    elif getattr(trainer, "compute_loss_func", None) is not None or type(trainer).compute_loss is not Trainer.compute_loss:
+        said = ("a custom loss (compute_loss_func=, or compute_loss overridden) is not supported: the engine "
+                "trains the model's own loss, streamed layer by layer")
+    elif a.load_best_model_at_end:
+        said = ("load_best_model_at_end is not supported yet: checkpoints are the engine's snapshots; export the "
+                "best one with `offload-train export OUTPUT_DIR/checkpoints/step-N OUT`")
+    elif not isinstance(trainer._source, (str, os.PathLike)) and any(
+            p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 for p in trainer.model.parameters()):
+        said = ("the model's trainable weights are not float32: the engine keeps fp32 master weights; load it in "
+                "float32 (bf16=True trains in mixed precision), or pass the checkpoint's path")
+    if said is not None:
+        raise ConfigError(f"OffloadTrainer: {said}")
+
+
+SUPPORTED_OPTIM = ("adamw_torch", "adamw_torch_fused")
 
 
 def _dtype_name(args: Any) -> str:

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from cli import OffloadArguments, OffloadEngine, OffloadTrainer
+from cli.main import main
 from cli.trainer import CHECKED_TRANSFORMERS
 from runs import PLAN
 from test_trainer_peer import GA, MBS, SETTINGS, STEPS, VOCAB, _Losses, rows
@@ -76,9 +77,9 @@ def make_checkpoint(tmp_path):
 
 
 def arguments(out, **extra) -> TrainingArguments:
-    settings = {"save_strategy": "no", **SETTINGS, **extra}
+    settings = {"save_strategy": "no", "optim": "adamw_torch", **SETTINGS, **extra}
     return TrainingArguments(output_dir=str(out), per_device_train_batch_size=MBS, gradient_accumulation_steps=GA,
-                             max_steps=STEPS, optim="adamw_torch", logging_steps=1, report_to="none", use_cpu=True,
+                             max_steps=STEPS, logging_steps=1, report_to="none", use_cpu=True,
                              seed=0, dataloader_drop_last=True, disable_tqdm=True, per_device_eval_batch_size=4,
                              **settings)
 
@@ -182,7 +183,6 @@ def test_the_cli_says_in_one_line_why_it_cannot_resume_a_trainer_run(tmp_path, c
     CLI's), exit 2."""
     import yaml
 
-    from cli.main import main
 
     ckpt = make_checkpoint(tmp_path)
     out = tmp_path / "run"
@@ -231,3 +231,85 @@ def test_offload_trainer_trains_a_peft_model_as_trainer_does(tmp_path):
     got = {k: v for k, v in loaded.named_parameters() if "lora_" in k}
     assert got.keys() == want.keys()
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"optimizers": "sgd"}, "optimizers="),
+    ({"optim": "sgd"}, "optim='sgd'"),
+    ({"label_smoothing_factor": 0.1}, "label_smoothing_factor"),
+    ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean()}, "custom loss"),
+    ({"load_best_model_at_end": True, "eval_strategy": "steps", "save_strategy": "steps"}, "load_best_model_at_end"),
+    ({"bfloat16": True}, "not float32"),
+])
+def test_what_the_engine_cannot_do_is_refused_not_ignored(tmp_path, change, words):
+    from cli.config import ConfigError
+
+    ckpt = make_checkpoint(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if "bfloat16" in change else torch.float32)
+    extra = {k: v for k, v in change.items() if k in ("optim", "label_smoothing_factor", "load_best_model_at_end",
+                                                      "eval_strategy", "save_strategy")}
+    kwargs = {}
+    if "optimizers" in change:
+        kwargs["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.1), None)
+    if "compute_loss_func" in change:
+        kwargs["compute_loss_func"] = change["compute_loss_func"]
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        OffloadTrainer(model=model, args=arguments(tmp_path / "ours", **extra), train_dataset=rows(),
+                       eval_dataset=rows()[:4], data_collator=collate, offload=offload_arguments(tmp_path), **kwargs)
+
+
+def test_a_batch_without_labels_stops_as_trainer_does(tmp_path):
+    def no_labels(features: list[dict]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in collate(features).items() if k != "labels"}
+
+    trainer = OffloadTrainer(model=str(make_checkpoint(tmp_path)), args=arguments(tmp_path / "ours"),
+                             train_dataset=rows(), data_collator=no_labels, offload=offload_arguments(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="no labels"):
+            trainer.train()
+    finally:
+        trainer.close()
+
+
+def test_the_best_checkpoint_keeps_its_snapshot_through_trainers_rotation(tmp_path):
+    """save_total_limit 1 with a best metric: Trainer keeps the best checkpoint-N (and rotates the
+    others out, the last one too here); the engine's snapshots follow exactly (none of the kept
+    ones deleted, the rotated ones gone), and the best one exports."""
+    args = arguments(tmp_path / "ours", save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+                     save_total_limit=1, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = OffloadTrainer(model=str(make_checkpoint(tmp_path)), args=args, train_dataset=rows(),
+                             eval_dataset=rows()[:4], data_collator=collate, offload=offload_arguments(tmp_path))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = tmp_path / "ours"
+    kept = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    best = int(trainer.state.best_model_checkpoint.rpartition("-")[2])
+    assert best in kept
+    assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == kept
+    assert main(["export", str(out / "checkpoints" / f"step-{best}"), str(tmp_path / "best")]) == 0
+
+
+def test_evaluate_and_save_before_training_a_checkpoint_path(tmp_path):
+    """A checkpoint's path, evaluated and saved before train(): Trainer's numbers on the loaded
+    model, and the folder Trainer writes (weights, tokenizer, training_args.bin)."""
+    from cli.data import load_tokenizer
+
+    ckpt, tokenizer = make_checkpoint(tmp_path), load_tokenizer(None, None)
+    reference = Trainer(model=AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32),
+                        args=arguments(tmp_path / "ref"), eval_dataset=rows()[:6], data_collator=collate)
+    trainer = OffloadTrainer(model=str(ckpt), args=arguments(tmp_path / "ours"), train_dataset=rows(),
+                             eval_dataset=rows()[:6], data_collator=collate, processing_class=tokenizer,
+                             offload=offload_arguments(tmp_path))
+    try:
+        assert abs(trainer.evaluate()["eval_loss"] - reference.evaluate()["eval_loss"]) <= 1e-5
+        trainer.save_model(str(tmp_path / "saved"))
+    finally:
+        trainer.close()
+    saved = tmp_path / "saved"
+    assert (saved / "training_args.bin").is_file()
+    assert len(transformers.AutoTokenizer.from_pretrained(saved)) == len(tokenizer)
+    got = dict(AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).named_parameters())
+    for name, w in AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).named_parameters():
+        assert torch.equal(got[name], w), name
