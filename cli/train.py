@@ -101,8 +101,12 @@ def build_model(cfg: Any, hf_config: Any) -> tuple[Any, Any]:
 
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
+    # the compute dtype before the model is built: the buffers it computes from the config (RoPE
+    # tables, Gemma's embedding scale) are made in it, as from_pretrained(dtype=...) makes them,
+    # not in the checkpoint's dtype; and what checkpoints and final/ are written in
+    hf_config.dtype = DTYPES[m.dtype]
     model = empty_model(hf_config, trust_remote_code=m.trust_remote_code)
-    hf_config.dtype = model.config.dtype = DTYPES[m.dtype]  # what checkpoints and final/ are written in
+    model.config.dtype = DTYPES[m.dtype]
     if m.name_or_path:
         initializer: Any = CheckpointInit(m.name_or_path, model)
         initializer.check_ties()

@@ -228,3 +228,29 @@ def _without_aux(ckpt: Path, tmp_path: Path) -> Path:
     doc["output_router_logits"] = False
     (other / "config.json").write_text(json.dumps(doc))
     return other
+
+
+@pytest.mark.parametrize("family", ["gemma", "gptj"])
+def test_buffers_made_from_the_config_are_in_the_compute_dtype(tmp_path, family):
+    """A checkpoint saved in bf16, trained in fp32: the buffers the model computes from its config
+    (Gemma's embedding scale, GPT-J's rotary table) are what from_pretrained(dtype=float32) makes,
+    not rounded to the checkpoint's bf16 (Gemma's scale at hidden 3072: 55.5 instead of 55.43)."""
+    from cli.config import load_config
+    from cli.train import build_model, load_model_config
+
+    fields = ({"n_embd": 64, "n_layer": 2, "n_head": 4, "rotary_dim": 8, "n_positions": 64} if family == "gptj"
+              else {**SMALL, "hidden_size": 48, "head_dim": 16})  # scale sqrt(48): not a bf16 value
+    path = tmp_path / family
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{"vocab_size": VOCAB, **fields})).to(
+        torch.bfloat16).save_pretrained(path)
+    (tmp_path / "run.yaml").write_text(json.dumps({"model": {"name_or_path": str(path), "dtype": "float32"},
+                                                   "data": {"path": "unused.jsonl"},
+                                                   "train": {"output_dir": str(tmp_path / "run")}}))
+    cfg = load_config(tmp_path / "run.yaml")
+    model, _ = build_model(cfg, load_model_config(cfg))
+    want = dict(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).named_buffers())
+    floating = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    assert floating
+    for name, b in floating:
+        assert b.dtype == want[name].dtype == torch.float32, name
+        assert torch.equal(b, want[name]), name
