@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from offload.errors import OffloadError
 from scheduler.cost_model import LayerTiming
 from scheduler.model_shape import ModelShape
 from scheduler.placement import ITEMSIZE
@@ -109,8 +110,18 @@ def budget_probe(hf_config: Any, shape: ModelShape, wl: Workload, device: torch.
     size = probe_size(shape, wl, budget_bytes)
     if size is None:
         return None
-    timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=size.micro_batch), device, size.vocab,
-                          size.layers)
+    try:
+        timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=size.micro_batch), device, size.vocab,
+                              size.layers)
+    except OffloadError:
+        raise  # what the probe found out about the model (a layer input it cannot stream, a budget)
+    except (ValueError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as err:
+        # a model cut to its first layers may not run alone (layers of several kinds: Jamba's first
+        # ones have no attention to build a mask for); the whole model still trains
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"offload-train: note: the layer probe cannot run the first {size.layers} layer(s) of this "
+              f"{getattr(hf_config, 'model_type', 'model')} alone ({first[:200]}); planning from FLOP counts")
+        return None
     scale = wl.micro_batch / size.micro_batch
     if scale == 1:
         return timing

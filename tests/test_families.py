@@ -62,6 +62,11 @@ FAMILIES = {
     "cohere2": ("cohere2", {}, torch.float32, None),
     "apertus": ("apertus", {}, torch.float32, None),
     "minimax": ("minimax", {}, torch.float32, None),
+    # layers of several kinds (Mamba or linear attention beside attention): the layer probe cannot
+    # run their first layers alone, the planner plans from FLOP counts, the model trains
+    "jamba": ("jamba", {"num_experts": 2, "expert_layer_period": 2, "attn_layer_period": 2, "attn_layer_offset": 1,
+                        "mamba_d_state": 4, "mamba_expand": 2, "mamba_dt_rank": 4}, torch.float32, None),
+    "lfm2": ("lfm2", {"layer_types": ["conv", "full_attention"], "block_ff_dim": 64}, torch.float32, None),
 }
 # Elements whose gradient is zero in exact arithmetic (softmax ignores a constant shift of the
 # keys, so a k-projection bias gets rounding noise only): Adam turns that noise into a full-size
@@ -254,3 +259,21 @@ def test_buffers_made_from_the_config_are_in_the_compute_dtype(tmp_path, family)
     for name, b in floating:
         assert b.dtype == want[name].dtype == torch.float32, name
         assert torch.equal(b, want[name]), name
+
+
+def test_a_model_whose_first_layers_cannot_run_alone_is_planned(tmp_path, capsys):
+    """Jamba's first layer is a Mamba layer: the probe's cut model has no attention to build a mask
+    for. The planner says so in one note and plans from FLOP counts; the plan trains."""
+    from cli.main import main
+
+    ckpt = save_checkpoint("jamba", tmp_path / "ckpt")
+    rows = make_batches()
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n"
+                                                  for b in rows for r in b["input_ids"]))
+    (tmp_path / "run.yaml").write_text(json.dumps({
+        "model": {"name_or_path": str(ckpt)}, "data": {"path": str(tmp_path / "train.jsonl"), "seq_len": 16},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "micro_batch_size": 2, "logging_steps": 1},
+        "offload": {"cpu_memory_limit": "64MB", "optimizer_impl": "torch", "io_backend": "posix"}}))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    assert "planning from FLOP counts" in capsys.readouterr().out
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
