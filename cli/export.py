@@ -117,13 +117,21 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None, merg
 
     from cli.checkpoint import SWAP_FILE
 
+    pointer = run_dir / "offload_checkpoint.json"  # OffloadTrainer's checkpoint-N: its snapshot
+    if pointer.is_file() and not (run_dir / SWAP_FILE).is_file():
+        run_dir = (run_dir / json.loads(pointer.read_text())["snapshot"]).resolve()
+    if not run_dir.is_dir():
+        raise OffloadError(f"{run_dir} does not exist; give a run folder (train.output_dir) or one of its "
+                           f"checkpoints/step-N")
     if (run_dir / SWAP_FILE).is_file():  # a checkpoint folder itself
         ckpt, run_dir = run_dir, run_dir.parent.parent
     else:
         found = list_checkpoints(run_dir)
         if not found:
-            raise OffloadError(f"{run_dir} has no checkpoints/step-N to export; train with "
-                               f"train.save_steps > 0, or point at a run folder or one of its checkpoints")
+            final = run_dir / "final"
+            hint = (f"; the trained model is already in {final} (the hub layout)" if final.is_dir() else
+                    "; train with train.save_steps > 0, or point at a run folder or one of its checkpoints")
+            raise OffloadError(f"{run_dir} has no checkpoints/step-N to export{hint}")
         ckpt = found[-1].path
     if merge or _trains_adapters(run_dir):
         from cli.lora import export_lora

@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOENT):
             raise
         where = f" ({err.filename})" if err.filename else ""
-        print(f"offload-train: error: {err.strerror}{where}; free space or fix the path, then resume "
-              f"with train.resume_from_checkpoint: auto", file=sys.stderr)
+        then = (", then resume with train.resume_from_checkpoint: auto" if args.command == "train" else
+                f", then run {args.command} again")
+        print(f"offload-train: error: {err.strerror}{where}; free space or fix the path{then}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         if "out of memory" not in str(err).lower():

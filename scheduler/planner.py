@@ -178,8 +178,9 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
                 f"needs {format_bytes(device_need)} (embeddings and head "
                 f"{format_bytes((shape.pre_numel + shape.post_numel) * wl.itemsize)}, a layer, its gradients, "
                 f"{format_bytes(work)} working memory for batch {wl.micro_batch} x {wl.seq_len}), "
-                f"{format_bytes(device_need - device_total)} short; raise offload.gpu_memory_limit or "
-                f"lower train.micro_batch_size / data.seq_len")
+                f"{format_bytes(device_need - device_total)} short; raise "
+                f"offload.{'cpu' if budgets.shared else 'gpu'}_memory_limit or lower train.micro_batch_size / "
+                f"data.seq_len")
     # The state that must live somewhere off the device: optimizer, kept gradients, weights.
     n = shape.trainable_numel
     kept = wl.deferred  # layer-major accumulation keeps gradients only for deferred updates
@@ -204,5 +205,7 @@ def _why_infeasible(shape: ModelShape, wl: Workload, budgets: Budgets, overlap: 
                 f"({format_bytes(wl.optimizer_bytes_per_param * n)} each) beside the training state "
                 f"({format_bytes(state)}): the SSD has {format_bytes(budgets.nvme_bytes)} free, "
                 f"{format_bytes(state + versions - room)} short; lower train.save_total_limit or free space")
-    return (f"no placement fits device {format_bytes(device_total)}, host {format_bytes(host_total)} and SSD "
-            f"{format_bytes(budgets.nvme_bytes)} together; raise offload.cpu_memory_limit or free SSD space")
+    memory = (f"RAM {format_bytes(device_total)}" if budgets.shared else
+              f"device {format_bytes(device_total)}, host {format_bytes(host_total)}")
+    return (f"no placement fits {memory} and SSD {format_bytes(budgets.nvme_bytes)} together; raise "
+            f"offload.cpu_memory_limit or free SSD space")

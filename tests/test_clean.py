@@ -48,6 +48,11 @@ def test_clean_all_leaves_final_and_train_says_nothing_to_resume(finished, capsy
     capsys.readouterr()
     assert main(train_args(finished.parent / "run.yaml")) == 2
     assert "nothing is left to resume" in one_line_error(capsys)
+    # export has no checkpoint left to read: it points at final/, and a missing folder is named
+    assert main(["export", str(finished), str(finished.parent / "out")]) == 2
+    assert str(finished / "final") in one_line_error(capsys)
+    assert main(["export", str(finished.parent / "nowhere"), str(finished.parent / "out")]) == 2
+    assert "does not exist" in one_line_error(capsys)
 
 
 def test_keep_last_compacts_and_the_run_still_resumes(tmp_path, capsys):

@@ -289,6 +289,10 @@ def test_the_best_checkpoint_keeps_its_snapshot_through_trainers_rotation(tmp_pa
     assert best in kept
     assert sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")) == kept
     assert main(["export", str(out / "checkpoints" / f"step-{best}"), str(tmp_path / "best")]) == 0
+    assert main(["export", str(out / f"checkpoint-{best}"), str(tmp_path / "best-trainer")]) == 0  # its pointer
+    got = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "best-trainer", dtype=torch.float32).named_parameters())
+    for name, w in AutoModelForCausalLM.from_pretrained(tmp_path / "best", dtype=torch.float32).named_parameters():
+        assert torch.equal(got[name], w), name
 
 
 def test_evaluate_and_save_before_training_a_checkpoint_path(tmp_path):

@@ -221,6 +221,9 @@ def test_infeasible_jobs_say_what_does_not_fit_and_by_how_much():
     wl = Workload(micro_batch=1, seq_len=2048, compute_dtype="bfloat16")
     with pytest.raises(BudgetError, match=r"device budget .* short; raise offload.gpu_memory_limit"):
         choose_plan(SHAPE, wl, Budgets(1 * GB, 100 * GB, 1000 * GB), profile(gpu=True))
+    # without a GPU both tiers are the RAM that cpu_memory_limit bounds: that is the key to raise
+    with pytest.raises(BudgetError, match=r"device budget .* short; raise offload.cpu_memory_limit"):
+        choose_plan(SHAPE, wl, Budgets(GB // 2, GB // 2, 1000 * GB, shared=True), profile(gpu=False))
     with pytest.raises(BudgetError, match=r"training state needs .* short; free space or point offload.nvme_path"):
         choose_plan(SHAPE, wl, Budgets(20 * GB, 10 * GB, 50 * GB), profile(gpu=True))
 
