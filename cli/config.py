@@ -280,10 +280,14 @@ def _check_size(obj: object, name: str) -> None:
 
 @lru_cache(maxsize=1)
 def scheduler_types() -> tuple[str, ...]:
-    """Valid ``train.lr_scheduler_type`` values: those of ``transformers.SchedulerType``."""
+    """Valid ``train.lr_scheduler_type`` values: those of ``transformers.SchedulerType`` but the ones
+    an evaluation metric drives each step (``reduce_lr_on_plateau``, ``greedy``: the loop has none)."""
     from transformers.trainer_utils import SchedulerType
 
-    return tuple(member.value for member in SchedulerType)
+    return tuple(member.value for member in SchedulerType if member.value not in METRIC_SCHEDULERS)
+
+
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
 
 
 @lru_cache(maxsize=1)
@@ -424,6 +428,9 @@ class TrainConfig:
     """Peak AdamW learning rate."""
     lr_scheduler_type: str = "linear"
     """Learning-rate schedule, a ``transformers.SchedulerType`` value (linear, cosine, ...)."""
+    lr_scheduler_kwargs: dict[str, Any] = field(default_factory=dict)
+    """What the schedule takes besides warm-up and length (``min_lr_rate`` of
+    ``cosine_with_min_lr``, ``num_decay_steps`` of ``warmup_stable_decay``), as in TrainingArguments."""
     warmup_steps: float = 0.0
     """Linear warmup: steps when >= 1, a ratio of the total optimizer steps when below 1."""
     weight_decay: float = 0.0
@@ -465,6 +472,9 @@ class TrainConfig:
         _check_int(self, "micro_batch_size", ge=1)
         _check_int(self, "gradient_accumulation_steps", ge=1)
         _check_float(self, "learning_rate", gt=0)
+        if self.lr_scheduler_type in METRIC_SCHEDULERS:
+            _fail(self, "lr_scheduler_type", "a schedule the step count drives (reduce_lr_on_plateau and greedy "
+                  "follow an evaluation metric each step)", self.lr_scheduler_type)
         _check_choice(self, "lr_scheduler_type", scheduler_types())
         self._check_warmup()
         _check_float(self, "weight_decay", ge=0)
@@ -478,7 +488,11 @@ class TrainConfig:
         _check_int(self, "save_total_limit", ge=1, optional=True)
         self._check_resume()
         _check_choice(self, "nan_policy", NAN_POLICIES)
+        if isinstance(self.eval_strategy, bool):  # YAML reads a bare no as false
+            self.eval_strategy = "steps" if self.eval_strategy else "no"
         _check_choice(self, "eval_strategy", EVAL_STRATEGIES)
+        if not isinstance(self.lr_scheduler_kwargs, dict):
+            _fail(self, "lr_scheduler_kwargs", "a mapping of the schedule's arguments", self.lr_scheduler_kwargs)
         _check_int(self, "eval_steps", ge=1, optional=True)
         _check_int(self, "per_device_eval_batch_size", ge=1)
         _check_choice(self, "report_to", REPORT_TO)

@@ -70,6 +70,22 @@ def load_model_config(cfg: Any) -> Any:
         raise OffloadError(f"model.config: {lines[-1] if lines else type(err).__name__}") from None
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_positions(seq_len: int, hf_config: Any) -> None:
+    """``data.seq_len`` within the positions the model has (learned position tables index past their
+    end; rotary ones leave what they were trained for): else one line naming both."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    for key in POSITION_KEYS:
+        limit = getattr(text, key, None)
+        if isinstance(limit, int) and limit > 0:
+            if seq_len > limit:
+                raise OffloadError(f"data.seq_len {seq_len} is longer than the model's {key} ({limit}); lower "
+                                   f"data.seq_len to {limit} or less")
+            return
+
+
 def build_context(cfg: Any) -> RunContext:
     from cli.data import tokenizer_policy
     from cli.data_cache import load_cached
@@ -77,6 +93,7 @@ def build_context(cfg: Any) -> RunContext:
     run_dir = Path(cfg.train.output_dir)
     m = cfg.model
     hf_config = load_model_config(cfg)
+    check_positions(cfg.data.seq_len, hf_config)
     vocab = getattr(hf_config, "vocab_size", None)
     policy = tokenizer_policy(cfg.data.tokenizer, m.name_or_path, vocab)
     dataset = load_cached(cfg.data.path, policy.for_text, cfg.data.seq_len, packing=cfg.data.packing,
@@ -223,8 +240,15 @@ class _LrSchedule:
         from transformers import get_scheduler
 
         self.holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.learning_rate)
-        self.scheduler = get_scheduler(t.lr_scheduler_type, self.holder, num_warmup_steps=t.num_warmup_steps(total_steps),
-                                       num_training_steps=total_steps)
+        try:
+            self.scheduler = get_scheduler(t.lr_scheduler_type, self.holder,
+                                           num_warmup_steps=t.num_warmup_steps(total_steps),
+                                           num_training_steps=total_steps,
+                                           scheduler_specific_kwargs=dict(t.lr_scheduler_kwargs))
+        except (ValueError, TypeError) as err:  # an argument the schedule needs, missing or unknown
+            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise OffloadError(f"train.lr_scheduler_type {t.lr_scheduler_type}: {said}; give its arguments in "
+                               f"train.lr_scheduler_kwargs (e.g. min_lr_rate: 0.1, num_decay_steps: 10)") from None
 
     @property
     def lr(self) -> float:

@@ -37,6 +37,9 @@ def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str)
     ("offload.gpu_memory_limit=-1GB", ["offload.gpu_memory_limit"]),
     ("model.name_or_path=/nonexistent/model", ["/nonexistent/model"]),
     ("data.path=/nonexistent/data.jsonl", ["/nonexistent/data.jsonl", "does not exist"]),
+    ("train.lr_scheduler_type=reduce_lr_on_plateau", ["train.lr_scheduler_type", "evaluation metric"]),
+    ("train.lr_scheduler_type=cosine_with_min_lr", ["cosine_with_min_lr", "min_lr", "train.lr_scheduler_kwargs"]),
+    ("data.seq_len=65", ["data.seq_len 65", "max_position_embeddings (64)"]),
 ])
 def test_bad_value_is_one_line(tmp_path, capsys, override, words):
     cfg = write_run_config(tmp_path, "run")

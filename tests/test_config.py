@@ -186,6 +186,21 @@ def test_warmup_steps_below_one_are_a_ratio(warmup, total, expected):
     assert TrainConfig(output_dir="o", warmup_steps=warmup).num_warmup_steps(total) == expected
 
 
+def test_a_bare_no_is_the_eval_strategy_no(tmp_path):
+    """YAML reads ``eval_strategy: no`` as false: it means the documented value ``no``."""
+    text = "model: {config: {model_type: llama}}\ndata: {path: corpus.txt}\ntrain: {output_dir: runs/x, eval_strategy: no}\n"
+    assert load_config(write(tmp_path, text)).train.eval_strategy == "no"
+
+
+def test_lr_scheduler_kwargs_are_a_mapping(tmp_path):
+    doc = minimal()
+    doc["train"].update(lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1})
+    assert load_config(write(tmp_path, doc)).train.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    doc["train"]["lr_scheduler_kwargs"] = [0.1]
+    with pytest.raises(ConfigError, match="train.lr_scheduler_kwargs"):
+        load_config(write(tmp_path, doc))
+
+
 def test_config_dict_is_not_shared_with_the_input():
     d = minimal()
     cfg = config_from_dict(d, "c.yaml")
