@@ -49,6 +49,7 @@ def write_hf_model(out_dir: Path, units: Iterable[tuple[str, list[ParamSlot], to
         total_bytes += _write_shard(out_dir / shard, hub_state_dict(model, buffers), weight_map)
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _remove_stale_weights(out_dir, set(weight_map.values()))
     hf_config = model.config
     hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
@@ -100,6 +101,18 @@ def read_model_extras(model: Any, directory: Path) -> None:
                     buf.copy_(saved[name].to(buf.dtype))
 
 
+STALE_WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _remove_stale_weights(out_dir: Path, written: set[str]) -> None:
+    """Weight files of an earlier model in ``out_dir``, as ``save_pretrained`` removes them (those
+    named like its own): left there, ``from_pretrained`` could load them instead of the export."""
+    for pattern in STALE_WEIGHT_PATTERNS:
+        for path in out_dir.glob(pattern):
+            if path.name not in written and path.name != "model.safetensors.index.json":
+                path.unlink()
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
     """One safetensors file; its names go into ``weight_map``; returns the bytes written."""
     tensors = {name: t.contiguous() for name, t in tensors.items()}
@@ -117,6 +130,7 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None, merg
 
     from cli.checkpoint import SWAP_FILE
 
+    _check_target(out_dir)
     pointer = run_dir / "offload_checkpoint.json"  # OffloadTrainer's checkpoint-N: its snapshot
     if pointer.is_file() and not (run_dir / SWAP_FILE).is_file():
         run_dir = (run_dir / json.loads(pointer.read_text())["snapshot"]).resolve()
@@ -153,6 +167,15 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None, merg
     model = empty_model(hf_config)  # meta device: its structure names the exported tensors
     read_model_extras(model, ckpt)
     return write_hf_model(out_dir, units.named_masters(), len(units.layout), model, dtype, tokenizer)
+
+
+def _check_target(out_dir: Path) -> None:
+    """Not into a run's checkpoint or swap (the export would overwrite what resumes read)."""
+    from cli.checkpoint import SWAP_FILE
+    from offload.manifest import MANIFEST_NAME
+
+    if (out_dir / SWAP_FILE).is_file() or (out_dir / MANIFEST_NAME).is_file():
+        raise OffloadError(f"{out_dir} holds a checkpoint or a swap store; export into a folder of its own")
 
 
 def _trains_adapters(run_dir: Path) -> bool:

@@ -208,6 +208,9 @@ def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: to
     if cfg.model.name_or_path is None:
         raise OffloadError(f"{run_dir} trained adapters on a randomly initialized base (model.config): there "
                            f"is no base checkpoint to merge them into; export without --merge")
+    if out_dir.resolve() == Path(cfg.model.name_or_path).resolve():
+        raise OffloadError(f"{out_dir} is the base checkpoint the adapter merges into (read while the export "
+                           f"is written); export into another folder")
     from scheduler.hf_checkpoint import CheckpointInit
     from scheduler.model_map import build_model_map
 

@@ -79,3 +79,27 @@ def test_clean_all_is_refused_before_training_finished(tmp_path, capsys):
     assert main(["clean", str(tmp_path / "run"), "--yes"]) == 2
     assert "--keep-last" in one_line_error(capsys)
     assert ckpt_io.list_checkpoints(tmp_path / "run")
+
+
+def test_export_over_an_earlier_model_leaves_only_the_export(finished, capsys):
+    """An export into a folder holding another model's weights: those go (as save_pretrained's
+    do), so from_pretrained loads the export; a checkpoint or the swap is never a target."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out = finished.parent / "out"
+    out.mkdir()
+    save_file({"stale": torch.zeros(2)}, str(out / "model.safetensors"))
+    (out / "pytorch_model.bin").write_bytes(b"stale")
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(finished), str(out)]) == 0
+    assert not (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    got = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
+    want = final_weights(finished)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    capsys.readouterr()
+    for target in (ckpt_io.list_checkpoints(finished)[-1].path, finished / "swap"):
+        assert main(["export", str(finished), str(target)]) == 2
+        assert "folder of its own" in one_line_error(capsys)
