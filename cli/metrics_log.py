@@ -6,6 +6,7 @@ TensorBoard event files under ``<output_dir>/runs`` with ``train.report_to: tens
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ _TAGS = {"eval_loss": "eval/loss"}
 class MetricsLog:
     """Append-only metrics of one run; ``close()`` releases the file and the event writer."""
 
-    def __init__(self, run_dir: Path, report_to: str) -> None:
+    def __init__(self, run_dir: Path, report_to: str, first_step: int = 1) -> None:
         self.run_dir = run_dir
         self.report_to = report_to
+        self.first_step = first_step  # a resumed run's: TensorBoard forgets what it logged from there on
         self._file: Any = None
         self._tb: Any = None
 
@@ -31,12 +33,14 @@ class MetricsLog:
             except ImportError:
                 raise OffloadError("train.report_to tensorboard needs the tensorboard package: "
                                    "pip install 'offload-train[tensorboard]', or set report_to: none") from None
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR))
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=self.first_step)
         self._file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         return self
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite value (a NaN loss under nan_policy: skip) is written as null
+        self._file.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                     for k, v in record.items()}, allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = record["step"]

@@ -268,6 +268,7 @@ class _ResumePoint:
     ckpt: Any = None  # the checkpoint resumed from
     fingerprint: str | None = None
     update: Any = None  # scheduler.settings.UpdateState
+    log_window: dict[str, Any] | None = None  # the steps since the last metrics record (their losses, ...)
 
 
 def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoint:
@@ -293,7 +294,8 @@ def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoin
     print(f"resuming from {ckpt.path} (step {step})")
     update = UpdateState(optimizer_step=state.get("optimizer_step", step), loss_scale=state.get("loss_scale"),
                          good_steps=state.get("good_steps", 0))
-    return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update)
+    return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update,
+                        state.get("log_window"))
 
 
 def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
@@ -335,12 +337,17 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
 
     t, run_dir = ctx.cfg.train, ctx.run_dir
     ga = t.gradient_accumulation_steps
-    metrics_log = MetricsLog(run_dir, t.report_to).open()
+    metrics_log = MetricsLog(run_dir, t.report_to, first_step=resume.step + 1).open()
     takes_loss_kwargs = accepts_loss_kwargs(ctx.model)  # checked once, not every step
     start_step = resume.step
     batches = _batch_stream(ctx, resume.position)
     t_start = time.perf_counter()
-    tokens_total, window_losses, window_tokens, window_time, window_skipped = 0, [], 0, 0.0, 0
+    # the steps since the last record: carried through a checkpoint, so a resumed run logs the
+    # same averages as an uninterrupted one
+    window = resume.log_window or {}
+    tokens_total = 0
+    window_losses, window_tokens = list(window.get("losses", [])), int(window.get("tokens", 0))
+    window_time, window_skipped = float(window.get("time_s", 0.0)), int(window.get("skipped", 0))
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=None, mininterval=1.0)  # no bar when stdout is not a terminal
     try:
@@ -382,7 +389,9 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
                 tqdm.write(f"step {step}/{total_steps}  eval_loss {eval_loss:.4f}")
                 bar.set_postfix(loss=f"{result.loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
-                _save(ctx, engine, store, step, next_position, schedule.scheduler, fingerprint)
+                _save(ctx, engine, store, step, next_position, schedule.scheduler, fingerprint,
+                      {"losses": window_losses, "tokens": window_tokens, "time_s": window_time,
+                       "skipped": window_skipped})
     finally:
         bar.close()
         metrics_log.close()
@@ -477,9 +486,10 @@ def _metrics_record(engine: Engine, step: int, lr: float, result: Any, losses: l
 
 
 def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any, scheduler: Any,
-          fingerprint: str) -> None:
+          fingerprint: str, log_window: dict[str, Any]) -> None:
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
-             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint}
+             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
+             "log_window": log_window}
     save_engine_checkpoint(ctx, engine, store, step, state)
 
 

@@ -135,7 +135,13 @@ def test_non_finite_loss_follows_nan_policy_and_shows_in_metrics(tmp_path, capsy
     records = read_metrics(tmp_path / "run")
     assert [r["skipped"] for r in records] == [False, False, True, True]
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
-    assert json.dumps(records[-1]["loss"]) == "NaN"
+    assert records[-1]["loss"] is None  # strict JSON (jq reads it): no NaN literal
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
 
 
 def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path):

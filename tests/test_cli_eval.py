@@ -58,8 +58,8 @@ def write_config(tmp_path: Path, run: str, **train: object) -> Path:
     return path
 
 
-def train(cfg: Path) -> int:
-    return main(["train", str(cfg), "--plan", str(cfg.parent / "plan.json")])
+def train(cfg: Path, *extra: str) -> int:
+    return main(["train", str(cfg), "--plan", str(cfg.parent / "plan.json"), *extra])
 
 
 def plain_eval_loss(model_dir: Path, eval_rows: Path) -> float:
@@ -105,6 +105,9 @@ def test_tensorboard_gets_the_metrics(tmp_path):
 
     cfg = write_config(tmp_path, "run", eval_strategy="steps", eval_steps=2, report_to="tensorboard")
     assert train(cfg) == 0
+    # resumed from step 2: steps 3-4 run again, and TensorBoard shows them once, as metrics.jsonl
+    (tmp_path / "run" / "checkpoints" / "step-4").rename(tmp_path / "step-4-aside")
+    assert train(cfg, "--set", "train.resume_from_checkpoint=auto") == 0
     events = EventAccumulator(str(tmp_path / "run" / "runs"))
     events.Reload()
     records = read_metrics(tmp_path / "run")

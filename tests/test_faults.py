@@ -21,7 +21,14 @@ from cli import checkpoint as ckpt_io
 from cli.main import main
 from offload.faults import FAULT_ENV
 from offload.store import DATA_FILE_NAME
-from runs import assert_same_run, final_weights, one_line_error, train_args, write_run_config
+from runs import (
+    assert_same_run,
+    final_weights,
+    one_line_error,
+    train_args,
+    trajectory,
+    write_run_config,
+)
 
 
 def train_subprocess(cfg: Path, fault: str | None) -> subprocess.CompletedProcess[str]:
@@ -188,6 +195,19 @@ def test_reference_engine_checkpoints_resume_exactly(tmp_path):
     assert main(train_args(cfg, *ref, "--set", "train.max_steps=3")) == 0
     (tmp_path / "split" / "checkpoints" / "step-3").rename(tmp_path / "step-3-aside")
     assert main(train_args(cfg, *ref)) == 0
+    assert_same_run(tmp_path / "split", tmp_path / "whole")
+
+
+def test_a_resume_between_two_records_logs_what_the_uninterrupted_run_logs(tmp_path):
+    """logging_steps 4, checkpoints every 3: resumed at step 3, the record of step 4 still averages
+    steps 1-4 (the steps since the last record travel in the checkpoint)."""
+    every = ["--set", "train.logging_steps=4", "--set", "train.save_steps=3"]
+    assert main(train_args(write_run_config(tmp_path, "whole"), *every)) == 0
+    cfg = write_run_config(tmp_path, "split")
+    assert main(train_args(cfg, *every)) == 0
+    (tmp_path / "split" / "checkpoints" / "step-6").rename(tmp_path / "step-6-aside")
+    assert main(train_args(cfg, *every)) == 0  # from step 3
+    assert [r[0] for r in trajectory(tmp_path / "whole")] == [4, 6]
     assert_same_run(tmp_path / "split", tmp_path / "whole")
 
 
