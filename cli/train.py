@@ -193,7 +193,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
                            f"{t.micro_batch_size} x {ga}; add data or lower train.micro_batch_size")
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_train_epochs * per_epoch)
     schedule = _LrSchedule(t, total_steps)
-    resume = _resume_point(cfg, run_dir, schedule)
+    data_fingerprint = ctx.dataset.fingerprint()  # once: checkpoints carry it, a resume compares
+    resume = _resume_point(cfg, run_dir, schedule, data_fingerprint)
 
     plan, record = make_plan(ctx, plan_path, profile_path, total_steps)
     (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
@@ -219,7 +220,8 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
             swap.check_checkpoint_room(store, units, versions, states_on_nvme,
                                        itemsize=DTYPES[cfg.model.state_dtype].itemsize)
             try:
-                return _loop(ctx, engine, schedule, resume, total_steps, per_epoch, fingerprint, store)
+                return _loop(ctx, engine, schedule, resume, total_steps, per_epoch,
+                             {"fingerprint": fingerprint, "data_fingerprint": data_fingerprint}, store)
             except OutOfSpaceError as err:
                 last = ckpt_io.list_checkpoints(run_dir)
                 kept = f"checkpoint {last[-1].path.name} is intact" if last else "no checkpoint was written yet"
@@ -271,7 +273,7 @@ class _ResumePoint:
     log_window: dict[str, Any] | None = None  # the steps since the last metrics record (their losses, ...)
 
 
-def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoint:
+def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule, data_fingerprint: str) -> _ResumePoint:
     from cli.clean import CLEANED_FILE
     from cli.data import DataPosition
     from scheduler.settings import UpdateState
@@ -291,6 +293,10 @@ def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule) -> _ResumePoin
     for _ in range(step):  # the schedule of *this* config, advanced to the step reached
         schedule.step()
     _check_resume_keys(cfg, state, ckpt.path)
+    if state.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+        print(f"offload-train: warning: the data at {cfg.data.path} changed since {ckpt.path} was written "
+              f"(its sequences differ): the run goes on from batch {state['data_position']['batch_index']} "
+              f"of epoch {state['data_position']['epoch']} of the new data")
     print(f"resuming from {ckpt.path} (step {step})")
     update = UpdateState(optimizer_step=state.get("optimizer_step", step), loss_scale=state.get("loss_scale"),
                          good_steps=state.get("good_steps", 0))
@@ -330,7 +336,8 @@ def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any,
 
 
 def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _ResumePoint, total_steps: int,
-          per_epoch: int, fingerprint: str, store: Any) -> int:
+          per_epoch: int, fingerprints: dict[str, str], store: Any) -> int:
+    """The training loop; ``fingerprints`` (the model's, the data's) go into every checkpoint."""
     from tqdm import tqdm
 
     from cli.metrics_log import MetricsLog
@@ -389,9 +396,9 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
                 tqdm.write(f"step {step}/{total_steps}  eval_loss {eval_loss:.4f}")
                 bar.set_postfix(loss=f"{result.loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
-                _save(ctx, engine, store, step, next_position, schedule.scheduler, fingerprint,
-                      {"losses": window_losses, "tokens": window_tokens, "time_s": window_time,
-                       "skipped": window_skipped})
+                _save(ctx, engine, store, step, next_position, schedule.scheduler, {
+                    **fingerprints, "log_window": {"losses": window_losses, "tokens": window_tokens,
+                                                   "time_s": window_time, "skipped": window_skipped}})
     finally:
         bar.close()
         metrics_log.close()
@@ -486,10 +493,9 @@ def _metrics_record(engine: Engine, step: int, lr: float, result: Any, losses: l
 
 
 def _save(ctx: RunContext, engine: Engine, store: Any, step: int, position: Any, scheduler: Any,
-          fingerprint: str, log_window: dict[str, Any]) -> None:
+          extra_state: dict[str, Any]) -> None:
     state = {"step": step, "data_position": {"epoch": position.epoch, "batch_index": position.batch_index},
-             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], "fingerprint": fingerprint,
-             "log_window": log_window}
+             "scheduler": scheduler.state_dict(), "lr": scheduler.get_last_lr()[0], **extra_state}
     save_engine_checkpoint(ctx, engine, store, step, state)
 
 

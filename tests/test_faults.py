@@ -211,6 +211,21 @@ def test_a_resume_between_two_records_logs_what_the_uninterrupted_run_logs(tmp_p
     assert_same_run(tmp_path / "split", tmp_path / "whole")
 
 
+def test_a_resume_on_changed_data_says_so(tmp_path, capsys):
+    cfg = write_run_config(tmp_path, "run")
+    assert main(train_args(cfg, "--set", "train.max_steps=3")) == 0
+    assert main(train_args(cfg)) == 0  # the same data: no word about it
+    assert "changed since" not in capsys.readouterr().out
+    cfg = write_run_config(tmp_path, "again")
+    assert main(train_args(cfg, "--set", "train.max_steps=3")) == 0
+    data = tmp_path / "train.jsonl"
+    data.write_text(data.read_text().replace("Record", "Entry"))
+    capsys.readouterr()
+    assert main(train_args(cfg)) == 0
+    out = capsys.readouterr().out
+    assert "changed since" in out and str(tmp_path / "again" / "checkpoints" / "step-3") in out
+
+
 def test_recovery_advice_names_a_checkpoint_that_verifies(tmp_path, capsys):
     """The corrupt extent belongs to the newest checkpoint: the advice names the one before it,
     which verifies; with both corrupt it says none is left."""
