@@ -60,6 +60,9 @@ class OffloadEngine:
         if unknown:
             raise ConfigError(f"OffloadEngine got unknown argument(s) {', '.join(unknown)}; the training ones are "
                               f"{', '.join(TRAIN_KEYS)}")
+        if isinstance(model, nn.Module) and any(p.device.type == "meta" for p in model.parameters()):
+            raise ConfigError("the model has no weights (meta device): pass the checkpoint's path instead, "
+                              "whose weights are streamed from its files")
         self.model_source = model
         self.offload = offload or OffloadArguments()
         self.cfg = RunConfig(
@@ -145,7 +148,17 @@ class OffloadEngine:
     # ------------------------------------------------------------------------------ training
     def step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> Any:
         """One optimizer step (``StreamingExecutor.train_step``): returns its ``StepResult``."""
-        return self._running().train_step(micro_batches, lr)
+        engine = self._running()
+        vocab = getattr(self.ctx.hf_config.get_text_config(), "vocab_size", None)
+        for k, batch in enumerate(micro_batches):
+            ids = batch["input_ids"]
+            if not vocab or not ids.numel():
+                continue
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            if not 0 <= bad < vocab:
+                raise ValueError(f"micro-batch {k} has token id {bad} outside the model's vocabulary "
+                                 f"[0, {vocab}): tokenize with the model's tokenizer")
+        return engine.train_step(micro_batches, lr)
 
     def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """(sum of token losses, target tokens) of a forward in eval mode."""

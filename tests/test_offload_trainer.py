@@ -233,6 +233,18 @@ def test_offload_trainer_trains_a_peft_model_as_trainer_does(tmp_path):
     assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-5
 
 
+def test_the_engine_api_says_what_is_wrong_with_its_input(tmp_path):
+    from cli.config import ConfigError
+    from scheduler.materialize import empty_model
+
+    ckpt = make_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="meta device"):
+        OffloadEngine(empty_model(AutoModelForCausalLM.from_pretrained(ckpt).config), output_dir=tmp_path / "m")
+    with (OffloadEngine(str(ckpt), output_dir=tmp_path / "api", offload=offload_arguments(tmp_path)) as engine,
+          pytest.raises(ValueError, match=f"token id {VOCAB} outside the model's vocabulary")):
+        engine.step([{"input_ids": torch.full((2, 8), VOCAB)}], lr=1e-3)
+
+
 @pytest.mark.parametrize(("change", "words"), [
     ({"optimizers": "sgd"}, "optimizers="),
     ({"optim": "sgd"}, "optim='sgd'"),
