@@ -115,6 +115,9 @@ class OffloadEngine:
         plan, record = make_plan(self.ctx, self.offload.plan, None, cfg.train.max_steps if cfg.train.max_steps > 0 else None)
         (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
         ckpt = ckpt_io.resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
+        if ckpt is None and ckpt_io.list_checkpoints(run_dir):  # a fresh store would drop their snapshots
+            raise OffloadError(f"{run_dir} already holds checkpoints of an earlier run; resume from one "
+                               f"(resume_from_checkpoint), or choose another output_dir")
         update = UpdateState()
         if ckpt is not None:
             state = ckpt_io.read_trainer_state(ckpt)

@@ -283,15 +283,16 @@ class TokenDataset:
     def fingerprint(self) -> str:
         """SHA-256 of the sequences (and mask): a checkpoint can tell whether the data changed."""
         digest = hashlib.sha256(f"{tuple(self.tokens.shape)}:{self.packed}".encode())
-        digest.update(self.tokens.contiguous().numpy().tobytes())
+        # hashed in place (a memoryview of each array, no copy of the dataset)
+        digest.update(memoryview(self.tokens.contiguous().numpy()).cast("B"))
         if self.attention_mask is not None:
-            digest.update(self.attention_mask.contiguous().numpy().tobytes())
+            digest.update(memoryview(self.attention_mask.contiguous().numpy()).cast("B"))
         if self.labels is not None:
             digest.update(b"labels")
-            digest.update(self.labels.contiguous().numpy().tobytes())
+            digest.update(memoryview(self.labels.contiguous().numpy()).cast("B"))
         if self.position_ids is not None:
             digest.update(b"positions")
-            digest.update(self.position_ids.contiguous().numpy().tobytes())
+            digest.update(memoryview(self.position_ids.contiguous().numpy()).cast("B"))
         return digest.hexdigest()
 
 

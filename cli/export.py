@@ -9,6 +9,7 @@ keys back to the checkpoint's), and a tied weight is stored once, under its sour
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -101,16 +102,16 @@ def read_model_extras(model: Any, directory: Path) -> None:
                     buf.copy_(saved[name].to(buf.dtype))
 
 
-STALE_WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+STALE_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)|pytorch_model\.bin\.index\.json")
+"""The weight files ``save_pretrained`` replaces (and removes when it writes others)."""
 
 
 def _remove_stale_weights(out_dir: Path, written: set[str]) -> None:
-    """Weight files of an earlier model in ``out_dir``, as ``save_pretrained`` removes them (those
-    named like its own): left there, ``from_pretrained`` could load them instead of the export."""
-    for pattern in STALE_WEIGHT_PATTERNS:
-        for path in out_dir.glob(pattern):
-            if path.name not in written and path.name != "model.safetensors.index.json":
-                path.unlink()
+    """Weight files of an earlier model in ``out_dir``, those ``save_pretrained`` would remove:
+    left there, ``from_pretrained`` could load them instead of the export."""
+    for path in out_dir.iterdir():
+        if path.is_file() and STALE_WEIGHTS.fullmatch(path.name) and path.name not in written:
+            path.unlink()
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]) -> int:
@@ -133,7 +134,11 @@ def export_run(run_dir: Path, out_dir: Path, dtype_name: str | None = None, merg
     _check_target(out_dir)
     pointer = run_dir / "offload_checkpoint.json"  # OffloadTrainer's checkpoint-N: its snapshot
     if pointer.is_file() and not (run_dir / SWAP_FILE).is_file():
-        run_dir = (run_dir / json.loads(pointer.read_text())["snapshot"]).resolve()
+        try:
+            run_dir = (run_dir / json.loads(pointer.read_text())["snapshot"]).resolve()
+        except (ValueError, KeyError, TypeError) as err:
+            raise OffloadError(f"{pointer} does not name a checkpoint ({type(err).__name__}: {err}); export "
+                               f"the run folder or one of its checkpoints/step-N instead") from None
     if not run_dir.is_dir():
         raise OffloadError(f"{run_dir} does not exist; give a run folder (train.output_dir) or one of its "
                            f"checkpoints/step-N")

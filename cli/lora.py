@@ -217,8 +217,8 @@ def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: to
     plain = empty_model(load_model_config(cfg))  # names the exported tensors, as save_pretrained would
     base = CheckpointInit(cfg.model.name_or_path, plain)
     units = build_model_map(wrapped).units
-    untie = _untied_by_copies(plain, trained)
-    if untie:  # as PEFT's merge_and_unload: the trained copy and the original part ways
+    untied, untie = _untied_by_copies(wrapped, plain, trained)
+    if untied:  # as PEFT's merge_and_unload: the trained copy and the original part ways
         plain.config.tie_word_embeddings = False
     merged = (_merged_unit(wrapped, u, base, trained, untie) for u in units)
     out_dtype = dtype or getattr(torch, cfg.model.dtype)
@@ -230,15 +230,20 @@ def export_lora(run_dir: Path, ckpt: Path, out_dir: Path, merge: bool, dtype: to
     return write_hf_model(out_dir, merged, len(units), plain, out_dtype, tokenizer)
 
 
-def _untied_by_copies(plain: nn.Module, trained: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Tied weights that ``modules_to_save`` trained a copy of (a tied model's embeddings): base
-    name -> the name its partner (the LM head) is exported under, with the original weights.
-    PEFT's ``merge_and_unload`` unties them the same way (the copy goes to one module only)."""
+def _untied_by_copies(wrapped: nn.Module, plain: nn.Module, trained: dict[str, torch.Tensor]) -> tuple[bool, dict[str, str]]:
+    """Whether the export unties a tied pair (``modules_to_save`` trained a copy of one of them, a
+    tied model's embeddings or head), and base name -> the name its partner is exported under with
+    the original weights, for partners without a trained copy of their own. PEFT's
+    ``merge_and_unload`` unties them the same way, unless the copies stay tied
+    (``ensure_weight_tying``: one shared copy, exported under the tied names as before)."""
     from scheduler.hf_checkpoint import tied_pairs
 
     copied = {base_name(n) for n in trained if ".modules_to_save." in n}
-    return {name: partner for name, partners in tied_pairs(plain).items() if name in copied
-            for partner in partners if partner not in copied}
+    pairs = {name: partners for name, partners in tied_pairs(plain).items() if name in copied}
+    config = getattr(wrapped, "peft_config", {}).get(ADAPTER)
+    if not pairs or getattr(config, "ensure_weight_tying", False):
+        return False, {}
+    return True, {name: partner for name, partners in pairs.items() for partner in partners if partner not in copied}
 
 
 def _merged_unit(wrapped: nn.Module, u: Unit, base: Callable[[Unit], dict[str, torch.Tensor]],

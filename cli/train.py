@@ -71,19 +71,24 @@ def load_model_config(cfg: Any) -> Any:
 
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+ROTARY_KEYS = ("rope_parameters", "rope_theta", "rope_scaling", "rotary_dim", "rotary_pct", "rotary_emb_base")
 
 
 def check_positions(seq_len: int, hf_config: Any) -> None:
-    """``data.seq_len`` within the positions the model has (learned position tables index past their
-    end; rotary ones leave what they were trained for): else one line naming both."""
+    """``data.seq_len`` within the positions the model has: past a learned position table, one
+    line naming both (its lookup would index past the end); past what rotary positions were
+    trained for, a warning (longer contexts are a choice: context extension, rope scaling)."""
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     for key in POSITION_KEYS:
         limit = getattr(text, key, None)
-        if isinstance(limit, int) and limit > 0:
-            if seq_len > limit:
-                raise OffloadError(f"data.seq_len {seq_len} is longer than the model's {key} ({limit}); lower "
-                                   f"data.seq_len to {limit} or less")
+        if not isinstance(limit, int) or limit <= 0 or seq_len <= limit:
+            continue
+        if any(getattr(text, k, None) is not None for k in ROTARY_KEYS):
+            print(f"offload-train: warning: data.seq_len {seq_len} is longer than the model's {key} ({limit}): "
+                  f"its rotary positions go past what it was trained for")
             return
+        raise OffloadError(f"data.seq_len {seq_len} is longer than the model's {key} ({limit}), the end of its "
+                           f"position table; lower data.seq_len to {limit} or less")
 
 
 def build_context(cfg: Any) -> RunContext:

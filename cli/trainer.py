@@ -63,7 +63,7 @@ class _LearningRate(torch.optim.Optimizer):
 class OffloadTrainer(Trainer):
     def __init__(self, model: nn.Module | str | os.PathLike[str] | None = None, args: Any = None, *posargs: Any,
                  offload: OffloadArguments | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.offload = OffloadArguments(**offload) if isinstance(offload, dict) else offload or OffloadArguments()
+        self.offload = _offload_arguments(offload)
         self._source = model
         if isinstance(model, (str, os.PathLike)):  # a checkpoint: an empty model now, weights streamed later
             from transformers import AutoConfig
@@ -74,6 +74,7 @@ class OffloadTrainer(Trainer):
         self.offload_engine: OffloadEngine | None = None
         self._resume_from: str | None = None
         self._tracked: set[int] = set()  # steps of Trainer's checkpoints with an engine snapshot
+        self._closed = False
         super().__init__(model, args, *posargs, **kwargs)
         _refuse_unsupported(self)
 
@@ -91,6 +92,8 @@ class OffloadTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_from = str(resume_from_checkpoint) if resume_from_checkpoint else None
+        if self.offload_engine is not None and self._resume_from is not None:
+            self.close_engine()  # started by evaluate() or save_model(): restart it at the checkpoint
         self._tracked = self._trainer_checkpoints()  # checkpoint-N folders whose snapshots follow them
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.args.save_strategy != "no":
@@ -106,26 +109,39 @@ class OffloadTrainer(Trainer):
 
     def close(self) -> None:
         """Stop the engine and close its swap store (its lock, threads): call it when done with
-        the trainer (after training, saving and evaluating), before another run uses the swap."""
+        the trainer (after training, saving and evaluating), before another run uses the swap.
+        The trainer cannot train, evaluate or save after it."""
+        self.close_engine()
+        self._closed = True
+
+    def close_engine(self) -> None:
         if self.offload_engine is not None:
             self.offload_engine.close(raise_errors=True)
             self.offload_engine = None
 
     def _start_engine(self) -> None:
+        if self._closed:  # a new engine would start from the base weights, not the trained ones
+            raise ConfigError("OffloadTrainer: this trainer was closed (close() released its engine and swap "
+                              "store); save and evaluate before close(), or build a new OffloadTrainer")
         a = self.args
         step = None
         if self._resume_from is not None:
             step = Path(self._resume_from).name.rpartition("-")[2]
         source = self._source if isinstance(self._source, (str, os.PathLike)) else self.model
-        self.offload_engine = OffloadEngine(
+        engine = OffloadEngine(
             source, output_dir=a.output_dir, dtype=_dtype_name(a), seq_len=_seq_len(self.train_dataset),
             offload=self.offload, learning_rate=a.learning_rate, weight_decay=a.weight_decay,
             adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_epsilon=a.adam_epsilon,
             max_grad_norm=a.max_grad_norm, gradient_accumulation_steps=a.gradient_accumulation_steps,
             micro_batch_size=a.per_device_train_batch_size, seed=a.seed, save_total_limit=a.save_total_limit,
             resume_from_checkpoint=None if step is None else str(Path(a.output_dir) / "checkpoints" / f"step-{step}"))
-        self.offload_engine.open()
-        self.model = self.model_wrapped = self.offload_engine.ctx.model
+        try:
+            engine.open()
+        except BaseException:
+            engine.close()  # what it opened (the store's lock); the trainer holds no half-open engine
+            raise
+        self.offload_engine = engine
+        self.model = self.model_wrapped = engine.ctx.model
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -152,6 +168,10 @@ class OffloadTrainer(Trainer):
 
     def _lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConfigError("OffloadTrainer: hyperparameter_search is not supported (one engine and swap store per "
+                          "output_dir); run one OffloadTrainer per trial instead")
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
@@ -233,6 +253,20 @@ class OffloadTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         return None  # the engine restarts from the checkpoint's snapshot (create_optimizer)
+
+
+def _offload_arguments(offload: OffloadArguments | dict[str, Any] | None) -> OffloadArguments:
+    if not isinstance(offload, dict):
+        return offload or OffloadArguments()
+    try:
+        return OffloadArguments(**offload)
+    except TypeError:
+        import dataclasses
+
+        known = [f.name for f in dataclasses.fields(OffloadArguments)]
+        unknown = sorted(set(offload) - set(known))
+        raise ConfigError(f"OffloadTrainer: offload= has unknown key(s) {', '.join(unknown)}; the keys are "
+                          f"{', '.join(known)}") from None
 
 
 def _refuse_unsupported(trainer: OffloadTrainer) -> None:

@@ -113,9 +113,11 @@ def budget_probe(hf_config: Any, shape: ModelShape, wl: Workload, device: torch.
     try:
         timing = cached_probe(hf_config, dataclasses.replace(wl, micro_batch=size.micro_batch), device, size.vocab,
                               size.layers)
-    except OffloadError:
+    except (OffloadError, torch.OutOfMemoryError):
         raise  # what the probe found out about the model (a layer input it cannot stream, a budget)
     except (ValueError, RuntimeError, TypeError, IndexError, KeyError, AttributeError) as err:
+        if "CUDA" in str(err) or "cuda" in type(err).__module__:
+            raise  # the device's own error: sticky, it would resurface later as another one
         # a model cut to its first layers may not run alone (layers of several kinds: Jamba's first
         # ones have no attention to build a mask for); the whole model still trains
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -94,7 +94,7 @@ class ModelMap:
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The repeated decoder layers: known paths first, then the largest uniform ModuleList."""
     modules = dict(model.named_modules())
-    for path in KNOWN_LAYER_PATHS:
+    for path in (*KNOWN_LAYER_PATHS, *(f"base_model.model.{p}" for p in KNOWN_LAYER_PATHS)):  # PEFT-wrapped too
         found = modules.get(path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
             return path, found

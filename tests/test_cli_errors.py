@@ -39,13 +39,21 @@ def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str)
     ("data.path=/nonexistent/data.jsonl", ["/nonexistent/data.jsonl", "does not exist"]),
     ("train.lr_scheduler_type=reduce_lr_on_plateau", ["train.lr_scheduler_type", "evaluation metric"]),
     ("train.lr_scheduler_type=cosine_with_min_lr", ["cosine_with_min_lr", "min_lr", "train.lr_scheduler_kwargs"]),
-    ("data.seq_len=65", ["data.seq_len 65", "max_position_embeddings (64)"]),
 ])
 def test_bad_value_is_one_line(tmp_path, capsys, override, words):
     cfg = write_run_config(tmp_path, "run")
     if override.startswith("model.name_or_path"):
         override = "model={name_or_path: /nonexistent/model}"
     fails_with(capsys, train_args(cfg, "--set", override), *words)
+
+
+def test_seq_len_past_the_positions_is_an_error_for_a_table_a_warning_for_rotary(tmp_path, capsys):
+    cfg = write_run_config(tmp_path, "run")
+    gpt2 = ["--set", "model.config.model_type=gpt2", "--set", "model.config.bos_token_id=0",
+            "--set", "model.config.eos_token_id=0"]
+    fails_with(capsys, train_args(cfg, "--set", "data.seq_len=65", *gpt2), "data.seq_len 65", "(64)", "position table")
+    assert main(train_args(cfg, "--set", "data.seq_len=65", "--set", "train.max_steps=1")) == 0  # Llama: rotary
+    assert "data.seq_len 65 is longer than the model's max_position_embeddings (64)" in capsys.readouterr().out
 
 
 def test_empty_data_is_one_line(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_cli_train import read_metrics, run_cli, tiny_config, write_config, write_texts
 
 from cli.data import load_tokenizer
@@ -139,8 +140,34 @@ def test_a_hand_written_plan_without_budgets_gets_the_configs(tmp_path):
                                                     "activations": "nvme", "chunk_numel": 16384}))
     assert main(["train", str(cfg), "--plan", str(tmp_path / "hand.json")]) == 0
     used = Plan.from_dict(json.loads((tmp_path / "run" / "plan.json").read_text()))
-    assert used.device_budget_bytes + used.host_budget_bytes == 24_000_000  # the config's 24MB, split
+    if torch.cuda.is_available():  # gpu_memory_limit 16MB and cpu_memory_limit 24MB, each its own
+        assert (used.device_budget_bytes, used.host_budget_bytes) == (16_000_000, 24_000_000)
+    else:  # both are the RAM the config's 24MB bounds, split
+        assert used.device_budget_bytes + used.host_budget_bytes == 24_000_000
     assert used.chunk_numel == 16384
+
+
+@pytest.mark.parametrize(("budgets", "words"), [
+    ({"host_budget_bytes": 4_000_000}, None),  # the other one from the config: the rest of its RAM
+    ({"device_budget_bytes": "16GB"}, "device_budget_bytes must be a positive whole number of bytes"),
+    ({"host_budget_bytes": None}, "host_budget_bytes"),
+])
+def test_a_plan_naming_one_budget_or_a_bad_one(tmp_path, capsys, budgets, words):
+    vocab = len(load_tokenizer(None, None))
+    data = write_texts(tmp_path / "train.jsonl")
+    cfg = write_config(tmp_path, "run", {"config": tiny_config(vocab)}, data, max_steps=1)
+    (tmp_path / "hand.json").write_text(json.dumps({"weights": "nvme", "optimizer": "nvme", "grads": "nvme",
+                                                    "activations": "nvme", "chunk_numel": 16384, **budgets}))
+    capsys.readouterr()
+    code = main(["train", str(cfg), "--plan", str(tmp_path / "hand.json")])
+    if words is not None:
+        assert code == 2 and words in one_line_error(capsys)
+        return
+    assert code == 0
+    used = Plan.from_dict(json.loads((tmp_path / "run" / "plan.json").read_text()))
+    assert used.host_budget_bytes == 4_000_000
+    if not torch.cuda.is_available():
+        assert used.device_budget_bytes == 20_000_000
 
 
 def test_a_replayed_plan_too_small_for_this_model_warns(tmp_path, capsys):

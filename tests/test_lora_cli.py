@@ -217,6 +217,8 @@ def test_merged_export_of_a_moe_adapter_equals_merge_and_unload(tmp_path):
     ("gpt2", {"target_modules": ["c_attn"], "bias": "all"}),
     # a trained copy of a tied embedding: the export unties, the head keeps the original
     ("qwen2", {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["embed_tokens"]}),
+    # trained copies of both: untied, each exported as trained
+    ("qwen2", {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}),
 ])
 def test_merged_export_keeps_what_else_was_trained(tmp_path, model_type, section):
     from transformers import AutoConfig

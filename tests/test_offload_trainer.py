@@ -24,6 +24,7 @@ from transformers import (
 from cli import OffloadArguments, OffloadEngine, OffloadTrainer
 from cli.main import main
 from cli.trainer import CHECKED_TRANSFORMERS
+from offload.errors import OffloadError
 from runs import PLAN
 from test_trainer_peer import GA, MBS, SETTINGS, STEPS, VOCAB, _Losses, rows
 
@@ -137,10 +138,13 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
     def run(out, resume, stop=None) -> dict:
         log = _Losses()
         trainer = InOrderOffloadTrainer(model=str(ckpt), args=arguments(out, save_strategy="steps", save_steps=2),
-                                        train_dataset=data, data_collator=collate,
+                                        train_dataset=data, eval_dataset=data[:4], data_collator=collate,
                                         callbacks=[log] + ([_StopAt(stop)] if stop else []),
                                         offload=offload_arguments(tmp_path))
         try:
+            if resume:  # a script run again: its evaluate() must neither wipe the checkpoints' snapshots
+                with pytest.raises(OffloadError, match="already holds checkpoints"):  # nor start training fresh
+                    trainer.evaluate()
             trainer.train(resume_from_checkpoint=resume)
             trainer.save_model(str(out / "final"))
         finally:
@@ -154,6 +158,18 @@ def test_resume_from_checkpoint_equals_the_uninterrupted_run(tmp_path):
     assert resumed["losses"] == straight["losses"][2:]
     for name, w in straight["weights"].items():
         assert torch.equal(resumed["weights"][name], w), name
+
+
+def test_a_closed_trainer_does_not_start_again_from_the_base(tmp_path):
+    from cli.config import ConfigError
+
+    trainer = OffloadTrainer(model=str(make_checkpoint(tmp_path)), args=arguments(tmp_path / "ours"),
+                             train_dataset=rows(), data_collator=collate, offload=offload_arguments(tmp_path))
+    trainer.train()
+    trainer.close()
+    with pytest.raises(ConfigError, match="closed"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
 
 
 def test_the_three_line_api(tmp_path):
