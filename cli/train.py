@@ -458,8 +458,9 @@ def with_step_targets(micro_batches: list[dict[str, torch.Tensor]], accepts: boo
         return micro_batches
     n_items = sum(b["labels"][..., 1:].ne(-100).sum() for b in micro_batches)
     if int(n_items) == 0:
-        raise OffloadError("an optimizer step's micro-batches hold no target tokens (every label is -100); "
-                           "check the data's labels or lower train.micro_batch_size")
+        raise OffloadError("an optimizer step's micro-batches hold no target tokens (every label is -100): "
+                           "drop the rows whose labels are all -100 (they teach nothing), or raise "
+                           "train.micro_batch_size or gradient_accumulation_steps so every step holds targets")
     return [{**b, "num_items_in_batch": n_items} for b in micro_batches]
 
 
