@@ -101,9 +101,9 @@ class OffloadTrainer(Trainer):
         return output
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.offload_engine is None:  # first train(), or train(resume) after the engine was closed
+            self._start_engine()
         if self.optimizer is None:
-            if self.offload_engine is None:
-                self._start_engine()
             self.optimizer = _LearningRate(self.args.learning_rate)
         return self.optimizer
 
@@ -115,6 +115,7 @@ class OffloadTrainer(Trainer):
         self._closed = True
 
     def close_engine(self) -> None:
+        """Stop the engine only (the trainer may start it again: at a checkpoint, in train())."""
         if self.offload_engine is not None:
             self.offload_engine.close(raise_errors=True)
             self.offload_engine = None
