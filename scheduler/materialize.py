@@ -39,6 +39,11 @@ def empty_model(config: object, trust_remote_code: bool = False) -> nn.Module:
         raise OffloadError(f"cannot build the model ({first}); offload-train fine-tunes decoder-only "
                            f"causal LMs (Llama, Qwen, Mistral, Gemma, GPT-2, ...)") from None
     tie_weights(model)  # the context re-registers a tied head as a new Parameter: tie it again
+    causal = {m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)}
+    if causal == {False}:  # every attention bidirectional: an encoder's LM head (BERT without is_decoder)
+        raise OffloadError(f"the {model_type} model's attention is bidirectional (an encoder), not a causal LM; "
+                           f"offload-train fine-tunes decoder-only causal LMs (set is_decoder: true in its "
+                           f"config if it is meant as a decoder)")
     return model
 
 

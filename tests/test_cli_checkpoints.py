@@ -189,15 +189,21 @@ def test_checkpoint_whose_shapes_do_not_fit_its_config_is_one_line(tmp_path, cap
     assert "model.layers.0.mlp" in line and "[64, 32]" in line and "[48, 32]" in line
 
 
-def test_architecture_that_is_not_a_causal_lm_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize(("model", "words"), [
+    ({"model_type": "t5", "d_model": 32, "num_layers": 2}, "'t5'"),
+    # an encoder's LM head without is_decoder: transformers builds it, with bidirectional attention
+    ({"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+      "intermediate_size": 64}, "bidirectional"),
+])
+def test_architecture_that_is_not_a_causal_lm_is_one_line(tmp_path, capsys, model, words):
     cfg = write_config(tmp_path, tmp_path, "run")
     doc = yaml.safe_load(cfg.read_text())
-    doc["model"] = {"config": {"model_type": "t5", "vocab_size": 4096, "d_model": 32, "num_layers": 2}}
+    doc["model"] = {"config": {**model, "vocab_size": 4096}}
     cfg.write_text(yaml.safe_dump(doc))
     for command in ("plan", "train"):
         assert main([command, str(cfg)]) == 2
         line = one_line_error(capsys)
-        assert "'t5'" in line and "causal LM" in line
+        assert words in line and "causal LM" in line
 
 
 def test_architecture_passing_trainable_tensors_between_layers_is_one_line(tmp_path, capsys):
