@@ -172,13 +172,13 @@ def fit_replayed_plan(cfg: Any, plan: Plan, saved: dict[str, Any], shape: ModelS
     this model and batch passes its budgets, a warning says the run may stop short.
     """
     budgets = budgets_for(cfg, live_memory(cfg.offload_nvme_path, device))
-    plan = replace(plan, **_missing_budgets(plan, saved, budgets))
-    for key in ("device_budget_bytes", "host_budget_bytes"):
+    named = [key for key in BUDGET_KEYS if key in saved]
+    for key in named:
         value = getattr(plan, key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise OffloadError(f"--plan {source}: {key} must be a positive whole number of bytes, got {value!r}; "
                                f"fix it or leave it out (the config's limit is used)")
-    named = "device_budget_bytes" in saved or "host_budget_bytes" in saved  # else the config's, filled in
+    plan = replace(plan, **_missing_budgets(plan, named, budgets))
     if named and budgets.shared:
         _check_limit(source, "RAM", plan.device_budget_bytes + plan.host_budget_bytes,
                      budgets.device_bytes + budgets.host_bytes, "cpu", cfg.offload.cpu_memory_limit)
@@ -197,20 +197,18 @@ def fit_replayed_plan(cfg: Any, plan: Plan, saved: dict[str, Any], shape: ModelS
     return plan
 
 
-def _missing_budgets(plan: Plan, saved: dict[str, Any], budgets: Budgets) -> dict[str, int]:
-    """The budgets a plan.json leaves out, from the config's: both, or (without a GPU, one RAM) the
-    rest of the RAM limit beside the one it names."""
-    device, host = "device_budget_bytes" in saved, "host_budget_bytes" in saved
-    if device and host:
-        return {}
-    if not device and not host:
-        return {"device_budget_bytes": budgets.device_bytes, "host_budget_bytes": budgets.host_bytes}
-    total = budgets.device_bytes + budgets.host_bytes
-    if device:
-        named = plan.device_budget_bytes if isinstance(plan.device_budget_bytes, int) else 0
-        return {"host_budget_bytes": max(total - named, 1) if budgets.shared else budgets.host_bytes}
-    named = plan.host_budget_bytes if isinstance(plan.host_budget_bytes, int) else 0
-    return {"device_budget_bytes": max(total - named, 1) if budgets.shared else budgets.device_bytes}
+BUDGET_KEYS = ("device_budget_bytes", "host_budget_bytes")
+
+
+def _missing_budgets(plan: Plan, named: list[str], budgets: Budgets) -> dict[str, int]:
+    """The budgets a plan.json leaves out (``named``: those it gives), from the config's: its own,
+    or without a GPU (one RAM) the rest of the RAM limit beside the one the plan names."""
+    config = dict(zip(BUDGET_KEYS, (budgets.device_bytes, budgets.host_bytes), strict=True))
+    if len(named) != 1 or not budgets.shared:
+        return {key: value for key, value in config.items() if key not in named}
+    (given,) = named
+    other = next(key for key in BUDGET_KEYS if key != given)
+    return {other: max(sum(config.values()) - getattr(plan, given), 1)}
 
 
 def _check_limit(source: str, memory: str, planned_bytes: int, allowed_bytes: int, key: str, value: Any) -> None:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cli.sft import SftOptions, SftRow, render
-from offload.errors import OffloadError
+from offload.errors import OffloadError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,7 +185,7 @@ def _load_from_dir(path: Path) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # transformers raises many types for unreadable tokenizer files
-        raise DataError(f"cannot load the tokenizer in {path}: {_first_line(err)}; "
+        raise DataError(f"cannot load the tokenizer in {path}: {first_line(err)}; "
                         f"re-save it with save_pretrained") from None
 
 
@@ -199,11 +199,6 @@ def _load_from_cache(name: str) -> PreTrainedTokenizerBase:
         raise DataError(f"tokenizer {name!r} is neither a local directory nor in the local Hugging "
                         f"Face cache (nothing is downloaded); give the path of a directory saved "
                         f"with save_pretrained") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,7 +608,7 @@ def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as err:  # FileNotFoundError, pyarrow errors on damaged files
-        raise DataError(f"cannot read the dataset in {path}: {_first_line(err)}; re-save it with "
+        raise DataError(f"cannot read the dataset in {path}: {first_line(err)}; re-save it with "
                         f"save_to_disk") from None
     dataset = _pick_split(loaded, path)
     names = dataset.column_names

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ import torch
 
 from cli import checkpoint as ckpt_io
 from cli.export import DTYPES, read_model_extras, write_hf_model, write_model_extras
-from offload.errors import CorruptionError, OffloadError, OutOfSpaceError, format_bytes
+from offload.errors import CorruptionError, OffloadError, OutOfSpaceError, first_line, format_bytes
 
 if TYPE_CHECKING:
     from scheduler.engine import Engine
@@ -78,7 +78,7 @@ def check_positions(seq_len: int, hf_config: Any) -> None:
     """``data.seq_len`` within the positions the model has: past a learned position table, one
     line naming both (its lookup would index past the end); past what rotary positions were
     trained for, a warning (longer contexts are a choice: context extension, rope scaling)."""
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = hf_config.get_text_config()
     for key in POSITION_KEYS:
         limit = getattr(text, key, None)
         if not isinstance(limit, int) or limit <= 0 or seq_len <= limit:
@@ -253,8 +253,7 @@ class _LrSchedule:
                                            num_training_steps=total_steps,
                                            scheduler_specific_kwargs=dict(t.lr_scheduler_kwargs))
         except (ValueError, TypeError) as err:  # an argument the schedule needs, missing or unknown
-            said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise OffloadError(f"train.lr_scheduler_type {t.lr_scheduler_type}: {said}; give its arguments in "
+            raise OffloadError(f"train.lr_scheduler_type {t.lr_scheduler_type}: {first_line(err)}; give its arguments in "
                                f"train.lr_scheduler_kwargs (e.g. min_lr_rate: 0.1, num_decay_steps: 10)") from None
 
     @property
@@ -267,6 +266,26 @@ class _LrSchedule:
 
 
 @dataclass
+class _LogWindow:
+    """The steps since the last metrics record. Checkpoints carry it, so a resumed run logs the
+    averages an uninterrupted one logs."""
+
+    losses: list[float] = field(default_factory=list)  # of the steps whose update was not skipped
+    tokens: int = 0
+    time_s: float = 0.0
+    skipped: int = 0
+
+    def add(self, result: Any) -> None:
+        """One step's ``StepResult``."""
+        self.tokens += result.tokens
+        self.time_s += result.step_time_s
+        if result.skipped:
+            self.skipped += 1
+        else:
+            self.losses.append(result.loss)
+
+
+@dataclass
 class _ResumePoint:
     """Where a run starts: step 0, or a checkpoint's step, data position and counters."""
 
@@ -275,7 +294,7 @@ class _ResumePoint:
     ckpt: Any = None  # the checkpoint resumed from
     fingerprint: str | None = None
     update: Any = None  # scheduler.settings.UpdateState
-    log_window: dict[str, Any] | None = None  # the steps since the last metrics record (their losses, ...)
+    log_window: _LogWindow = field(default_factory=_LogWindow)  # the steps since the last record
 
 
 def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule, data_fingerprint: str) -> _ResumePoint:
@@ -306,7 +325,7 @@ def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule, data_fingerpri
     update = UpdateState(optimizer_step=state.get("optimizer_step", step), loss_scale=state.get("loss_scale"),
                          good_steps=state.get("good_steps", 0))
     return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update,
-                        state.get("log_window"))
+                        _LogWindow(**state.get("log_window", {})))
 
 
 def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
@@ -354,12 +373,7 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
     start_step = resume.step
     batches = _batch_stream(ctx, resume.position)
     t_start = time.perf_counter()
-    # the steps since the last record: carried through a checkpoint, so a resumed run logs the
-    # same averages as an uninterrupted one
-    window = resume.log_window or {}
-    tokens_total = 0
-    window_losses, window_tokens = list(window.get("losses", [])), int(window.get("tokens", 0))
-    window_time, window_skipped = float(window.get("time_s", 0.0)), int(window.get("skipped", 0))
+    tokens_total, window = 0, resume.log_window
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=None, mininterval=1.0)  # no bar when stdout is not a terminal
     try:
@@ -380,30 +394,23 @@ def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _Resum
             step += 1
             next_position = micro[-1][1]
             tokens_total += result.tokens
-            window_tokens += result.tokens
-            window_time += result.step_time_s
-            if result.skipped:
-                window_skipped += 1
-            else:
-                window_losses.append(result.loss)
+            window.add(result)
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / result.step_time_s:.0f}")
             if step % t.logging_steps == 0 or step == total_steps:
-                record = _metrics_record(engine, step, lr, result, window_losses, window_tokens, window_time,
-                                         window_skipped)
+                record = _metrics_record(engine, step, lr, result, window)
                 metrics_log.write(record)
                 tqdm.write(f"step {step}/{total_steps}  loss {record['loss']:.4f}  lr {lr:.3g}  "
                            f"{record['tokens_per_s']:.0f} tok/s")
-                window_losses, window_tokens, window_time, window_skipped = [], 0, 0.0, 0
+                window = _LogWindow()
             if ctx.evaluator is not None and ctx.evaluator.due(step):
                 eval_loss = ctx.evaluator.run(engine)
                 metrics_log.write({"step": step, "eval_loss": eval_loss})
                 tqdm.write(f"step {step}/{total_steps}  eval_loss {eval_loss:.4f}")
                 bar.set_postfix(loss=f"{result.loss:.4f}", eval_loss=f"{eval_loss:.4f}")
             if (t.save_steps and step % t.save_steps == 0) or step == total_steps:
-                _save(ctx, engine, store, step, next_position, schedule.scheduler, {
-                    **fingerprints, "log_window": {"losses": window_losses, "tokens": window_tokens,
-                                                   "time_s": window_time, "skipped": window_skipped}})
+                _save(ctx, engine, store, step, next_position, schedule.scheduler,
+                      {**fingerprints, "log_window": asdict(window)})
     finally:
         bar.close()
         metrics_log.close()
@@ -479,18 +486,17 @@ def _batch_stream(ctx: RunContext, position: Any):  # noqa: ANN202 - generator
         epoch, index = epoch + 1, 0
 
 
-def _metrics_record(engine: Engine, step: int, lr: float, result: Any, losses: list[float], tokens: int,
-                    seconds: float, skipped_steps: int) -> dict[str, Any]:
+def _metrics_record(engine: Engine, step: int, lr: float, result: Any, window: _LogWindow) -> dict[str, Any]:
     m = engine.metrics()
     return {
         "step": step,
-        "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "loss": sum(window.losses) / len(window.losses) if window.losses else float("nan"),
         "lr": lr,
         "grad_norm": result.grad_norm,
         "step_time_s": result.step_time_s,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": window.tokens / window.time_s if window.time_s > 0 else 0.0,
         "skipped": result.skipped,  # this step's update was skipped (train.nan_policy: skip)
-        "skipped_steps": skipped_steps,  # steps skipped since the previous record
+        "skipped_steps": window.skipped,  # steps skipped since the previous record
         "peak_device_bytes": m["peak_device_bytes"],
         "peak_host_bytes": m["peak_host_bytes"],
         "io_read_bytes": m["io_read_bytes"],

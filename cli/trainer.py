@@ -237,14 +237,11 @@ class OffloadTrainer(Trainer):
         """Remove the engine snapshots of the checkpoint-N folders Trainer rotated out: after each
         checkpoint, and after training (with save_total_limit 1 it drops the last one if another
         is the best)."""
-        from cli.checkpoint import list_checkpoints
-
         if self.offload_engine is None:
             return
         kept = self._trainer_checkpoints()
-        for ckpt in list_checkpoints(Path(self.args.output_dir)):
-            if ckpt.step in self._tracked - kept:  # never a snapshot Trainer did not make (a CLI run's)
-                self.offload_engine.remove_checkpoint(ckpt.step)
+        for step in sorted(self._tracked - kept):  # never a snapshot Trainer did not make (a CLI run's)
+            self.offload_engine.remove_checkpoint(step)  # (no-op where there is none)
         self._tracked &= kept
 
     def _trainer_checkpoints(self) -> set[int]:

@@ -7,6 +7,13 @@ prints ``str(err)`` and exits non-zero without a traceback.
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of an error raised by a library."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
 class OffloadError(RuntimeError):
     """Base class of the errors a user can act on."""
 

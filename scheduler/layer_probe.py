@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from offload.errors import OffloadError
+from offload.errors import OffloadError, first_line
 from scheduler.cost_model import LayerTiming
 from scheduler.model_shape import ModelShape
 from scheduler.placement import ITEMSIZE
@@ -120,9 +120,9 @@ def budget_probe(hf_config: Any, shape: ModelShape, wl: Workload, device: torch.
             raise  # the device's own error: sticky, it would resurface later as another one
         # a model cut to its first layers may not run alone (layers of several kinds: Jamba's first
         # ones have no attention to build a mask for); the whole model still trains
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"offload-train: note: the layer probe cannot run the first {size.layers} layer(s) of this "
-              f"{getattr(hf_config, 'model_type', 'model')} alone ({first[:200]}); planning from FLOP counts")
+              f"{getattr(hf_config, 'model_type', 'model')} alone ({first_line(err)[:200]}); planning from FLOP "
+              f"counts")
         return None
     scale = wl.micro_batch / size.micro_batch
     if scale == 1:

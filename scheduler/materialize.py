@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from offload.errors import OffloadError
+from offload.errors import OffloadError, first_line
 from scheduler.model_map import Unit
 
 
@@ -33,7 +33,7 @@ def empty_model(config: object, trust_remote_code: bool = False) -> nn.Module:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (ValueError, TypeError, ImportError, AttributeError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if "Unrecognized configuration class" in first:
             first = f"transformers has no causal LM (AutoModelForCausalLM) for model_type {model_type!r}"
         raise OffloadError(f"cannot build the model ({first}); offload-train fine-tunes decoder-only "
