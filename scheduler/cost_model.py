@@ -275,100 +275,134 @@ def estimate(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfi
              timing: LayerTiming | None = None) -> Estimate:
     """Predict one step. ``timing``: measured layer times replace FLOPs / matmul rate."""
     gpu = profile.h2d_gbps is not None
-    w, L, M, N = wl.itemsize, shape.n_layers, wl.grad_accum, shape.trainable_numel
-    R = len(plan.resident_layers)
-    S = L - R
-    K = min(plan.turn_keep, S)
-    w_layer = shape.streamed_layer_numel * w  # what a load moves
-    act = activation_bytes(shape, wl, timing)
-
-    # ---- compute: forward F = L * layer + head; backward = 2 F; recompute = L * layer
-    f_layer, f_head = layer_flops(shape, wl)
-    model_flops = 3.0 * M * (L * f_layer + f_head)
-    n_recomputed = wl.placement(plan, shape).recomputed_layers  # L, or selective: recompute_layers
-    recompute_flops = M * n_recomputed * f_layer
-    rate_flops = 1e12 * profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.1))
-
-    ssd_read = ssd_write = h2d = d2h = 0
-    Mw = wl.weight_passes(plan)
-    rules = wl.placement(plan, shape, on_gpu=gpu)
-    # ---- layer weights: per pass, S loads in forward and S - K in backward (the turn layers
-    # stay; without recompute backward re-fetches the weights its saved tensors refer to); from
-    # the SSD unless they are master weights the plan keeps in RAM (``ssd_layer_loads``)
-    loads = Mw * (2 * S - K) * w_layer
-    if plan.weights == Tier.NVME:
-        ssd_read += Mw * ssd_layer_loads(plan, shape, rules) * w_layer
-        if not rules.weights_are_master and not shape.frozen:
-            ssd_write += S * w_layer  # the updated weights of streamed layers, once per step
-    if gpu:  # + updated weights of resident units (every trainable one beside a frozen base)
-        h2d += loads + (N - (0 if shape.frozen else S * shape.layer_numel)) * w
-    # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
-    # step, 3 o bytes each way (those not kept in RAM), less the masters held in memory
-    ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
-    ssd_read += ssd_state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
-    ssd_write += ssd_state - masters_on_device_numel(shape, rules) * wl.state_itemsize
-    # ---- gradients: D2H once per pass (compute dtype; layer-major: a layer's sums once, in the
-    # state dtype, the embeddings' and head's every micro-batch); kept ones are written
-    # (Mw - 1 + deferred) times and read as often, o bytes per parameter each
-    if gpu and rules.layer_sums:  # (+ a tied head's parts, parked in RAM and back, every micro-batch)
-        d2h += (L * shape.layer_trainable_numel * wl.state_itemsize
-                + M * (shape.end_trainable_numel + shape.shared_trainable_numel) * w)
-        h2d += M * shape.shared_trainable_numel * w
-    elif gpu:
-        d2h += Mw * N * w
-    if wl.grads_kept_by(plan) and plan.grads == Tier.NVME:
-        passes = Mw - 1 + int(wl.deferred)
-        ssd_write += passes * wl.grad_bytes_per_param * N
-        ssd_read += passes * wl.grad_bytes_per_param * N
-    if rules.layer_sums and plan.grads == Tier.NVME:  # the embeddings' and head's, every micro-batch
-        ssd_write += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
-        ssd_read += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
-    # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
-    act_traffic = M * L * act.checkpoint if plan.recompute else 0
-    if plan.activations == Tier.NVME and plan.recompute:
-        ssd_write += act_traffic
-        ssd_read += act_traffic
-    if gpu and plan.activations != Tier.DEVICE and plan.recompute:
-        d2h += act_traffic
-        h2d += act_traffic
-    # ---- swapped activations (no recompute, activations: nvme): M * (L - 2) * saved written in
-    # forward and read in backward (on a GPU also copied D2H and H2D); the copy into aligned
-    # buffers when saved is compute-lane work, not modeled (~1/100 of a layer's forward)
-    swapped = swapped_activation_bytes(plan, shape, wl, timing)
-    ssd_write += swapped
-    ssd_read += swapped
-    if gpu:
-        d2h += swapped
-        h2d += swapped
-
+    links, forward_links = link_bytes(plan, shape, wl, timing, gpu)
+    compute = compute_seconds(plan, shape, wl, profile, timing)
     adam_rate = profile.cpu_adam_params_per_s.get(wl.optimizer_impl) or max(profile.cpu_adam_params_per_s.values())
-    if timing is not None:
-        # compute = M * (L * (forward + backward) + head); recompute = M * (recomputed layers) * forward
-        compute_s = M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s)
-        recompute_s = M * n_recomputed * timing.layer_forward_s
-        forward_s = M * (L * timing.layer_forward_s + timing.head_s)
-    else:
-        compute_s, recompute_s = model_flops / rate_flops, recompute_flops / rate_flops
-        forward_s = M * (L * f_layer + 3.0 * f_head) / rate_flops
-    links = {"ssd_read": ssd_read, "ssd_write": ssd_write, "h2d": h2d, "d2h": d2h}
-    adam_s = N / adam_rate
-    time_s = resource_times(links, compute_s, recompute_s, adam_s, plan, profile, gpu)
+    adam_s = shape.trainable_numel / adam_rate
+    time_s = resource_times(links, compute.total_s, compute.recompute_s, adam_s, plan, profile, gpu)
     # ---- the forward's share: the layers' forward and the head's forward and backward (both run
     # before the first job is submitted), its layer loads and the activations it writes (the
     # optimizer's jobs start with the layers' backward, and the next forward waits for the last
     # of them: ``step_time``)
+    backward_links = {k: links[k] - forward_links[k] for k in links}
+    phases = (resource_times(forward_links, compute.forward_s, 0.0, 0.0, plan, profile, gpu),
+              resource_times(backward_links, compute.total_s - compute.forward_s, compute.recompute_s, adam_s,
+                             plan, profile, gpu))
+    rules = wl.placement(plan, shape, on_gpu=gpu)
+    step_s, bottleneck = step_time(rules, shape, wl, profile, time_s, phases, gpu)
+    return Estimate(link_bytes=links, time_s=time_s, step_s=step_s, bottleneck=bottleneck,
+                    memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=compute.model_flops)
+
+
+@dataclass(frozen=True)
+class ComputeSeconds:
+    """One step's compute: all of it (forward + backward + head), the recompute, the forward's
+    share (the layers' forward and the head's forward and backward), and its FLOPs."""
+
+    total_s: float
+    recompute_s: float
+    forward_s: float
+    model_flops: float
+
+
+def compute_seconds(plan: Plan, shape: ModelShape, wl: Workload, profile: HardwareProfile,
+                    timing: LayerTiming | None) -> ComputeSeconds:
+    """Forward F = L * layer + head, backward = 2 F, recompute = the recomputed layers' forward;
+    from the measured layer times where ``timing`` is given, else FLOPs / the matmul rate."""
+    L, M = shape.n_layers, wl.grad_accum
+    f_layer, f_head = layer_flops(shape, wl)
+    model_flops = 3.0 * M * (L * f_layer + f_head)
+    n_recomputed = wl.placement(plan, shape).recomputed_layers  # L, or selective: recompute_layers
+    if timing is not None:
+        return ComputeSeconds(total_s=M * (L * (timing.layer_forward_s + timing.layer_backward_s) + timing.head_s),
+                              recompute_s=M * n_recomputed * timing.layer_forward_s,
+                              forward_s=M * (L * timing.layer_forward_s + timing.head_s),
+                              model_flops=model_flops)
+    rate_flops = 1e12 * profile.matmul_tflops.get(wl.compute_dtype, profile.matmul_tflops.get("float32", 0.1))
+    return ComputeSeconds(total_s=model_flops / rate_flops, recompute_s=M * n_recomputed * f_layer / rate_flops,
+                          forward_s=M * (L * f_layer + 3.0 * f_head) / rate_flops, model_flops=model_flops)
+
+
+def link_bytes(plan: Plan, shape: ModelShape, wl: Workload, timing: LayerTiming | None,
+               gpu: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Bytes each link (``ssd_read``, ``ssd_write``, ``h2d``, ``d2h``) moves in one step, and the
+    forward's share of them."""
+    rules = wl.placement(plan, shape, on_gpu=gpu)
+    links = {"ssd_read": 0, "ssd_write": 0, "h2d": 0, "d2h": 0}
+    _add_weight_and_state_bytes(links, plan, shape, wl, rules, gpu)
+    _add_gradient_bytes(links, plan, shape, wl, rules, gpu)
+    # ---- activation checkpoints: written in forward, read in backward, per layer and micro-batch
+    act_traffic = wl.grad_accum * shape.n_layers * activation_bytes(shape, wl, timing).checkpoint \
+        if plan.recompute else 0
+    if plan.activations == Tier.NVME and plan.recompute:
+        links["ssd_write"] += act_traffic
+        links["ssd_read"] += act_traffic
+    if gpu and plan.activations != Tier.DEVICE and plan.recompute:
+        links["d2h"] += act_traffic
+        links["h2d"] += act_traffic
+    # ---- swapped activations (no recompute, activations: nvme): M * (L - 2) * saved written in
+    # forward and read in backward (on a GPU also copied D2H and H2D); the copy into aligned
+    # buffers when saved is compute-lane work, not modeled (~1/100 of a layer's forward)
+    swapped = swapped_activation_bytes(plan, shape, wl, timing)
+    links["ssd_write"] += swapped
+    links["ssd_read"] += swapped
+    if gpu:
+        links["d2h"] += swapped
+        links["h2d"] += swapped
+    # ---- the forward's share: its layer loads and the activations it writes
+    Mw, S = wl.weight_passes(plan), shape.n_layers - len(plan.resident_layers)
+    w_layer = shape.streamed_layer_numel * wl.itemsize
     forward_links = {
         "ssd_read": Mw * ssd_layer_loads(plan, shape, rules, forward_only=True) * w_layer,
         "ssd_write": swapped + (act_traffic if plan.activations == Tier.NVME else 0),
         "h2d": Mw * S * w_layer if gpu else 0,
         "d2h": (swapped + (act_traffic if plan.activations != Tier.DEVICE else 0)) if gpu else 0,
     }
-    backward_links = {k: links[k] - forward_links[k] for k in links}
-    phases = (resource_times(forward_links, forward_s, 0.0, 0.0, plan, profile, gpu),
-              resource_times(backward_links, compute_s - forward_s, recompute_s, adam_s, plan, profile, gpu))
-    step_s, bottleneck = step_time(rules, shape, wl, profile, time_s, phases, gpu)
-    return Estimate(link_bytes=links, time_s=time_s, step_s=step_s, bottleneck=bottleneck,
-                    memory=peak_memory(plan, shape, wl, timing, gpu), model_flops=model_flops)
+    return links, forward_links
+
+
+def _add_weight_and_state_bytes(links: dict[str, int], plan: Plan, shape: ModelShape, wl: Workload,
+                                rules: Placement, gpu: bool) -> None:
+    """The layer weights' loads and writes, and the optimizer's state, added to ``links``."""
+    w, N, Mw = wl.itemsize, shape.trainable_numel, wl.weight_passes(plan)
+    S = shape.n_layers - len(plan.resident_layers)
+    K = min(plan.turn_keep, S)
+    w_layer = shape.streamed_layer_numel * w  # what a load moves
+    # ---- layer weights: per pass, S loads in forward and S - K in backward (the turn layers
+    # stay; without recompute backward re-fetches the weights its saved tensors refer to); from
+    # the SSD unless they are master weights the plan keeps in RAM (``ssd_layer_loads``)
+    if plan.weights == Tier.NVME:
+        links["ssd_read"] += Mw * ssd_layer_loads(plan, shape, rules) * w_layer
+        if not rules.weights_are_master and not shape.frozen:
+            links["ssd_write"] += S * w_layer  # the updated weights of streamed layers, once per step
+    if gpu:  # + updated weights of resident units (every trainable one beside a frozen base)
+        links["h2d"] += Mw * (2 * S - K) * w_layer + (N - (0 if shape.frozen else S * shape.layer_numel)) * w
+    # ---- optimizer: every parameter's master + exp_avg + exp_avg_sq read and written once per
+    # step, 3 o bytes each way (those not kept in RAM), less the masters held in memory
+    ssd_state = wl.optimizer_bytes_per_param * (N - host_state_numel(plan, shape))
+    links["ssd_read"] += ssd_state - masters_in_memory_numel(shape, wl, rules) * wl.state_itemsize
+    links["ssd_write"] += ssd_state - masters_on_device_numel(shape, rules) * wl.state_itemsize
+
+
+def _add_gradient_bytes(links: dict[str, int], plan: Plan, shape: ModelShape, wl: Workload,
+                        rules: Placement, gpu: bool) -> None:
+    """Gradients, added to ``links``: D2H once per pass (compute dtype; layer-major: a layer's
+    sums once, in the state dtype, the embeddings' and head's every micro-batch); kept ones are
+    written (Mw - 1 + deferred) times and read as often, o bytes per parameter each."""
+    w, N, M, Mw = wl.itemsize, shape.trainable_numel, wl.grad_accum, wl.weight_passes(plan)
+    if gpu and rules.layer_sums:  # (+ a tied head's parts, parked in RAM and back, every micro-batch)
+        links["d2h"] += (shape.n_layers * shape.layer_trainable_numel * wl.state_itemsize
+                         + M * (shape.end_trainable_numel + shape.shared_trainable_numel) * w)
+        links["h2d"] += M * shape.shared_trainable_numel * w
+    elif gpu:
+        links["d2h"] += Mw * N * w
+    if wl.grads_kept_by(plan) and plan.grads == Tier.NVME:
+        passes = Mw - 1 + int(wl.deferred)
+        links["ssd_write"] += passes * wl.grad_bytes_per_param * N
+        links["ssd_read"] += passes * wl.grad_bytes_per_param * N
+    if rules.layer_sums and plan.grads == Tier.NVME:  # the embeddings' and head's, every micro-batch
+        links["ssd_write"] += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
+        links["ssd_read"] += (M - 1) * shape.end_trainable_numel * wl.grad_bytes_per_param
 
 
 def _state_name(wl: Workload) -> str:
