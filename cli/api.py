@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from cli.config import ConfigError, DataConfig, ModelConfig, OffloadConfig, RunConfig, TrainConfig
+from cli.run_lock import RunLock
 from offload.errors import OffloadError
 
 
@@ -46,6 +48,17 @@ TRAIN_KEYS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam
               "save_total_limit")
 
 
+def offload_arguments(offload: OffloadArguments | dict[str, Any] | None, who: str) -> OffloadArguments:
+    """``offload=`` as ``OffloadArguments`` or a dict of its keys (an unknown key: one error)."""
+    if not isinstance(offload, dict):
+        return offload or OffloadArguments()
+    known = [f.name for f in dataclasses.fields(OffloadArguments)]
+    unknown = sorted(set(offload) - set(known))
+    if unknown:
+        raise ConfigError(f"{who}: offload= has unknown key(s) {', '.join(unknown)}; the keys are {', '.join(known)}")
+    return OffloadArguments(**offload)
+
+
 class OffloadEngine:
     """Builds and runs the streaming engine; a context manager. ``train`` keys (Hugging Face
     TrainingArguments names: ``weight_decay``, ``max_grad_norm``, ``gradient_accumulation_steps``,
@@ -54,7 +67,7 @@ class OffloadEngine:
 
     def __init__(self, model: str | os.PathLike[str] | nn.Module, *, output_dir: str | os.PathLike[str] = "offload-run",
                  dtype: str = "float32", state_dtype: str = "float32", seq_len: int = 512,
-                 offload: OffloadArguments | None = None, resume_from_checkpoint: str | None = None,
+                 offload: OffloadArguments | dict[str, Any] | None = None, resume_from_checkpoint: str | None = None,
                  **train: Any) -> None:
         unknown = sorted(set(train) - set(TRAIN_KEYS))
         if unknown:
@@ -64,7 +77,7 @@ class OffloadEngine:
             raise ConfigError("the model has no weights (meta device): pass the checkpoint's path instead, "
                               "whose weights are streamed from its files")
         self.model_source = model
-        self.offload = offload or OffloadArguments()
+        self.offload = offload_arguments(offload, "OffloadEngine")
         self.cfg = RunConfig(
             model=ModelConfig(name_or_path=str(model), dtype=dtype, state_dtype=state_dtype)
             if isinstance(model, (str, os.PathLike)) else
@@ -78,6 +91,7 @@ class OffloadEngine:
         self.ctx: Any = None
         self.resumed_step = 0
         self._closing: list[Any] = []
+        self._lock: RunLock | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> OffloadEngine:
@@ -95,7 +109,14 @@ class OffloadEngine:
         """Plan, open the swap store (at the checkpoint resumed from, if any), start the engine."""
         from cli import checkpoint as ckpt_io
         from cli import swap
-        from cli.train import RunContext, build_model, load_model_config, make_engine, make_plan
+        from cli.train import (
+            RunContext,
+            build_model,
+            check_resumable_before_newer,
+            load_model_config,
+            make_engine,
+            make_plan,
+        )
         from offload import SwapStore, make_backend
         from offload.tiers import Tier
         from scheduler.model_map import build_model_map
@@ -103,7 +124,7 @@ class OffloadEngine:
 
         cfg = self.cfg
         run_dir = Path(cfg.train.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(run_dir).acquire()  # released by close(); one run per folder
         if isinstance(self.model_source, nn.Module):
             model, initializer, hf_config = self.model_source, None, self.model_source.config
         else:
@@ -113,26 +134,30 @@ class OffloadEngine:
         self.ctx = RunContext(cfg, run_dir, hf_config, None, None, model, initializer,
                               getattr(torch, cfg.model.dtype), device)
         plan, record = make_plan(self.ctx, self.offload.plan, None, cfg.train.max_steps if cfg.train.max_steps > 0 else None)
-        (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
         ckpt = ckpt_io.resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
         if ckpt is None and ckpt_io.list_checkpoints(run_dir):  # a fresh store would drop their snapshots
             raise OffloadError(f"{run_dir} already holds checkpoints of an earlier run; resume from one "
                                f"(resume_from_checkpoint), or choose another output_dir")
-        update = UpdateState()
+        update, saved_impl, newer = UpdateState(), None, []
         if ckpt is not None:
             state = ckpt_io.read_trainer_state(ckpt)
             self.resumed_step = state["step"]
             update = UpdateState(state.get("optimizer_step", ckpt.step), state.get("loss_scale"),
                                  state.get("good_steps", 0))
+            saved_impl = state.get("optimizer_impl")
+            newer = [c for c in ckpt_io.list_checkpoints(run_dir) if c.step > ckpt.step]
         self.store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
         self.store.open()
         units = build_model_map(model).units
         self.fingerprint = ckpt_io.model_fingerprint(hf_config.to_dict(), units)
         on_nvme = cfg.offload.engine != "reference" and plan.optimizer == Tier.NVME
-        if ckpt is not None:
-            ckpt_io.drop_checkpoints_after(run_dir, ckpt.step)
         start = swap.prepare_store(self.store, run_dir, ckpt, units, plan.chunk_numel if on_nvme else None)
-        self.engine = make_engine(self.ctx, plan, self.store, start, update, self._closing)
+        if newer:  # an older checkpoint resumed: it must verify before the newer ones go (as in train)
+            check_resumable_before_newer(ckpt, newer, cfg.offload_nvme_path)
+        self.engine = make_engine(self.ctx, plan, self.store, start, update, self._closing, saved_impl)
+        for c in newer:
+            ckpt_io.remove_checkpoint(c, self.store)  # training on from ckpt rewrites them
+        (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
         self.engine.__enter__()
         return self
 
@@ -147,11 +172,21 @@ class OffloadEngine:
                 self.store = None
             while self._closing:
                 self._closing.pop().close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ------------------------------------------------------------------------------ training
     def step(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> Any:
         """One optimizer step (``StreamingExecutor.train_step``): returns its ``StepResult``."""
         engine = self._running()
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr={lr!r}: the learning rate must be a finite number >= 0")
+        n_micro = self.cfg.train.gradient_accumulation_steps
+        if len(micro_batches) != n_micro:
+            raise ValueError(f"step() got {len(micro_batches)} micro-batches, but the engine was built with "
+                             f"gradient_accumulation_steps={n_micro}: pass lists of {n_micro}, or build it with "
+                             f"gradient_accumulation_steps={len(micro_batches)}")
         vocab = getattr(self.ctx.hf_config.get_text_config(), "vocab_size", None)
         for k, batch in enumerate(micro_batches):
             ids = batch["input_ids"]
@@ -179,6 +214,8 @@ class OffloadEngine:
         ``rotate`` the oldest beyond ``save_total_limit`` go, else ``remove_checkpoint`` does."""
         from cli.train import save_engine_checkpoint
 
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"checkpoint({step!r}): the step must be an int >= 0 (it names checkpoints/step-N)")
         state = {"step": step, "fingerprint": self.fingerprint, "data_position": {"epoch": 0, "batch_index": 0},
                  **(extra_state or {})}
         return save_engine_checkpoint(self.ctx, self._running(), self.store, step, state, rotate)

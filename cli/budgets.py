@@ -85,6 +85,18 @@ def workload_for(cfg: Any, total_steps: int | None = None) -> Workload:
                     deferred=deferred, optimizer_impl=impl, checkpoint_versions=versions)
 
 
+def draws_dropout(hf_config: Any) -> bool:
+    """Whether a model of this config draws dropout masks in training: any of its (or its
+    sub-configs') dropout probabilities (``*dropout*``, GPT-2's ``*_pdrop``) above zero, but for
+    heads a causal LM does not run (``classifier_dropout``, ``summary_first_dropout``)."""
+    def draws(fields: dict[str, Any]) -> bool:
+        return any(draws(v) if isinstance(v, dict) else
+                   ("dropout" in k or k.endswith("pdrop")) and isinstance(v, (int, float)) and v > 0
+                   for k, v in fields.items()
+                   if isinstance(k, str) and not isinstance(v, bool) and not k.startswith(("classifier", "summary")))
+    return draws(hf_config.to_dict())
+
+
 def load_profile_file(path: str | Path) -> HardwareProfile:
     try:
         return HardwareProfile.from_json(Path(path).read_text())
@@ -145,6 +157,7 @@ def plan_job(cfg: Any, hf_config: Any, shape: ModelShape, device: torch.device,
     recompute = None if cfg.offload.recompute == "auto" else bool(cfg.offload.recompute)
     depth = None if cfg.offload.prefetch_depth == "auto" else int(cfg.offload.prefetch_depth)
     wl, budgets = workload_for(cfg, total_steps), budgets_for(cfg, mem)
+    wl = replace(wl, random_forward=draws_dropout(hf_config))
     timing = None if profile_path is not None else budget_probe(
         hf_config, shape, wl, device, probe_budget_bytes(budgets, device))
     choice = choose_plan(shape, wl, budgets, profile, recompute=recompute, prefetch_depth=depth, timing=timing)

@@ -249,9 +249,13 @@ def resolve_store(ckpt_dir: Path, reference: str) -> Path:
 def check_in_store(units: CheckpointUnits, store_root: Path) -> None:
     """A run reads only its own store: refuse a checkpoint whose snapshot lives in another one."""
     if units.nvme_path != store_root.resolve():
+        # Never advise pointing this run at the other store: training there overwrites the extents
+        # the other run's checkpoints pin. Resume that run itself, or start anew from an export.
+        run = units.dir.resolve().parent.parent
         raise OffloadError(f"checkpoint {units.dir} keeps its states in the swap store {units.nvme_path}, but "
-                           f"offload.nvme_path names {store_root.resolve()}; set offload.nvme_path to "
-                           f"{units.nvme_path} to resume from it, or start a fresh run")
+                           f"offload.nvme_path names {store_root.resolve()}; resume it as its own run "
+                           f"(train.output_dir: {run}, offload.nvme_path: {units.nvme_path}), or run "
+                           f"`offload-train export {units.dir} DIR` and start a new run with model.name_or_path: DIR")
 
 
 def verifies(ckpt: CheckpointInfo) -> bool:

@@ -17,13 +17,17 @@ its partial copy dropped) by the next ``clean``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cli import checkpoint as ckpt_io
+from cli.swap import OWNER_FILE, foreign_owner
 from offload.errors import OffloadError, format_bytes
+from offload.manifest import DATA_FILE_NAME, MANIFEST_NAME
 
 CLEANED_FILE = "CLEANED"
 
@@ -77,8 +81,9 @@ def report(run_dir: Path, nvme_path: Path, usage: SwapUsage) -> str:
 
 
 def run_store(run_dir: Path) -> Path:
-    """The run's swap folder: ``offload.nvme_path`` of its config.yaml, else ``<run folder>/swap``
-    (the folder itself, wherever it was moved)."""
+    """The run's swap folder: ``offload.nvme_path`` of its config.yaml; for a run folder of the
+    Python API (no config.yaml) the store its newest readable checkpoint names; else
+    ``<run folder>/swap`` (the folder itself, wherever it was moved)."""
     import yaml
 
     try:
@@ -86,13 +91,99 @@ def run_store(run_dir: Path) -> Path:
         configured = (doc.get("offload") or {}).get("nvme_path")
     except (OSError, yaml.YAMLError, AttributeError):
         configured = None
-    return Path(configured) if configured else run_dir / "swap"
+    if configured:
+        return Path(configured)
+    if not (run_dir / "config.yaml").is_file():
+        for ckpt in reversed(ckpt_io.list_checkpoints(run_dir)):
+            try:
+                return ckpt_io.CheckpointUnits(ckpt.path).nvme_path
+            except OffloadError:
+                continue
+    return run_dir / "swap"
+
+
+# What a swap store (offload/store.py, offload/manifest.py, offload/store_dir.py, cli/swap.py) and
+# the hardware profile's scratch folders put in ``offload.nvme_path``: clean removes these only.
+STORE_FILES = (MANIFEST_NAME, MANIFEST_NAME + ".tmp", DATA_FILE_NAME, ".lock", OWNER_FILE, OWNER_FILE + ".tmp")
+STORE_PREFIXES = (".write-probe-", ".profile-")
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` holds a swap store (its manifest or its data file)."""
+    return (path / MANIFEST_NAME).is_file() or (path / DATA_FILE_NAME).is_file()
+
+
+def store_entries(path: Path) -> list[Path]:
+    """The entries of ``path`` that the swap store owns."""
+    if not path.is_dir():
+        return []
+    return [p for p in path.iterdir() if p.name in STORE_FILES or p.name.startswith(STORE_PREFIXES)]
+
+
+def remove_store(path: Path) -> None:
+    """Remove the swap store's own files from ``path``, then the folder if nothing else is left in
+    it: other files there (``offload.nvme_path`` may be a shared folder) stay."""
+    for entry in store_entries(path):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    with suppress(OSError):  # absent, or it holds other files: they are not the store's
+        path.rmdir()
+
+
+def is_run_folder(run_dir: Path) -> bool:
+    """A ``train`` run folder (config.yaml) or one of the Python API (checkpoints/, plan.json, swap/)."""
+    return any((run_dir / name).exists() for name in ("config.yaml", ckpt_io.CHECKPOINTS_DIR, "plan.json", "swap"))
+
+
+def _lock(run_dir: Path, nvme_path: Path) -> ExitStack:
+    """The locks a training run holds, its run folder's and its swap store's, or one line saying
+    that a run holds them."""
+    from cli.run_lock import RunLock
+    from offload.store_dir import DirectoryLock
+
+    stack = ExitStack()
+    try:
+        try:
+            stack.enter_context(RunLock(run_dir))
+        except OffloadError:
+            raise OffloadError(f"a run is using {run_dir} and its swap: stop it first (or wait for it to "
+                               f"finish), then run clean again") from None
+        if nvme_path.is_dir():
+            lock = DirectoryLock(nvme_path)
+            try:
+                lock.acquire()
+            except OffloadError:
+                raise OffloadError(f"a run is using this swap ({nvme_path}): stop it first (or wait for it "
+                                   f"to finish), then run clean again") from None
+            except OSError as err:
+                raise OffloadError(f"cannot lock the swap {nvme_path} ({err.strerror or err}); fix its "
+                                   f"permissions, then run clean again") from None
+            stack.callback(lock.release)
+    except BaseException:
+        stack.close()
+        raise
+    return stack
 
 
 def run_clean(run_dir: Path, nvme_path: Path | None, keep_last: bool, yes: bool) -> int:
-    if not (run_dir / "config.yaml").is_file():
-        raise OffloadError(f"{run_dir} is not a run folder (no config.yaml); give the train.output_dir of a run")
+    if not run_dir.is_dir() or not is_run_folder(run_dir):
+        raise OffloadError(f"{run_dir} is not a run folder (no config.yaml, checkpoints/ or swap/); give the "
+                           f"train.output_dir of a run, or the output_dir of an OffloadTrainer or OffloadEngine")
+    if nvme_path is not None and not is_store(nvme_path) and not _switch_begun(nvme_path):
+        raise OffloadError(f"--nvme-path {nvme_path} holds no swap store (no {MANIFEST_NAME} or "
+                           f"{DATA_FILE_NAME}); give the run's own swap folder (its offload.nvme_path)")
     nvme_path = nvme_path or run_store(run_dir)
+    owner = foreign_owner(nvme_path, run_dir)
+    if owner is not None:
+        raise OffloadError(f"the swap {nvme_path} belongs to the run {owner}, whose checkpoints live in it; "
+                           f"clean that run instead (offload-train clean {owner})")
+    with _lock(run_dir, nvme_path):
+        return _clean_locked(run_dir, nvme_path, keep_last, yes)
+
+
+def _clean_locked(run_dir: Path, nvme_path: Path, keep_last: bool, yes: bool) -> int:
     _finish_interrupted(run_dir, nvme_path)
     checkpoints = ckpt_io.list_checkpoints(run_dir)
     print(report(run_dir, nvme_path, survey(run_dir, nvme_path)))
@@ -119,16 +210,19 @@ def _remove_all(run_dir: Path, nvme_path: Path, checkpoints: list[ckpt_io.Checkp
     (run_dir / CLEANED_FILE).write_text(json.dumps({"cleaned_at": time.time(), "kept": "final/"}) + "\n")
     for ckpt in checkpoints:
         shutil.rmtree(ckpt.path)
-    shutil.rmtree(nvme_path, ignore_errors=True)
+    remove_store(nvme_path)
 
 
 def _keep_newest(run_dir: Path, nvme_path: Path, checkpoints: list[ckpt_io.CheckpointInfo]) -> None:
+    from cli.swap import claim
+
     newest = checkpoints[-1]
     units = ckpt_io.CheckpointUnits(newest.path)
     ckpt_io.check_in_store(units, nvme_path)
     compact, new_swap_json = _compact_paths(nvme_path, newest.path)
-    shutil.rmtree(compact, ignore_errors=True)
+    remove_store(compact)
     snapshot = _copy_snapshot(units, compact)
+    claim(compact, run_dir)  # the compact store stays this run's
     new_swap_json.write_text(json.dumps({"nvme_path": ckpt_io.store_reference(run_dir, nvme_path),
                                          "snapshot": snapshot.to_dict()}))
     for ckpt in checkpoints[:-1]:
@@ -158,31 +252,54 @@ def _compact_paths(nvme_path: Path, ckpt_dir: Path) -> tuple[Path, Path]:
     return nvme_path.with_name(nvme_path.name + ".compact"), ckpt_dir / (ckpt_io.SWAP_FILE + ".compact")
 
 
+def _old_marker(nvme_path: Path) -> Path:
+    return nvme_path.with_name(nvme_path.name + ".old")
+
+
+def _switch_begun(nvme_path: Path) -> bool:
+    return _old_marker(nvme_path).is_dir()
+
+
 def _switch(nvme_path: Path, ckpt_dir: Path) -> None:
-    """old store aside, new store in, new swap.json in, old store gone: each step a rename."""
+    """Marker in (the compact store is complete: the switch has begun), each of the compact
+    store's files renamed over the old one's, new swap.json in, marker gone. Only the store's own
+    files move: other files in the swap folder stay where they are."""
     compact, new_swap_json = _compact_paths(nvme_path, ckpt_dir)
-    old = nvme_path.with_name(nvme_path.name + ".old")
-    if nvme_path.exists():
-        nvme_path.rename(old)
-    compact.rename(nvme_path)
+    keep = {p.name for p in compact.iterdir()}
+    for entry in store_entries(nvme_path):  # leftovers (temp files) the compact store has no version of
+        if entry.name not in keep and entry.is_file():
+            entry.unlink(missing_ok=True)
+    _old_marker(nvme_path).mkdir(exist_ok=True)
+    _move_in(compact, nvme_path)
     new_swap_json.replace(ckpt_dir / ckpt_io.SWAP_FILE)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_store(compact)
+    remove_store(_old_marker(nvme_path))
+
+
+def _move_in(compact: Path, nvme_path: Path) -> None:
+    """The compact store's files (not its lock) renamed into the swap folder."""
+    nvme_path.mkdir(parents=True, exist_ok=True)
+    if not compact.is_dir():
+        return
+    for entry in compact.iterdir():
+        if entry.name != ".lock" and entry.is_file():
+            os.replace(entry, nvme_path / entry.name)
 
 
 def _finish_interrupted(run_dir: Path, nvme_path: Path) -> None:
-    """A clean stopped between building the compact store and switching to it."""
-    old = nvme_path.with_name(nvme_path.name + ".old")
+    """A clean stopped between building the compact store and switching to it. (A ``.old``
+    folder holding a whole store was left by the earlier, folder-renaming switch.)"""
     compact = nvme_path.with_name(nvme_path.name + ".compact")
     pending = [p for c in ckpt_io.list_checkpoints(run_dir)
                if (p := c.path / (ckpt_io.SWAP_FILE + ".compact")).exists()]
-    if old.exists() or (pending and not nvme_path.exists()):  # the switch had begun: finish it
-        if compact.exists():
-            compact.rename(nvme_path)
+    if _switch_begun(nvme_path) or (pending and not nvme_path.exists()):  # the switch had begun: finish it
+        _move_in(compact, nvme_path)
         for p in pending:
             p.replace(p.with_name(ckpt_io.SWAP_FILE))
-        shutil.rmtree(old, ignore_errors=True)
+        remove_store(compact)
+        remove_store(_old_marker(nvme_path))
         return
-    shutil.rmtree(compact, ignore_errors=True)  # the copy had not finished: the old store is intact
+    remove_store(compact)  # the copy had not finished: the old store is intact
     for p in pending:
         p.unlink()
 

@@ -27,16 +27,19 @@ Sizes (``parse_size``): a number with an optional unit, case-insensitive, spaces
 ``K M G T P`` are binary (2^10, 2^20, ...), as in ``ls -h``, ``free -h`` or ``numfmt --from=iec``;
 ``B`` or no unit is bytes. ``"8GB"`` = 8,000,000,000 and ``"8GiB"`` = ``"8G"`` = 8,589,934,592.
 
-Paths are kept as written; relative ones are relative to the working directory of the run (not
-to the config file). ``"auto"`` values are kept as ``"auto"`` and resolved where the machine is
+Paths are kept as written but for a leading ``~`` (``~/runs``, ``~user/x``), expanded to the home
+directory in every path key (``PATH_KEYS``); relative ones are relative to the working directory
+of the run (not to the config file). ``"auto"`` values are kept as ``"auto"`` and resolved where the machine is
 known (``resolve_memory_limit``), so a dumped config stays portable.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import math
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +51,7 @@ from typing import Any, ClassVar, NoReturn
 
 import yaml
 
+from cli import config_checks
 from offload.errors import OffloadError
 
 AUTO_MEMORY_FRACTION = 0.8
@@ -211,7 +215,20 @@ def _check_str(obj: object, name: str, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, str) or not value.strip():
+        if isinstance(value, (int, float, dt.date)):  # YAML read a number, bool or date: say to quote it
+            shown = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            key = _key(obj, name)
+            raise ConfigError(f"{key}{_where(key)} must be a non-empty string, got {_show(value)}: YAML reads "
+                              f"{shown} as a {type(value).__name__}; quote it, e.g. {name}: '{shown}'")
         _fail(obj, name, "a non-empty string" + (" or null" if optional else ""), value)
+
+
+def _check_path(obj: object, name: str, *, optional: bool = False) -> None:
+    """A path: a non-empty string, with a leading ``~`` expanded to the home directory."""
+    _check_str(obj, name, optional=optional)
+    value = getattr(obj, name)
+    if isinstance(value, str) and value.startswith("~"):
+        setattr(obj, name, os.path.expanduser(value))
 
 
 def _check_bool(obj: object, name: str) -> None:
@@ -323,7 +340,7 @@ class ModelConfig:
     """Allow model code shipped inside the checkpoint directory to run."""
 
     def __post_init__(self) -> None:
-        _check_str(self, "name_or_path", optional=True)
+        _check_path(self, "name_or_path", optional=True)
         self._check_config()
         _check_choice(self, "dtype", DTYPES)
         _check_choice(self, "state_dtype", STATE_DTYPES)
@@ -344,11 +361,26 @@ class ModelConfig:
         self.config = dict(self.config)
         model_type = self.config.get("model_type")
         if isinstance(model_type, str) and model_type in _model_types():
+            self._check_config_keys()
             return
         close = difflib.get_close_matches(str(model_type), _model_types(), n=1)
         hint = f"did you mean {close[0]!r}?" if close else "e.g. llama, gpt2, mistral, qwen2"
         raise ConfigError(f"model.config.model_type{_where('model.config')} must name a transformers "
                           f"model type, got {_show(model_type)}; {hint}")
+
+    def _check_config_keys(self) -> None:
+        """Every key is one the config class of model_type knows (transformers keeps unknown ones as
+        plain attributes: a misspelled key would silently leave its default)."""
+        assert self.config is not None
+        unknown = config_checks.unknown_model_key(self.config)
+        if unknown is None:
+            return
+        key, close = unknown
+        cls = config_checks._config_class(self.config["model_type"]).__name__
+        hint = (f"did you mean {close!r}?" if close else
+                f"see {cls} in the transformers documentation for the keys it takes")
+        raise ConfigError(f"unknown key 'model.config.{key}'{_where('model.config')}: {cls} "
+                          f"(model_type {self.config['model_type']}) has no {key!r}; {hint}")
 
     def _fail_source(self) -> NoReturn:
         where = _where("model.name_or_path") or _where("model.config")
@@ -394,12 +426,12 @@ class DataConfig:
     """messages rows: loss on the assistant turns only (as TRL)."""
 
     def __post_init__(self) -> None:
-        _check_str(self, "path")
-        _check_str(self, "eval_path", optional=True)
+        _check_path(self, "path")
+        _check_path(self, "eval_path", optional=True)
         if self.completion_only_loss is not None:
             _check_bool(self, "completion_only_loss")
         _check_bool(self, "assistant_only_loss")
-        _check_str(self, "tokenizer", optional=True)
+        _check_path(self, "tokenizer", optional=True)
         _check_int(self, "seq_len", ge=1)
         _check_bool(self, "shuffle")
         _check_bool(self, "packing")
@@ -466,7 +498,7 @@ class TrainConfig:
     """Where metrics go besides metrics.jsonl: ``none`` or ``tensorboard`` (event files in the run folder)."""
 
     def __post_init__(self) -> None:
-        _check_str(self, "output_dir")
+        _check_path(self, "output_dir")
         self._check_max_steps()
         _check_float(self, "num_train_epochs", gt=0)
         _check_int(self, "micro_batch_size", ge=1)
@@ -511,7 +543,7 @@ class TrainConfig:
     def _check_resume(self) -> None:
         if isinstance(self.resume_from_checkpoint, bool):
             self.resume_from_checkpoint = "auto" if self.resume_from_checkpoint else None
-        _check_str(self, "resume_from_checkpoint", optional=True)
+        _check_path(self, "resume_from_checkpoint", optional=True)
 
     def num_warmup_steps(self, total_steps: int) -> int:
         """Warmup steps of a run of ``total_steps`` optimizer steps (as transformers computes it)."""
@@ -552,7 +584,7 @@ class OffloadConfig:
     """Threads submitting SSD reads and writes."""
 
     def __post_init__(self) -> None:
-        _check_str(self, "nvme_path", optional=True)
+        _check_path(self, "nvme_path", optional=True)
         _check_size(self, "gpu_memory_limit")
         _check_size(self, "cpu_memory_limit")
         _check_choice(self, "io_backend", IO_BACKENDS)
@@ -603,7 +635,7 @@ class PeftSection:
         if self.modules_to_save is not None and not (
                 isinstance(self.modules_to_save, list) and all(isinstance(t, str) and t for t in self.modules_to_save)):
             _fail(self, "modules_to_save", "a list of module names or null", self.modules_to_save)
-        _check_str(self, "adapter_name_or_path", optional=True)
+        _check_path(self, "adapter_name_or_path", optional=True)
 
 
 @dataclass
@@ -668,8 +700,22 @@ SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": 
                              "offload": OffloadConfig, "peft": PeftSection}
 OPTIONAL_SECTIONS = frozenset({"peft"})
 """Sections that are off unless the config has them (every other section is built from its defaults)."""
-_MAPPING_KEYS = frozenset({"model.config"})
+_MAPPING_KEYS = frozenset({"model.config", "train.lr_scheduler_kwargs"})
 """Keys whose value is a free-form mapping: ``--set`` may reach inside them."""
+PATH_KEYS = frozenset({"model.name_or_path", "data.path", "data.tokenizer", "data.eval_path", "train.output_dir",
+                       "train.resume_from_checkpoint", "offload.nvme_path", "peft.adapter_name_or_path"})
+"""Path-valued keys: a leading ``~`` is expanded."""
+_BOOLEAN_STRING_KEYS = frozenset({"train.resume_from_checkpoint", "train.eval_strategy"})
+"""String keys that also take true/false (read as auto/null, steps/no): --set keeps those booleans."""
+
+
+def _unknown_key_hint(section: str, key: object, names: Sequence[str]) -> str:
+    return config_checks.key_hint(section, key) or _suggest(key, names)
+
+
+def _is_string_key(section: str, name: str) -> bool:
+    spec = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    return spec.type in ("str", "str | None")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +752,7 @@ def _section_keys(cls: type, name: str, raw: object, source: str) -> Mapping[str
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown key '{name}.{key}' in {source}; {_suggest(key, names)}")
+            raise ConfigError(f"unknown key '{name}.{key}' in {source}; {_unknown_key_hint(name, key, names)}")
     return raw
 
 
@@ -813,8 +859,16 @@ def _apply_override(raw: dict[str, Any], text: str) -> str:
         raise ConfigError(f"unknown section {section!r} in {where}; {_suggest(section, list(SECTIONS))}")
     names = [f.name for f in dataclasses.fields(SECTIONS[section])]
     if name not in names:
-        raise ConfigError(f"unknown key '{section}.{name}' in {where}; {_suggest(name, names)}")
+        raise ConfigError(f"unknown key '{section}.{name}' in {where}; {_unknown_key_hint(section, name, names)}")
     value = _parse_yaml(value_text, where)
+    cut = config_checks.comment_cut(value_text)
+    if not deeper and _is_string_key(section, name) and config_checks.is_plain_text(value_text) and (
+            cut or (value is not None and not isinstance(value, str)
+                    and not (isinstance(value, bool) and f"{section}.{name}" in _BOOLEAN_STRING_KEYS))):
+        value = value_text.strip()  # a string key: 2024-01-01, 123, yes or 'a #b' are that text
+    elif cut:
+        raise ConfigError(f"bad override {text!r}: YAML reads ' #' as the start of a comment and would cut "
+                          f"the value to {_show(value)}; quote the value (--set \"{dotted.strip()}='a #b'\") or drop the ' #' part")
     target = _child_mapping(raw, section, where)
     if not deeper:
         target[name] = value

@@ -293,7 +293,8 @@ class TokenDataset:
 
 def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: int,
                        packing: bool = True, text_field: str = "text", vocab_size: int | None = None,
-                       pad_token_id: int | None = None, sft: SftOptions | None = None) -> TokenDataset:
+                       pad_token_id: int | None = None, sft: SftOptions | None = None,
+                       split: str = "train") -> TokenDataset:
     """Read, tokenize and cut ``path`` into sequences of ``seq_len`` tokens (see the module doc).
 
     ``tokenizer``: a tokenizer, or a callable that returns one (called only if the data holds
@@ -311,7 +312,7 @@ def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: in
         if encoder.tokenizer is None:
             raise ValueError("load_token_dataset needs vocab_size when no tokenizer is given")
         vocab_size = len(encoder.tokenizer)
-    rows = _collect(_token_documents(_read_documents(path, text_field), encoder, vocab_size, sft or SftOptions()))
+    rows = _collect(_token_documents(_read_documents(path, text_field, split), encoder, vocab_size, sft or SftOptions()))
     flat, flat_labels, lengths = rows.tokens, rows.labels, rows.lengths
     if not lengths:
         raise DataError(f"{source} holds no documents (empty, or every text is empty); "
@@ -327,6 +328,7 @@ def load_token_dataset(path: str | Path, tokenizer: TokenizerSource, seq_len: in
         pad = _pad_id(encoder.tokenizer) if encoder.tokenizer is not None else (pad_token_id or 0)
         tokens, mask = _pad(flat, lengths, seq_len, pad)
         labels = _pad(flat_labels, lengths, seq_len, IGNORE_INDEX)[0] if flat_labels is not None else None
+        _warn_cut_rows(source, lengths, seq_len, labels)
     dataset = TokenDataset(tokens, mask, source, len(lengths), vocab_size, labels, encoder.tokenizer, positions)
     log.info("%s: %d documents, %d sequences of %d tokens (%s)", source, len(lengths), len(dataset),
              seq_len, "packed" if packing else "padded")
@@ -395,6 +397,21 @@ def _pack(flat: torch.Tensor, seq_len: int, source: str) -> torch.Tensor:
         log.info("%s: the last %d tokens do not fill a block of %d and are dropped", source, dropped,
                  seq_len)
     return flat[: n_blocks * seq_len].reshape(n_blocks, seq_len).clone()
+
+
+def _warn_cut_rows(source: str, lengths: list[int], seq_len: int, labels: torch.Tensor | None) -> None:
+    """Say how many rows ``_pad`` cuts to ``seq_len`` (their ends are not trained on), and how
+    many supervised rows the cut leaves without any target."""
+    long_rows = [n for n in lengths if n > seq_len]
+    if long_rows:
+        log.warning("%s: %d of %d rows are longer than seq_len %d; their last %d tokens in all are cut "
+                    "(raise data.seq_len, or set data.packing: true to keep every token)", source,
+                    len(long_rows), len(lengths), seq_len, sum(long_rows) - seq_len * len(long_rows))
+    if labels is not None:
+        empty = int(labels[:, 1:].ne(IGNORE_INDEX).sum(dim=1).eq(0).sum())
+        if empty:
+            log.warning("%s: %d rows have no target left within seq_len %d (the prompt fills it): they add "
+                        "nothing to the loss; raise data.seq_len or shorten those prompts", source, empty, seq_len)
 
 
 def _pad(flat: torch.Tensor, lengths: list[int], seq_len: int,
@@ -512,12 +529,13 @@ def _checked_ints(values: list[Any], where: str, field: str) -> list[int]:
 # Readers: each yields (where, text or ids) per document
 
 
-def _read_documents(path: Path, text_field: str) -> Iterator[Document]:
-    """Dispatch on what ``path`` is; checks existence and type eagerly."""
+def _read_documents(path: Path, text_field: str, split: str = "train") -> Iterator[Document]:
+    """Dispatch on what ``path`` is; checks existence and type eagerly. ``split``: which split
+    of a saved DatasetDict (``_pick_split``)."""
     if not path.exists():
         raise DataError(f"training data {path} does not exist; give a {SUPPORTED}")
     if path.is_dir():
-        return _read_saved_dataset(path, text_field)
+        return _read_saved_dataset(path, text_field, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, text_field)
@@ -595,8 +613,8 @@ def _record_document(record: dict[str, Any], where: str, text_field: str,
     return text
 
 
-def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
-    """Rows of a ``save_to_disk`` directory (the ``train`` split of a DatasetDict)."""
+def _read_saved_dataset(path: Path, text_field: str, split: str = "train") -> Iterator[Document]:
+    """Rows of a ``save_to_disk`` directory (of a DatasetDict, the split ``_pick_split`` picks)."""
     if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
         raise DataError(f"{path} is a directory but not one written by datasets' save_to_disk (no "
                         f"state.json or dataset_dict.json); give a {SUPPORTED}")
@@ -610,7 +628,7 @@ def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
     except Exception as err:  # FileNotFoundError, pyarrow errors on damaged files
         raise DataError(f"cannot read the dataset in {path}: {first_line(err)}; re-save it with "
                         f"save_to_disk") from None
-    dataset = _pick_split(loaded, path)
+    dataset = _pick_split(loaded, path, split)
     names = dataset.column_names
     if "input_ids" not in names and ("messages" in names or {"prompt", "completion"} <= set(names)):
         columns = ["messages"] if "messages" in names else ["prompt", "completion"]
@@ -624,17 +642,24 @@ def _read_saved_dataset(path: Path, text_field: str) -> Iterator[Document]:
     return _saved_rows(dataset.select_columns(columns), path, columns, text_field)
 
 
-def _pick_split(loaded: Any, path: Path) -> Any:
-    """A Dataset as it is; from a DatasetDict, its ``train`` split or its only split."""
+EVAL_SPLITS = ("validation", "valid", "eval", "test", "dev")
+
+
+def _pick_split(loaded: Any, path: Path, split: str = "train") -> Any:
+    """A Dataset as it is; from a DatasetDict, its only split, else for training its ``train``
+    split and for evaluation (``split="eval"``) the first of ``EVAL_SPLITS`` it holds."""
     if not hasattr(loaded, "keys"):
         return loaded
     splits = list(loaded.keys())
-    if "train" in splits:
-        return loaded["train"]
     if len(splits) == 1:
         return loaded[splits[0]]
-    raise DataError(f"{path} holds splits {', '.join(splits)} and none is 'train'; save the split "
-                    f"to train on alone with Dataset.save_to_disk")
+    wanted = ("train",) if split == "train" else EVAL_SPLITS
+    for name in wanted:
+        if name in splits:
+            return loaded[name]
+    raise DataError(f"{path} holds splits {', '.join(splits)} and none is {' or '.join(map(repr, wanted))}; "
+                    f"save the split to {'train' if split == 'train' else 'evaluate'} on alone with "
+                    f"Dataset.save_to_disk")
 
 
 def _saved_rows(dataset: Any, path: Path, columns: list[str], text_field: str) -> Iterator[Document]:

@@ -38,10 +38,10 @@ def cache_dir() -> Path:
 
 def load_cached(path: str | Path, tokenizer: Any, seq_len: int, packing: bool = True, text_field: str = "text",
                 vocab_size: int | None = None, pad_token_id: int | None = None,
-                sft: SftOptions | None = None) -> TokenDataset:
+                sft: SftOptions | None = None, split: str = "train") -> TokenDataset:
     """``load_token_dataset`` with the cache in front of it (same arguments, same result)."""
     sft = sft or SftOptions()
-    key = _key(Path(path).expanduser(), seq_len, packing, text_field, vocab_size, pad_token_id, sft)
+    key = _key(Path(path).expanduser(), seq_len, packing, text_field, vocab_size, pad_token_id, sft, split)
     entry = cache_dir() / f"{key}.pt"
     cached = _read(entry)
     if cached is not None:
@@ -51,7 +51,7 @@ def load_cached(path: str | Path, tokenizer: Any, seq_len: int, packing: bool = 
             log.info("%s: tokenized data from the cache (%s)", path, entry)
             return TokenDataset(**cached, tokenizer=loaded)
     dataset = load_token_dataset(path, tokenizer, seq_len, packing=packing, text_field=text_field,
-                                 vocab_size=vocab_size, pad_token_id=pad_token_id, sft=sft)
+                                 vocab_size=vocab_size, pad_token_id=pad_token_id, sft=sft, split=split)
     _write(entry, dataset)
     return dataset
 
@@ -78,10 +78,10 @@ def _tokenizer(source: Any) -> Any:
 
 
 def _key(path: Path, seq_len: int, packing: bool, text_field: str, vocab_size: int | None,
-         pad_token_id: int | None, sft: SftOptions) -> str:
+         pad_token_id: int | None, sft: SftOptions, split: str = "train") -> str:
     doc = {"format": FORMAT, "path": str(path.resolve()), "files": _identity(path), "seq_len": seq_len,
            "packing": packing, "text_field": text_field, "vocab_size": vocab_size, "pad_token_id": pad_token_id,
-           "sft": asdict(sft)}
+           "sft": asdict(sft), **({} if split == "train" else {"split": split})}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 

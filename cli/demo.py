@@ -6,13 +6,21 @@ Tokens are raw UTF-8 bytes (vocabulary 256), so no tokenizer file is needed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from cli.config import ConfigError
+
+if TYPE_CHECKING:
+    from scheduler.executor import TrainSettings
+    from scheduler.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +31,10 @@ def shipped_corpus_bytes() -> bytes:
     import json
     import pathlib
     import textwrap
-    import this  # noqa: F401 - its text is the first paragraph
 
-    zen = "".join(this.d.get(c, c) for c in this.s)
+    from cli.assets.make_assets import zen_of_python
+
+    zen = zen_of_python()  # the first paragraph (``import this`` would print it)
     docs = [inspect.getdoc(m) or "" for m in (collections, json, pathlib, textwrap, inspect)]
     return "\n\n".join([zen, *docs]).encode()
 
@@ -33,12 +42,13 @@ def shipped_corpus_bytes() -> bytes:
 def run_demo(steps: int, nvme_path: str | None, seq_len: int = 128, batch: int = 4) -> int:
     from transformers import LlamaConfig
 
-    from offload import AdamWConfig, SwapStore, make_adamw, make_backend
     from offload.tiers import Tier
-    from scheduler.executor import StreamingExecutor, TrainSettings
-    from scheduler.materialize import RandomInit, empty_model
+    from scheduler.executor import TrainSettings
+    from scheduler.materialize import empty_model
     from scheduler.plan import Plan
 
+    if steps < 1:
+        raise ConfigError(f"demo --steps must be at least 1, not {steps}")
     torch.manual_seed(0)
     data = torch.tensor(list(shipped_corpus_bytes()), dtype=torch.long)
     cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
@@ -48,7 +58,19 @@ def run_demo(steps: int, nvme_path: str | None, seq_len: int = 128, batch: int =
     plan = Plan(weights=Tier.NVME, optimizer=Tier.NVME, grads=Tier.NVME, activations=Tier.NVME,
                 device_budget_bytes=16 << 20, host_budget_bytes=16 << 20, chunk_numel=256 << 10)
     settings = TrainSettings(weight_decay=0.0, max_grad_norm=1.0)
-    root = Path(nvme_path) if nvme_path else Path(tempfile.mkdtemp(prefix="offload-demo-"))
+    with contextlib.ExitStack() as stack:
+        # a swap folder of its own is removed at the end (a named one is the user's to keep)
+        root = Path(nvme_path) if nvme_path else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="offload-demo-")))
+        return _train(model, plan, settings, data, root, steps, seq_len, batch)
+
+
+def _train(model: torch.nn.Module, plan: Plan, settings: TrainSettings, data: torch.Tensor, root: Path,
+           steps: int, seq_len: int, batch: int) -> int:
+    from offload import AdamWConfig, SwapStore, make_adamw, make_backend
+    from scheduler.executor import StreamingExecutor
+    from scheduler.materialize import RandomInit
+
     print(f"demo: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{data.numel()} bytes of text, swap at {root}")
     print(plan)

@@ -59,7 +59,7 @@ def build_evaluator(cfg: Any, tokenizer: Any, vocab_size: int | None, pad_token_
     try:
         dataset = load_cached(d.eval_path, tokenizer, d.seq_len, packing=d.packing, text_field=d.text_field,
                               vocab_size=vocab_size, pad_token_id=pad_token_id,
-                              sft=SftOptions(d.completion_only_loss, d.assistant_only_loss))
+                              sft=SftOptions(d.completion_only_loss, d.assistant_only_loss), split="eval")
     except DataError as err:
         raise DataError(f"data.eval_path: {err}") from None
     if dataset.n_targets() == 0:

@@ -7,7 +7,9 @@ import errno
 import logging
 import sys
 
-from offload.errors import OffloadError
+from safetensors import SafetensorError
+
+from offload.errors import OffloadError, first_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOENT):
-            raise
-        where = f" ({err.filename})" if err.filename else ""
-        then = (", then resume with train.resume_from_checkpoint: auto" if args.command == "train" else
-                f", then run {args.command} again")
-        print(f"offload-train: error: {err.strerror}{where}; free space or fix the path{then}", file=sys.stderr)
+        print(f"offload-train: error: {os_error_line(err, args.command)}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         if "out of memory" not in str(err).lower():
@@ -127,7 +124,36 @@ def main(argv: list[str] | None = None) -> int:
         print("offload-train: error: out of GPU memory; lower offload.gpu_memory_limit or the batch size",
               file=sys.stderr)
         return 2
+    except SafetensorError as err:  # a safetensors file it cannot read or write (full disk, truncated)
+        print(f"offload-train: error: {first_line(err)}; free space if the disk is full, or copy the damaged "
+              f"safetensors file again, then run {args.command} again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("offload-train: interrupted", file=sys.stderr)
         return 130
     return 1
+
+
+ERRNO_ADVICE = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder: give a path through folders",
+    errno.EEXIST: "a file is in the way of a folder to create: move it or give another path",
+    errno.EISDIR: "a folder is where a file was expected: give the file's path",
+    errno.ENAMETOOLONG: "shorten the path",
+    errno.ELOOP: "the path has a symbolic link loop: fix the link",
+    errno.EIO: "the disk reported an I/O error: check it (dmesg) or use another disk",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENFILE: "too many open files: raise the limit (ulimit -n)",
+}
+
+
+def os_error_line(err: OSError, command: str) -> str:
+    """One line for any OSError: its text and file(s), and what to do."""
+    names = [str(n) for n in (err.filename, err.filename2) if n]
+    where = f" ({' -> '.join(names)})" if names else ""
+    what = err.strerror or first_line(err)
+    then = (", then resume with train.resume_from_checkpoint: auto" if command == "train" else
+            f", then run {command} again")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENOENT):
+        return f"{what}{where}; free space or fix the path{then}"
+    advice = ERRNO_ADVICE.get(err.errno, "fix the path or the disk")
+    return f"{what}{where}; {advice}{then}"

@@ -3,6 +3,8 @@ before training, and the optimizer states of engines that keep them in RAM writt
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,9 @@ from offload.store import SwapStore, TensorSpec
 from scheduler.executor import ResumeState, state_extents
 from scheduler.model_map import Unit
 
+OWNER_FILE = "owner.json"
+"""In the store's folder: the run folder (``train.output_dir``, resolved) whose swap it is."""
+
 
 @dataclass(frozen=True)
 class StoreStart:
@@ -27,25 +32,63 @@ class StoreStart:
 
 def prepare_store(store: SwapStore, run_dir: Path, ckpt: ckpt_io.CheckpointInfo | None,
                   units: tuple[Unit, ...], chunk_numel: int | None) -> StoreStart:
-    """Empty the store for a fresh run, or reopen it at checkpoint ``ckpt``.
+    """Empty the store for a fresh run, or reopen it at checkpoint ``ckpt``; the store is then
+    recorded as ``run_dir``'s (``OWNER_FILE``). A store holding another run's checkpoints is refused.
 
     Every checkpoint of the run keeps its snapshot held. When the checkpoint's extents are the
     ones an executor with ``chunk_numel`` (optimizer states on NVME; ``None`` otherwise) uses,
     the store is reopened at them and nothing is copied; else the states are read from the
     snapshot and written anew by the engine.
     """
+    check_owner(store.root, run_dir)
     if ckpt is None:
+        claim(store.root, run_dir)
         store.reset()  # nothing to keep: the engine writes every tensor at start
         return StoreStart(None, False)
     saved = ckpt_io.CheckpointUnits(ckpt.path)
     ckpt_io.check_in_store(saved, store.root)
     saved.check_units(units)
+    claim(store.root, run_dir)
     held = ckpt_io.held_snapshots(run_dir, store.root)
     if chunk_numel is not None and saved.in_store(state_extents(units, chunk_numel), store.root):
         store.restore(saved.snapshot, held)
         return StoreStart(None, True)
     store.restore(None, held)
     return StoreStart(saved, False)
+
+
+def store_owner(store_root: Path) -> Path | None:
+    """The run folder the store at ``store_root`` belongs to; ``None`` when it has no owner record
+    (stores written by earlier versions, or an unreadable record): it belongs to whoever opens it."""
+    try:
+        return Path(json.loads((store_root / OWNER_FILE).read_text())["output_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def foreign_owner(store_root: Path, run_dir: Path) -> Path | None:
+    """The other run folder whose checkpoints still live in the store at ``store_root``, if any:
+    starting fresh, resetting or compacting that store would destroy them."""
+    owner = store_owner(store_root)
+    if owner is None or owner == run_dir.resolve():
+        return None
+    return owner if ckpt_io.held_snapshots(owner, store_root) else None  # gone, moved or cleaned: free
+
+
+def check_owner(store_root: Path, run_dir: Path) -> None:
+    """Refuse a store that holds the checkpoints of another run."""
+    owner = foreign_owner(store_root, run_dir)
+    if owner is not None:
+        raise OffloadError(f"the swap store {store_root.resolve()} belongs to the run {owner}, whose checkpoints "
+                           f"live in it; give this run its own offload.nvme_path, or `offload-train clean "
+                           f"{owner}` first")
+
+
+def claim(store_root: Path, run_dir: Path) -> None:
+    """Record ``run_dir`` as the store's owner (written atomically)."""
+    tmp = store_root / (OWNER_FILE + ".tmp")
+    tmp.write_text(json.dumps({"output_dir": str(run_dir.resolve())}) + "\n")
+    os.replace(tmp, store_root / OWNER_FILE)
 
 
 def check_checkpoint_room(store: SwapStore, units: Iterable[Unit], versions: int, states_in_store: bool,

@@ -46,6 +46,7 @@ class RunContext:
     dtype: torch.dtype
     device: torch.device
     evaluator: Any = None  # cli.evaluation.Evaluator, or None (train.eval_strategy: no)
+    optimizer_impl: str | None = None  # the CPU AdamW kernel make_engine chose (checkpoints record it)
 
 
 def load_model_config(cfg: Any) -> Any:
@@ -177,8 +178,16 @@ def seed_everything(seed: int) -> None:
 
 
 def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None = None) -> int:
+    from cli.run_lock import RunLock
+
+    # The run folder is this process's from here to the end: a second train on it stops in one
+    # line before it reads or writes anything there.
+    with RunLock(Path(cfg.train.output_dir)):
+        return _run_train_locked(cfg, plan_path, profile_path)
+
+
+def _run_train_locked(cfg: Any, plan_path: str | None, profile_path: str | None) -> int:
     from cli import swap
-    from cli.config import dump_yaml
     from cli.data import steps_per_epoch
     from offload import SwapStore, make_backend
     from offload.tiers import Tier
@@ -187,10 +196,6 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     ctx = build_context(cfg)
     t = cfg.train
     run_dir = ctx.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    if ctx.tokenizer is not None:
-        ctx.tokenizer.save_pretrained(run_dir / "tokenizer")
     ga = t.gradient_accumulation_steps
     per_epoch = steps_per_epoch(ctx.dataset, t.micro_batch_size, ga)
     if per_epoch < 1:
@@ -202,7 +207,6 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     resume = _resume_point(cfg, run_dir, schedule, data_fingerprint)
 
     plan, record = make_plan(ctx, plan_path, profile_path, total_steps)
-    (run_dir / "plan.json").write_text(json.dumps(record, indent=2))
     units = build_model_map(ctx.model).units
     fingerprint = ckpt_io.model_fingerprint(ctx.hf_config.to_dict(), units)
     if resume.fingerprint is not None and resume.fingerprint != fingerprint:
@@ -214,19 +218,21 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
     store = SwapStore(cfg.offload_nvme_path, make_backend(cfg.offload.io_backend, cfg.offload.io_threads))
     store.open()
     closing: list[Any] = []
-    try:  # the store's lock is held: no other run uses this swap (nor, by default, this run folder)
-        if resume.ckpt is not None:
-            ckpt_io.drop_checkpoints_after(run_dir, resume.step)  # a branch abandoned by this resume
-        _truncate_metrics(run_dir, resume.step)  # the steps after the checkpoint (all, if none) run again
+    try:  # the store's lock is held: no other run uses this swap
+        newer = _newer_checkpoints(run_dir, resume)
         start = swap.prepare_store(store, run_dir, resume.ckpt, units, plan.chunk_numel if states_on_nvme else None)
-        engine = make_engine(ctx, plan, store, start, resume.update, closing)
+        if newer:
+            check_resumable_before_newer(resume.ckpt, newer, store.root)
+        engine = make_engine(ctx, plan, store, start, resume.update, closing, saved_impl=resume.optimizer_impl)
         with engine:
             versions = swap.checkpoint_versions(resume.step, total_steps, t.save_steps, t.save_total_limit)
             swap.check_checkpoint_room(store, units, versions, states_on_nvme,
                                        itemsize=DTYPES[cfg.model.state_dtype].itemsize)
+            # every start-up check has passed: only now is the run folder written
+            _start_run_folder(ctx, store, resume, newer, record)
+            state = {"fingerprint": fingerprint, "data_fingerprint": data_fingerprint}
             try:
-                return _loop(ctx, engine, schedule, resume, total_steps, per_epoch,
-                             {"fingerprint": fingerprint, "data_fingerprint": data_fingerprint}, store)
+                return _loop(ctx, engine, schedule, resume, total_steps, per_epoch, state, store)
             except OutOfSpaceError as err:
                 last = ckpt_io.list_checkpoints(run_dir)
                 kept = f"checkpoint {last[-1].path.name} is intact" if last else "no checkpoint was written yet"
@@ -238,6 +244,58 @@ def run_train(cfg: Any, plan_path: str | None = None, profile_path: str | None =
         store.close()
         for resource in closing:
             resource.close()
+
+
+def _newer_checkpoints(run_dir: Path, resume: _ResumePoint) -> list[Any]:
+    """The checkpoints after the one resumed from: a branch this resume abandons. They must go:
+    training on from its step cuts ``metrics.jsonl`` back to it and saves checkpoints of the same
+    names (``step-M`` replaced), rotation by ``save_total_limit`` would keep the stale newer ones
+    and delete the fresh ones (it keeps the highest steps), and ``auto`` would resume a stale one
+    after a crash. They go only once the start-up checks have passed."""
+    if resume.ckpt is None:
+        return []
+    return [c for c in ckpt_io.list_checkpoints(run_dir) if c.step > resume.step]
+
+
+def check_resumable_before_newer(ckpt: Any, newer: list[Any], store_root: Path) -> None:
+    """A resume from an older checkpoint drops the newer ones: first every extent of the one
+    resumed from must read back whole, else nothing is dropped and the error names the newest
+    one that verifies."""
+    if ckpt_io.verifies(ckpt):
+        return
+    good = next((c for c in reversed(newer) if _in_store_and_verifies(c, store_root)), None)
+    advice = (f"{good.path.name} verifies: resume from it with train.resume_from_checkpoint: {good.path}"
+              if good is not None else "resume from another checkpoint")
+    raise OffloadError(f"checkpoint {ckpt.path} fails its checksums (its swap data is damaged), so the newer "
+                       f"{', '.join(c.path.name for c in newer)} were kept; {advice}")
+
+
+def _in_store_and_verifies(ckpt: Any, store_root: Path) -> bool:
+    try:
+        in_store = ckpt_io.CheckpointUnits(ckpt.path).nvme_path == store_root.resolve()
+    except OffloadError:
+        return False
+    return in_store and ckpt_io.verifies(ckpt)
+
+
+def _start_run_folder(ctx: RunContext, store: Any, resume: _ResumePoint, newer: list[Any],
+                      plan_record: dict[str, Any]) -> None:
+    """What a started run writes into its folder, once every start-up check has passed: the newer
+    checkpoints of an abandoned branch dropped (said in one line; their snapshots let go in the
+    store), the metrics of the steps that run again cut, config.yaml, tokenizer/ and plan.json."""
+    from cli.config import dump_yaml
+
+    run_dir = ctx.run_dir
+    if newer:
+        print(f"offload-train: resuming from step {resume.step} drops the newer checkpoints "
+              f"{', '.join(c.path.name for c in newer)} (training on from {resume.ckpt.path.name} rewrites them)")
+        for c in newer:
+            ckpt_io.remove_checkpoint(c, store)  # its snapshot's extents become free for new versions
+    _truncate_metrics(run_dir, resume.step)  # the steps after the checkpoint (all, if none) run again
+    (run_dir / "config.yaml").write_text(dump_yaml(ctx.cfg))
+    if ctx.tokenizer is not None:
+        ctx.tokenizer.save_pretrained(run_dir / "tokenizer")
+    (run_dir / "plan.json").write_text(json.dumps(plan_record, indent=2))
 
 
 class _LrSchedule:
@@ -295,6 +353,7 @@ class _ResumePoint:
     fingerprint: str | None = None
     update: Any = None  # scheduler.settings.UpdateState
     log_window: _LogWindow = field(default_factory=_LogWindow)  # the steps since the last record
+    optimizer_impl: str | None = None  # the CPU AdamW kernel the checkpoint was trained with, if recorded
 
 
 def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule, data_fingerprint: str) -> _ResumePoint:
@@ -325,13 +384,15 @@ def _resume_point(cfg: Any, run_dir: Path, schedule: _LrSchedule, data_fingerpri
     update = UpdateState(optimizer_step=state.get("optimizer_step", step), loss_scale=state.get("loss_scale"),
                          good_steps=state.get("good_steps", 0))
     return _ResumePoint(step, DataPosition(**state["data_position"]), ckpt, state.get("fingerprint"), update,
-                        _LogWindow(**state.get("log_window", {})))
+                        _LogWindow(**state.get("log_window", {})), state.get("optimizer_impl"))
 
 
-def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any]) -> Engine:
+def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any, closing: list[Any],
+                saved_impl: str | None = None) -> Engine:
     """The engine ``offload.engine`` names (a ``scheduler.engine.Engine``); resources it needs
-    closed after it are appended to ``closing``."""
-    from offload import AdamWConfig, choose_impl, make_adamw
+    closed after it are appended to ``closing``. ``saved_impl``: the CPU AdamW kernel the
+    checkpoint resumed from was trained with (see ``optimizer_impl``)."""
+    from offload import AdamWConfig, make_adamw
     from scheduler.executor import StreamingExecutor, TrainSettings
     from scheduler.reference import ReferenceEngine
     from scheduler.trace import Tracer
@@ -345,18 +406,49 @@ def make_engine(ctx: RunContext, plan: Any, store: Any, start: Any, update: Any,
     if cfg.offload.engine == "reference":
         from scheduler.materialize import materialize_in_memory
 
+        if cfg.offload.trace:
+            print("offload-train: note: offload.trace records the streaming engine's timeline; the reference "
+                  "engine (offload.engine: reference) writes none")
         model = materialize_in_memory(ctx.model, ctx.initializer)  # same start as the native engine
         return ReferenceEngine(model, settings, device=ctx.device, resume=start.resume, update_state=update)
-    try:
-        impl, _ = choose_impl(cfg.optimizer_impl)
-    except RuntimeError as err:
-        raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
-    adamw = make_adamw(impl, AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-                                         weight_decay=t.weight_decay))
+    config = AdamWConfig(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, weight_decay=t.weight_decay)
+    impl, adamw = optimizer_impl(cfg.optimizer_impl, saved_impl, config, make_adamw)
     closing.append(adamw)
+    ctx.optimizer_impl = impl
     return StreamingExecutor(ctx.model, plan, store, adamw, settings, device=ctx.device,
                              initializer=ctx.initializer, resume=start.resume, update_state=update,
                              tracer=Tracer() if cfg.offload.trace else None, state_in_store=start.state_in_store)
+
+
+def optimizer_impl(requested: str, saved: str | None, config: Any, make: Any) -> tuple[str, Any]:
+    """(kernel name, its FlatAdamW): the CPU AdamW kernel a run steps with. The two kernels differ
+    in the last bits, so a resumed run keeps the one its checkpoint (``saved``) was trained with:
+    with ``auto`` it is used again, not chosen anew by timing; when it cannot be made here, or the
+    config names the other one, one line warns that the resume may differ in the last bits."""
+    from offload import choose_impl
+
+    if saved is not None and requested == "auto":
+        try:
+            adamw = make(saved, config)
+            getattr(adamw, "_load", lambda: None)()  # deepspeed's kernel loads (builds) lazily: now
+            return saved, adamw
+        except Exception as err:  # noqa: BLE001 - e.g. deepspeed missing or its kernel not building here
+            print(f"offload-train: warning: the checkpoint was trained with optimizer_impl {saved}, which is "
+                  f"not usable here ({first_line(err)}); the resume uses another CPU AdamW kernel and may "
+                  f"differ from an uninterrupted run in the last bits")
+    elif saved is not None and requested != saved:
+        print(f"offload-train: warning: the checkpoint was trained with optimizer_impl {saved}, this config "
+              f"names {requested}: the resume may differ from an uninterrupted run in the last bits (set "
+              f"offload.optimizer_impl: {saved} or auto to keep it)")
+    try:
+        impl, _ = choose_impl(requested)
+    except RuntimeError as err:
+        raise OffloadError(f"offload.optimizer_impl: {err}; install deepspeed or use torch") from None
+    try:
+        return impl, make(impl, config)
+    except Exception as err:  # noqa: BLE001 - an explicit kernel that cannot be made here
+        raise OffloadError(f"offload.optimizer_impl {impl}: not usable here ({first_line(err)}); "
+                           f"install deepspeed or use torch") from None
 
 
 def _loop(ctx: RunContext, engine: Engine, schedule: _LrSchedule, resume: _ResumePoint, total_steps: int,
@@ -521,6 +613,8 @@ def save_engine_checkpoint(ctx: RunContext, engine: Engine, store: Any, step: in
 
     state = {**state, **engine.update_state().to_dict(),  # optimizer_step lags `step` by the skipped steps
              "resume_keys": resume_keys(ctx.cfg)}
+    if ctx.optimizer_impl is not None:  # the CPU AdamW kernel: a resume keeps it (bit for bit)
+        state["optimizer_impl"] = ctx.optimizer_impl
     t_start_s = time.perf_counter()
     try:
         extents = engine.optimizer_state_extents()
@@ -619,6 +713,7 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     from scheduler.plan_report import format_report, plan_record
 
     hf_config = load_model_config(cfg)
+    check_positions(cfg.data.seq_len, hf_config)  # as train checks them: plan what train would run
     model = empty_model(hf_config, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.peft is not None:  # adapters on a frozen base: their shapes are what the plan needs
         from cli.lora import apply_lora
@@ -631,6 +726,11 @@ def run_plan(cfg: Any, profile_path: str | None = None) -> int:
     print(format_report(choice, shape, job.workload, job.budgets, job.profile, job.timing))
     print(batch_advice(job, cfg))
     run_dir = Path(cfg.train.output_dir)
+    if (run_dir / "config.yaml").exists() or ckpt_io.list_checkpoints(run_dir):
+        # a run's plan.json records what it trained with: another plan does not replace it
+        print(f"plan not written: {run_dir} holds a run, whose plan.json stays as it is (give another "
+              f"train.output_dir to keep this plan)")
+        return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "plan.json").write_text(json.dumps(plan_record(choice), indent=2))
     print(f"plan written to {run_dir / 'plan.json'}")

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from cli.api import OffloadArguments, OffloadEngine
+from cli.api import OffloadArguments, OffloadEngine, offload_arguments
 from cli.config import ConfigError
 
 CHECKED_TRANSFORMERS = ("5.24", "5.25")
@@ -63,7 +63,7 @@ class _LearningRate(torch.optim.Optimizer):
 class OffloadTrainer(Trainer):
     def __init__(self, model: nn.Module | str | os.PathLike[str] | None = None, args: Any = None, *posargs: Any,
                  offload: OffloadArguments | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self.offload = _offload_arguments(offload)
+        self.offload = offload_arguments(offload, "OffloadTrainer")
         self._source = model
         if isinstance(model, (str, os.PathLike)):  # a checkpoint: an empty model now, weights streamed later
             from transformers import AutoConfig
@@ -152,7 +152,7 @@ class OffloadTrainer(Trainer):
             raise ValueError(f"the batch has no labels, only {', '.join(inputs)}: the model returns no loss; "
                              f"use a collator that makes them (DataCollatorForLanguageModeling(tokenizer, "
                              f"mlm=False)) or put labels in the dataset")
-        batch = {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in inputs}
+        batch = dict(inputs)  # the model inputs among them pass to its forward (model_inputs)
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             batch["num_items_in_batch"] = num_items_in_batch
         loss = self.offload_engine.engine.micro_step(batch, self._lr(), last=self.accelerator.sync_gradients,
@@ -186,8 +186,11 @@ class OffloadTrainer(Trainer):
             self._start_engine()
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
-        loss_sum, n, logits = self.offload_engine.engine.predict(inputs)
-        loss = torch.tensor(loss_sum / max(n, 1))
+        loss_sum, n, logits, router = self.offload_engine.engine.predict(inputs)
+        if self.model_accepts_loss_kwargs and labels is not None:  # Trainer's count of the targets
+            items = self._get_num_items_in_batch([inputs], self.args.device)  # (GPT-2's: unshifted)
+            n = int(items) if items is not None else n
+        loss = torch.tensor(loss_sum / max(n, 1) + router)  # the model's loss: Trainer's eval loss
         if prediction_loss_only:
             return loss, None, None
         return loss, logits, labels
@@ -251,20 +254,6 @@ class OffloadTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         return None  # the engine restarts from the checkpoint's snapshot (create_optimizer)
-
-
-def _offload_arguments(offload: OffloadArguments | dict[str, Any] | None) -> OffloadArguments:
-    if not isinstance(offload, dict):
-        return offload or OffloadArguments()
-    try:
-        return OffloadArguments(**offload)
-    except TypeError:
-        import dataclasses
-
-        known = [f.name for f in dataclasses.fields(OffloadArguments)]
-        unknown = sorted(set(offload) - set(known))
-        raise ConfigError(f"OffloadTrainer: offload= has unknown key(s) {', '.join(unknown)}; the keys are "
-                          f"{', '.join(known)}") from None
 
 
 def _refuse_unsupported(trainer: OffloadTrainer) -> None:

@@ -3,7 +3,16 @@
 Knows nothing of schedules or models (``scheduler`` imports this package, never the reverse).
 """
 
-from offload.buffers import HostArena, Slot
+import os
+
+import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # what DeepSpeed picks here anyway, named so that its import (ours, or transformers') does not
+    # print "Setting accelerator to CPU ... unable to detect it" on every command
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+from offload.buffers import HostArena, Slot  # noqa: E402 - after the variable
 from offload.errors import (
     BudgetError,
     CorruptionError,

@@ -115,7 +115,8 @@ def read_manifest(root: Path) -> tuple[dict[str, Extent], dict[str, Checksum | N
         return _parse_extents(doc)
     except (ValueError, KeyError, TypeError, AttributeError, CorruptionError) as err:
         raise CorruptionError(
-            f"swap manifest {path} is unreadable ({err}); delete {root} to start fresh"
+            f"swap manifest {path} is unreadable ({err}); delete only that file and resume from a checkpoint "
+            f"(each keeps its own record of the data), or delete {root} to start over without them"
         ) from None
 
 

@@ -65,6 +65,7 @@ from scheduler.activations import (
 )
 from scheduler.grad_handoff import GradHandoff
 from scheduler.layer_hooks import LayerHooks
+from scheduler.model_inputs import eval_loss_sum, model_inputs
 from scheduler.model_map import (
     ModelMap,
     Unit,
@@ -314,11 +315,9 @@ class StreamingExecutor(StateExport):
         return losses
 
     def _model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"].to(self.device), "use_cache": False}
-        for key in ("attention_mask", "position_ids"):  # packed rows: positions restart per row
-            if key in batch:
-                kwargs[key] = batch[key].to(self.device)
-        return kwargs
+        """The forward's arguments: input_ids and the batch's other model inputs (packed rows:
+        position_ids restart per row; GPT-2's token_type_ids; ...)."""
+        return model_inputs(self.model, batch, self.device)
 
     def _forward_and_head(self, batch: dict[str, torch.Tensor], n_micro: int) -> float:
         """A micro-batch's forward, then its head's backward (final norm + LM head + loss: their
@@ -432,14 +431,16 @@ class StreamingExecutor(StateExport):
         """Forward only, streamed like training but keeping nothing: no checkpoints, gradients,
         optimizer traffic or weight writes. Returns (sum of token losses, target tokens) over
         ``batch`` (``labels`` default to ``input_ids``; -100 is not a target), the loss as
-        transformers' causal-LM loss computes it (shifted, in fp32). Dropout is off (eval mode).
+        transformers' causal-LM loss computes it (shifted, in fp32; an MoE model's router loss
+        added per target, as its own loss adds it: ``eval_loss_sum``). Dropout is off (eval mode).
         Waits for every pending update first (sync point)."""
-        loss_sum, n_targets, _ = self.predict(batch)
-        return loss_sum, n_targets
+        loss_sum, n_targets, _, router = self.predict(batch)
+        return loss_sum + n_targets * router, n_targets
 
     @torch.no_grad()
-    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor]:
-        """``evaluate``, and the logits too (for metrics)."""
+    def predict(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, torch.Tensor, float]:
+        """``evaluate``'s parts: (sum of token losses, target tokens, logits, router term: what an
+        MoE model adds to its mean token loss; 0 for others)."""
         self.synchronize()
         labels = batch.get("labels", batch["input_ids"]).to(self.device)
         was_training = self.model.training
@@ -449,15 +450,13 @@ class StreamingExecutor(StateExport):
             self.weights.acquire(0)
             self.weights.prefetch(range(min(self.plan.prefetch_depth, self._n_layers)))
             with self.tracer.span("compute", "evaluate"):
-                logits = self.model(**self._model_inputs(batch)).logits
-            targets = labels[..., 1:]
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
+                out = self.model(**self._model_inputs(batch))
+            loss_sum, n_targets, router = eval_loss_sum(self.model, out, labels)
         finally:
             self.hooks.evaluating = False
             self.weights.release_layers()
             self.model.train(was_training)
-        return float(loss_sum), int(targets.ne(-100).sum()), logits
+        return float(loss_sum), n_targets, out.logits, router
 
     # ------------------------------------------------------------------------------ results
     @property

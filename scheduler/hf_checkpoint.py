@@ -62,6 +62,8 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
             if not path.exists():
                 raise OffloadError(f"{index} names {path.name}, which is missing from {directory}; "
                                    f"copy the whole checkpoint directory")
+        for path in sorted(set(files.values())):  # headers only: a truncated shard fails here, before a run starts
+            _check_shard(path)
         return files
     if single.exists():
         from safetensors import safe_open
@@ -73,6 +75,67 @@ def checkpoint_files(directory: Path) -> dict[str, Path]:
             raise OffloadError(f"{single} is not a readable safetensors file ({err})") from None
     raise OffloadError(f"no model.safetensors or model.safetensors.index.json in {directory}; give a "
                        f"Hugging Face checkpoint directory saved with safetensors")
+
+
+def _unreadable_shard(path: Path, err: BaseException, key: str | None = None) -> OffloadError:
+    from offload.errors import first_line
+
+    what = f"cannot read {key} from {path}" if key else f"{path} is not a readable safetensors file"
+    return OffloadError(f"{what} ({first_line(err)}); the file is truncated or damaged (or the index does not "
+                        f"match it): copy the checkpoint again from its source")
+
+
+def _check_shard(path: Path) -> None:
+    """Open one shard: safetensors checks that its header covers the whole file (truncation)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except OSError:
+        raise
+    except Exception as err:  # safetensors raises its own error types
+        raise _unreadable_shard(path, err) from None
+
+
+def read_hf_config(directory: str | Path, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig.from_pretrained(directory)`` of a local checkpoint; a broken ``config.json``
+    (not JSON, not an object, no or an unknown ``model_type``, a wrongly typed field) is a one-line
+    ``OffloadError`` naming the file and what is wrong."""
+    from transformers import AutoConfig
+
+    from offload.errors import first_line
+
+    path = Path(directory) / "config.json"
+    fix = "fix it, or re-save the checkpoint with save_pretrained"
+    if not path.is_file():
+        raise OffloadError(f"{Path(directory)} is not a Hugging Face checkpoint directory (no config.json); give "
+                           f"a local directory saved with save_pretrained")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise OffloadError(f"{path} is not text ({err.reason}); {fix}") from None
+    except ValueError as err:  # json.JSONDecodeError
+        raise OffloadError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise OffloadError(f"{path} holds a JSON {type(data).__name__}, not an object of config fields; {fix}")
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except MemoryError:
+        raise
+    except Exception as err:  # ValueError, OSError, huggingface_hub's strict-dataclass validation errors
+        model_type = data.get("model_type")
+        if not model_type:
+            why = "has no model_type (e.g. llama, qwen2, gpt2)"
+        elif not isinstance(model_type, str):
+            why = f"has model_type {model_type!r}, not a name (e.g. llama, qwen2, gpt2)"
+        elif "does not recognize this architecture" in str(err):
+            why = (f"has model_type {model_type!r}, which this transformers does not know (a typo, or a newer "
+                   f"model: upgrade transformers)")
+        else:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = f"is not a valid {model_type} config ({lines[-1] if lines else first_line(err)})"
+        raise OffloadError(f"{path} {why}; {fix}") from None
 
 
 class CheckpointInit:
@@ -249,8 +312,18 @@ class CheckpointInit:
         if handle is None:
             from safetensors import safe_open
 
-            handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu").__enter__()
-        return handle.get_tensor(key)
+            try:
+                handle = self._open[path] = safe_open(str(path), framework="pt", device="cpu").__enter__()
+            except OSError:
+                raise
+            except Exception as err:  # safetensors raises its own error types
+                raise _unreadable_shard(path, err) from None
+        try:
+            return handle.get_tensor(key)
+        except OSError:
+            raise
+        except Exception as err:
+            raise _unreadable_shard(path, err, key) from None
 
 
 def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -139,8 +139,11 @@ def cached_probe(hf_config: Any, wl: Workload, device: torch.device, vocab: int 
 
     # the allocator's settings change compute time (fresh pages for every large tensor): a probe
     # counts only for processes set up like the one that took it
+    # (the config's own dtype is left out: the probe runs in the workload's compute dtype, and
+    # `train` sets it where `plan` leaves the checkpoint's: both must find the same probe)
+    fields = {k: v for k, v in hf_config.to_dict().items() if k not in ("dtype", "torch_dtype")}
     key = json.dumps([PROBE_FORMAT, malloc_settings(), platform.node(), torch.__version__, str(device),
-                      hf_config.to_dict(), vocab, layers,
+                      fields, vocab, layers,
                       wl.micro_batch, wl.seq_len, wl.compute_dtype], sort_keys=True, default=str)
     path = CACHE_DIR / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     try:
@@ -164,26 +167,29 @@ def probe_layer(hf_config: Any, wl: Workload, device: torch.device, vocab: int |
     ``layers``: build 2 layers and time 1 against 2, or build 1 and time none against 1."""
     cfg = _probe_config(hf_config, vocab)
     cfg.num_hidden_layers = layers
-    with torch.random.fork_rng(devices=[]), torch.device(device):  # built where it runs: no host copy
+    # the probe draws weights, ids and (training mode) dropout masks from its own random state:
+    # the caller's (a Trainer seeded before the engine starts) is left as it was
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(0)
-        model = _build(cfg, wl)
-        ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
-    model.train()
-    fewer = layers - 1
-    try:
-        # the whole model first: its layers' arguments are checked before anything else runs
-        # (an architecture the layer-by-layer cut cannot take stops here with one line)
-        saved_all = _saved_bytes(model, ids)
-        rounds = []
-        for r in range(REPEATS + 1):
-            one = _with_layers(model, fewer, lambda m: _time_round(m, ids, device))
-            two = _with_layers(model, layers, lambda m: _time_round(m, ids, device))
-            if r:  # the first round warms up kernels and allocators
-                rounds.append((*one, *two))
-        saved = [_with_layers(model, fewer, lambda m: _saved_bytes(m, ids)) if fewer else 0, saved_all]
-    finally:
-        del model
-        gc.collect()  # the next probe, or the run, gets this memory back
+        with torch.device(device):  # built where it runs: no host copy
+            model = _build(cfg, wl)
+            ids = torch.randint(0, cfg.vocab_size, (wl.micro_batch, wl.seq_len), device=device)
+        model.train()
+        fewer = layers - 1
+        try:
+            # the whole model first: its layers' arguments are checked before anything else runs
+            # (an architecture the layer-by-layer cut cannot take stops here with one line)
+            saved_all = _saved_bytes(model, ids)
+            rounds = []
+            for r in range(REPEATS + 1):
+                one = _with_layers(model, fewer, lambda m: _time_round(m, ids, device))
+                two = _with_layers(model, layers, lambda m: _time_round(m, ids, device))
+                if r:  # the first round warms up kernels and allocators
+                    rounds.append((*one, *two))
+            saved = [_with_layers(model, fewer, lambda m: _saved_bytes(m, ids)) if fewer else 0, saved_all]
+        finally:
+            del model
+            gc.collect()  # the next probe, or the run, gets this memory back
     return layer_timing(rounds, saved[1] - saved[0], hf_config.vocab_size / cfg.vocab_size, head_layers=fewer)
 
 

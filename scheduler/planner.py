@@ -101,8 +101,9 @@ def _candidates(shape: ModelShape, wl: Workload, device_bytes: int, host_bytes: 
         acts = [a for a in acts if a[0] == recompute and a[2] == 0]
     depths = [prefetch_depth] if prefetch_depth is not None else ([1, 2, 3] if overlap else [0])
     # accumulation: micro-batch by micro-batch (gradients kept in a tier), or layer-major (each
-    # layer loaded once per step; every micro-batch's activations kept): the estimate decides
-    orders = (False, True) if wl.grad_accum > 1 else (False,)
+    # layer loaded once per step; every micro-batch's activations kept): the estimate decides,
+    # unless the forward draws dropout masks (layer-major would draw them in another order)
+    orders = (False, True) if wl.grad_accum > 1 and not wl.random_forward else (False,)
     # job slots: units whose gradients wait for the optimizer; 1 saves a unit's gradients of
     # DEVICE memory (the worker runs one job at a time either way; 2 only absorbs uneven jobs)
     slots = (2, 1) if overlap else (1,)

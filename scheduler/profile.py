@@ -174,6 +174,13 @@ def load_or_measure(nvme_path: str | Path, refresh: bool = False, size_bytes: in
 
 
 def measure(nvme_path: str | Path, size_bytes: int = 1 << 30, io_backend: str = "auto") -> HardwareProfile:
+    """Measure this machine. Its random data comes from a random state of its own: the caller's
+    (a Trainer seeded before the engine starts) is left as it was."""
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        return _measure(Path(nvme_path), size_bytes, io_backend)
+
+
+def _measure(nvme_path: Path, size_bytes: int, io_backend: str) -> HardwareProfile:
     nvme_path = Path(nvme_path)
     nvme_path.mkdir(parents=True, exist_ok=True)
     ssd = _ssd(nvme_path, size_bytes, io_backend)

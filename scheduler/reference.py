@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterator
 import torch
 from torch import nn
 
+from scheduler.model_inputs import eval_loss_sum, model_inputs
 from scheduler.model_map import ModelMap, ParamSlot, Unit, build_model_map, with_frozen
 from scheduler.settings import NonFiniteError, ResumeState, StepResult, TrainSettings, UpdateState
 from scheduler.trace import Tracer
@@ -119,17 +120,14 @@ class ReferenceEngine:
     def evaluate(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """(sum of token losses, target tokens) of a forward in eval mode: ``StreamingExecutor.evaluate``."""
         labels = batch.get("labels", batch["input_ids"]).to(self.device)
-        kwargs = {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(**kwargs, use_cache=False).logits
+            out = self.model(**model_inputs(self.model, batch, self.device))
         finally:
             self.model.train(was_training)
-        targets = labels[..., 1:]
-        loss_sum = torch.nn.functional.cross_entropy(
-            logits[..., :-1, :].float().flatten(0, -2), targets.flatten(), ignore_index=-100, reduction="sum")
-        return float(loss_sum), int(targets.ne(-100).sum())
+        loss_sum, n_targets, router = eval_loss_sum(self.model, out, labels)
+        return float(loss_sum) + n_targets * router, n_targets
 
     def unit_states(self, names: Collection[str] | None = None
                     ) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -10,7 +10,6 @@ not wait for them. Sync point: ``wait``.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any
@@ -42,7 +41,19 @@ class UnitClock:
 
 def wait_quietly(futures: Iterable[Future[Any]]) -> None:
     """Block until every future has ended (sync point); their errors are not raised here: the
-    optimizer worker reports its first one (``OptimizerWorker.raise_error``)."""
+    optimizer worker reports its first one (``OptimizerWorker.raise_error``). A KeyboardInterrupt
+    that arrives while waiting is raised once every future has ended."""
+    interrupt: BaseException | None = None
     for fut in futures:
-        with contextlib.suppress(BaseException):
-            fut.result()
+        while True:
+            try:
+                fut.result()
+            except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C in this thread: still wait for
+                interrupt = interrupt or exc  # the jobs to end (they use buffers), then raise it
+                if not fut.done():
+                    continue
+            except Exception:  # noqa: S110 - the job's own error: raised by the worker
+                pass
+            break
+    if interrupt is not None:
+        raise interrupt

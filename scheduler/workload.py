@@ -30,6 +30,9 @@ class Workload:
     checkpoint_versions: int = 0
     """Versions of the optimizer state that checkpoints keep on the SSD (copy-on-write snapshots:
     a kept checkpoint pins one full version while training writes the next)."""
+    random_forward: bool = False
+    """The model draws random numbers in its training forward (dropout): micro-batch order only,
+    since a layer-major step would draw them in another order than in-memory training does."""
 
     def __post_init__(self) -> None:
         if self.checkpoint_versions < 0:

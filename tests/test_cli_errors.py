@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from cli.main import main
 from offload.io.posix import PosixBackend
@@ -49,9 +50,11 @@ def test_bad_value_is_one_line(tmp_path, capsys, override, words):
 
 def test_seq_len_past_the_positions_is_an_error_for_a_table_a_warning_for_rotary(tmp_path, capsys):
     cfg = write_run_config(tmp_path, "run")
-    gpt2 = ["--set", "model.config.model_type=gpt2", "--set", "model.config.bos_token_id=0",
-            "--set", "model.config.eos_token_id=0"]
+    vocab = yaml.safe_load(cfg.read_text())["model"]["config"]["vocab_size"]
+    gpt2 = ["--set", f"model.config={{model_type: gpt2, vocab_size: {vocab}, n_embd: 64, n_layer: 2, n_head: 4, "
+                     f"n_positions: 64, bos_token_id: 0, eos_token_id: 0}}"]
     fails_with(capsys, train_args(cfg, "--set", "data.seq_len=65", *gpt2), "data.seq_len 65", "(64)", "position table")
+    fails_with(capsys, ["plan", str(cfg), "--set", "data.seq_len=65", *gpt2], "data.seq_len 65", "position table")
     assert main(train_args(cfg, "--set", "data.seq_len=65", "--set", "train.max_steps=1")) == 0  # Llama: rotary
     assert "data.seq_len 65 is longer than the model's max_position_embeddings (64)" in capsys.readouterr().out
 

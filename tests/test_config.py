@@ -483,9 +483,11 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 def test_overrides_reach_inside_model_config(tmp_path):
     path = write(tmp_path, minimal())
     cfg = load_config(path, ["model.config.hidden_size=128", "model.config.rope_scaling.factor=2.0",
-                             "model.config.layer_types=[full, sliding]", "model.config.extra={a: 1}"])
+                             "model.config.layer_types=[full, sliding]"])
     assert cfg.model.config == {"model_type": "llama", "hidden_size": 128, "rope_scaling": {"factor": 2.0},
-                                "layer_types": ["full", "sliding"], "extra": {"a": 1}}
+                                "layer_types": ["full", "sliding"]}
+    with pytest.raises(ConfigError, match="has no 'extra'"):  # a key LlamaConfig does not know
+        load_config(path, ["model.config.extra={a: 1}"])
 
 
 def test_overrides_can_switch_the_model_source(tmp_path):

@@ -171,3 +171,22 @@ def test_a_budget_below_two_layers_probes_one_then_a_smaller_batch(tmp_path, mon
     assert one.layer_forward_s > 0 and one.head_s > 0
     scaled = budget_probe(cfg, shape, wl, torch.device("cpu"), one_layer - 1)
     assert scaled is not None and scaled.layer_saved_bytes == direct.layer_saved_bytes
+
+
+def test_plan_and_train_find_the_same_cached_probe(tmp_path, monkeypatch):
+    """`train` sets the config's dtype to the compute dtype where `plan` leaves the checkpoint's:
+    the probe `plan` cached is the one `train` plans with (same plan for the same config)."""
+    import scheduler.layer_probe as layer_probe
+
+    monkeypatch.setattr(layer_probe, "CACHE_DIR", tmp_path)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    cfg.dtype = None
+    first = layer_probe.cached_probe(cfg, WL, torch.device("cpu"))
+
+    def probe_again(*args, **kwargs):
+        raise AssertionError("probed again: the cache was missed")
+
+    monkeypatch.setattr(layer_probe, "probe_layer", probe_again)
+    cfg.dtype = torch.float32
+    assert layer_probe.cached_probe(cfg, WL, torch.device("cpu")) == first

@@ -256,9 +256,25 @@ def test_the_engine_api_says_what_is_wrong_with_its_input(tmp_path):
     ckpt = make_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="meta device"):
         OffloadEngine(empty_model(AutoModelForCausalLM.from_pretrained(ckpt).config), output_dir=tmp_path / "m")
-    with (OffloadEngine(str(ckpt), output_dir=tmp_path / "api", offload=offload_arguments(tmp_path)) as engine,
-          pytest.raises(ValueError, match=f"token id {VOCAB} outside the model's vocabulary")):
-        engine.step([{"input_ids": torch.full((2, 8), VOCAB)}], lr=1e-3)
+    with pytest.raises(ConfigError, match="offload= has unknown key.*cpu_memory_limt"):
+        OffloadEngine(str(ckpt), output_dir=tmp_path / "d", offload={"cpu_memory_limt": "1GB"})
+    with OffloadEngine(str(ckpt), output_dir=tmp_path / "api", offload=offload_arguments(tmp_path)) as engine:
+        ids = torch.randint(0, VOCAB, (2, 8))
+        with pytest.raises(ValueError, match=f"token id {VOCAB} outside the model's vocabulary"):
+            engine.step([{"input_ids": torch.full((2, 8), VOCAB)}], lr=1e-3)
+        for lr in (float("nan"), -1.0, "1e-3"):
+            with pytest.raises(ValueError, match="learning rate must be a finite number"):
+                engine.step([{"input_ids": ids}], lr=lr)
+        with pytest.raises(ValueError, match="gradient_accumulation_steps=1: pass lists of 1"):
+            engine.step([{"input_ids": ids}, {"input_ids": ids}], lr=1e-3)
+        for step in (-1, "abc"):
+            with pytest.raises(ValueError, match="the step must be an int"):
+                engine.checkpoint(step)
+        assert engine.step([{"input_ids": ids}], lr=1e-3).loss > 0  # the engine still steps after them
+        from offload.errors import OffloadError
+
+        with pytest.raises(OffloadError, match="in use by another offload-train run"):  # its run folder
+            OffloadEngine(str(ckpt), output_dir=tmp_path / "api", offload=offload_arguments(tmp_path)).open()
 
 
 @pytest.mark.parametrize(("change", "words"), [

@@ -40,7 +40,21 @@ def make_backend(requested: str = "auto", num_threads: int = 8, task_bytes: int 
     if name == "kvikio":
         from offload.io.kvikio_backend import KvikioBackend
 
+        _need_kvikio()
+
         return KvikioBackend(num_threads=num_threads, task_bytes=task_bytes)
     from offload.io.aio import AioBackend
 
     return AioBackend(num_threads=min(num_threads, 4), task_bytes=task_bytes)
+
+
+def _need_kvikio() -> None:
+    """The ``kvikio`` backend needs the kvikio package: without it, a one-line error naming the extra."""
+    from offload.errors import OffloadError
+
+    try:
+        import kvikio  # noqa: F401
+    except ImportError as err:
+        raise OffloadError(f"io_backend kvikio needs the kvikio package, which cannot be imported here ({err}); "
+                           f"install the gpu-cu12 or gpu-cu13 extra (the CUDA major version of your torch), "
+                           f"or use io_backend auto or posix (offload.io_backend; profile: --io-backend)") from None
