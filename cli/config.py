@@ -28,7 +28,7 @@ Sizes (``parse_size``): a number with an optional unit, case-insensitive, spaces
 ``B`` or no unit is bytes. ``"8GB"`` = 8,000,000,000 and ``"8GiB"`` = ``"8G"`` = 8,589,934,592.
 
 Paths are kept as written but for a leading ``~`` (``~/runs``, ``~user/x``), expanded to the home
-directory in every path key (``PATH_KEYS``); relative ones are relative to the working directory
+directory in every path key (``_check_path``); relative ones are relative to the working directory
 of the run (not to the config file). ``"auto"`` values are kept as ``"auto"`` and resolved where the machine is
 known (``resolve_memory_limit``), so a dumped config stays portable.
 """
@@ -376,7 +376,7 @@ class ModelConfig:
         if unknown is None:
             return
         key, close = unknown
-        cls = config_checks._config_class(self.config["model_type"]).__name__
+        cls = config_checks.config_class(self.config["model_type"]).__name__
         hint = (f"did you mean {close!r}?" if close else
                 f"see {cls} in the transformers documentation for the keys it takes")
         raise ConfigError(f"unknown key 'model.config.{key}'{_where('model.config')}: {cls} "
@@ -702,9 +702,6 @@ OPTIONAL_SECTIONS = frozenset({"peft"})
 """Sections that are off unless the config has them (every other section is built from its defaults)."""
 _MAPPING_KEYS = frozenset({"model.config", "train.lr_scheduler_kwargs"})
 """Keys whose value is a free-form mapping: ``--set`` may reach inside them."""
-PATH_KEYS = frozenset({"model.name_or_path", "data.path", "data.tokenizer", "data.eval_path", "train.output_dir",
-                       "train.resume_from_checkpoint", "offload.nvme_path", "peft.adapter_name_or_path"})
-"""Path-valued keys: a leading ``~`` is expanded."""
 _BOOLEAN_STRING_KEYS = frozenset({"train.resume_from_checkpoint", "train.eval_strategy"})
 """String keys that also take true/false (read as auto/null, steps/no): --set keeps those booleans."""
 

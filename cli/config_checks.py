@@ -39,7 +39,8 @@ COMMON_MODEL_KEYS = frozenset({
 files of the Hub hold): always accepted."""
 
 
-def _config_class(model_type: str) -> Any:
+def config_class(model_type: str) -> Any:
+    """The transformers config class of ``model_type``, or None."""
     from transformers import CONFIG_MAPPING
 
     try:
@@ -53,7 +54,7 @@ def known_model_keys(model_type: str) -> frozenset[str] | None:
     """Keys the config class of ``model_type`` knows: its default instance's attributes and
     ``to_dict()``, its ``__init__`` parameters (whole MRO), its ``attribute_map`` and sub-configs,
     and PretrainedConfig's common ones. None when the class cannot be found."""
-    cls = _config_class(model_type)
+    cls = config_class(model_type)
     if cls is None:
         return None
     from transformers import PretrainedConfig
@@ -95,7 +96,7 @@ class _quiet:
 def _consumed(model_type: str, key: str, value: Any) -> bool:
     """True when the config class takes ``key`` itself (a legacy name it converts, a kwarg it pops):
     only a key it does not know is kept as a plain attribute of that name."""
-    cls = _config_class(model_type)
+    cls = config_class(model_type)
     try:
         with _quiet():
             instance = cls(**{key: value})

@@ -75,6 +75,19 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str) -> str:
+    """``offload-train ARGS`` exits 2 with one line (no traceback) holding every one of ``words``."""
+    from cli.main import main
+
+    capsys.readouterr()
+    assert main(args) == 2
+    line = one_line_error(capsys)
+    for word in words:
+        assert word in line, line
+    assert "Traceback" not in line
+    return line
+
+
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,16 +15,7 @@ import yaml
 from cli.main import main
 from offload.io.posix import PosixBackend
 from offload.store import SwapStore
-from runs import one_line_error, read_metrics, train_args, write_run_config
-
-
-def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str) -> str:
-    capsys.readouterr()
-    assert main(args) == 2
-    line = one_line_error(capsys)
-    for word in words:
-        assert word in line, line
-    return line
+from runs import fails_with, read_metrics, train_args, write_run_config
 
 
 @pytest.mark.parametrize(("override", "words"), [

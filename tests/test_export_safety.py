@@ -17,19 +17,10 @@ from safetensors.torch import save_file
 import cli.export
 from cli.main import main, os_error_line
 from offload.errors import OffloadError
-from runs import one_line_error, train_args, write_run_config
+from runs import fails_with, train_args, write_run_config
 
 ENOSPC_TEXT = "Error while serializing: I/O error: No space left on device (os error 28)"
 
-
-def fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *words: str) -> str:
-    capsys.readouterr()
-    assert main(args) == 2
-    line = one_line_error(capsys)
-    for word in words:
-        assert word in line, line
-    assert "Traceback" not in line
-    return line
 
 
 @pytest.fixture(scope="module")

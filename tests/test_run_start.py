@@ -119,12 +119,7 @@ def test_a_lock_file_left_by_a_dead_run_does_not_block(tmp_path, finished):
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path, finished, capsys):
     cfg = copy_run(finished, tmp_path, learning_rate=0.5, max_steps=8)
     set_key(cfg, "data", "seq_len", 16)  # a resume key: refused
-    run = tmp_path / "run"
-    before = snapshot_files(run)
-    capsys.readouterr()
-    assert main(train_args(cfg)) != 0
-    assert "data.seq_len" in one_line_error(capsys)
-    assert snapshot_files(run) == before
+    assert_refused_leaving_the_folder(tmp_path / "run", cfg, capsys, "data.seq_len")
 
 
 def test_a_refused_model_change_leaves_config_and_plan(tmp_path, finished, capsys):
@@ -132,11 +127,15 @@ def test_a_refused_model_change_leaves_config_and_plan(tmp_path, finished, capsy
     doc = yaml.safe_load(cfg.read_text())
     doc["model"]["config"]["intermediate_size"] = 96  # another model: the fingerprint check refuses it
     cfg.write_text(yaml.safe_dump(doc))
-    run = tmp_path / "run"
+    assert_refused_leaving_the_folder(tmp_path / "run", cfg, capsys, "another model")
+
+
+def assert_refused_leaving_the_folder(run, cfg, capsys, words: str) -> None:
+    """``train`` on ``cfg`` stops in one line naming ``words``; no file of ``run`` changed."""
     before = snapshot_files(run)
     capsys.readouterr()
     assert main(train_args(cfg)) != 0
-    assert "another model" in one_line_error(capsys)
+    assert words in one_line_error(capsys)
     assert snapshot_files(run) == before
 
 
